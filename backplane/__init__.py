@@ -1,0 +1,28 @@
+"""A publish/subscribe backplane that trio-fanout workers, emitters and the master meet on.
+
+Open one by URL with :func:`open_backplane`; the scheme picks the backend, so switching transport
+is a configuration change, not a code change:
+
+- ``memory://NAME``: in one process (tests, embedding);
+- ``zmq://HOST:PORT``: a ZeroMQ XPUB/XSUB proxy (see :func:`serve_proxy`) whose publisher side
+  listens on PORT and subscriber side on PORT+1.
+"""
+
+from backplane._interface import (
+    Backplane,
+    BackplaneError,
+    BackplaneUnavailable,
+    BadBackplaneURL,
+)
+from backplane._open import open_backplane, parse_backplane_url
+from backplane.proxy import serve_proxy
+
+__all__ = [
+    "Backplane",
+    "BackplaneError",
+    "BackplaneUnavailable",
+    "BadBackplaneURL",
+    "open_backplane",
+    "parse_backplane_url",
+    "serve_proxy",
+]

@@ -1,0 +1,86 @@
+"""The in-process backend (``memory://NAME``): every backplane opened with the same NAME in one
+process shares one hub. It is the one named fake of the project, for tests and for embedding a
+single worker; it crosses no process boundary."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from backplane._interface import Backplane, BackplaneUnavailable, MessageQueue, check_topic
+
+logger = logging.getLogger(__name__)
+
+# How many undelivered messages one subscriber may hold before publishers to it are refused.
+# The memory backend has no transport to push back on, so the bound is enforced here.
+SUBSCRIBER_HIGH_WATER = 100_000
+
+
+class _Hub:
+    """The subscriptions of every memory backplane that shares one name."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[bytes, set[MemoryBackplane]] = {}
+        self.members = 0
+
+
+_hubs: dict[str, _Hub] = {}
+
+
+class MemoryBackplane(Backplane):
+    def __init__(self, hub: _Hub) -> None:
+        self._hub = hub
+        self._queue = MessageQueue(SUBSCRIBER_HIGH_WATER)
+        self._subscriptions: Counter[bytes] = Counter()
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        subscribers = self._hub.subscribers.get(topic, ())
+        if any(len(subscriber._queue) >= SUBSCRIBER_HIGH_WATER for subscriber in subscribers):
+            raise BackplaneUnavailable(f"a subscriber of {topic!r} is not keeping up")
+        for subscriber in subscribers:
+            subscriber._queue.put(topic, payload)
+
+    async def subscribe(self, topic: bytes) -> None:
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        self._subscriptions[topic] += 1
+        self._hub.subscribers.setdefault(topic, set()).add(self)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        if self._subscriptions[topic] <= 0:
+            raise ValueError(f"not subscribed to {topic!r}")
+        self._subscriptions[topic] -= 1
+        if self._subscriptions[topic] == 0:
+            del self._subscriptions[topic]
+            subscribers = self._hub.subscribers[topic]
+            subscribers.discard(self)
+            if not subscribers:
+                del self._hub.subscribers[topic]
+
+    async def receive_batch(self) -> list[tuple[bytes, bytes]]:
+        return await self._queue.take_all()
+
+    def _close(self) -> None:
+        for topic in list(self._subscriptions):
+            self._subscriptions[topic] = 1
+            self.unsubscribe(topic)
+
+
+@asynccontextmanager
+async def open_memory_backplane(name: str) -> AsyncIterator[MemoryBackplane]:
+    hub = _hubs.setdefault(name, _Hub())
+    hub.members += 1
+    backplane = MemoryBackplane(hub)
+    try:
+        yield backplane
+    finally:
+        backplane._close()
+        hub.members -= 1
+        if hub.members == 0:
+            del _hubs[name]

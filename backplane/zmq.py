@@ -1,0 +1,190 @@
+"""The ZeroMQ backend (``zmq://HOST:PORT``): a PUB socket to the proxy's XSUB side (PORT) and a
+SUB socket to its XPUB side (PORT+1), driven by Trio's event loop.
+
+pyzmq has no Trio integration, so this module owns the one delicate part: ZeroMQ signals
+readiness through ``zmq.FD``, which is edge-triggered and also consumed by any other operation on
+the socket (a ``setsockopt`` included). The reader therefore drains until ``zmq.Again``, re-checks
+``zmq.EVENTS`` before it sleeps, and is woken by hand after every subscription change.
+
+Two facts shape ``subscribe``: ZeroMQ subscriptions are prefix matches, and they travel to the
+proxy asynchronously. Topics go on the wire behind their length, so one topic is never a prefix of
+another's wire form; and ``subscribe`` returns only after a probe message it published on the
+topic has come back through the proxy, which proves the proxy forwards that topic to us.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import zmq
+
+from backplane._interface import Backplane, BackplaneUnavailable, MessageQueue, check_topic
+
+logger = logging.getLogger(__name__)
+
+# ZeroMQ's default high-water mark (1,000 messages a pipe) drops messages in ordinary bursts of a
+# fan-out server; memory is the cheaper resource here.
+HIGH_WATER_MARK = 200_000
+
+# How many received messages wait for the consumer before the reader stops reading; past that
+# ZeroMQ's own queues (and then the proxy) hold them.
+RECEIVE_QUEUE_HIGH_WATER = 50_000
+
+# How long a subscription (or the connection at open) may take to be proven live before the
+# backplane is reported unavailable.
+SUBSCRIBE_TIMEOUT = 5.0
+
+# Probes are repeated until one comes back: the first is usually sent before the proxy has
+# learnt of the subscription and is dropped there.
+FIRST_PROBE_DELAY = 0.001
+MAX_PROBE_DELAY = 0.1
+
+# Published messages still queued when a backplane closes get this long to reach the proxy, so
+# that a short-lived publisher (a script, the emitter) does not lose its last messages.
+CLOSE_LINGER_MS = 2_000
+
+_LENGTH = struct.Struct(">I")
+
+
+def wire_topic(topic: bytes) -> bytes:
+    """The topic as sent over ZeroMQ: its length first, so prefix matching becomes exact."""
+    return _LENGTH.pack(len(topic)) + topic
+
+
+def zmq_endpoint(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+class ZmqBackplane(Backplane):
+    def __init__(self, context: zmq.Context, host: str, port: int) -> None:
+        self._pub = context.socket(zmq.PUB)
+        self._sub = context.socket(zmq.SUB)
+        for sock in (self._pub, self._sub):
+            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+            sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+            sock.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        self._pub.connect(zmq_endpoint(host, port))
+        self._sub.connect(zmq_endpoint(host, port + 1))
+        self._sub_fd: int = self._sub.getsockopt(zmq.FD)
+        self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
+        self._probes: dict[bytes, trio.Event] = {}
+        self._probe_ids = itertools.count()
+        self._probe_prefix = os.urandom(8)
+        self._wait_scope: trio.CancelScope | None = None
+        self.endpoint = f"zmq://{host}:{port}"
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        self._send([wire_topic(topic), payload])
+
+    async def subscribe(self, topic: bytes) -> None:
+        check_topic(topic)
+        wire = wire_topic(topic)
+        self._sub.setsockopt(zmq.SUBSCRIBE, wire)
+        self._wake_reader()
+        try:
+            await self._prove_live(wire)
+        except BaseException:
+            self._sub.setsockopt(zmq.UNSUBSCRIBE, wire)
+            self._wake_reader()
+            raise
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, wire_topic(topic))
+        self._wake_reader()
+
+    async def receive_batch(self) -> list[tuple[bytes, bytes]]:
+        return await self._queue.take_all()
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            raise BackplaneUnavailable(f"{self.endpoint} is not taking messages") from None
+
+    async def _prove_live(self, wire: bytes) -> None:
+        """Publish a probe on ``wire`` until our own subscriber receives one."""
+        probe_id = self._probe_prefix + str(next(self._probe_ids)).encode()
+        arrived = self._probes[probe_id] = trio.Event()
+        delay = FIRST_PROBE_DELAY
+        try:
+            with trio.move_on_after(SUBSCRIBE_TIMEOUT):
+                while not arrived.is_set():
+                    self._send([wire, b"", probe_id])
+                    with trio.move_on_after(delay):
+                        await arrived.wait()
+                    delay = min(delay * 2, MAX_PROBE_DELAY)
+        finally:
+            del self._probes[probe_id]
+        if not arrived.is_set():
+            raise BackplaneUnavailable(
+                f"no answer from the ZeroMQ proxy at {self.endpoint} within {SUBSCRIBE_TIMEOUT} s"
+            )
+
+    def _wake_reader(self) -> None:
+        """Wake the reader if an operation on the SUB socket consumed the FD's edge."""
+        if self._wait_scope is not None and self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._wait_scope.cancel()
+
+    async def run_reader(self) -> None:
+        """Move messages from the SUB socket into the queue; the one task that reads the socket."""
+        while True:
+            await self._queue.wait_not_full()
+            self._drain()
+            if self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope() as self._wait_scope:
+                await trio.lowlevel.wait_readable(self._sub_fd)
+            self._wait_scope = None
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while len(queue) < queue.high_water:
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2:
+                wire, payload = frames
+                queue.put(wire[_LENGTH.size :], payload)
+            elif len(frames) == 3:
+                arrived = self._probes.get(frames[2])
+                if arrived is not None:
+                    arrived.set()
+            else:
+                logger.warning("dropped a message of %d frames from the proxy", len(frames))
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self._sub_fd)
+        self._sub.close()
+        self._pub.close()
+
+
+@asynccontextmanager
+async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane]:
+    """Connect to the proxy at ``host:port`` and return once messages flow both ways."""
+    backplane = ZmqBackplane(zmq.Context.instance(), host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backplane.run_reader)
+            # Round-trip a probe on a topic of our own: proves that our publisher reaches the
+            # proxy, so that a publish right after open is not dropped by ZeroMQ.
+            own_topic = b"\x00trio-fanout-connected:" + os.urandom(8)
+            await backplane.subscribe(own_topic)
+            backplane.unsubscribe(own_topic)
+            logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
+            yield backplane
+            nursery.cancel_scope.cancel()
+    finally:
+        backplane.close()

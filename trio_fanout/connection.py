@@ -1,0 +1,368 @@
+"""One client connection: its handshake, its reader, and its buffer of pending outgoing bytes.
+
+The send path (docs/architecture.md): the fan-out loop calls :meth:`Connection.enqueue` with a
+frame already encoded for everybody, which appends to this connection's list of pending frames and
+never awaits. The worker then calls :meth:`Connection.flush` once per batch, which writes every
+pending frame with one non-blocking ``send``. Only a connection whose socket is full gets a task
+that waits for it to drain; a connection with more than ``max_queued_frames`` pending frames is
+closed with 1013, and nobody else waits for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from backplane import BackplaneUnavailable
+from trio_fanout import protocol, websocket
+from trio_fanout.protocol import RequestError
+
+if TYPE_CHECKING:
+    from trio_fanout.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# One recv takes up to this much; a 64 KiB frame arrives in one or two reads.
+RECEIVE_BYTES = 65536
+
+# After we send a close frame, how long the client has to answer it (and take what we had
+# queued for it) before the TCP connection is simply closed.
+CLOSE_TIMEOUT = 2.0
+
+# How many frames in a row may be refused for the rate limit before the connection is closed
+# 1008: one second's worth at the default rate, i.e. a client that ignores rate_limited errors.
+ABUSE_REFUSALS = 200
+
+_ids = itertools.count(1)
+
+# Errors from send/recv that mean the peer is gone, not that we have a bug.
+_PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` frames a second on average, ``burst`` at once."""
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens", "refused_in_a_row")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = trio.current_time()
+        self.refused_in_a_row = 0
+
+    def allow(self) -> bool:
+        now = trio.current_time()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self.refused_in_a_row = 0
+            return True
+        self.refused_in_a_row += 1
+        return False
+
+
+class Connection:
+    """A client's TCP connection, from HTTP request to close."""
+
+    __slots__ = (
+        "_cancel_scope",
+        "_closing",
+        "_dirty",
+        "_dirty_list",
+        "_limiter",
+        "_nursery",
+        "_pending",
+        "_sock",
+        "_unsent",
+        "_writer_running",
+        "id",
+        "peer",
+        "rooms",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket, dirty_list: list[Connection]) -> None:
+        self.id = next(_ids)
+        self.worker = worker
+        self.peer = _describe_peer(sock)
+        self.rooms: set[str] = set()
+        self._sock = sock
+        self._pending: list[bytes] = []
+        # Bytes of a frame that a send wrote only partly: they must go out before anything else.
+        self._unsent = b""
+        self._dirty = False
+        self._dirty_list = dirty_list
+        self._writer_running = False
+        self._closing = False
+        self._limiter = RateLimiter(
+            worker.config.rate_limit_per_second, worker.config.rate_limit_burst
+        )
+        self._cancel_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # ---- the send path --------------------------------------------------------------------
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
+        if self._closing:
+            return
+        if len(self._pending) >= self.worker.config.max_queued_frames:
+            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+            self.close(
+                websocket.CLOSE_TRY_AGAIN_LATER,
+                "too slow: queued frames over the limit",
+                drop_pending=True,
+            )
+            return
+        self._pending.append(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._dirty_list.append(self)
+
+    def flush(self) -> None:
+        """Write what is pending with one non-blocking send; never blocks, never raises."""
+        self._dirty = False
+        if self._writer_running or not (self._pending or self._unsent):
+            return
+        self._send_now()
+        if (self._pending or self._unsent) and self._nursery is not None:
+            self._writer_running = True
+            self._nursery.start_soon(self._write_when_writable)
+
+    def _send_now(self) -> None:
+        pending = self._pending
+        if self._unsent:
+            pending.insert(0, self._unsent)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._lost(error)
+            return
+        self._unsent = data[sent:] if sent < len(data) else b""
+
+    async def _write_when_writable(self) -> None:
+        """Runs only while the socket is full: waits for room, then writes what is pending."""
+        try:
+            while self._pending or self._unsent:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._send_now()
+        finally:
+            self._writer_running = False
+
+    def _lost(self, error: OSError) -> None:
+        if not isinstance(error, _PEER_GONE) and error.errno not in (errno.EPIPE, errno.ECONNRESET):
+            logger.warning("connection %d: send failed: %s", self.id, error)
+        self._closing = True
+        self._pending.clear()
+        self._unsent = b""
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def close(self, code: int, reason: str = "", *, drop_pending: bool = False) -> None:
+        """Start closing with ``code``: stop reading and queue the close frame after what is
+        pending (or instead of it, with ``drop_pending``).
+
+        Safe to call from any task and more than once; the connection's own task finishes the
+        close handshake (bounded by ``CLOSE_TIMEOUT``).
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if drop_pending:
+            self._pending.clear()
+        if self.id in self.worker.connections:
+            self._pending.append(websocket.encode_close_frame(code, reason))
+            self.flush()
+        else:
+            self._pending.clear()  # no WebSocket yet: nothing to say, just hang up
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _reply(self, frame: bytes) -> None:
+        self.enqueue(websocket.encode_text_frame(frame))
+        self.flush()
+
+    # ---- the connection's task ----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the connection until it closes; bad input never escapes as an exception."""
+        try:
+            with trio.CancelScope() as self._cancel_scope:
+                async with trio.open_nursery() as self._nursery:
+                    leftover = await self._handshake()
+                    if leftover is not None:
+                        await self._read_frames(leftover)
+        except Exception:
+            logger.exception("connection %d (%s): internal error", self.id, self.peer)
+            self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            self._nursery = None
+            self.worker.forget(self)
+            with trio.CancelScope(shield=True):
+                await self._finish_close()
+
+    async def _handshake(self) -> bytes | None:
+        """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
+        None when the request was plain HTTP (answered) or never completed."""
+        buffer = bytearray()
+        with trio.move_on_after(self.worker.config.handshake_timeout):
+            try:
+                while (end := websocket.find_request_head_end(buffer)) < 0:
+                    data = await self._receive()
+                    if not data:
+                        return None
+                    buffer += data
+                request = websocket.parse_request_head(bytes(buffer[:end]))
+                if request.path == "/healthz" and request.method == "GET":
+                    await self._respond(200, self.worker.health(), "application/json")
+                    return None
+                if request.path != "/ws":
+                    raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
+                accept = websocket.websocket_accept_response(request)
+            except websocket.HandshakeError as refusal:
+                logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
+                await self._respond(refusal.status, f"{refusal}\n".encode())
+                return None
+            self._pending.append(accept)
+            self._reply(
+                protocol.welcome_frame(
+                    self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
+                )
+            )
+            self.worker.register(self)
+            logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
+            return bytes(buffer[end:])
+        logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
+        return None
+
+    async def _respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+        self._pending.append(websocket.http_response(status, body, content_type))
+        self.flush()
+        self._closing = True
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client; b"" at end of stream (or when it reset)."""
+        while True:
+            try:
+                data = self._sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except _PEER_GONE:
+                return b""
+            await trio.lowlevel.checkpoint()
+            return data
+
+    async def _read_frames(self, data: bytes) -> None:
+        parser = websocket.FrameParser(self.worker.config.max_frame_bytes)
+        while True:
+            try:
+                events = parser.feed(data)
+            except websocket.MessageTooBig as too_big:
+                self._reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
+                self.close(too_big.close_code, "frame too large")
+                return
+            except websocket.ProtocolViolation as violation:
+                logger.info("connection %d: %s", self.id, violation)
+                self.close(violation.close_code, str(violation))
+                return
+            for event in events:
+                if isinstance(event, websocket.Message):
+                    await self._handle_message(event)
+                elif isinstance(event, websocket.Ping):
+                    self.enqueue(websocket.encode_frame(websocket.OP_PONG, event.payload))
+                    self.flush()
+                else:
+                    self.close(event.code or websocket.CLOSE_NORMAL)
+                    return
+                if self._closing:
+                    return
+            data = await self._receive()
+            if not data:
+                return
+
+    async def _handle_message(self, message: websocket.Message) -> None:
+        if not self._limiter.allow():
+            if self._limiter.refused_in_a_row > ABUSE_REFUSALS:
+                logger.info("connection %d ignores rate_limited: closing it 1008", self.id)
+                self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+                return
+            self._reply(protocol.error_frame(protocol.RATE_LIMITED, "too many frames; slow down"))
+            return
+        try:
+            request = protocol.parse_request(message.payload, is_text=message.is_text)
+            await self._handle_request(request)
+        except RequestError as refusal:
+            self._reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
+
+    async def _handle_request(self, request: protocol.Request) -> None:
+        if isinstance(request, protocol.Publish):
+            try:
+                await self.worker.publish(self, request)
+            except BackplaneUnavailable as error:
+                raise RequestError(protocol.BACKPLANE_UNAVAILABLE, str(error), request.id) from None
+            if request.id is not None:
+                self._reply(protocol.ack_frame(request.id))
+        elif isinstance(request, protocol.Join):
+            if request.room not in self.rooms:
+                if len(self.rooms) >= self.worker.config.max_rooms_per_connection:
+                    raise RequestError(
+                        protocol.TOO_MANY_ROOMS,
+                        f"a connection may be in at most "
+                        f"{self.worker.config.max_rooms_per_connection} rooms",
+                        request.id,
+                    )
+                try:
+                    await self.worker.join(self, request.room)
+                except BackplaneUnavailable as error:
+                    raise RequestError(
+                        protocol.BACKPLANE_UNAVAILABLE, str(error), request.id
+                    ) from None
+            self._reply(protocol.joined_frame(request.room, request.id))
+        elif isinstance(request, protocol.Leave):
+            if request.room not in self.rooms:
+                raise RequestError(
+                    protocol.NOT_MEMBER, f"not a member of room {request.room!r}", request.id
+                )
+            self.worker.leave(self, request.room)
+            self._reply(protocol.left_frame(request.room, request.id))
+        else:
+            self._reply(protocol.pong_frame(request.id))
+
+    async def _finish_close(self) -> None:
+        """Write what is still pending (the close frame), then wait for the client to close."""
+        sock = self._sock
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                while self._pending or self._unsent:
+                    await trio.lowlevel.wait_writable(sock)
+                    self._send_now()
+                sock.shutdown(socket.SHUT_WR)
+                # Read until the client closes too: closing with unread input would reset the
+                # connection and could destroy our close frame before the client reads it.
+                while await self._receive():
+                    pass
+            except OSError:
+                pass
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def _describe_peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"

@@ -1,0 +1,78 @@
+"""What trio-fanout puts on the backplane: topics for rooms, and the envelope around a frame.
+
+The payload of a backplane message is a fixed 24-byte header followed by the client frame, ready
+to send. Receivers read the header with one ``unpack_from`` and never parse the frame's JSON.
+
+header: origin (8 random bytes naming the publisher), seq (per publisher and topic, from 1),
+exclude (the origin's connection id to leave out, for ``echo: false``; 0 for nobody).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import attrs
+
+_HEADER = struct.Struct(">8sQQ")
+HEADER_SIZE = _HEADER.size
+
+# Every worker subscribes to this topic; what is published there reaches every connection (the
+# heartbeat, an emitter's broadcast). No room topic can equal it: room topics start with "r:".
+BROADCAST_TOPIC = b"*"
+
+# A publisher that has numbered this many topics starts numbering afresh, so that its counters
+# stay bounded; receivers accept seq 1 as a restart, not as a gap.
+MAX_NUMBERED_TOPICS = 100_000
+
+
+def room_topic(room: str) -> bytes:
+    return b"r:" + room.encode("utf-8")
+
+
+def new_origin() -> bytes:
+    return os.urandom(8)
+
+
+class Numberer:
+    """Numbers one publisher's messages per topic, so that receivers can count gaps."""
+
+    def __init__(self, origin: bytes | None = None) -> None:
+        self.origin = origin or new_origin()
+        self._next_seq: dict[bytes, int] = {}
+
+    def wrap(self, topic: bytes, frame: bytes, exclude: int = 0) -> bytes:
+        """The backplane payload for ``frame`` published on ``topic``."""
+        if len(self._next_seq) >= MAX_NUMBERED_TOPICS and topic not in self._next_seq:
+            self._next_seq.clear()
+        seq = self._next_seq.get(topic, 1)
+        self._next_seq[topic] = seq + 1
+        return _HEADER.pack(self.origin, seq, exclude) + frame
+
+
+def unpack_header(payload: bytes) -> tuple[bytes, int, int]:
+    """``(origin, seq, exclude)``; raises ``struct.error`` for a payload too short to hold one."""
+    return _HEADER.unpack_from(payload)
+
+
+@attrs.define
+class GapCounter:
+    """Per topic and publisher, the last seq seen; counts messages that never arrived."""
+
+    missed: int = 0
+    _last_seq: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
+
+    def observe(self, topic: bytes, origin: bytes, seq: int) -> int:
+        """Record a message; return how many of this publisher's messages were skipped."""
+        seen = self._last_seq.setdefault(topic, {})
+        last = seen.get(origin)
+        seen[origin] = seq
+        if last is None or seq == 1 or seq <= last + 1:
+            return 0
+        gap = seq - last - 1
+        self.missed += gap
+        return gap
+
+    def forget(self, topic: bytes) -> None:
+        """Stop tracking ``topic`` (we unsubscribed: later gaps would be our own doing)."""
+        self._last_seq.pop(topic, None)

@@ -1,0 +1,171 @@
+"""The master of ``trio-fanout run``: the listening socket, the workers, the proxy, the heartbeat.
+
+The master owns the listening socket and starts each worker as a fresh Python process that
+inherits it (never a fork of a running Trio loop, never after a ``zmq.Context`` exists). It
+restarts a worker that dies, with a growing pause when one keeps dying, and on SIGINT or SIGTERM
+it asks every worker to close its clients with 1001, then stops the proxy and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from backplane import open_backplane, serve_proxy
+from trio_fanout import envelope, protocol
+from trio_fanout.config import Config
+
+logger = logging.getLogger(__name__)
+
+# The listen backlog: connections wait here while workers start or are busy; a fan-out server
+# is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
+LISTEN_BACKLOG = 4096
+
+# A worker that dies sooner than this after its start counts as failing again; each failure in a
+# row doubles the pause before the next start, from the first to the longest.
+STABLE_RUN_SECONDS = 10.0
+FIRST_RESTART_PAUSE = 0.1
+LONGEST_RESTART_PAUSE = 10.0
+
+# How long workers get to close their clients after SIGTERM before they are killed.
+WORKER_STOP_TIMEOUT = 4.0
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on (``OSError`` if it cannot be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    listener.setblocking(False)
+    return listener
+
+
+class Supervisor:
+    """Keeps one process running per worker index until told to stop."""
+
+    def __init__(self, config: Config, backplane_url: str, listener: socket.socket) -> None:
+        self._config = config
+        self._backplane_url = backplane_url
+        self._listener = listener
+        # Workers hold the read end; only we hold the write end. When we die, they see EOF.
+        self._master_alive_read, self._master_alive_write = os.pipe()
+        self.processes: dict[int, trio.Process] = {}
+        self._stopping = False
+
+    def _command(self, index: int) -> list[str]:
+        return [
+            sys.executable, "-m", "trio_fanout", "worker",
+            "--index", str(index),
+            "--listen-fd", str(self._listener.fileno()),
+            "--parent-fd", str(self._master_alive_read),
+            "--backplane", self._backplane_url,
+            "--config-json", json.dumps(self._config.to_dict()),
+        ]  # fmt: skip
+
+    async def keep_running(self, index: int) -> None:
+        failures = 0
+        while not self._stopping:
+            process = await trio.lowlevel.open_process(
+                self._command(index),
+                pass_fds=(self._listener.fileno(), self._master_alive_read),
+            )
+            self.processes[index] = process
+            started = trio.current_time()
+            returncode = await process.wait()
+            del self.processes[index]
+            if self._stopping:
+                return
+            if returncode < 0:
+                how = f"was killed by {signal.Signals(-returncode).name}"
+            else:
+                how = f"exited with code {returncode}"
+            failures = failures + 1 if trio.current_time() - started < STABLE_RUN_SECONDS else 0
+            pause = 0.0
+            if failures:
+                pause = min(FIRST_RESTART_PAUSE * 2 ** (failures - 1), LONGEST_RESTART_PAUSE)
+            logger.warning(
+                "worker %d (pid %d) %s; restarting it in %.1f s", index, process.pid, how, pause
+            )
+            await trio.sleep(pause)
+
+    async def stop_all(self) -> None:
+        """SIGTERM every worker, wait for them, and kill those still running after the timeout."""
+        self._stopping = True
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(WORKER_STOP_TIMEOUT):
+            for process in list(self.processes.values()):
+                await process.wait()
+        for index, process in list(self.processes.items()):
+            logger.warning(
+                "worker %d (pid %d) did not stop in time: killing it", index, process.pid
+            )
+            process.kill()
+            await process.wait()
+
+    def close(self) -> None:
+        os.close(self._master_alive_read)
+        os.close(self._master_alive_write)
+
+
+async def publish_heartbeats(backplane_url: str, interval: float) -> None:
+    """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds."""
+    numberer = envelope.Numberer()
+    async with open_backplane(backplane_url) as backplane:
+        seq = 0
+        next_beat = trio.current_time()
+        while True:
+            seq += 1
+            frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
+            payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
+            await backplane.publish(envelope.BROADCAST_TOPIC, payload)
+            next_beat += interval
+            await trio.sleep_until(next_beat)
+
+
+async def run_master(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port."""
+    listener = open_listener(config.host, config.port)
+    supervisor: Supervisor | None = None
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                if config.backplane is None:
+                    proxy_port = await nursery.start(serve_proxy, "127.0.0.1", config.proxy_port)
+                    backplane_url = f"zmq://127.0.0.1:{proxy_port}"
+                else:
+                    backplane_url = config.backplane
+                supervisor = Supervisor(config, backplane_url, listener)
+                if config.heartbeat_interval > 0:
+                    nursery.start_soon(publish_heartbeats, backplane_url, config.heartbeat_interval)
+                for index in range(1, config.workers + 1):
+                    nursery.start_soon(supervisor.keep_running, index)
+                host, port = listener.getsockname()[:2]
+                logger.info(
+                    "listening on ws://%s:%d/ws with %d workers, backplane %s",
+                    host,
+                    port,
+                    config.workers,
+                    backplane_url,
+                )
+                task_status.started(port)
+                async for signum in signals:
+                    logger.info("%s: stopping", signal.Signals(signum).name)
+                    break
+                await supervisor.stop_all()
+                nursery.cancel_scope.cancel()
+    finally:
+        if supervisor is not None:
+            supervisor.close()
+        listener.close()
+    logger.info("stopped")

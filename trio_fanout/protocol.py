@@ -1,0 +1,176 @@
+"""The client protocol (docs/protocol.md), sans I/O: client frames in, server frames out.
+
+``parse_request`` is the single place that decides whether a client frame is acceptable and, if
+not, which error code it earns. Server frames are built here as UTF-8 JSON bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+MAX_ROOM_LENGTH = 200
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Error codes (docs/protocol.md, "Error codes"). Stable: clients branch on them.
+BAD_JSON = "bad_json"
+BAD_FRAME = "bad_frame"
+UNKNOWN_TYPE = "unknown_type"
+BAD_ROOM = "bad_room"
+NOT_MEMBER = "not_member"
+TOO_LARGE = "too_large"
+TOO_MANY_ROOMS = "too_many_rooms"
+RATE_LIMITED = "rate_limited"
+FORBIDDEN = "forbidden"
+BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+
+
+class RequestError(Exception):
+    """A client frame that is refused with an ``error`` frame; the connection stays open."""
+
+    def __init__(self, code: str, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@attrs.frozen
+class Join:
+    room: str
+    id: int | None = None
+
+
+@attrs.frozen
+class Leave:
+    room: str
+    id: int | None = None
+
+
+@attrs.frozen
+class Publish:
+    room: str
+    data: Any
+    id: int | None = None
+    echo: bool = True
+
+
+@attrs.frozen
+class Ping:
+    id: int | None = None
+
+
+Request = Join | Leave | Publish | Ping
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
+    """Decode one client message, or raise :class:`RequestError` with the code it earns."""
+    if not is_text:
+        raise RequestError(BAD_FRAME, "binary frames are not accepted; send JSON in text frames")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(BAD_FRAME, "the frame is not valid UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise RequestError(BAD_JSON, "the frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RequestError(BAD_FRAME, "a frame must be a JSON object")
+    request_id = obj.get("id")
+    if request_id is not None and (type(request_id) is not int):
+        raise RequestError(BAD_FRAME, "id must be an integer")
+    kind = obj.get("type")
+    if kind == "ping":
+        return Ping(request_id)
+    if kind not in ("join", "leave", "publish"):
+        raise RequestError(
+            UNKNOWN_TYPE, "type must be one of join, leave, publish, ping", request_id
+        )
+    room = _check_room(obj.get("room"), request_id)
+    if kind == "join":
+        return Join(room, request_id)
+    if kind == "leave":
+        return Leave(room, request_id)
+    if "data" not in obj:
+        raise RequestError(BAD_FRAME, "publish needs a data field", request_id)
+    echo = obj.get("echo", True)
+    if type(echo) is not bool:
+        raise RequestError(BAD_FRAME, "echo must be true or false", request_id)
+    return Publish(room, obj["data"], request_id, echo)
+
+
+def message_frame(room: str, data: object, request_id: int | None = None) -> bytes:
+    """The frame every member of ``room`` receives; built once, by the publisher.
+
+    JSON can spell an unpaired surrogate (``"\\ud800"``) that UTF-8 cannot carry: such data is
+    refused here rather than sent to browsers that would reject the whole frame.
+    """
+    try:
+        return b'{"type":"message","room":' + _dump(room) + b',"data":' + _dump(data) + b"}"
+    except UnicodeEncodeError:
+        raise RequestError(BAD_FRAME, "data holds an unpaired surrogate", request_id) from None
+
+
+def _check_room(room: object, request_id: int | None) -> str:
+    if not isinstance(room, str):
+        raise RequestError(BAD_ROOM, "room must be a string", request_id)
+    if not 1 <= len(room) <= MAX_ROOM_LENGTH:
+        raise RequestError(
+            BAD_ROOM, f"room must be 1 to {MAX_ROOM_LENGTH} characters long", request_id
+        )
+    if _CONTROL_CHARACTER.search(room):
+        raise RequestError(BAD_ROOM, "room must not contain control characters", request_id)
+    if not room.isascii():
+        try:
+            room.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(BAD_ROOM, "room holds an unpaired surrogate", request_id) from None
+    return room
+
+
+def _dump(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _with_id(frame: dict[str, Any], request_id: int | None) -> bytes:
+    if request_id is not None:
+        frame["id"] = request_id
+    return _dump(frame)
+
+
+def welcome_frame(worker: int, pid: int, heartbeat_interval: float) -> bytes:
+    return _dump(
+        {"type": "welcome", "worker": worker, "pid": pid, "heartbeat_interval": heartbeat_interval}
+    )
+
+
+def joined_frame(room: str, request_id: int | None) -> bytes:
+    return _with_id({"type": "joined", "room": room}, request_id)
+
+
+def left_frame(room: str, request_id: int | None) -> bytes:
+    return _with_id({"type": "left", "room": room}, request_id)
+
+
+def ack_frame(request_id: int) -> bytes:
+    return _dump({"type": "ack", "id": request_id})
+
+
+def pong_frame(request_id: int | None) -> bytes:
+    return _with_id({"type": "pong"}, request_id)
+
+
+def error_frame(code: str, message: str, request_id: int | None = None) -> bytes:
+    return _with_id({"type": "error", "code": code, "message": message}, request_id)
+
+
+def heartbeat_frame(seq: int, timestamp: float) -> bytes:
+    return _dump({"type": "heartbeat", "seq": seq, "ts": timestamp})

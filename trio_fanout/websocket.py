@@ -1,0 +1,340 @@
+"""The server side of RFC 6455, sans I/O: the HTTP request head, the handshake reply, and frames.
+
+We own this layer rather than use trio-websocket on the server because the send path of a
+fan-out server must write one pre-encoded frame to many sockets with one system call each, and
+because the protocol asks for things a generic server does not do: ``/healthz`` and 404/426 on
+the WebSocket port, a ``too_large`` error frame before closing 1009, and invalid UTF-8 answered
+with an error frame rather than a closed connection. Everything here is pure: bytes in, values or
+bytes out, so the tests drive it without sockets (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import struct
+
+import attrs
+
+# The largest HTTP request head we read before answering 431; browsers send well under 2 KiB.
+MAX_REQUEST_HEAD_BYTES = 8192
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_DATA_OPCODES = (OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+# Close codes we send (RFC 6455 section 7.4.1 and the IANA registry).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class HandshakeError(Exception):
+    """The request head is not HTTP/1.1 we can answer; ``status`` is the reply to send."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ProtocolViolation(Exception):
+    """The peer broke RFC 6455; the connection must be closed with ``close_code``."""
+
+    def __init__(self, message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class MessageTooBig(ProtocolViolation):
+    """A message larger than the configured limit is arriving (its payload is not buffered)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a message is larger than {limit} bytes", CLOSE_TOO_BIG)
+
+
+@attrs.frozen
+class Request:
+    """An HTTP request head; header names are lower case."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+    def wants_websocket(self) -> bool:
+        connection = {
+            token.strip() for token in self.headers.get("connection", "").lower().split(",")
+        }
+        return "upgrade" in connection and self.headers.get("upgrade", "").lower() == "websocket"
+
+
+def find_request_head_end(buffer: bytes | bytearray) -> int:
+    """Index just past the blank line ending the head, or -1 if it has not fully arrived."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
+            raise HandshakeError(431, "request head too large")
+        return -1
+    if end > MAX_REQUEST_HEAD_BYTES:
+        raise HandshakeError(431, "request head too large")
+    return end + 4
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse the bytes up to and including the blank line that ends an HTTP/1.1 request head."""
+    try:
+        text = head.decode("latin-1")
+        request_line, *header_lines = text[:-4].split("\r\n")
+        method, target, version = request_line.split(" ")
+    except ValueError:
+        raise HandshakeError(400, "malformed request line") from None
+    if not version.startswith("HTTP/1."):
+        raise HandshakeError(400, f"unsupported HTTP version {version!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise HandshakeError(400, "malformed header line")
+        name = name.lower()
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return Request(method, target, headers)
+
+
+def accept_key(client_key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key``."""
+    digest = hashlib.sha1(client_key.encode("ascii") + _WEBSOCKET_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def websocket_accept_response(request: Request) -> bytes:
+    """The 101 reply to a valid upgrade request, or :class:`HandshakeError` saying why not."""
+    if request.method != "GET":
+        raise HandshakeError(405, "a WebSocket handshake is a GET")
+    if not request.wants_websocket():
+        raise HandshakeError(426, "this endpoint speaks WebSocket only")
+    if request.headers.get("sec-websocket-version") != "13":
+        raise HandshakeError(426, "WebSocket version 13 is required")
+    key = request.headers.get("sec-websocket-key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise HandshakeError(400, "missing or malformed Sec-WebSocket-Key") from None
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def http_response(
+    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+) -> bytes:
+    """A complete HTTP/1.1 response after which the server closes the connection."""
+    extra = "Upgrade: websocket\r\n" if status == 426 else ""
+    return (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        "Connection: close\r\n"
+        "\r\n"
+    ).encode("ascii") + body
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, final frame as a server sends it: the same bytes suit every recipient."""
+    length = len(payload)
+    first = 0x80 | opcode
+    if length < 126:
+        header = bytes((first, length))
+    elif length < 65536:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + payload
+
+
+def encode_text_frame(payload: bytes) -> bytes:
+    return encode_frame(OP_TEXT, payload)
+
+
+def encode_close_frame(code: int, reason: str = "") -> bytes:
+    # A close frame's payload is at most 125 bytes, two of which carry the code.
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte ``mask``, as one big-integer operation (fast in CPython)."""
+    length = len(payload)
+    if not length:
+        return b""
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        length, "little"
+    )
+
+
+@attrs.frozen
+class Message:
+    """A complete data message: ``is_text`` false means it came in binary frames."""
+
+    is_text: bool
+    payload: bytes
+
+
+@attrs.frozen
+class Ping:
+    payload: bytes
+
+
+@attrs.frozen
+class Close:
+    """The peer's close frame; ``code`` is None when it carried none."""
+
+    code: int | None
+    reason: str
+
+
+Event = Message | Ping | Close
+
+
+class FrameParser:
+    """Turns bytes from a client into :class:`Message`, :class:`Ping` and :class:`Close` events.
+
+    Pongs are consumed silently. Text payloads are *not* checked for UTF-8 here: the protocol
+    answers invalid UTF-8 with an error frame, which the caller does when it decodes.
+    """
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._fragments: list[bytes] = []
+        self._fragments_size = 0
+        self._fragmented_is_text: bool | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add received bytes; return every event they complete, in order.
+
+        Raises :class:`ProtocolViolation` (or :class:`MessageTooBig`) on bad input; the events
+        before it were already handled by earlier calls, the parser is not usable afterwards.
+        """
+        self._buffer += data
+        events: list[Event] = []
+        while (frame := self._take_frame()) is not None:
+            event = self._frame_event(*frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _take_frame(self) -> tuple[bool, int, bytes] | None:
+        """Remove one whole frame from the buffer: ``(fin, opcode, payload)``, or None if it has
+        not fully arrived."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        fin = bool(first & 0x80)
+        opcode = first & 0x0F
+        if first & 0x70:
+            raise ProtocolViolation("reserved bits set without a negotiated extension")
+        if not second & 0x80:
+            raise ProtocolViolation("a client frame must be masked")
+        length = second & 0x7F
+        offset = 2
+        if length == 126:
+            if len(buffer) < 4:
+                return None
+            (length,) = struct.unpack_from("!H", buffer, 2)
+            offset = 4
+        elif length == 127:
+            if len(buffer) < 10:
+                return None
+            (length,) = struct.unpack_from("!Q", buffer, 2)
+            offset = 10
+        if opcode in _CONTROL_OPCODES:
+            if not fin or length > 125:
+                raise ProtocolViolation("a control frame must be final and at most 125 bytes")
+        elif opcode in _DATA_OPCODES:
+            if self._fragmented_is_text is not None:
+                raise ProtocolViolation("a new message started inside a fragmented one")
+        elif opcode == OP_CONTINUATION:
+            if self._fragmented_is_text is None:
+                raise ProtocolViolation("a continuation frame with no message to continue")
+        else:
+            raise ProtocolViolation(f"unknown opcode {opcode:#x}")
+        is_data = opcode not in _CONTROL_OPCODES
+        if is_data and self._fragments_size + length > self.max_message_bytes:
+            raise MessageTooBig(self.max_message_bytes)
+        end = offset + 4 + length
+        if len(buffer) < end:
+            return None
+        payload = unmask(bytes(buffer[offset + 4 : end]), bytes(buffer[offset : offset + 4]))
+        del buffer[:end]
+        return fin, opcode, payload
+
+    def _frame_event(self, fin: bool, opcode: int, payload: bytes) -> Event | None:
+        if opcode == OP_PING:
+            return Ping(payload)
+        if opcode == OP_PONG:
+            return None
+        if opcode == OP_CLOSE:
+            return _parse_close(payload)
+        if opcode != OP_CONTINUATION:
+            self._fragmented_is_text = opcode == OP_TEXT
+        self._fragments.append(payload)
+        self._fragments_size += len(payload)
+        if not fin:
+            return None
+        is_text = bool(self._fragmented_is_text)
+        message = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+        self._fragments = []
+        self._fragments_size = 0
+        self._fragmented_is_text = None
+        return Message(is_text, message)
+
+
+def _parse_close(payload: bytes) -> Close:
+    if not payload:
+        return Close(None, "")
+    if len(payload) == 1:
+        raise ProtocolViolation("a close frame payload of one byte")
+    (code,) = struct.unpack_from("!H", payload)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("a close reason that is not UTF-8", 1007) from None
+    return Close(code, reason)

@@ -1,0 +1,217 @@
+"""The worker: accepts WebSocket clients, keeps the rooms, and fans backplane messages out.
+
+One worker is one ``trio.run``. Its rooms are local: a room exists here while one of this
+worker's connections is in it, and the worker holds exactly one backplane subscription per room
+(the first member subscribes, the last one out unsubscribes). Client publishes go to the
+backplane only; they come back through it like everybody else's, which is what makes delivery
+exactly-once and ordered for every member on every worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+
+import attrs
+import trio
+
+from backplane import Backplane
+from trio_fanout import envelope, protocol, websocket
+from trio_fanout.config import Config
+from trio_fanout.connection import Connection
+
+logger = logging.getLogger(__name__)
+
+# accept() errors that mean "out of resources right now", not "the listener is broken": log,
+# pause, and keep serving the connections we have (the list trio's serve_listeners uses).
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_CAPACITY_PAUSE = 0.1
+
+# How long shutdown waits for clients to answer their 1001 close before dropping them.
+DRAIN_TIMEOUT = 3.0
+
+
+@attrs.define(eq=False)
+class Room:
+    """A room with members on this worker; ``live`` is set once its subscription is live."""
+
+    members: set[Connection] = attrs.field(factory=set)
+    live: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Worker:
+    def __init__(self, config: Config, backplane: Backplane, index: int = 1) -> None:
+        self.config = config
+        self.backplane = backplane
+        self.index = index
+        self.connections: dict[int, Connection] = {}
+        self.rooms: dict[bytes, Room] = {}
+        self.gaps = envelope.GapCounter()
+        self._numberer = envelope.Numberer()
+        self._dirty: list[Connection] = []
+        # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
+        self._accepted: set[Connection] = set()
+        self._stop_requested = trio.Event()
+
+    # ---- rooms ---------------------------------------------------------------------------
+
+    async def join(self, conn: Connection, room_name: str) -> None:
+        """Make ``conn`` a member; returns once messages published from now on reach it."""
+        topic = envelope.room_topic(room_name)
+        while True:
+            room = self.rooms.get(topic)
+            if room is None:
+                room = self.rooms[topic] = Room()
+                try:
+                    await self.backplane.subscribe(topic)
+                except BaseException:
+                    del self.rooms[topic]
+                    room.live.set()  # waiters wake, find no room, and try for themselves
+                    raise
+                room.live.set()
+                break
+            if room.live.is_set():
+                break
+            await room.live.wait()
+        room.members.add(conn)
+        conn.rooms.add(room_name)
+
+    def leave(self, conn: Connection, room_name: str) -> None:
+        topic = envelope.room_topic(room_name)
+        conn.rooms.discard(room_name)
+        room = self.rooms[topic]
+        room.members.discard(conn)
+        if not room.members:
+            del self.rooms[topic]
+            self.backplane.unsubscribe(topic)
+            self.gaps.forget(topic)
+
+    async def publish(self, conn: Connection, request: protocol.Publish) -> None:
+        topic = envelope.room_topic(request.room)
+        frame = protocol.message_frame(request.room, request.data, request.id)
+        exclude = 0 if request.echo else conn.id
+        await self.backplane.publish(topic, self._numberer.wrap(topic, frame, exclude))
+
+    # ---- connections ---------------------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
+        self.connections[conn.id] = conn
+
+    def forget(self, conn: Connection) -> None:
+        """Called when ``conn``'s task ends: it leaves every room."""
+        self._accepted.discard(conn)
+        self.connections.pop(conn.id, None)
+        for room_name in list(conn.rooms):
+            self.leave(conn, room_name)
+
+    def health(self) -> bytes:
+        return json.dumps(
+            {
+                "status": "ok",
+                "worker": self.index,
+                "pid": os.getpid(),
+                "connections": len(self.connections),
+                "rooms": len(self.rooms),
+                "backplane_gaps": self.gaps.missed,
+            }
+        ).encode()
+
+    # ---- fan-out -------------------------------------------------------------------------
+
+    async def fan_out_forever(self) -> None:
+        """Deliver every backplane message to the local members of its topic; batch by batch."""
+        while True:
+            self.fan_out(await self.backplane.receive_batch())
+
+    def fan_out(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Queue each message's frame, encoded once, for each recipient; then flush each
+        recipient once. Awaits nothing: no client can slow this loop down."""
+        own_origin = self._numberer.origin
+        for topic, payload in batch:
+            try:
+                origin, seq, exclude_id = envelope.unpack_header(payload)
+            except struct.error:
+                logger.warning("dropped a backplane message on %r without an envelope", topic)
+                continue
+            if self.gaps.observe(topic, origin, seq):
+                logger.warning(
+                    "backplane gap on %r: publisher %s skipped to seq %d",
+                    topic,
+                    origin.hex(),
+                    seq,
+                )
+            frame = websocket.encode_text_frame(payload[envelope.HEADER_SIZE :])
+            if topic == envelope.BROADCAST_TOPIC:
+                recipients = self.connections.values()
+            else:
+                room = self.rooms.get(topic)
+                if room is None:
+                    continue  # we left the room while this message was on its way
+                recipients = room.members
+            excluded = self.connections.get(exclude_id) if origin == own_origin else None
+            for conn in recipients:
+                if conn is not excluded:
+                    conn.enqueue(frame)
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    # ---- serving -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Start a graceful stop: no new clients, and every client is closed with 1001.
+
+        :meth:`serve` returns once they have all closed or ``DRAIN_TIMEOUT`` has passed.
+        Cancelling :meth:`serve` instead stops at once, closing sockets without a close frame.
+        """
+        self._stop_requested.set()
+
+    async def serve(
+        self,
+        listener: socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve clients on ``listener`` until :meth:`stop` (or cancellation)."""
+        listener.setblocking(False)
+        await self.backplane.subscribe(envelope.BROADCAST_TOPIC)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as serving:
+                serving.start_soon(self.fan_out_forever)
+                serving.start_soon(self._accept_forever, listener, connections)
+                task_status.started()
+                host, port = listener.getsockname()[:2]
+                logger.info(
+                    "worker %d (pid %d) serving ws://%s:%d/ws", self.index, os.getpid(), host, port
+                )
+                await self._stop_requested.wait()
+                serving.cancel_scope.cancel()
+            logger.info("worker %d: closing %d clients", self.index, len(self._accepted))
+            for conn in list(self._accepted):
+                conn.close(websocket.CLOSE_GOING_AWAY, "server shutting down")
+            connections.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+        self.backplane.unsubscribe(envelope.BROADCAST_TOPIC)
+
+    async def _accept_forever(self, listener: socket.socket, connections: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                continue  # another worker took it
+            except OSError as error:
+                if error.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error("accept failed (%s); pausing %.1f s", error, ACCEPT_CAPACITY_PAUSE)
+                await trio.sleep(ACCEPT_CAPACITY_PAUSE)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, self._dirty)
+            self._accepted.add(conn)
+            connections.start_soon(conn.serve)
