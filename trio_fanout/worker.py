@@ -157,9 +157,9 @@ class Worker:
             for conn in recipients:
                 if conn is not excluded:
                     conn.enqueue(frame)
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
+        for conn in self._dirty:
             conn.flush()
+        self._dirty.clear()  # cleared in place: every connection holds this very list
 
     # ---- serving -------------------------------------------------------------------------
 

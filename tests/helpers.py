@@ -1,0 +1,145 @@
+"""Shared test helpers: a real `trio-fanout run` cluster in a subprocess, and client utilities."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import AsyncExitStack
+
+import trio
+
+from trio_fanout.client import Client, open_client
+
+# Generous bounds for things that take milliseconds when healthy: CI machines are shared.
+START_TIMEOUT = 30.0
+RECEIVE_TIMEOUT = 10.0
+
+
+class ClusterProcess:
+    """`trio-fanout run` in its own process group, its log collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trio_fanout", "run", "--port", "0", "--proxy-port", "0", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws")
+        self.port = int(match.group(2))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+
+    def _collect(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("<end of log>")
+            self._changed.notify_all()
+
+    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT, start: int = 0) -> re.Match[str]:
+        """The first log line from index ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if "<end of log>" in self.lines[-1:]:
+                    raise AssertionError(f"cluster exited before {pattern!r}:\n" + self.log())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no log line {pattern!r} in {timeout} s:\n" + self.log())
+                self._changed.wait(remaining)
+
+    def wait_for_workers(self, count: int) -> None:
+        for index in range(1, count + 1):
+            self.wait_for_log(rf"worker {index} \(pid \d+\) serving")
+
+    def log(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the master and wait; kill the whole group if it does not end in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            kill_group(self.process.pid)
+            self._reader.join(timeout)
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): it has exited but its parent has not reaped it yet.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def connect_on_each_worker(
+    stack: AsyncExitStack, url: str, workers: int = 2, per_worker: int = 1, attempts: int = 200
+) -> dict[int, list[Client]]:
+    """Open clients until each worker holds ``per_worker`` of them; extra ones are closed."""
+    # Each connect is bounded by open_client's own timeout: a fail_after around the loop would
+    # wrap the clients' nurseries, which outlive it.
+    by_worker: dict[int, list[Client]] = {index: [] for index in range(1, workers + 1)}
+    for _ in range(attempts):
+        if all(len(clients) >= per_worker for clients in by_worker.values()):
+            return by_worker
+        client_stack = AsyncExitStack()
+        client = await client_stack.enter_async_context(open_client(url, timeout=START_TIMEOUT))
+        if len(by_worker[client.worker]) < per_worker:
+            by_worker[client.worker].append(client)
+            stack.push_async_exit(client_stack)
+        else:
+            await client_stack.aclose()
+    raise AssertionError(f"could not place {per_worker} client(s) on each of {workers} workers")
+
+
+async def receive_message(client: Client, timeout: float = RECEIVE_TIMEOUT) -> dict:
+    """The next ``message`` frame (other frames are not expected here and fail the test)."""
+    with trio.fail_after(timeout):
+        frame = await client.receive()
+    assert frame["type"] == "message", frame
+    return frame
+
+
+async def receive_data(client: Client, count: int, timeout: float = RECEIVE_TIMEOUT) -> list:
+    """The ``data`` of the next ``count`` messages."""
+    with trio.fail_after(timeout):
+        return [(await receive_message(client, timeout))["data"] for _ in range(count)]

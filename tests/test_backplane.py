@@ -1,0 +1,494 @@
+"""One contract for every backplane backend, run unchanged against ``memory://`` and ``zmq://``.
+
+The zmq runs start a real proxy on loopback (port 0) in the test's nursery. Absence of delivery
+is never checked by waiting: the same publisher sends a later sentinel, and the sentinel must be
+the first thing that arrives (one publisher's messages keep their order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import trio
+import trio.testing
+
+import backplane
+import backplane.zmq
+from backplane import (
+    Backplane,
+    BackplaneUnavailable,
+    BadBackplaneURL,
+    open_backplane,
+    parse_backplane_url,
+)
+
+# Generous for loopback; only a hang or a lost message ever gets near it.
+TIMEOUT = 10
+
+_memory_names = itertools.count()
+
+
+@pytest.fixture(params=["memory", "zmq"])
+async def url(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[str]:
+    if request.param == "memory":
+        yield f"memory://contract-{os.getpid()}-{next(_memory_names)}"
+    else:
+        port = await nursery.start(backplane.serve_proxy, "127.0.0.1", 0)
+        yield f"zmq://127.0.0.1:{port}"
+
+
+class Inbox:
+    """Takes one message at a time from a backplane's batches; every wait is bounded."""
+
+    def __init__(self, backplane: Backplane) -> None:
+        self.backplane = backplane
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+
+    async def next(self) -> tuple[bytes, bytes]:
+        with trio.fail_after(TIMEOUT):
+            while not self._pending:
+                batch = await self.backplane.receive_batch()
+                assert batch, "receive_batch returned an empty batch"
+                self._pending.extend(batch)
+        return self._pending.popleft()
+
+    async def take(self, count: int) -> list[tuple[bytes, bytes]]:
+        return [await self.next() for _ in range(count)]
+
+    async def until(self, sentinel: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        """Every message before ``sentinel`` (which is consumed)."""
+        before = []
+        while (message := await self.next()) != sentinel:
+            before.append(message)
+        return before
+
+
+# --- delivery --------------------------------------------------------------------------------
+
+
+async def test_publish_reaches_a_subscriber_on_another_instance(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        await publisher.publish(b"room", b"hello")
+        assert await Inbox(subscriber).next() == (b"room", b"hello")
+
+
+async def test_publisher_that_is_not_subscribed_receives_nothing(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        await publisher.subscribe(b"sentinel")
+        await publisher.publish(b"room", b"hello")
+        await publisher.publish(b"sentinel", b"end")
+        assert await Inbox(publisher).next() == (b"sentinel", b"end")
+        assert await Inbox(subscriber).next() == (b"room", b"hello")
+
+
+async def test_an_instance_receives_what_it_publishes_itself(url: str) -> None:
+    async with open_backplane(url) as only:
+        await only.subscribe(b"room")
+        await only.publish(b"room", b"to myself")
+        assert await Inbox(only).next() == (b"room", b"to myself")
+
+
+async def test_every_subscriber_receives_each_message_once(url: str) -> None:
+    async with (
+        open_backplane(url) as publisher,
+        open_backplane(url) as first,
+        open_backplane(url) as second,
+    ):
+        inboxes = [Inbox(first), Inbox(second)]
+        for subscriber in (first, second):
+            await subscriber.subscribe(b"room")
+            await subscriber.subscribe(b"sentinel")
+        await publisher.publish(b"room", b"1")
+        await publisher.publish(b"room", b"2")
+        await publisher.publish(b"sentinel", b"end")
+        for inbox in inboxes:
+            assert await inbox.until((b"sentinel", b"end")) == [(b"room", b"1"), (b"room", b"2")]
+
+
+async def test_unsubscribe_stops_delivery(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        inbox = Inbox(subscriber)
+        await subscriber.subscribe(b"room")
+        await subscriber.subscribe(b"sentinel")
+        await publisher.publish(b"room", b"before")
+        assert await inbox.next() == (b"room", b"before")
+        subscriber.unsubscribe(b"room")
+        await publisher.publish(b"room", b"after")
+        await publisher.publish(b"sentinel", b"end")
+        assert await inbox.next() == (b"sentinel", b"end")
+
+
+async def test_subscriptions_are_counted(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        inbox = Inbox(subscriber)
+        await subscriber.subscribe(b"sentinel")
+        await subscriber.subscribe(b"room")
+        await subscriber.subscribe(b"room")
+        subscriber.unsubscribe(b"room")
+        await publisher.publish(b"room", b"still subscribed once")
+        assert await inbox.next() == (b"room", b"still subscribed once")  # exactly once:
+        await publisher.publish(b"sentinel", b"1")
+        assert await inbox.next() == (b"sentinel", b"1")
+        subscriber.unsubscribe(b"room")
+        await publisher.publish(b"room", b"not subscribed any more")
+        await publisher.publish(b"sentinel", b"2")
+        assert await inbox.next() == (b"sentinel", b"2")
+
+
+async def test_resubscribing_after_unsubscribe_works(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        subscriber.unsubscribe(b"room")
+        await subscriber.subscribe(b"room")
+        await publisher.publish(b"room", b"back")
+        assert await Inbox(subscriber).next() == (b"room", b"back")
+
+
+async def test_many_topics_each_reach_only_their_subscriber(url: str) -> None:
+    topics = [f"room-{i}".encode() for i in range(200)]
+    async with (
+        open_backplane(url) as publisher,
+        open_backplane(url) as even,
+        open_backplane(url) as odd,
+    ):
+        subscribers = (even, odd)
+        for i, topic in enumerate(topics):
+            await subscribers[i % 2].subscribe(topic)
+        for subscriber, end in ((even, b"end-even"), (odd, b"end-odd")):
+            await subscriber.subscribe(end)
+        for topic in topics:
+            await publisher.publish(topic, b"payload of " + topic)
+        await publisher.publish(b"end-even", b"end")
+        await publisher.publish(b"end-odd", b"end")
+        for parity, (subscriber, end) in enumerate(((even, b"end-even"), (odd, b"end-odd"))):
+            received = await Inbox(subscriber).until((end, b"end"))
+            expected = [(topic, b"payload of " + topic) for topic in topics[parity::2]]
+            assert sorted(received) == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    "other_topic",
+    [b"ab", b"a:b", b"a\x00", b"aa", b"\x00\x00\x00\x01a", b"A", b"\x00a"],
+)
+async def test_topics_are_matched_exactly_not_by_prefix(url: str, other_topic: bytes) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"a")
+        await publisher.publish(other_topic, b"not for a")
+        await publisher.publish(b"a", b"sentinel")
+        assert await Inbox(subscriber).next() == (b"a", b"sentinel")
+
+
+async def test_a_longer_topic_does_not_receive_its_prefix(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"ab")
+        await publisher.publish(b"a", b"not for ab")
+        await publisher.publish(b"ab", b"sentinel")
+        assert await Inbox(subscriber).next() == (b"ab", b"sentinel")
+
+
+async def test_one_publishers_messages_arrive_in_order(url: str) -> None:
+    count = 5_000
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        for i in range(count):
+            await publisher.publish(b"room", str(i).encode())
+        received = await Inbox(subscriber).take(count)
+        assert received == [(b"room", str(i).encode()) for i in range(count)]
+
+
+async def test_publish_right_after_subscribe_is_never_lost(url: str) -> None:
+    """``subscribe`` returns only when the subscription is live end to end: a publish by another
+    instance immediately afterwards must arrive, for every one of many fresh topics."""
+    topics = [f"fresh-{i}".encode() for i in range(200)]
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        for topic in topics:
+            await subscriber.subscribe(topic)
+            await publisher.publish(topic, topic)
+        received = await Inbox(subscriber).take(len(topics))
+        assert sorted(received) == sorted((topic, topic) for topic in topics)
+
+
+async def test_a_one_mib_payload_arrives_intact(url: str) -> None:
+    payload = os.urandom(1 << 20)
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"big")
+        await publisher.publish(b"big", payload)
+        topic, received = await Inbox(subscriber).next()
+        assert topic == b"big"
+        assert received == payload
+
+
+async def test_empty_payload_and_binary_topic(url: str) -> None:
+    topic = bytes(range(256))
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(topic)
+        await publisher.publish(topic, b"")
+        assert await Inbox(subscriber).next() == (topic, b"")
+
+
+async def test_async_for_yields_topic_payload_pairs(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        for i in range(3):
+            await publisher.publish(b"room", str(i).encode())
+        received = []
+        with trio.fail_after(TIMEOUT):
+            async with contextlib.aclosing(subscriber.__aiter__()) as pairs:
+                async for topic, payload in pairs:
+                    received.append((topic, payload))
+                    if len(received) == 3:
+                        break
+        assert received == [(b"room", b"0"), (b"room", b"1"), (b"room", b"2")]
+
+
+# BUG (backplane/_interface.py, Backplane.__aiter__): iteration is an async generator that holds
+# the current *batch* in its frame. Breaking out of ``async for`` discards the rest of that batch:
+# messages already taken from the queue are lost, and the next iteration (or receive_batch)
+# waits for new ones. Here each loop takes one message and breaks, so any batch of two or more
+# loses messages: with memory:// the twenty are always one batch (deterministic failure); with
+# zmq:// passing would need twenty batches of one. Expected to FAIL until iteration keeps its
+# leftovers on the backplane (an ``__anext__`` with a deque, say).
+async def test_breaking_out_of_async_for_loses_no_messages(url: str) -> None:
+    count = 20
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        for i in range(count):
+            await publisher.publish(b"room", str(i).encode())
+        received = []
+        # Loopback delivers these in milliseconds; a short bound keeps the failure (a wait for
+        # messages that were thrown away) quick, and the assertion below shows what arrived.
+        with trio.move_on_after(2):
+            for _ in range(count):
+                async with contextlib.aclosing(subscriber.__aiter__()) as pairs:
+                    async for pair in pairs:
+                        received.append(pair)
+                        break
+        assert received == [(b"room", str(i).encode()) for i in range(count)]
+
+
+# BUG (same place): because ``__aiter__`` is an async generator, the plainest use,
+# ``async for ...: break``, leaves a suspended generator to the garbage collector and Trio
+# issues a ResourceWarning ("Surround its use in 'async with aclosing(...)'"), an error under
+# this project's ``filterwarnings = ["error"]``. Expected to FAIL with the same fix as above.
+async def test_async_for_with_break_needs_no_aclosing(url: str) -> None:
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        await publisher.publish(b"room", b"only")
+        with trio.fail_after(TIMEOUT):
+            async for pair in subscriber:
+                assert pair == (b"room", b"only")
+                break
+
+
+@pytest.mark.parametrize("topic", [b"", "room"])
+async def test_bad_topics_are_refused(url: str, topic: object) -> None:
+    async with open_backplane(url) as instance:
+        with pytest.raises(ValueError):
+            await instance.subscribe(topic)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            await instance.publish(topic, b"x")  # type: ignore[arg-type]
+
+
+# --- closing ---------------------------------------------------------------------------------
+
+
+async def test_closing_while_messages_flow_raises_nothing(url: str) -> None:
+    async with open_backplane(url) as publisher, trio.open_nursery() as nursery:
+
+        async def pump() -> None:
+            for i in itertools.count():
+                await publisher.publish(b"room", b"%d" % i)
+
+        async with open_backplane(url) as leaving:
+            await leaving.subscribe(b"room")
+            nursery.start_soon(pump)
+            await Inbox(leaving).take(10)
+            # Leave with messages still arriving and unread ones queued.
+
+        # The flow goes on for others, and the publisher still works.
+        async with open_backplane(url) as staying:
+            await staying.subscribe(b"room")
+            topic, _ = await Inbox(staying).next()
+            assert topic == b"room"
+        nursery.cancel_scope.cancel()
+
+
+async def test_closing_with_a_consumer_waiting_raises_nothing(url: str) -> None:
+    async with open_backplane(url) as instance:
+        await instance.subscribe(b"room")
+        async with trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                async for _ in instance:
+                    pass
+
+            nursery.start_soon(consume)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+
+# BUG (backplane/zmq.py, open_zmq_backplane): the ``yield`` sits inside ``trio.open_nursery()``,
+# and Trio's nurseries wrap whatever escapes them in an ExceptionGroup (strict exception groups
+# are the default), so with zmq:// an exception raised by the *user's* ``async with`` body comes
+# out as ``ExceptionGroup([KeyError])``. memory:// passes it unchanged; the backends disagree and
+# ``except KeyError:`` around ``async with open_backplane(...)`` stops working. The zmq case is
+# expected to FAIL until the reader task is owned outside the user's block (or the group is
+# unwrapped).
+async def test_an_error_in_the_block_propagates_unchanged(url: str) -> None:
+    with pytest.raises(KeyError, match="from the user's block"):
+        async with open_backplane(url):
+            raise KeyError("from the user's block")
+
+
+# --- zmq only: no proxy ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_subscribe_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(backplane.zmq, "SUBSCRIBE_TIMEOUT", 0.3)
+    return 0.3
+
+
+@pytest.fixture
+def dead_zmq_url() -> Iterator[str]:
+    """A zmq URL whose publisher port is bound (so nothing else takes it) but not listening."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield f"zmq://127.0.0.1:{holder.getsockname()[1]}"
+
+
+async def test_zmq_open_without_proxy_reports_unavailable_after_the_timeout(
+    short_subscribe_timeout: float, dead_zmq_url: str
+) -> None:
+    # Opening proves the connection with a subscription, so it is opening that fails. This test
+    # accepts the error bare or in a group; the next one insists on bare.
+    start = trio.current_time()
+    unavailable = []
+    with trio.fail_after(short_subscribe_timeout + 3):
+        try:
+            async with open_backplane(dead_zmq_url):
+                pytest.fail("opened a zmq backplane with no proxy")
+        except* BackplaneUnavailable as group:
+            unavailable.extend(group.exceptions)
+    assert len(unavailable) == 1
+    assert trio.current_time() - start >= short_subscribe_timeout
+
+
+# BUG (backplane/zmq.py, open_zmq_backplane): the BackplaneUnavailable raised by the probe at
+# open escapes the reader's nursery, so the caller gets ``ExceptionGroup([BackplaneUnavailable])``
+# and ``except BackplaneUnavailable:`` does not catch it (master.publish_heartbeats and
+# runner.run_worker both open the backplane this way). Expected to FAIL until fixed.
+async def test_zmq_open_without_proxy_raises_bare_backplane_unavailable(
+    short_subscribe_timeout: float, dead_zmq_url: str
+) -> None:
+    with trio.fail_after(short_subscribe_timeout + 3), pytest.raises(BackplaneUnavailable):
+        async with open_backplane(dead_zmq_url):
+            pytest.fail("opened a zmq backplane with no proxy")
+
+
+async def test_zmq_subscribe_raises_unavailable_once_the_proxy_is_gone(
+    short_subscribe_timeout: float, nursery: trio.Nursery
+) -> None:
+    proxy_scope = trio.CancelScope()
+    proxy_stopped = trio.Event()
+
+    async def run_proxy(*, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            with proxy_scope:
+                await backplane.serve_proxy("127.0.0.1", 0, task_status=task_status)
+        finally:
+            proxy_stopped.set()
+
+    port = await nursery.start(run_proxy)
+    async with open_backplane(f"zmq://127.0.0.1:{port}") as instance:
+        await instance.subscribe(b"while-up")
+        proxy_scope.cancel()
+        with trio.fail_after(TIMEOUT):
+            await proxy_stopped.wait()
+        with trio.fail_after(short_subscribe_timeout + 3), pytest.raises(BackplaneUnavailable):
+            await instance.subscribe(b"while-down")
+
+
+# --- URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "host", "port", "name"),
+    [
+        ("memory://", "memory", "", 0, ""),
+        ("memory://tests", "memory", "", 0, "tests"),
+        ("memory://a/b", "memory", "", 0, "a/b"),
+        ("zmq://127.0.0.1:5559", "zmq", "127.0.0.1", 5559, ""),
+        ("zmq://127.0.0.1:5559/", "zmq", "127.0.0.1", 5559, ""),
+        ("zmq://localhost", "zmq", "localhost", 5559, ""),
+        ("zmq://example.com:1", "zmq", "example.com", 1, ""),
+        ("zmq://127.0.0.1:65534", "zmq", "127.0.0.1", 65534, ""),
+        ("zmq://[::1]:6000", "zmq", "::1", 6000, ""),
+        ("ZMQ://127.0.0.1:6000", "zmq", "127.0.0.1", 6000, ""),
+    ],
+)
+def test_parse_backplane_url_accepts(
+    url: str, scheme: str, host: str, port: int, name: str
+) -> None:
+    address = parse_backplane_url(url)
+    assert (address.scheme, address.host, address.port, address.name) == (
+        scheme,
+        host,
+        port,
+        name,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("127.0.0.1:5559", id="no-scheme"),
+        pytest.param(None, id="not-a-string"),
+        pytest.param(b"zmq://127.0.0.1:5559", id="bytes"),
+        pytest.param("redis://127.0.0.1:6379", id="unknown-scheme-redis"),
+        pytest.param("tcp://127.0.0.1:5559", id="unknown-scheme-tcp"),
+        pytest.param("zmq://", id="missing-host"),
+        pytest.param("zmq://:5559", id="missing-host-with-port"),
+        pytest.param("zmq://127.0.0.1:abc", id="port-not-a-number"),
+        pytest.param("zmq://127.0.0.1:-1", id="port-negative"),
+        pytest.param("zmq://127.0.0.1:65535", id="port-65535-needs-65536"),
+        pytest.param("zmq://127.0.0.1:65536", id="port-over-65535"),
+        pytest.param("zmq://127.0.0.1:99999", id="port-way-over"),
+        pytest.param("zmq://127.0.0.1:5559/path", id="path"),
+        pytest.param("zmq://127.0.0.1:5559?x=1", id="query"),
+        pytest.param("zmq://user@127.0.0.1:5559", id="userinfo"),
+    ],
+)
+def test_parse_backplane_url_rejects(url: object) -> None:
+    with pytest.raises(BadBackplaneURL):
+        parse_backplane_url(url)  # type: ignore[arg-type]
+
+
+def test_bad_backplane_url_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown scheme"):
+        parse_backplane_url("redis://127.0.0.1:6379")
+
+
+# BUG (backplane/_open.py, parse_backplane_url): ``port = parts.port or DEFAULT_ZMQ_PORT`` turns
+# an explicit port 0 into 5559, so "zmq://127.0.0.1:0" silently connects to the default proxy,
+# although the module's own error message says a port is "a number from 1 to 65535". A fragment
+# ("#x") is likewise accepted although "a zmq URL is only zmq://HOST:PORT". Expected to FAIL.
+@pytest.mark.parametrize("url", ["zmq://127.0.0.1:0", "zmq://127.0.0.1:5559#x"])
+def test_parse_backplane_url_rejects_port_0_and_fragment(url: str) -> None:
+    with pytest.raises(BadBackplaneURL):
+        parse_backplane_url(url)
+
+
+async def test_open_backplane_refuses_a_bad_url_before_connecting() -> None:
+    with pytest.raises(BadBackplaneURL):
+        async with open_backplane("zmq://127.0.0.1:65535"):
+            pytest.fail("opened a backplane from a bad URL")
