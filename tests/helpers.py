@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -50,7 +51,9 @@ class ClusterProcess:
             self.lines.append("<end of log>")
             self._changed.notify_all()
 
-    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT, start: int = 0) -> re.Match[str]:
+    def wait_for_log(
+        self, pattern: str, timeout: float = START_TIMEOUT, start: int = 0
+    ) -> re.Match[str]:
         """The first log line from index ``start`` on that matches ``pattern``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -92,10 +95,8 @@ class ClusterProcess:
 
 
 def kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def process_alive(pid: int) -> bool:
@@ -122,7 +123,9 @@ async def connect_on_each_worker(
         if all(len(clients) >= per_worker for clients in by_worker.values()):
             return by_worker
         client_stack = AsyncExitStack()
-        client = await client_stack.enter_async_context(open_client(url, timeout=START_TIMEOUT))
+        client = await client_stack.enter_async_context(
+            open_client(url, connect_timeout=START_TIMEOUT)
+        )
         if len(by_worker[client.worker]) < per_worker:
             by_worker[client.worker].append(client)
             stack.push_async_exit(client_stack)
@@ -131,15 +134,14 @@ async def connect_on_each_worker(
     raise AssertionError(f"could not place {per_worker} client(s) on each of {workers} workers")
 
 
-async def receive_message(client: Client, timeout: float = RECEIVE_TIMEOUT) -> dict:
+async def receive_message(client: Client) -> dict:
     """The next ``message`` frame (other frames are not expected here and fail the test)."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(RECEIVE_TIMEOUT):
         frame = await client.receive()
     assert frame["type"] == "message", frame
     return frame
 
 
-async def receive_data(client: Client, count: int, timeout: float = RECEIVE_TIMEOUT) -> list:
-    """The ``data`` of the next ``count`` messages."""
-    with trio.fail_after(timeout):
-        return [(await receive_message(client, timeout))["data"] for _ in range(count)]
+async def receive_data(client: Client, count: int) -> list:
+    """The ``data`` of the next ``count`` messages, each within ``RECEIVE_TIMEOUT``."""
+    return [(await receive_message(client))["data"] for _ in range(count)]

@@ -83,9 +83,7 @@ async def test_many_publishers_at_once_lose_nothing(cluster: ClusterProcess):
         received: dict[int, list] = {}
 
         async def receive_all(index: int, client: Client) -> None:
-            received[index] = await receive_data(
-                client, len(clients) * messages_each, timeout=60
-            )
+            received[index] = await receive_data(client, len(clients) * messages_each)
 
         async with trio.open_nursery() as nursery:
             for index, client in enumerate(clients):
@@ -193,7 +191,7 @@ async def test_every_bad_input_gets_its_error_and_the_connection_keeps_serving(
     async with AsyncExitStack() as stack:
         by_worker = await connect_on_each_worker(stack, cluster.url)
         client, bystander = by_worker[1][0], by_worker[2][0]
-        for request_id, (raw, code) in enumerate(BAD_INPUTS):
+        for raw, code in BAD_INPUTS:
             await client.ws.send_message(raw)
             with trio.fail_after(RECEIVE_TIMEOUT):
                 reply = await client.receive()
@@ -265,7 +263,10 @@ def test_sigterm_closes_clients_1001_and_leaves_no_process():
                 started = trio.current_time()
                 cluster.process.send_signal(signal.SIGTERM)
                 for client in clients:
-                    with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    with (
+                        trio.fail_after(5),
+                        pytest.raises(trio_websocket.ConnectionClosed) as closed,
+                    ):
                         while True:
                             await client.receive()
                     closes.append(closed.value.reason.code)

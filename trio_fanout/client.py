@@ -102,10 +102,10 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(url: str, *, timeout: float = 10.0) -> AsyncIterator[Client]:
+async def open_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/ws`` or ``wss://…``) and wait for the welcome.
 
-    ``timeout`` bounds the connection, the handshake and the welcome, and the close at the end.
+    ``connect_timeout`` bounds the connection, the handshake and the welcome, and so the close.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -116,7 +116,7 @@ async def open_client(url: str, *, timeout: float = 10.0) -> AsyncIterator[Clien
     if parts.query:
         resource += "?" + parts.query
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(timeout):
+        with trio.fail_after(connect_timeout):
             if secure:
                 stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
                     parts.hostname, port, https_compatible=True
@@ -126,7 +126,7 @@ async def open_client(url: str, *, timeout: float = 10.0) -> AsyncIterator[Clien
         # We own the TCP stream and close it ourselves: trio-websocket 0.12 leaves it open when
         # the server goes away without a close handshake.
         async with stream:
-            with trio.fail_after(timeout):
+            with trio.fail_after(connect_timeout):
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, stream, parts.hostname, resource
                 )
@@ -138,6 +138,6 @@ async def open_client(url: str, *, timeout: float = 10.0) -> AsyncIterator[Clien
                     )
                 yield Client(ws, welcome)
             finally:
-                with trio.move_on_after(timeout) as cleanup:
+                with trio.move_on_after(connect_timeout) as cleanup:
                     cleanup.shield = True
                     await ws.aclose()
