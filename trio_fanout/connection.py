@@ -4,8 +4,8 @@ The send path (docs/architecture.md): the fan-out loop calls :meth:`Connection.e
 frame already encoded for everybody, which appends to this connection's list of pending frames and
 never awaits. The worker then calls :meth:`Connection.flush` once per batch, which writes every
 pending frame with one non-blocking ``send``. Only a connection whose socket is full gets a task
-that waits for it to drain; a connection with more than ``max_queued_frames`` pending frames is
-closed with 1013, and nobody else waits for it.
+that waits for it to drain; when ``max_queued_frames`` frames wait behind a full socket, the
+connection is closed with 1013, and nobody else waits for it.
 """
 
 from __future__ import annotations
@@ -115,13 +115,17 @@ class Connection:
         if self._closing:
             return
         if len(self._pending) >= self.worker.config.max_queued_frames:
-            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
-            self.close(
-                websocket.CLOSE_TRY_AGAIN_LATER,
-                "too slow: queued frames over the limit",
-                drop_pending=True,
-            )
-            return
+            # A large batch can queue this many frames for a healthy client too: try to write
+            # them first. Only a client whose socket is full as well is too slow.
+            self.flush()
+            if self._writer_running:
+                logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+                self.close(
+                    websocket.CLOSE_TRY_AGAIN_LATER,
+                    "too slow: queued frames over the limit",
+                    drop_pending=True,
+                )
+                return
         self._pending.append(frame)
         if not self._dirty:
             self._dirty = True

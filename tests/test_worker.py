@@ -1,0 +1,243 @@
+"""One worker in this process on a memory backplane, with real sockets and real clients: the
+per-connection limits and the edges of the WebSocket protocol that need a raw socket to reach."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio_websocket
+
+from backplane import open_backplane
+from tests.helpers import RECEIVE_TIMEOUT, receive_data
+from trio_fanout import Config, Worker, connection, envelope, protocol
+from trio_fanout.client import ServerError, open_client
+from trio_fanout.master import open_listener
+
+_names = itertools.count()
+
+
+@asynccontextmanager
+async def running_worker(**settings: object) -> AsyncIterator[tuple[Worker, str]]:
+    """A worker on a fresh memory backplane; yields it and its WebSocket URL."""
+    config = Config(heartbeat_interval=0, **settings)
+    listener = open_listener("127.0.0.1", 0)
+    url = f"memory://worker-test-{os.getpid()}-{next(_names)}"
+    async with open_backplane(url) as backplane, trio.open_nursery() as nursery:
+        worker = Worker(config, backplane)
+        await nursery.start(worker.serve, listener)
+        yield worker, f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        worker.stop()
+    listener.close()
+
+
+class RawClient:
+    """A WebSocket client written by hand, to send what well-behaved libraries refuse to."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, url: str) -> RawClient:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        await client.stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await client._read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert (await client.receive_json())["type"] == "welcome"
+        return client
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while marker not in self.buffer:
+                chunk = await self.stream.receive_some()
+                assert chunk, "the server closed the connection"
+                self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    async def _read_exactly(self, count: int) -> bytes:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while len(self.buffer) < count:
+                chunk = await self.stream.receive_some()
+                assert chunk, "the server closed the connection"
+                self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    async def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        mask = os.urandom(4)
+        length = len(payload)
+        first = (0x80 if fin else 0) | opcode
+        if length < 126:
+            header = struct.pack("!BB", first, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", first, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", first, 0x80 | 127, length)
+        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        await self.stream.send_all(header + mask + masked)
+
+    async def receive_frame(self) -> tuple[int, bytes]:
+        first, second = await self._read_exactly(2)
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await self._read_exactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await self._read_exactly(8))
+        return first & 0x0F, await self._read_exactly(length)
+
+    async def receive_json(self) -> dict:
+        opcode, payload = await self.receive_frame()
+        assert opcode == 0x1, (opcode, payload)
+        return json.loads(payload)
+
+
+async def publish_from_outside(worker: Worker, room: str, data: object) -> None:
+    """Publish as an emitter would: straight onto the worker's backplane."""
+    topic = envelope.room_topic(room)
+    frame = protocol.message_frame(room, data)
+    await worker.backplane.publish(topic, envelope.Numberer().wrap(topic, frame))
+
+
+async def test_a_slow_client_is_closed_1013_and_nobody_else_waits(monkeypatch):
+    # Keep the cut connection around long enough for this test to read up to its close frame.
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 60.0)
+    async with (
+        running_worker(max_queued_frames=50) as (worker, url),
+        open_client(url) as slow,
+        open_client(url) as fast,
+    ):
+        await slow.join("news")
+        await fast.join("news")
+        # 1,500 frames of 16 KiB, 50 at a time, which the fast client takes as they come: far
+        # more than the kernel buffers of a client that stopped reading can absorb, so the slow
+        # one's queue passes 50 frames behind a full socket.
+        payload = "x" * 16384
+        numberer = envelope.Numberer()
+        topic = envelope.room_topic("news")
+        for first in range(0, 1500, 50):
+            for number in range(first, first + 50):
+                frame = protocol.message_frame("news", [number, payload])
+                await worker.backplane.publish(topic, numberer.wrap(topic, frame))
+            received = await receive_data(fast, 50)
+            assert [number for number, _ in received] == list(range(first, first + 50))
+        with (
+            trio.fail_after(RECEIVE_TIMEOUT),
+            pytest.raises(trio_websocket.ConnectionClosed) as closed,
+        ):
+            while True:
+                await slow.receive()
+        assert closed.value.reason.code == 1013
+
+
+async def test_frames_past_the_rate_get_rate_limited_and_abuse_is_closed_1008():
+    async with (
+        running_worker(rate_limit_per_second=1, rate_limit_burst=20) as (_, url),
+        open_client(url) as client,
+    ):
+        for _ in range(25):
+            await client.send({"type": "ping"})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            replies = [await client.receive() for _ in range(25)]
+        assert [reply["type"] for reply in replies] == ["pong"] * 20 + ["error"] * 5
+        assert {reply.get("code") for reply in replies[20:]} == {"rate_limited"}
+        for _ in range(connection.ABUSE_REFUSALS):
+            await client.send({"type": "ping"})
+        with (
+            trio.fail_after(RECEIVE_TIMEOUT),
+            pytest.raises(trio_websocket.ConnectionClosed) as closed,
+        ):
+            while True:
+                await client.receive()
+        assert closed.value.reason.code == 1008
+
+
+async def test_a_join_past_the_room_limit_is_refused():
+    async with running_worker(max_rooms_per_connection=3) as (_, url), open_client(url) as client:
+        for room in ("a", "b", "c"):
+            await client.join(room)
+        with pytest.raises(ServerError) as refused:
+            await client.join("d")
+        assert refused.value.code == "too_many_rooms"
+        await client.join("a")  # joining a room one is in is not a new room
+        await client.leave("c")
+        await client.join("d")
+
+
+async def test_invalid_utf8_and_fragmented_messages_over_a_raw_socket():
+    async with running_worker() as (_, url):
+        raw = await RawClient.connect(url)
+        await raw.send_frame(0x1, b'{"type":"ping","id":1,"x":"\xff"}')
+        reply = await raw.receive_json()
+        assert (reply["type"], reply["code"]) == ("error", "bad_frame")
+        # A text message in three fragments, with a ping between two of them.
+        await raw.send_frame(0x1, b'{"type":', fin=False)
+        await raw.send_frame(0x9, b"are you there")
+        await raw.send_frame(0x0, b'"ping",', fin=False)
+        await raw.send_frame(0x0, b'"id":2}')
+        assert await raw.receive_frame() == (0xA, b"are you there")
+        assert await raw.receive_json() == {"type": "pong", "id": 2}
+        await raw.stream.aclose()
+
+
+async def test_pings_during_the_close_handshake_do_not_hurt_the_worker():
+    # trio-websocket's server crashes when a ping arrives while it closes (its issue #184).
+    async with running_worker() as (_, url):
+        raw = await RawClient.connect(url)
+        await raw.send_frame(0x8, struct.pack("!H", 1000))
+        await raw.send_frame(0x9, b"late ping")
+        opcode, payload = await raw.receive_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1000)
+        await raw.stream.aclose()
+
+        raw = await RawClient.connect(url)
+        await raw.send_frame(0x1, b"x" * (64 * 1024 + 1))
+        assert (await raw.receive_json())["code"] == "too_large"
+        await raw.send_frame(0x9, b"ping while closing")
+        opcode, payload = await raw.receive_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
+        await raw.stream.aclose()
+
+        async with open_client(url) as client:
+            await client.ping()
+
+
+async def test_a_client_that_never_finishes_the_handshake_is_dropped():
+    async with running_worker(handshake_timeout=0.5) as (_, url):
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        for opening in (b"", b"GET /ws HTTP/1.1\r\nHost: x\r\n"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(opening)
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    assert await stream.receive_some() == b""
+
+
+async def test_a_room_is_dropped_when_its_last_member_leaves_or_disconnects():
+    async with running_worker() as (worker, url):
+        async with open_client(url) as stays, open_client(url) as goes:
+            await stays.join("room")
+            await goes.join("room")
+            await stays.leave("room")
+            assert json.loads(worker.health())["rooms"] == 1
+        # The server finishes its side of the close after the client's close returns, and
+        # offers no event for it: poll, bounded.
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker.connections:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert json.loads(worker.health())["rooms"] == 0
+        async with open_client(url) as newcomer:
+            await newcomer.join("room")
+            await publish_from_outside(worker, "room", "fresh subscription works")
+            assert await receive_data(newcomer, 1) == ["fresh subscription works"]
