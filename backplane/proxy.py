@@ -54,7 +54,7 @@ async def serve_proxy(
 ) -> None:
     """Run the proxy until cancelled; ``task_status.started`` reports the publisher-side port.
 
-    Raises ``zmq.ZMQError`` (e.g. address in use) before ``started`` if it cannot bind.
+    Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
     """
     context = zmq.Context.instance()
     xsub = context.socket(zmq.XSUB)
@@ -69,7 +69,12 @@ async def serve_proxy(
         for sock in (xsub, xpub):
             sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
             sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        bound_port = _bind_pair(xsub, xpub, host, port)
+        try:
+            bound_port = _bind_pair(xsub, xpub, host, port)
+        except zmq.ZMQError as error:
+            raise OSError(
+                f"cannot bind the ZeroMQ proxy to {host} ports {port} and {port + 1}: {error}"
+            ) from None
         control.bind(control_address)
         proxy_control.connect(control_address)
         xsub.send(b"\x01")  # subscribe upstream to every topic

@@ -107,33 +107,33 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, BadBackplaneURL) as error:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
     _setup_logging(config.log_level)
+    exit_code = 0
     try:
-        if args.command == "run":
-            from trio_fanout.master import run_master
+        _run_command(args, config)
+    except* OSError as failures:
+        # Startup failures (a port in use, a bad address): one line each, no traceback.
+        for failure in failures.exceptions:
+            print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        exit_code = EXIT_USAGE
+    return exit_code
 
-            trio.run(run_master, config)
-        else:
-            from trio_fanout.runner import run_worker
 
-            if args.listen_fd is not None:
-                listener = socket.socket(fileno=args.listen_fd)
-            else:
-                from trio_fanout.master import open_listener
+def _run_command(args: argparse.Namespace, config: Config) -> None:
+    if args.command == "run":
+        from trio_fanout.master import run_master
 
-                listener = open_listener(config.host, config.port)
-            trio.run(
-                lambda: run_worker(
-                    config,
-                    args.backplane,
-                    listener,
-                    index=args.index or 1,
-                    parent_fd=args.parent_fd,
-                )
-            )
-    except OSError as error:
-        logger.error("%s", error)
-        print(f"trio-fanout: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 0
-    return 0
+        trio.run(run_master, config)
+        return
+    from trio_fanout.runner import run_worker
+
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+    else:
+        from trio_fanout.master import open_listener
+
+        listener = open_listener(config.host, config.port)
+    trio.run(
+        lambda: run_worker(
+            config, args.backplane, listener, index=args.index or 1, parent_fd=args.parent_fd
+        )
+    )

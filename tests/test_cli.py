@@ -1,0 +1,58 @@
+"""The command line refuses bad input with one line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def trio_fanout(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_fanout", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--workers", "0"], "workers must be greater than 0"),
+        (["--heartbeat-interval", "-1"], "heartbeat_interval must be 0 or more"),
+        (["--port", "70000"], "port must be a port number"),
+        (["--port", "eighty"], "argument --port: invalid int value"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice"),
+        (["--wrokers", "2"], "unrecognized arguments: --wrokers"),
+    ],
+)
+def test_bad_flags_get_one_line_and_exit_code_2(args: list[str], complaint: str):
+    result = trio_fanout("run", *args)
+    assert result.returncode == 2
+    assert complaint in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("which", ["--port", "--proxy-port"])
+def test_a_port_in_use_gets_one_line_and_exit_code_2(which: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        others = ["--proxy-port", "0"] if which == "--port" else ["--port", "0"]
+        result = trio_fanout("run", "--workers", "1", which, port, *others)
+    assert result.returncode == 2
+    assert "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_the_run_command():
+    result = trio_fanout("run", "--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--workers", "--heartbeat-interval", "--proxy-port"):
+        assert flag in result.stdout
+    assert "ws://HOST:PORT/ws" in result.stdout
