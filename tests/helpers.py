@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -99,17 +100,20 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def process_alive(pid: int) -> bool:
+def exited_within(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not necessarily our child) has ended, waiting up to ``timeout``.
+
+    A pidfd becomes readable when its process terminates, which gives a precise wait.
+    """
     try:
-        os.kill(pid, 0)
+        pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0): it has exited but its parent has not reaped it yet.
+        return True
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(pidfd)
 
 
 async def connect_on_each_worker(

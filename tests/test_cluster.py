@@ -18,7 +18,7 @@ from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
     connect_on_each_worker,
-    process_alive,
+    exited_within,
     receive_data,
     receive_message,
 )
@@ -275,7 +275,7 @@ def test_sigterm_closes_clients_1001_and_leaves_no_process():
         trio.run(clients_see_1001)
         assert cluster.process.wait(5) == 0
         assert closes == [1001, 1001]
-        assert not any(process_alive(pid) for pid in pids)
+        assert all(exited_within(pid, 1) for pid in pids)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", cluster.port), timeout=1).close()
     finally:
@@ -318,5 +318,21 @@ def test_a_killed_worker_comes_back_and_the_other_sees_no_gap():
                 assert await receive_data(again[1][0], 1) == ["welcome back"]
 
         trio.run(scenario)
+    finally:
+        cluster.stop()
+
+
+def test_workers_stop_by_themselves_when_the_master_is_killed():
+    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0")
+    try:
+        pids = [
+            int(cluster.wait_for_log(rf"worker {index} \(pid (\d+)\) serving").group(1))
+            for index in (1, 2)
+        ]
+        os.kill(cluster.process.pid, signal.SIGKILL)
+        cluster.process.wait(5)
+        assert all(exited_within(pid, 10) for pid in pids)
+        for pid in pids:
+            cluster.wait_for_log(rf"worker \d \(pid {pid}\) stopped")
     finally:
         cluster.stop()
