@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import Iterator
 
 import trio
 
@@ -48,18 +49,25 @@ class Backplane(abc.ABC):
         """Undo one :meth:`subscribe`; never blocks (the backend sends it when it can)."""
 
     @abc.abstractmethod
-    async def receive_batch(self) -> list[tuple[bytes, bytes]]:
-        """Wait for at least one message and return every one that is ready, oldest first.
+    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+        """Wait for at least one message and return those that are ready (up to
+        ``max_messages``), oldest first.
 
         Batches let a consumer do per-wake-up work (flushing sockets) once per batch instead of
         once per message.
         """
 
-    async def __aiter__(self) -> AsyncIterator[tuple[bytes, bytes]]:
-        """Iterate ``(topic, payload)`` pairs one at a time while the backplane is open."""
-        while True:
-            for message in await self.receive_batch():
-                yield message
+    def __aiter__(self) -> Backplane:
+        """Iterate ``(topic, payload)`` pairs one at a time while the backplane is open.
+
+        Each step takes one message, so leaving the loop early leaves the rest for later; and
+        the backplane is its own iterator (not an async generator), so it needs no closing.
+        """
+        return self
+
+    async def __anext__(self) -> tuple[bytes, bytes]:
+        (message,) = await self.receive_batch(1)
+        return message
 
 
 def check_topic(topic: bytes) -> None:
@@ -95,11 +103,37 @@ class MessageQueue:
     async def wait_not_full(self) -> None:
         await self._not_full.wait()
 
-    async def take_all(self) -> list[tuple[bytes, bytes]]:
+    async def take(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+        """Wait for a message; return all that are ready, or the oldest ``max_messages``."""
         while not self._messages:
             self._not_empty = trio.Event()
             await self._not_empty.wait()
         await trio.lowlevel.checkpoint()
-        batch, self._messages = self._messages, []
-        self._not_full.set()
+        if max_messages is None or max_messages >= len(self._messages):
+            batch, self._messages = self._messages, []
+        else:
+            batch = self._messages[:max_messages]
+            del self._messages[:max_messages]
+        if len(self._messages) < self.high_water:
+            self._not_full.set()
         return batch
+
+
+@contextlib.contextmanager
+def unwrap_single_errors() -> Iterator[None]:
+    """Let an exception raised inside a backend's nursery reach the caller as itself.
+
+    A backend runs its reader in a nursery around the caller's ``async with`` block, and Trio
+    wraps whatever leaves a nursery in an ExceptionGroup. The caller of ``open_backplane``
+    should be able to write ``except BackplaneUnavailable`` (or see its own error unchanged),
+    whichever backend the URL picked.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if error is group:
+            raise
+        raise error from None

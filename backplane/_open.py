@@ -33,16 +33,16 @@ def parse_backplane_url(url: str) -> BackplaneAddress:
         return BackplaneAddress("memory", name=parts.netloc + parts.path)
     if parts.scheme == "zmq":
         try:
-            port = parts.port or DEFAULT_ZMQ_PORT
+            port = DEFAULT_ZMQ_PORT if parts.port is None else parts.port
         except ValueError:
             raise BadBackplaneURL(
-                f"{url!r} has a port that is not a number from 1 to 65535"
+                f"{url!r} has a port that is not a number from 1 to 65534"
             ) from None
         if not parts.hostname:
             raise BadBackplaneURL(f"{url!r} names no host (zmq://HOST:PORT)")
-        if port >= 65535:
-            raise BadBackplaneURL(f"{url!r}: the proxy needs PORT and PORT+1, so PORT < 65535")
-        if parts.path not in ("", "/") or parts.query or parts.username:
+        if not 1 <= port <= 65534:
+            raise BadBackplaneURL(f"{url!r}: the proxy needs PORT and PORT+1, from 1 to 65534")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise BadBackplaneURL(f"{url!r}: a zmq URL is only zmq://HOST:PORT")
         return BackplaneAddress("zmq", host=parts.hostname, port=port)
     raise BadBackplaneURL(

@@ -54,7 +54,8 @@ class MemoryBackplane(Backplane):
 
     def unsubscribe(self, topic: bytes) -> None:
         if self._subscriptions[topic] <= 0:
-            raise ValueError(f"not subscribed to {topic!r}")
+            del self._subscriptions[topic]
+            return  # like ZeroMQ: unsubscribing what was never subscribed does nothing
         self._subscriptions[topic] -= 1
         if self._subscriptions[topic] == 0:
             del self._subscriptions[topic]
@@ -63,8 +64,8 @@ class MemoryBackplane(Backplane):
             if not subscribers:
                 del self._hub.subscribers[topic]
 
-    async def receive_batch(self) -> list[tuple[bytes, bytes]]:
-        return await self._queue.take_all()
+    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+        return await self._queue.take(max_messages)
 
     def _close(self) -> None:
         for topic in list(self._subscriptions):

@@ -24,7 +24,13 @@ from contextlib import asynccontextmanager
 import trio
 import zmq
 
-from backplane._interface import Backplane, BackplaneUnavailable, MessageQueue, check_topic
+from backplane._interface import (
+    Backplane,
+    BackplaneUnavailable,
+    MessageQueue,
+    check_topic,
+    unwrap_single_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +52,10 @@ FIRST_PROBE_DELAY = 0.001
 MAX_PROBE_DELAY = 0.1
 
 # Published messages still queued when a backplane closes get this long to reach the proxy, so
-# that a short-lived publisher (a script, the emitter) does not lose its last messages.
+# that a short-lived publisher (a script, the emitter) does not lose its last messages; closing
+# waits at most CLOSE_FLUSH_TIMEOUT for the proof that they have.
 CLOSE_LINGER_MS = 2_000
+CLOSE_FLUSH_TIMEOUT = 1.0
 
 _LENGTH = struct.Struct(">I")
 
@@ -103,8 +111,8 @@ class ZmqBackplane(Backplane):
         self._sub.setsockopt(zmq.UNSUBSCRIBE, wire_topic(topic))
         self._wake_reader()
 
-    async def receive_batch(self) -> list[tuple[bytes, bytes]]:
-        return await self._queue.take_all()
+    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+        return await self._queue.take(max_messages)
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -112,13 +120,16 @@ class ZmqBackplane(Backplane):
         except zmq.Again:
             raise BackplaneUnavailable(f"{self.endpoint} is not taking messages") from None
 
-    async def _prove_live(self, wire: bytes) -> None:
-        """Publish a probe on ``wire`` until our own subscriber receives one."""
+    async def _prove_live(self, wire: bytes, give_up_after: float | None = None) -> None:
+        """Publish a probe on ``wire`` until our own subscriber receives one; raise
+        :class:`BackplaneUnavailable` after ``give_up_after`` seconds (``SUBSCRIBE_TIMEOUT``
+        by default)."""
+        timeout = SUBSCRIBE_TIMEOUT if give_up_after is None else give_up_after
         probe_id = self._probe_prefix + str(next(self._probe_ids)).encode()
         arrived = self._probes[probe_id] = trio.Event()
         delay = FIRST_PROBE_DELAY
         try:
-            with trio.move_on_after(SUBSCRIBE_TIMEOUT):
+            with trio.move_on_after(timeout):
                 while not arrived.is_set():
                     self._send([wire, b"", probe_id])
                     with trio.move_on_after(delay):
@@ -128,7 +139,7 @@ class ZmqBackplane(Backplane):
             del self._probes[probe_id]
         if not arrived.is_set():
             raise BackplaneUnavailable(
-                f"no answer from the ZeroMQ proxy at {self.endpoint} within {SUBSCRIBE_TIMEOUT} s"
+                f"no answer from the ZeroMQ proxy at {self.endpoint} within {timeout} s"
             )
 
     def _wake_reader(self) -> None:
@@ -176,15 +187,24 @@ async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane
     """Connect to the proxy at ``host:port`` and return once messages flow both ways."""
     backplane = ZmqBackplane(zmq.Context.instance(), host, port)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backplane.run_reader)
-            # Round-trip a probe on a topic of our own: proves that our publisher reaches the
-            # proxy, so that a publish right after open is not dropped by ZeroMQ.
-            own_topic = b"\x00trio-fanout-connected:" + os.urandom(8)
-            await backplane.subscribe(own_topic)
-            backplane.unsubscribe(own_topic)
-            logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
-            yield backplane
-            nursery.cancel_scope.cancel()
+        with unwrap_single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(backplane.run_reader)
+                # Round-trip a probe on a topic of our own: proves that our publisher reaches the
+                # proxy, so that a publish right after open is not dropped by ZeroMQ.
+                own_topic = b"\x00trio-fanout-own:" + os.urandom(8)
+                await backplane.subscribe(own_topic)
+                logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
+                yield backplane
+                # One more round trip before closing: ZeroMQ keeps order on our one connection to
+                # the proxy, so when the probe is back, everything we published has passed it.
+                try:
+                    await backplane._prove_live(wire_topic(own_topic), CLOSE_FLUSH_TIMEOUT)
+                except BackplaneUnavailable:
+                    logger.warning(
+                        "closing without proof that the last messages reached %s",
+                        backplane.endpoint,
+                    )
+                nursery.cancel_scope.cancel()
     finally:
         backplane.close()

@@ -7,7 +7,6 @@ the first thing that arrives (one publisher's messages keep their order).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
@@ -235,27 +234,26 @@ async def test_empty_payload_and_binary_topic(url: str) -> None:
 
 
 async def test_async_for_yields_topic_payload_pairs(url: str) -> None:
+    # The plain form a user writes, break included: with filterwarnings=error this also checks
+    # that leaving the loop early leaves nothing behind to be garbage collected with a warning.
     async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
         await subscriber.subscribe(b"room")
         for i in range(3):
             await publisher.publish(b"room", str(i).encode())
         received = []
         with trio.fail_after(TIMEOUT):
-            async with contextlib.aclosing(subscriber.__aiter__()) as pairs:
-                async for topic, payload in pairs:
-                    received.append((topic, payload))
-                    if len(received) == 3:
-                        break
+            async for topic, payload in subscriber:
+                received.append((topic, payload))
+                if len(received) == 3:
+                    break
         assert received == [(b"room", b"0"), (b"room", b"1"), (b"room", b"2")]
 
 
-# BUG (backplane/_interface.py, Backplane.__aiter__): iteration is an async generator that holds
-# the current *batch* in its frame. Breaking out of ``async for`` discards the rest of that batch:
-# messages already taken from the queue are lost, and the next iteration (or receive_batch)
-# waits for new ones. Here each loop takes one message and breaks, so any batch of two or more
-# loses messages: with memory:// the twenty are always one batch (deterministic failure); with
-# zmq:// passing would need twenty batches of one. Expected to FAIL until iteration keeps its
-# leftovers on the backplane (an ``__anext__`` with a deque, say).
+# Found in backplane/_interface.py at 10ba3f2 (Backplane.__aiter__ was an async generator over
+# receive_batch()): breaking out of ``async for`` discarded the rest of the current batch, and
+# the suspended generator was left to the garbage collector (a ResourceWarning from Trio, an
+# error here). Each loop below takes one message and breaks, so any batch of two or more would
+# lose messages: with memory:// the twenty are always one batch.
 async def test_breaking_out_of_async_for_loses_no_messages(url: str) -> None:
     count = 20
     async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
@@ -263,29 +261,14 @@ async def test_breaking_out_of_async_for_loses_no_messages(url: str) -> None:
         for i in range(count):
             await publisher.publish(b"room", str(i).encode())
         received = []
-        # Loopback delivers these in milliseconds; a short bound keeps the failure (a wait for
+        # Loopback delivers these in milliseconds; a short bound keeps a failure (a wait for
         # messages that were thrown away) quick, and the assertion below shows what arrived.
         with trio.move_on_after(2):
             for _ in range(count):
-                async with contextlib.aclosing(subscriber.__aiter__()) as pairs:
-                    async for pair in pairs:
-                        received.append(pair)
-                        break
+                async for pair in subscriber:
+                    received.append(pair)
+                    break
         assert received == [(b"room", str(i).encode()) for i in range(count)]
-
-
-# BUG (same place): because ``__aiter__`` is an async generator, the plainest use,
-# ``async for ...: break``, leaves a suspended generator to the garbage collector and Trio
-# issues a ResourceWarning ("Surround its use in 'async with aclosing(...)'"), an error under
-# this project's ``filterwarnings = ["error"]``. Expected to FAIL with the same fix as above.
-async def test_async_for_with_break_needs_no_aclosing(url: str) -> None:
-    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
-        await subscriber.subscribe(b"room")
-        await publisher.publish(b"room", b"only")
-        with trio.fail_after(TIMEOUT):
-            async for pair in subscriber:
-                assert pair == (b"room", b"only")
-                break
 
 
 @pytest.mark.parametrize("topic", [b"", "room"])
@@ -335,13 +318,8 @@ async def test_closing_with_a_consumer_waiting_raises_nothing(url: str) -> None:
             nursery.cancel_scope.cancel()
 
 
-# BUG (backplane/zmq.py, open_zmq_backplane): the ``yield`` sits inside ``trio.open_nursery()``,
-# and Trio's nurseries wrap whatever escapes them in an ExceptionGroup (strict exception groups
-# are the default), so with zmq:// an exception raised by the *user's* ``async with`` body comes
-# out as ``ExceptionGroup([KeyError])``. memory:// passes it unchanged; the backends disagree and
-# ``except KeyError:`` around ``async with open_backplane(...)`` stops working. The zmq case is
-# expected to FAIL until the reader task is owned outside the user's block (or the group is
-# unwrapped).
+# The zmq backend runs its reader in a nursery around the caller's block; an error from the
+# block must still come out as itself, as with memory://.
 async def test_an_error_in_the_block_propagates_unchanged(url: str) -> None:
     with pytest.raises(KeyError, match="from the user's block"):
         async with open_backplane(url):
@@ -382,10 +360,7 @@ async def test_zmq_open_without_proxy_reports_unavailable_after_the_timeout(
     assert trio.current_time() - start >= short_subscribe_timeout
 
 
-# BUG (backplane/zmq.py, open_zmq_backplane): the BackplaneUnavailable raised by the probe at
-# open escapes the reader's nursery, so the caller gets ``ExceptionGroup([BackplaneUnavailable])``
-# and ``except BackplaneUnavailable:`` does not catch it (master.publish_heartbeats and
-# runner.run_worker both open the backplane this way). Expected to FAIL until fixed.
+# With no proxy, opening fails with a plain BackplaneUnavailable that callers can catch.
 async def test_zmq_open_without_proxy_raises_bare_backplane_unavailable(
     short_subscribe_timeout: float, dead_zmq_url: str
 ) -> None:
@@ -478,10 +453,7 @@ def test_bad_backplane_url_is_a_value_error() -> None:
         parse_backplane_url("redis://127.0.0.1:6379")
 
 
-# BUG (backplane/_open.py, parse_backplane_url): ``port = parts.port or DEFAULT_ZMQ_PORT`` turns
-# an explicit port 0 into 5559, so "zmq://127.0.0.1:0" silently connects to the default proxy,
-# although the module's own error message says a port is "a number from 1 to 65535". A fragment
-# ("#x") is likewise accepted although "a zmq URL is only zmq://HOST:PORT". Expected to FAIL.
+# Port 0 must not silently mean the default port, and a zmq URL has nothing after the port.
 @pytest.mark.parametrize("url", ["zmq://127.0.0.1:0", "zmq://127.0.0.1:5559#x"])
 def test_parse_backplane_url_rejects_port_0_and_fragment(url: str) -> None:
     with pytest.raises(BadBackplaneURL):

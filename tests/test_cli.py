@@ -22,9 +22,9 @@ def trio_fanout(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--workers", "0"], "workers must be greater than 0"),
-        (["--heartbeat-interval", "-1"], "heartbeat_interval must be 0 or more"),
-        (["--port", "70000"], "port must be a port number"),
+        (["--workers", "0"], "workers: must be greater than 0, not 0 (from flag --workers)"),
+        (["--heartbeat-interval", "-1"], "heartbeat_interval: must be 0 or more"),
+        (["--port", "70000"], "port: must be a port number"),
         (["--port", "eighty"], "argument --port: invalid int value"),
         (["--log-level", "loud"], "argument --log-level: invalid choice"),
         (["--wrokers", "2"], "unrecognized arguments: --wrokers"),

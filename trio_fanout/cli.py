@@ -1,4 +1,4 @@
-"""The ``trio-fanout`` command line."""
+"""The ``trio-fanout`` command line: run, worker, proxy, publish, config."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ from typing import Any
 
 import trio
 
-from backplane import BadBackplaneURL
-from trio_fanout.config import Config
-
-logger = logging.getLogger(__name__)
+from trio_fanout import protocol
+from trio_fanout.config import KEYS, Config, ConfigError, load_config
 
 EXIT_USAGE = 2
 
+_CONFIG_HELP = (
+    "settings file (TOML); by default trio-fanout.toml in the working directory, if present. "
+    "TRIO_FANOUT_* environment variables override it, and flags override both"
+)
+_BACKPLANE_HELP = (
+    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), memory://NAME (in-process only); "
+    "default: the ZeroMQ proxy at proxy_host:proxy_port (127.0.0.1:5559)"
+)
 
-def _add_logging(parser: argparse.ArgumentParser) -> None:
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -27,10 +35,18 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _listening(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--host", help=f"address {what} listens on (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, help=f"port {what} listens on; 0 picks a free one (default: 8765)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
-        description="A multi-process WebSocket fan-out server built on Trio.",
+        description="A multi-process WebSocket fan-out server built on Trio. "
+        "Clients connect to ws://HOST:PORT/ws, join rooms and publish to them.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -40,13 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run a master process with N worker processes that share one port. Clients connect "
             "to ws://HOST:PORT/ws; a message published in a room reaches its members on every "
-            "worker through the embedded ZeroMQ proxy. Stop it with Ctrl-C or SIGTERM."
+            "worker through the embedded ZeroMQ proxy, or through --backplane if given. "
+            "Stop it with Ctrl-C or SIGTERM: clients are closed with 1001."
         ),
     )
-    run.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
-    run.add_argument(
-        "--port", type=int, help="port to listen on; 0 picks a free one (default: 8765)"
-    )
+    _listening(run, "the WebSocket server")
     run.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
     run.add_argument(
         "--heartbeat-interval",
@@ -60,35 +74,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the embedded ZeroMQ proxy's publisher side; the subscriber side uses the "
         "next one; 0 picks two free ones (default: 5559)",
     )
-    _add_logging(run)
+    run.add_argument(
+        "--backplane",
+        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559",
+    )
+    _common(run)
 
     worker = commands.add_parser(
         "worker",
-        help="run one worker process (the master starts these itself)",
-        description="Run one worker against a backplane. `trio-fanout run` starts these itself.",
+        help="run one worker on its own port, against a backplane",
+        description=(
+            "Run one worker process on its own port. Workers on several hosts that share a "
+            "backplane (e.g. one `trio-fanout proxy`) deliver each other's messages."
+        ),
     )
-    worker.add_argument(
-        "--backplane", required=True, help="backplane URL, e.g. zmq://127.0.0.1:5559"
-    )
-    worker.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
-    worker.add_argument("--port", type=int, help="port to listen on (default: 8765)")
-    _add_logging(worker)
+    worker.add_argument("--backplane", help=_BACKPLANE_HELP)
+    _listening(worker, "the worker")
+    _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--index", "--listen-fd", "--parent-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     worker.add_argument("--config-json", help=argparse.SUPPRESS)
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the ZeroMQ proxy alone, for workers on several hosts",
+        description=(
+            "Run the ZeroMQ proxy that workers, emitters and heartbeats meet at. Publishers "
+            "connect to PORT, subscribers to PORT+1; point workers at zmq://HOST:PORT."
+        ),
+    )
+    proxy.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    proxy.add_argument(
+        "--port", type=int, help="publisher-side port; subscribers use the next one (default: 5559)"
+    )
+    _common(proxy)
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish one message to a room from the shell",
+        description="Publish one JSON value to a room, e.g.: trio-fanout publish lobby "
+        '\'{"text": "hello"}\'. Every member of the room, on every worker, receives it.',
+    )
+    publish.add_argument("--backplane", help=_BACKPLANE_HELP)
+    publish.add_argument("room", metavar="ROOM", help="the room to publish to")
+    publish.add_argument("data", metavar="DATA", help="a JSON value, e.g. '\"hi\"' or '{\"n\": 1}'")
+    _common(publish)
+
+    show = commands.add_parser(
+        "config",
+        help="print the effective configuration and where each value came from",
+        description="Print every setting, its value, and its source: default, file, "
+        "environment or flag.",
+    )
+    _common(show)
     return parser
 
 
-def _config_from(args: argparse.Namespace) -> Config:
-    values: dict[str, Any] = {}
-    if getattr(args, "config_json", None):
-        values.update(json.loads(args.config_json))
-    for key in ("host", "port", "workers", "heartbeat_interval", "proxy_port", "log_level"):
-        value = getattr(args, key, None)
-        if value is not None:
-            values[key] = value
-    return Config.from_dict(values)
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration keys the command line set."""
+    names = {"host": "host", "port": "port"}
+    if args.command == "proxy":
+        names = {"host": "proxy_host", "port": "proxy_port"}
+    flags = {}
+    for attribute, value in vars(args).items():
+        key = names.get(attribute, attribute)
+        if key in KEYS and value is not None:
+            flags[key] = value
+    return flags
 
 
 def _setup_logging(level: str) -> None:
@@ -103,13 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = _config_from(args)
-    except (ValueError, TypeError, BadBackplaneURL) as error:
+        if getattr(args, "config_json", None):
+            config, sources = Config.from_dict(json.loads(args.config_json)), {}
+        else:
+            config, sources = load_config(_flags(args), config_file=args.config)
+    except ConfigError as error:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
+    if args.command == "config":
+        for key in KEYS:
+            value = getattr(config, key)
+            print(f"{key} = {json.dumps(value)}  # {sources[key]}")
+        return 0
     _setup_logging(config.log_level)
     exit_code = 0
     try:
-        _run_command(args, config)
+        exit_code = _run_command(parser, args, config)
     except* OSError as failures:
         # Startup failures (a port in use, a bad address): one line each, no traceback.
         for failure in failures.exceptions:
@@ -118,22 +179,51 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
-def _run_command(args: argparse.Namespace, config: Config) -> None:
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
     if args.command == "run":
         from trio_fanout.master import run_master
 
         trio.run(run_master, config)
-        return
-    from trio_fanout.runner import run_worker
+    elif args.command == "worker":
+        from trio_fanout.runner import open_listener, run_worker_process
 
-    if args.listen_fd is not None:
-        listener = socket.socket(fileno=args.listen_fd)
-    else:
-        from trio_fanout.master import open_listener
-
-        listener = open_listener(config.host, config.port)
-    trio.run(
-        lambda: run_worker(
-            config, args.backplane, listener, index=args.index or 1, parent_fd=args.parent_fd
+        if args.listen_fd is not None:
+            listener = socket.socket(fileno=args.listen_fd)
+        else:
+            listener = open_listener(config.host, config.port)
+        trio.run(
+            lambda: run_worker_process(
+                config, listener, index=args.index or 1, parent_fd=args.parent_fd
+            )
         )
-    )
+    elif args.command == "proxy":
+        from trio_fanout.master import run_proxy
+
+        trio.run(run_proxy, config)
+    else:
+        return _publish(parser, args, config)
+    return 0
+
+
+def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
+    from backplane import BackplaneUnavailable
+    from trio_fanout.emitter import open_emitter
+
+    try:
+        data = json.loads(args.data)
+        protocol.check_room(args.room)
+    except ValueError:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA is not JSON: {args.data!r}\n")
+    except protocol.RequestError as refusal:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: ROOM: {refusal.message}\n")
+
+    async def publish() -> None:
+        async with open_emitter(config.backplane_url) as emitter:
+            await emitter.publish(args.room, data)
+
+    try:
+        trio.run(publish)
+    except BackplaneUnavailable as failure:
+        print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        return 1
+    return 0

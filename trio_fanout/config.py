@@ -1,53 +1,99 @@
-"""Configuration: one frozen attrs class, every key with its unit in its name or docstring.
+"""Configuration: one frozen attrs class, and the loader that layers its sources.
 
-docs/configuration.md documents each key; keep the two in step.
+Sources, weakest first: defaults, a TOML file (``--config FILE``, else ``trio-fanout.toml`` in
+the working directory if there is one), ``TRIO_FANOUT_*`` environment variables, command-line
+flags. Unknown keys are refused (a typo must not silently fall back to a default), and every
+error names the key and the source it came from. docs/configuration.md documents each key; keep
+the two in step.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
 
-from backplane import parse_backplane_url
+from backplane import BadBackplaneURL, parse_backplane_url
+
+ENV_PREFIX = "TRIO_FANOUT_"
+DEFAULT_FILE = "trio-fanout.toml"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class InvalidSetting(ValueError):
+    """A value that the key does not accept; raised by the validators below."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and its source."""
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
+        raise InvalidSetting(attribute.name, f"must be greater than 0, not {value!r}")
 
 
 def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, not {value!r}")
+        raise InvalidSetting(attribute.name, f"must be 0 or more, not {value!r}")
 
 
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
-        raise ValueError(f"{attribute.name} must be a port number from 0 to 65535, not {value!r}")
+        raise InvalidSetting(
+            attribute.name, f"must be a port number from 0 to 65535, not {value!r}"
+        )
+
+
+def _proxy_port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65534:
+        raise InvalidSetting(
+            attribute.name,
+            f"must be from 0 to 65534 (the proxy also uses the next port), not {value!r}",
+        )
 
 
 def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
-        parse_backplane_url(value)
+        try:
+            parse_backplane_url(value)
+        except BadBackplaneURL as error:
+            raise InvalidSetting(attribute.name, str(error)) from None
 
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in _LOG_LEVELS:
+        raise InvalidSetting(
+            attribute.name, f"must be one of {', '.join(_LOG_LEVELS)}, not {value!r}"
+        )
 
 
 @attrs.frozen(kw_only=True)
 class Config:
     host: str = "127.0.0.1"
+    """Address the WebSocket server listens on."""
     port: int = attrs.field(default=8765, validator=_port)
+    """Port the WebSocket server listens on; 0 picks a free one."""
     workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=_positive)
+    """Worker processes `trio-fanout run` starts; by default one per CPU."""
     heartbeat_interval: float = attrs.field(default=1.0, validator=_not_negative)
     """Seconds between heartbeats; 0 turns the heartbeat off."""
-    proxy_port: int = attrs.field(default=5559, validator=_port)
-    """Publisher-side port of the embedded ZeroMQ proxy (subscribers use the next one)."""
+    proxy_host: str = "127.0.0.1"
+    """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
+    proxy_port: int = attrs.field(default=5559, validator=_proxy_port)
+    """Publisher-side port of the ZeroMQ proxy; subscribers use the next one."""
     backplane: str | None = attrs.field(default=None, validator=_backplane_url)
-    """Backplane URL; None means the master's embedded ZeroMQ proxy."""
-    log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+    """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
+    log_level: str = attrs.field(default="info", validator=_log_level)
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     rate_limit_per_second: float = attrs.field(default=200.0, validator=_positive)
@@ -56,9 +102,101 @@ class Config:
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""
 
+    @property
+    def backplane_url(self) -> str:
+        """The backplane to use: ``backplane``, or else the ZeroMQ proxy this config names."""
+        if self.backplane is not None:
+            return self.backplane
+        host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
+        return f"zmq://{host}:{self.proxy_port}"
+
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         return cls(**values)
+
+
+KEYS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Config))
+_KINDS: dict[str, type] = {
+    field.name: {"int": int, "float": float}.get(str(field.type), str)
+    for field in attrs.fields(Config)
+}
+
+
+def _from_toml(key: str, value: object, source: str) -> object:
+    kind = _KINDS[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"{key}: expected {expected}, got {value!r} (from {source})")
+    return value
+
+
+def _from_text(key: str, text: str, source: str) -> object:
+    kind = _KINDS[key]
+    try:
+        return kind(text)
+    except ValueError:
+        expected = {int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{key}: expected {expected}, got {text!r} (from {source})") from None
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Layer the sources into a :class:`Config`; also return where each key's value came from.
+
+    ``flags`` holds the values given on the command line (keys of :class:`Config`; None means
+    not given). Raises :class:`ConfigError` naming the key and its source.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources = dict.fromkeys(KEYS, "default")
+
+    path = Path(config_file) if config_file else (cwd or Path.cwd()) / DEFAULT_FILE
+    if config_file or path.exists():
+        for key, value in _read_toml(path).items():
+            source = f"file {path}"
+            if key not in KEYS:
+                raise ConfigError(f"{key}: unknown setting (from {source})")
+            values[key] = _from_toml(key, value, source)
+            sources[key] = source
+
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        source = f"environment {name}"
+        if key not in KEYS:
+            raise ConfigError(f"{name}: unknown setting (from the environment)")
+        values[key] = _from_text(key, text, source)
+        sources[key] = source
+
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = value
+            sources[key] = f"flag --{key.replace('_', '-')}"
+
+    try:
+        return Config(**values), sources
+    except InvalidSetting as invalid:
+        raise ConfigError(
+            f"{invalid.key}: {invalid.problem} (from {sources[invalid.key]})"
+        ) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read the configuration file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None

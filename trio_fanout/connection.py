@@ -13,14 +13,16 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from backplane import BackplaneUnavailable
 from trio_fanout import protocol, websocket
+from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
 
 if TYPE_CHECKING:
@@ -35,9 +37,11 @@ RECEIVE_BYTES = 65536
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
 
-# How many frames in a row may be refused for the rate limit before the connection is closed
-# 1008: one second's worth at the default rate, i.e. a client that ignores rate_limited errors.
+# A client refused for the rate limit this many times, without a pause of ABUSE_QUIET_SECONDS
+# between refusals, ignores its rate_limited errors: it is closed with 1008. A client that backs
+# off when told gets a clean slate after the pause.
 ABUSE_REFUSALS = 200
+ABUSE_QUIET_SECONDS = 1.0
 
 _ids = itertools.count(1)
 
@@ -46,16 +50,22 @@ _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, Tim
 
 
 class RateLimiter:
-    """A token bucket: ``rate`` frames a second on average, ``burst`` at once."""
+    """A token bucket: ``rate`` frames a second on average, ``burst`` at once.
 
-    __slots__ = ("_burst", "_last", "_rate", "_tokens", "refused_in_a_row")
+    It also tells persistent abuse from a burst: ``abusive`` becomes true once ``ABUSE_REFUSALS``
+    frames have been refused with no pause of ``ABUSE_QUIET_SECONDS`` between two refusals,
+    i.e. the client keeps sending although it is told to slow down.
+    """
+
+    __slots__ = ("_burst", "_last", "_last_refusal", "_rate", "_refusals", "_tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
         self._last = trio.current_time()
-        self.refused_in_a_row = 0
+        self._refusals = 0
+        self._last_refusal = -math.inf
 
     def allow(self) -> bool:
         now = trio.current_time()
@@ -63,10 +73,16 @@ class RateLimiter:
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
-            self.refused_in_a_row = 0
             return True
-        self.refused_in_a_row += 1
+        if now - self._last_refusal > ABUSE_QUIET_SECONDS:
+            self._refusals = 0
+        self._refusals += 1
+        self._last_refusal = now
         return False
+
+    @property
+    def abusive(self) -> bool:
+        return self._refusals > ABUSE_REFUSALS
 
 
 class Connection:
@@ -84,6 +100,7 @@ class Connection:
         "_unsent",
         "_writer_running",
         "id",
+        "identity",
         "peer",
         "rooms",
         "worker",
@@ -94,6 +111,8 @@ class Connection:
         self.worker = worker
         self.peer = _describe_peer(sock)
         self.rooms: set[str] = set()
+        # What the authenticate hook returned; the authorisation hooks receive it.
+        self.identity: Any = None
         self._sock = sock
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
@@ -204,15 +223,17 @@ class Connection:
         """Run the connection until it closes; bad input never escapes as an exception."""
         try:
             with trio.CancelScope() as self._cancel_scope:
-                async with trio.open_nursery() as self._nursery:
-                    leftover = await self._handshake()
-                    if leftover is not None:
-                        await self._read_frames(leftover)
+                try:
+                    async with trio.open_nursery() as self._nursery:
+                        leftover = await self._handshake()
+                        if leftover is not None:
+                            await self._read_frames(leftover)
+                finally:
+                    self._nursery = None  # closed: flush() must not start a writer in it
         except Exception:
             logger.exception("connection %d (%s): internal error", self.id, self.peer)
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self._nursery = None
             self.worker.forget(self)
             with trio.CancelScope(shield=True):
                 await self._finish_close()
@@ -235,6 +256,7 @@ class Connection:
                 if request.path != "/ws":
                     raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
                 accept = websocket.websocket_accept_response(request)
+                await self._authenticate(request)
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
                 await self._respond(refusal.status, f"{refusal}\n".encode())
@@ -250,6 +272,32 @@ class Connection:
             return bytes(buffer[end:])
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
         return None
+
+    async def _authenticate(self, request: websocket.Request) -> None:
+        authenticate = self.worker.hooks.authenticate
+        if authenticate is None:
+            return
+        try:
+            self.identity = await authenticate(request)
+        except Forbidden as refusal:
+            raise websocket.HandshakeError(403, str(refusal) or "forbidden") from None
+        except Exception:
+            logger.exception("connection %d: the authenticate hook failed", self.id)
+            raise websocket.HandshakeError(500, "authentication failed") from None
+
+    async def _authorize(self, hook: Any, request_id: int | None, action: str, *args: Any) -> None:
+        """Run an authorisation hook; refuse with ``forbidden`` unless it allows ``action``."""
+        if hook is None:
+            return
+        try:
+            allowed = await hook(self.identity, *args)
+        except Forbidden as refusal:
+            raise RequestError(protocol.FORBIDDEN, str(refusal) or action, request_id) from None
+        except Exception:
+            logger.exception("connection %d: an authorisation hook failed", self.id)
+            allowed = False  # fail closed
+        if not allowed:
+            raise RequestError(protocol.FORBIDDEN, f"not allowed to {action}", request_id)
 
     async def _respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         self._pending.append(websocket.http_response(status, body, content_type))
@@ -293,13 +341,16 @@ class Connection:
                     return
                 if self._closing:
                     return
+            if parser.failed:
+                data = b""  # the next feed raises what went wrong after these events
+                continue
             data = await self._receive()
             if not data:
                 return
 
     async def _handle_message(self, message: websocket.Message) -> None:
         if not self._limiter.allow():
-            if self._limiter.refused_in_a_row > ABUSE_REFUSALS:
+            if self._limiter.abusive:
                 logger.info("connection %d ignores rate_limited: closing it 1008", self.id)
                 self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 return
@@ -313,6 +364,13 @@ class Connection:
 
     async def _handle_request(self, request: protocol.Request) -> None:
         if isinstance(request, protocol.Publish):
+            await self._authorize(
+                self.worker.hooks.authorize_publish,
+                request.id,
+                f"publish to room {request.room!r}",
+                request.room,
+                request.data,
+            )
             try:
                 await self.worker.publish(self, request)
             except BackplaneUnavailable as error:
@@ -328,6 +386,12 @@ class Connection:
                         f"{self.worker.config.max_rooms_per_connection} rooms",
                         request.id,
                     )
+                await self._authorize(
+                    self.worker.hooks.authorize_join,
+                    request.id,
+                    f"join room {request.room!r}",
+                    request.room,
+                )
                 try:
                     await self.worker.join(self, request.room)
                 except BackplaneUnavailable as error:

@@ -16,17 +16,15 @@ import socket
 import sys
 import time
 
+import attrs
 import trio
 
 from backplane import open_backplane, serve_proxy
 from trio_fanout import envelope, protocol
 from trio_fanout.config import Config
+from trio_fanout.runner import open_listener
 
 logger = logging.getLogger(__name__)
-
-# The listen backlog: connections wait here while workers start or are busy; a fan-out server
-# is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
-LISTEN_BACKLOG = 4096
 
 # A worker that dies sooner than this after its start counts as failing again; each failure in a
 # row doubles the pause before the next start, from the first to the longest.
@@ -38,20 +36,11 @@ LONGEST_RESTART_PAUSE = 10.0
 WORKER_STOP_TIMEOUT = 4.0
 
 
-def open_listener(host: str, port: int) -> socket.socket:
-    """The listening socket every worker accepts on (``OSError`` if it cannot be bound)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
-    listener.setblocking(False)
-    return listener
-
-
 class Supervisor:
     """Keeps one process running per worker index until told to stop."""
 
-    def __init__(self, config: Config, backplane_url: str, listener: socket.socket) -> None:
+    def __init__(self, config: Config, listener: socket.socket) -> None:
         self._config = config
-        self._backplane_url = backplane_url
         self._listener = listener
         # Workers hold the read end; only we hold the write end. When we die, they see EOF.
         self._master_alive_read, self._master_alive_write = os.pipe()
@@ -64,7 +53,6 @@ class Supervisor:
             "--index", str(index),
             "--listen-fd", str(self._listener.fileno()),
             "--parent-fd", str(self._master_alive_read),
-            "--backplane", self._backplane_url,
             "--config-json", json.dumps(self._config.to_dict()),
         ]  # fmt: skip
 
@@ -141,13 +129,16 @@ async def run_master(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
-                    proxy_port = await nursery.start(serve_proxy, "127.0.0.1", config.proxy_port)
-                    backplane_url = f"zmq://127.0.0.1:{proxy_port}"
-                else:
-                    backplane_url = config.backplane
-                supervisor = Supervisor(config, backplane_url, listener)
+                    proxy_port = await nursery.start(
+                        serve_proxy, config.proxy_host, config.proxy_port
+                    )
+                    # Workers and the heartbeat meet at the port the proxy really bound.
+                    config = attrs.evolve(config, proxy_port=proxy_port)
+                supervisor = Supervisor(config, listener)
                 if config.heartbeat_interval > 0:
-                    nursery.start_soon(publish_heartbeats, backplane_url, config.heartbeat_interval)
+                    nursery.start_soon(
+                        publish_heartbeats, config.backplane_url, config.heartbeat_interval
+                    )
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
                 host, port = listener.getsockname()[:2]
@@ -156,7 +147,7 @@ async def run_master(
                     host,
                     port,
                     config.workers,
-                    backplane_url,
+                    config.backplane_url,
                 )
                 task_status.started(port)
                 async for signum in signals:
@@ -169,3 +160,14 @@ async def run_master(
             supervisor.close()
         listener.close()
     logger.info("stopped")
+
+
+async def run_proxy(config: Config) -> None:
+    """`trio-fanout proxy`: the ZeroMQ proxy alone, until SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            async for signum in signals:
+                logger.info("%s: stopping", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ not, which error code it earns. Server frames are built here as UTF-8 JSON bytes
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -70,6 +71,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but overflows to inf, which json.dumps would write as Infinity.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a double")
+    return value
+
+
 def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
     """Decode one client message, or raise :class:`RequestError` with the code it earns."""
     if not is_text:
@@ -79,7 +88,7 @@ def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
     except UnicodeDecodeError:
         raise RequestError(BAD_FRAME, "the frame is not valid UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise RequestError(BAD_JSON, "the frame is not valid JSON") from None
     if not isinstance(obj, dict):
@@ -94,7 +103,7 @@ def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
         raise RequestError(
             UNKNOWN_TYPE, "type must be one of join, leave, publish, ping", request_id
         )
-    room = _check_room(obj.get("room"), request_id)
+    room = check_room(obj.get("room"), request_id)
     if kind == "join":
         return Join(room, request_id)
     if kind == "leave":
@@ -119,7 +128,8 @@ def message_frame(room: str, data: object, request_id: int | None = None) -> byt
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate", request_id) from None
 
 
-def _check_room(room: object, request_id: int | None) -> str:
+def check_room(room: object, request_id: int | None = None) -> str:
+    """``room`` if it is a valid room name, else :class:`RequestError` ``bad_room``."""
     if not isinstance(room, str):
         raise RequestError(BAD_ROOM, "room must be a string", request_id)
     if not 1 <= len(room) <= MAX_ROOM_LENGTH:
@@ -170,6 +180,14 @@ def pong_frame(request_id: int | None) -> bytes:
 
 def error_frame(code: str, message: str, request_id: int | None = None) -> bytes:
     return _with_id({"type": "error", "code": code, "message": message}, request_id)
+
+
+def broadcast_frame(data: object) -> bytes:
+    """A message to every connection (an emitter's broadcast): a ``message`` with no room."""
+    try:
+        return b'{"type":"message","data":' + _dump(data) + b"}"
+    except UnicodeEncodeError:
+        raise RequestError(BAD_FRAME, "data holds an unpaired surrogate") from None
 
 
 def heartbeat_frame(seq: int, timestamp: float) -> bytes:

@@ -1,4 +1,5 @@
-"""Run one worker in this process: its backplane, its signals, and its tie to the master."""
+"""Run a worker: embedded in an application's Trio program (:func:`serve`), or as a process of
+its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,50 @@ import trio
 
 from backplane import open_backplane
 from trio_fanout.config import Config
+from trio_fanout.hooks import Hooks
 from trio_fanout.worker import Worker
 
 logger = logging.getLogger(__name__)
 
+# The listen backlog: connections wait here while workers start or are busy; a fan-out server
+# is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
+LISTEN_BACKLOG = 4096
 
-async def run_worker(
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket (``OSError`` if it cannot be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    listener.setblocking(False)
+    return listener
+
+
+async def serve(
     config: Config,
-    backplane_url: str,
+    *,
+    hooks: Hooks | None = None,
+    task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve WebSocket clients on ``config.host:config.port`` inside your own Trio program.
+
+    Use it with ``worker = await nursery.start(serve, config)``: ``started`` hands back the
+    :class:`Worker` (``worker.port`` is the bound port). It runs until ``worker.stop()``, which
+    closes every client with 1001 first, or until cancelled. The backplane is
+    ``config.backplane_url``; ``hooks`` decide who may connect, join and publish.
+    """
+    listener = open_listener(config.host, config.port)
+    try:
+        async with open_backplane(config.backplane_url) as backplane:
+            worker = Worker(config, backplane, hooks=hooks)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.serve, listener)
+                task_status.started(worker)
+    finally:
+        listener.close()
+
+
+async def run_worker_process(
+    config: Config,
     listener: socket.socket,
     *,
     index: int = 1,
@@ -29,7 +66,7 @@ async def run_worker(
     ``parent_fd`` is the read end of a pipe whose write end only the master holds: it becomes
     readable (end of file) when the master dies, however it dies, so no worker outlives it.
     """
-    async with open_backplane(backplane_url) as backplane:
+    async with open_backplane(config.backplane_url) as backplane:
         worker = Worker(config, backplane, index)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, worker)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import struct
+import urllib.parse
 
 import attrs
 
@@ -80,6 +81,11 @@ class Request:
     def query(self) -> str:
         return self.target.partition("?")[2]
 
+    @property
+    def params(self) -> dict[str, str]:
+        """The query string's parameters (the last value of a repeated one)."""
+        return dict(urllib.parse.parse_qsl(self.query))
+
     def wants_websocket(self) -> bool:
         connection = {
             token.strip() for token in self.headers.get("connection", "").lower().split(",")
@@ -91,7 +97,8 @@ def find_request_head_end(buffer: bytes | bytearray) -> int:
     """Index just past the blank line ending the head, or -1 if it has not fully arrived."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
+        # Up to three bytes of the terminator may already be here without being found.
+        if len(buffer) > MAX_REQUEST_HEAD_BYTES + 3:
             raise HandshakeError(431, "request head too large")
         return -1
     if end > MAX_REQUEST_HEAD_BYTES:
@@ -152,11 +159,12 @@ def websocket_accept_response(request: Request) -> bytes:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
+    500: "Internal Server Error",
 }
 
 
@@ -193,8 +201,10 @@ def encode_text_frame(payload: bytes) -> bytes:
 
 
 def encode_close_frame(code: int, reason: str = "") -> bytes:
-    # A close frame's payload is at most 125 bytes, two of which carry the code.
-    return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+    # A close frame's payload is at most 125 bytes, two of which carry the code; the reason is
+    # cut on a character boundary, since a reason that is not UTF-8 fails the connection.
+    encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + encoded)
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -245,19 +255,33 @@ class FrameParser:
         self._fragments: list[bytes] = []
         self._fragments_size = 0
         self._fragmented_is_text: bool | None = None
+        self._failure: ProtocolViolation | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the peer broke the protocol; the next :meth:`feed` raises the violation."""
+        return self._failure is not None
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes; return every event they complete, in order.
 
-        Raises :class:`ProtocolViolation` (or :class:`MessageTooBig`) on bad input; the events
-        before it were already handled by earlier calls, the parser is not usable afterwards.
+        Raises :class:`ProtocolViolation` (or :class:`MessageTooBig`) on bad input. When frames
+        completed in this same call precede the bad one, they are returned first and the
+        violation is raised by the next call (see :attr:`failed`): nothing valid is lost.
         """
+        if self._failure is not None:
+            raise self._failure
         self._buffer += data
         events: list[Event] = []
-        while (frame := self._take_frame()) is not None:
-            event = self._frame_event(*frame)
-            if event is not None:
-                events.append(event)
+        try:
+            while (frame := self._take_frame()) is not None:
+                event = self._frame_event(*frame)
+                if event is not None:
+                    events.append(event)
+        except ProtocolViolation as violation:
+            self._failure = violation
+            if not events:
+                raise
         return events
 
     def _take_frame(self) -> tuple[bool, int, bytes] | None:
@@ -333,6 +357,8 @@ def _parse_close(payload: bytes) -> Close:
     if len(payload) == 1:
         raise ProtocolViolation("a close frame payload of one byte")
     (code,) = struct.unpack_from("!H", payload)
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise ProtocolViolation(f"close code {code} may not be sent in a close frame")
     try:
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:

@@ -23,6 +23,7 @@ from backplane import Backplane
 from trio_fanout import envelope, protocol, websocket
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
+from trio_fanout.hooks import Hooks
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,14 @@ class Room:
 
 
 class Worker:
-    def __init__(self, config: Config, backplane: Backplane, index: int = 1) -> None:
+    def __init__(
+        self, config: Config, backplane: Backplane, index: int = 1, hooks: Hooks | None = None
+    ) -> None:
         self.config = config
         self.backplane = backplane
         self.index = index
+        self.hooks = hooks or Hooks()
+        self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
         self.rooms: dict[bytes, Room] = {}
         self.gaps = envelope.GapCounter()
@@ -184,8 +189,9 @@ class Worker:
             async with trio.open_nursery() as serving:
                 serving.start_soon(self.fan_out_forever)
                 serving.start_soon(self._accept_forever, listener, connections)
-                task_status.started()
                 host, port = listener.getsockname()[:2]
+                self.port = port
+                task_status.started()
                 logger.info(
                     "worker %d (pid %d) serving ws://%s:%d/ws", self.index, os.getpid(), host, port
                 )

@@ -1,0 +1,124 @@
+"""Publish to rooms from any Python program, through the backplane, like Socket.IO's emitter.
+
+:class:`Emitter` is for Trio programs; :class:`SyncEmitter` is for blocking code (Flask, Django,
+scripts): it runs an :class:`Emitter` in a Trio loop on a thread of its own, because the
+backplane clients are Trio code and a blocking caller has no loop to lend them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from backplane import Backplane, open_backplane
+from trio_fanout import envelope, protocol
+
+
+class Emitter:
+    """Publishes to the rooms of every worker on one backplane."""
+
+    def __init__(self, backplane: Backplane) -> None:
+        self._backplane = backplane
+        self._numberer = envelope.Numberer()
+
+    async def publish(self, room: str, data: Any) -> None:
+        """Send ``data`` (any JSON value) to every member of ``room``.
+
+        Raises ``ValueError`` for a room name clients could not use or data JSON cannot carry,
+        and ``backplane.BackplaneUnavailable`` when the backplane refuses the message.
+        """
+        try:
+            protocol.check_room(room)
+            frame = protocol.message_frame(room, data)
+        except protocol.RequestError as refusal:
+            raise ValueError(refusal.message) from None
+        await self._send(envelope.room_topic(room), frame)
+
+    async def broadcast(self, data: Any) -> None:
+        """Send ``data`` to every connection on every worker, as a ``message`` with no room."""
+        try:
+            frame = protocol.broadcast_frame(data)
+        except protocol.RequestError as refusal:
+            raise ValueError(refusal.message) from None
+        await self._send(envelope.BROADCAST_TOPIC, frame)
+
+    async def _send(self, topic: bytes, frame: bytes) -> None:
+        await self._backplane.publish(topic, self._numberer.wrap(topic, frame))
+
+
+@asynccontextmanager
+async def open_emitter(backplane_url: str) -> AsyncIterator[Emitter]:
+    """An :class:`Emitter` on the backplane at ``backplane_url``, closed with the block."""
+    async with open_backplane(backplane_url) as backplane:
+        yield Emitter(backplane)
+
+
+class SyncEmitter:
+    """A blocking emitter, safe to share between threads::
+
+        with SyncEmitter("zmq://127.0.0.1:5559") as emitter:
+            emitter.publish("lobby", {"text": "hello"})
+
+    The constructor returns once the backplane is connected (or raises its error).
+    """
+
+    def __init__(self, backplane_url: str, *, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._emitter: Emitter | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(
+            target=trio.run, args=(self._serve, backplane_url), name="trio-fanout-emitter"
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the emitter did not connect to {backplane_url} in {timeout} s")
+        if self._startup_error is not None:
+            self._thread.join()
+            raise self._startup_error
+
+    async def _serve(self, backplane_url: str) -> None:
+        try:
+            async with open_emitter(backplane_url) as emitter:
+                self._emitter = emitter
+                self._stop = trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as error:
+            if self._ready.is_set():
+                raise
+            self._startup_error = error
+            self._ready.set()
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self._emitter is None or self._token is None:
+            raise RuntimeError("the emitter is closed")
+        trio.from_thread.run(getattr(self._emitter, method), *args, trio_token=self._token)
+
+    def publish(self, room: str, data: Any) -> None:
+        """Send ``data`` to every member of ``room``; see :meth:`Emitter.publish`."""
+        self._call("publish", room, data)
+
+    def broadcast(self, data: Any) -> None:
+        """Send ``data`` to every connection; see :meth:`Emitter.broadcast`."""
+        self._call("broadcast", data)
+
+    def close(self) -> None:
+        """Deliver what was published to the backplane and stop the emitter's thread."""
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._token = None
+        self._thread.join(self._timeout)
+
+    def __enter__(self) -> SyncEmitter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
