@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         for key in KEYS:
             value = getattr(config, key)
-            print(f"{key} = {json.dumps(value)}  # {sources[key]}")
+            shown = "(unset)" if value is None else json.dumps(value)
+            print(f"{key} = {shown}  # {sources[key]}")
         return 0
     _setup_logging(config.log_level)
     exit_code = 0

@@ -11,6 +11,7 @@ connection is closed with 1013, and nobody else waits for it.
 from __future__ import annotations
 
 import errno
+import importlib.resources
 import itertools
 import logging
 import math
@@ -42,6 +43,9 @@ CLOSE_TIMEOUT = 2.0
 # off when told gets a clean slate after the pause.
 ABUSE_REFUSALS = 200
 ABUSE_QUIET_SECONDS = 1.0
+
+# The demo chat page every worker serves at "/", read once.
+CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
 
 _ids = itertools.count(1)
 
@@ -252,6 +256,9 @@ class Connection:
                 request = websocket.parse_request_head(bytes(buffer[:end]))
                 if request.path == "/healthz" and request.method == "GET":
                     await self._respond(200, self.worker.health(), "application/json")
+                    return None
+                if request.path == "/" and request.method == "GET":
+                    await self._respond(200, CHAT_PAGE, "text/html; charset=utf-8")
                     return None
                 if request.path != "/ws":
                     raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")

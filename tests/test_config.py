@@ -1,0 +1,149 @@
+"""Configuration: defaults < TOML file < TRIO_FANOUT_* environment < flags, and every way a
+setting can be wrong names the key and where it came from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_fanout.config import DEFAULT_FILE, KEYS, Config, ConfigError, load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_each_source_overrides_the_weaker_ones(tmp_path: Path):
+    settings = write(tmp_path / "settings.toml", "port = 9001\nworkers = 3\nlog_level = 'debug'\n")
+    environ = {"TRIO_FANOUT_WORKERS": "5", "TRIO_FANOUT_LOG_LEVEL": "warning", "HOME": "/root"}
+    config, sources = load_config(
+        {"log_level": "error", "host": None},
+        config_file=str(settings),
+        environ=environ,
+        cwd=tmp_path,
+    )
+    assert (config.port, config.workers, config.log_level) == (9001, 5, "error")
+    assert sources["port"] == f"file {settings}"
+    assert sources["workers"] == "environment TRIO_FANOUT_WORKERS"
+    assert sources["log_level"] == "flag --log-level"
+    assert sources["host"] == "default"
+    assert config.host == Config().host
+
+
+def test_the_file_in_the_working_directory_is_read_without_being_named(tmp_path: Path):
+    write(tmp_path / DEFAULT_FILE, "heartbeat_interval = 2\nbackplane = 'zmq://10.0.0.5:6000'\n")
+    config, sources = load_config({}, environ={}, cwd=tmp_path)
+    assert config.heartbeat_interval == 2.0
+    assert config.backplane_url == "zmq://10.0.0.5:6000"
+    assert sources["heartbeat_interval"] == f"file {tmp_path / DEFAULT_FILE}"
+
+
+def test_without_any_source_everything_is_the_default(tmp_path: Path):
+    config, sources = load_config({}, environ={}, cwd=tmp_path)
+    assert config == Config()
+    assert set(sources.values()) == {"default"}
+    assert config.backplane_url == "zmq://127.0.0.1:5559"
+
+
+def test_environment_values_are_converted_to_the_key_type(tmp_path: Path):
+    environ = {
+        "TRIO_FANOUT_PORT": "8000",
+        "TRIO_FANOUT_RATE_LIMIT_PER_SECOND": "12.5",
+        "TRIO_FANOUT_BACKPLANE": "memory://x",
+    }
+    config, _ = load_config({}, environ=environ, cwd=tmp_path)
+    assert (config.port, config.rate_limit_per_second, config.backplane) == (
+        8000,
+        12.5,
+        "memory://x",
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = 'eighty'", "port: expected an integer, got 'eighty' (from file"),
+        ("workers = 2.5", "workers: expected an integer, got 2.5 (from file"),
+        ("port = true", "port: expected an integer, got True (from file"),
+        ("heartbeat_interval = 'soon'", "heartbeat_interval: expected a number"),
+        ("host = 5", "host: expected a string, got 5 (from file"),
+        ("wrokers = 2", "wrokers: unknown setting (from file"),
+        ("port = 70000", "port: must be a port number from 0 to 65535, not 70000 (from file"),
+        ("proxy_port = 65535", "proxy_port: must be from 0 to 65534"),
+        ("max_queued_frames = 0", "max_queued_frames: must be greater than 0"),
+        ("log_level = 'loud'", "log_level: must be one of debug, info, warning, error"),
+        ("backplane = 'http://x'", "backplane: 'http://x' has an unknown scheme 'http'"),
+        ("backplane = 'zmq://:5559'", "backplane: 'zmq://:5559' names no host"),
+        ("port = ", "is not valid TOML"),
+    ],
+)
+def test_a_bad_file_value_names_the_key_and_the_file(tmp_path: Path, toml: str, message: str):
+    settings = write(tmp_path / "bad.toml", toml + "\n")
+    with pytest.raises(ConfigError) as error:
+        load_config({}, config_file=str(settings), environ={}, cwd=tmp_path)
+    assert message in str(error.value)
+    assert str(settings) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("TRIO_FANOUT_PORT", "abc", "port: expected an integer, got 'abc' (from environment"),
+        ("TRIO_FANOUT_HEARTBEAT_INTERVAL", "x", "heartbeat_interval: expected a number"),
+        ("TRIO_FANOUT_WROKERS", "2", "TRIO_FANOUT_WROKERS: unknown setting (from the environment)"),
+        ("TRIO_FANOUT_WORKERS", "0", "workers: must be greater than 0, not 0 (from environment"),
+        ("TRIO_FANOUT_BACKPLANE", "redis", "backplane: 'redis' is not a URL"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable(
+    tmp_path: Path, name: str, value: str, message: str
+):
+    with pytest.raises(ConfigError) as error:
+        load_config({}, environ={name: value}, cwd=tmp_path)
+    assert message in str(error.value)
+
+
+def test_a_missing_named_file_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read the configuration file"):
+        load_config({}, config_file=str(tmp_path / "nope.toml"), environ={}, cwd=tmp_path)
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_fanout", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_cli_refuses_a_bad_file_with_one_line_and_exit_code_2(tmp_path: Path):
+    write(tmp_path / DEFAULT_FILE, "workers = 'many'\n")
+    result = run_cli("run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"trio-fanout: error: workers: expected an integer, got 'many' "
+        f"(from file {tmp_path / DEFAULT_FILE})"
+    ]
+
+
+def test_trio_fanout_config_prints_every_value_and_its_source(tmp_path: Path):
+    write(tmp_path / DEFAULT_FILE, "port = 9100\n")
+    env = {"PATH": "/usr/bin:/bin", "TRIO_FANOUT_WORKERS": "7"}
+    result = run_cli("config", "--log-level", "debug", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" = ", 1) for line in result.stdout.strip().splitlines())
+    assert set(lines) == set(KEYS)
+    assert lines["port"] == f"9100  # file {tmp_path / DEFAULT_FILE}"
+    assert lines["workers"] == "7  # environment TRIO_FANOUT_WORKERS"
+    assert lines["log_level"] == '"debug"  # flag --log-level'
+    assert lines["host"] == '"127.0.0.1"  # default'
