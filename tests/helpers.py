@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,25 +23,23 @@ START_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 10.0
 
 
-class ClusterProcess:
-    """`trio-fanout run` in its own process group, its log collected line by line."""
+class LoggedProcess:
+    """A trio-fanout command in its own process group, its log collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: str | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trio_fanout", "run", "--port", "0", "--proxy-port", "0", *args],
+            [sys.executable, "-m", "trio_fanout", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            cwd=cwd,
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
-        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws")
-        self.port = int(match.group(2))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
 
     def _collect(self) -> None:
         assert self.process.stderr is not None
@@ -66,22 +65,18 @@ class ClusterProcess:
                         return match
                 seen = len(self.lines)
                 if "<end of log>" in self.lines[-1:]:
-                    raise AssertionError(f"cluster exited before {pattern!r}:\n" + self.log())
+                    raise AssertionError(f"process exited before {pattern!r}:\n" + self.log())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"no log line {pattern!r} in {timeout} s:\n" + self.log())
                 self._changed.wait(remaining)
-
-    def wait_for_workers(self, count: int) -> None:
-        for index in range(1, count + 1):
-            self.wait_for_log(rf"worker {index} \(pid \d+\) serving")
 
     def log(self) -> str:
         with self._changed:
             return "\n".join(self.lines)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the master and wait; kill the whole group if it does not end in time."""
+        """SIGTERM the process and wait; kill its whole group if it does not end in time."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -93,6 +88,44 @@ class ClusterProcess:
             self._reader.join(timeout)
             assert self.process.stderr is not None
             self.process.stderr.close()
+
+
+class ClusterProcess(LoggedProcess):
+    """`trio-fanout run` on free ports."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__("run", "--port", "0", "--proxy-port", "0", *args)
+        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws .* backplane (\S+)")
+        self.port = int(match.group(2))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.backplane_url = match.group(3)
+
+    def wait_for_workers(self, count: int) -> None:
+        for index in range(1, count + 1):
+            self.wait_for_log(rf"worker {index} \(pid \d+\) serving")
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 were both free a moment ago (for a ZeroMQ proxy)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def kill_group(pgid: int) -> None:

@@ -1,0 +1,121 @@
+"""Every example does what its documentation says, started the way it says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests import browser
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    ClusterProcess,
+    LoggedProcess,
+    connect_on_each_worker,
+    free_port,
+    free_port_pair,
+    receive_data,
+    receive_message,
+)
+from tests.test_cluster import http_get
+from trio_fanout.client import open_client
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+async def test_the_emitter_script_publishes_to_every_worker(cluster: ClusterProcess):
+    async with AsyncExitStack() as stack:
+        by_worker = await connect_on_each_worker(stack, cluster.url)
+        members = [by_worker[1][0], by_worker[2][0]]
+        for member in members:
+            await member.join("lobby")
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLES / "emitter.py"), "--backplane", cluster.backplane_url,
+             "lobby", "hello from a script"],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+        assert result.stdout == b"published to lobby\n"
+        for member in members:
+            assert await receive_data(member, 1) == [
+                {"text": "hello from a script", "from": "emitter.py"}
+            ]
+
+
+def two_hosts_configs(directory: Path) -> tuple[Path, Path, Path]:
+    """The example's TOML files, with free ports in place of the documented ones."""
+    proxy_port, port_a, port_b = free_port_pair(), free_port(), free_port()
+    replacements = {"5601": str(proxy_port), "8801": str(port_a), "8802": str(port_b)}
+    paths = []
+    for name in ("proxy.toml", "worker-a.toml", "worker-b.toml"):
+        text = (EXAMPLES / "two_hosts" / name).read_text()
+        for documented, free in replacements.items():
+            text = text.replace(documented, free)
+        (directory / name).write_text(text)
+        paths.append(directory / name)
+    return paths[0], paths[1], paths[2]
+
+
+async def test_two_hosts_proxy_two_workers_and_a_shell_publish(tmp_path: Path):
+    proxy_toml, worker_a_toml, worker_b_toml = two_hosts_configs(tmp_path)
+    processes = [LoggedProcess("proxy", "--config", str(proxy_toml))]
+    try:
+        processes[0].wait_for_log("ZeroMQ proxy: publishers connect")
+        urls = []
+        for toml in (worker_a_toml, worker_b_toml):
+            worker = LoggedProcess("worker", "--config", str(toml))
+            processes.append(worker)
+            match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+            urls.append(f"ws://127.0.0.1:{match.group(1)}/ws")
+        async with open_client(urls[0]) as on_a, open_client(urls[1]) as on_b:
+            await on_a.join("lobby")
+            await on_b.join("lobby")
+            result = await trio.run_process(
+                [sys.executable, "-m", "trio_fanout", "publish", "--config", str(worker_a_toml),
+                 "lobby", '{"name": "shell", "text": "hi"}'],
+                capture_stderr=True,
+            )  # fmt: skip
+            assert result.returncode == 0
+            for client in (on_a, on_b):
+                assert await receive_data(client, 1) == [{"name": "shell", "text": "hi"}]
+            await on_a.publish("lobby", "from a to b")
+            assert await receive_data(on_b, 1) == ["from a to b"]
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+async def test_every_worker_serves_the_chat_page(cluster: ClusterProcess):
+    status, body = await http_get(cluster.port, "/")
+    assert status == 200
+    assert body == (EXAMPLES / "chat.html").read_bytes()
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_chats_in_a_real_browser(cluster: ClusterProcess):
+    page_url = f"http://127.0.0.1:{cluster.port}/?room=lobby&name=ann&say=hello%20from%20ann"
+    async with open_client(cluster.url) as python_client:
+        await python_client.join("lobby")
+        async with browser.open_page(page_url) as page:
+            # The page joined by itself and said hello: the Python client hears it.
+            assert await receive_message(python_client) == {
+                "type": "message",
+                "room": "lobby",
+                "data": {"name": "ann", "text": "hello from ann"},
+            }
+            await python_client.publish("lobby", {"name": "bob", "text": "hi ann"})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                log = await page.wait_for_text("log", "bob: hi ann")
+            assert "joined lobby" in log
+            assert "ann: hello from ann" in log
+
+
+def test_the_chat_page_opened_from_disk_points_at_the_default_port():
+    page = (EXAMPLES / "chat.html").read_text()
+    assert '"ws://127.0.0.1:8765/ws"' in page
+    assert subprocess.run(["test", "-L", str(EXAMPLES / "chat.html")]).returncode == 0
