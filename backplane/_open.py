@@ -10,8 +10,11 @@ import attrs
 
 from backplane._interface import Backplane, BadBackplaneURL
 
-SCHEMES = ("memory", "zmq")
+SCHEMES = ("memory", "zmq", "redis", "rediss")
 DEFAULT_ZMQ_PORT = 5559
+DEFAULT_REDIS_PORT = 6379
+# Query parameters a redis:// or rediss:// URL may carry.
+REDIS_OPTIONS = ("ssl_ca_certs",)
 
 
 @attrs.frozen
@@ -22,6 +25,15 @@ class BackplaneAddress:
     host: str = ""
     port: int = 0
     name: str = ""
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    ssl_ca_certs: str | None = None
+    """A CA bundle to check the server's certificate with (rediss://); default: the system's."""
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "rediss"
 
 
 def parse_backplane_url(url: str) -> BackplaneAddress:
@@ -45,8 +57,45 @@ def parse_backplane_url(url: str) -> BackplaneAddress:
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise BadBackplaneURL(f"{url!r}: a zmq URL is only zmq://HOST:PORT")
         return BackplaneAddress("zmq", host=parts.hostname, port=port)
+    if parts.scheme in ("redis", "rediss"):
+        return _parse_redis_url(url, parts)
     raise BadBackplaneURL(
         f"{url!r} has an unknown scheme {parts.scheme!r}; known: {', '.join(SCHEMES)}"
+    )
+
+
+def _parse_redis_url(url: str, parts: urllib.parse.SplitResult) -> BackplaneAddress:
+    """``redis[s]://[[user]:password@]HOST[:PORT][/DB][?ssl_ca_certs=PATH]``"""
+    try:
+        port = DEFAULT_REDIS_PORT if parts.port is None else parts.port
+    except ValueError:
+        raise BadBackplaneURL(f"{url!r} has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise BadBackplaneURL(f"{url!r} names no host (redis://HOST:PORT)")
+    if not 1 <= port <= 65535:
+        raise BadBackplaneURL(f"{url!r}: the port must be from 1 to 65535")
+    db_text = parts.path.lstrip("/")
+    if db_text and not db_text.isdigit():
+        raise BadBackplaneURL(f"{url!r}: the database after the host must be a number")
+    options = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(options) - set(REDIS_OPTIONS))
+    if unknown or parts.fragment:
+        raise BadBackplaneURL(
+            f"{url!r}: unknown option {', '.join(unknown) or '#' + parts.fragment}; "
+            f"known: {', '.join(REDIS_OPTIONS)}"
+        )
+    ca_certs = options.get("ssl_ca_certs", [None])[-1]
+    if ca_certs is not None and parts.scheme != "rediss":
+        raise BadBackplaneURL(f"{url!r}: ssl_ca_certs needs rediss://")
+    unquote = urllib.parse.unquote
+    return BackplaneAddress(
+        parts.scheme,
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        db=int(db_text or 0),
+        ssl_ca_certs=ca_certs,
     )
 
 
@@ -59,8 +108,13 @@ async def open_backplane(url: str) -> AsyncIterator[Backplane]:
 
         async with open_memory_backplane(address.name) as memory_backplane:
             yield memory_backplane
-    else:
+    elif address.scheme == "zmq":
         from backplane.zmq import open_zmq_backplane
 
         async with open_zmq_backplane(address.host, address.port) as zmq_backplane:
             yield zmq_backplane
+    else:
+        from backplane.redis import open_redis_backplane
+
+        async with open_redis_backplane(address) as redis_backplane:
+            yield redis_backplane

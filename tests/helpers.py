@@ -23,12 +23,16 @@ START_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 10.0
 
 
-class LoggedProcess:
-    """A trio-fanout command in its own process group, its log collected line by line."""
+def trio_fanout_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trio_fanout", *args]
 
-    def __init__(self, *args: str, cwd: str | None = None) -> None:
+
+class LoggedProcess:
+    """A command in its own process group, its log (stderr) collected line by line."""
+
+    def __init__(self, command: list[str], cwd: str | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trio_fanout", *args],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -94,7 +98,7 @@ class ClusterProcess(LoggedProcess):
     """`trio-fanout run` on free ports."""
 
     def __init__(self, *args: str) -> None:
-        super().__init__("run", "--port", "0", "--proxy-port", "0", *args)
+        super().__init__(trio_fanout_command("run", "--port", "0", "--proxy-port", "0", *args))
         match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws .* backplane (\S+)")
         self.port = int(match.group(2))
         self.url = f"ws://127.0.0.1:{self.port}/ws"
@@ -103,6 +107,25 @@ class ClusterProcess(LoggedProcess):
     def wait_for_workers(self, count: int) -> None:
         for index in range(1, count + 1):
             self.wait_for_log(rf"worker {index} \(pid \d+\) serving")
+
+
+class RedisServer(LoggedProcess):
+    """A redis-server of our own on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, directory: str, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.directory = directory
+        self.extra = extra
+        super().__init__(self._command())
+        self.wait_for_log("Ready to accept connections")
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self.directory,
+            "--logfile", "/dev/stderr", *self.extra,
+        ]  # fmt: skip
 
 
 def free_port_pair() -> int:

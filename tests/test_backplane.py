@@ -1,4 +1,4 @@
-"""One contract for every backplane backend, run unchanged against ``memory://`` and ``zmq://``.
+"""One contract for every backplane backend, run unchanged against memory://, zmq:// and redis://.
 
 The zmq runs start a real proxy on loopback (port 0) in the test's nursery. Absence of delivery
 is never checked by waiting: the same publisher sends a later sentinel, and the sentinel must be
@@ -33,10 +33,12 @@ TIMEOUT = 10
 _memory_names = itertools.count()
 
 
-@pytest.fixture(params=["memory", "zmq"])
+@pytest.fixture(params=["memory", "zmq", "redis"])
 async def url(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[str]:
     if request.param == "memory":
         yield f"memory://contract-{os.getpid()}-{next(_memory_names)}"
+    elif request.param == "redis":
+        yield request.getfixturevalue("redis_server").url
     else:
         port = await nursery.start(backplane.serve_proxy, "127.0.0.1", 0)
         yield f"zmq://127.0.0.1:{port}"
@@ -429,7 +431,7 @@ def test_parse_backplane_url_accepts(
         pytest.param("127.0.0.1:5559", id="no-scheme"),
         pytest.param(None, id="not-a-string"),
         pytest.param(b"zmq://127.0.0.1:5559", id="bytes"),
-        pytest.param("redis://127.0.0.1:6379", id="unknown-scheme-redis"),
+        pytest.param("nats://127.0.0.1:4222", id="unknown-scheme-nats"),
         pytest.param("tcp://127.0.0.1:5559", id="unknown-scheme-tcp"),
         pytest.param("zmq://", id="missing-host"),
         pytest.param("zmq://:5559", id="missing-host-with-port"),
@@ -450,7 +452,38 @@ def test_parse_backplane_url_rejects(url: object) -> None:
 
 def test_bad_backplane_url_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown scheme"):
-        parse_backplane_url("redis://127.0.0.1:6379")
+        parse_backplane_url("nats://127.0.0.1:4222")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1", {"host": "127.0.0.1", "port": 6379, "db": 0, "password": None}),
+        ("redis://:s%40cret@h:7000/3", {"host": "h", "port": 7000, "db": 3, "password": "s@cret"}),
+        ("redis://alice:pw@h", {"username": "alice", "password": "pw"}),
+        ("rediss://h:6380?ssl_ca_certs=/ca.pem", {"tls": True, "ssl_ca_certs": "/ca.pem"}),
+    ],
+)
+def test_parse_redis_urls(url: str, expected: dict[str, object]) -> None:
+    address = parse_backplane_url(url)
+    assert {key: getattr(address, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://h:0",
+        "redis://h:99999",
+        "redis://h/zero",
+        "redis://h?timeout=3",
+        "redis://h?ssl_ca_certs=/ca.pem",
+        "redis://h#x",
+    ],
+)
+def test_parse_redis_url_rejects(url: str) -> None:
+    with pytest.raises(BadBackplaneURL):
+        parse_backplane_url(url)
 
 
 # Port 0 must not silently mean the default port, and a zmq URL has nothing after the port.

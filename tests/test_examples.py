@@ -20,6 +20,7 @@ from tests.helpers import (
     free_port_pair,
     receive_data,
     receive_message,
+    trio_fanout_command,
 )
 from tests.test_cluster import http_get
 from trio_fanout.client import open_client
@@ -61,12 +62,12 @@ def two_hosts_configs(directory: Path) -> tuple[Path, Path, Path]:
 
 async def test_two_hosts_proxy_two_workers_and_a_shell_publish(tmp_path: Path):
     proxy_toml, worker_a_toml, worker_b_toml = two_hosts_configs(tmp_path)
-    processes = [LoggedProcess("proxy", "--config", str(proxy_toml))]
+    processes = [LoggedProcess(trio_fanout_command("proxy", "--config", str(proxy_toml)))]
     try:
         processes[0].wait_for_log("ZeroMQ proxy: publishers connect")
         urls = []
         for toml in (worker_a_toml, worker_b_toml):
-            worker = LoggedProcess("worker", "--config", str(toml))
+            worker = LoggedProcess(trio_fanout_command("worker", "--config", str(toml)))
             processes.append(worker)
             match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
             urls.append(f"ws://127.0.0.1:{match.group(1)}/ws")

@@ -1,0 +1,353 @@
+"""The Redis backend (``redis://`` and ``rediss://``): one Redis channel per topic.
+
+redis-py has no Trio support, so this module speaks RESP itself over Trio streams, with the
+``hiredis`` package's sans-IO reply parser (docs/architecture.md says why). Two connections:
+one publishes (PUBLISH), one is in subscriber mode (SUBSCRIBE), because Redis allows nothing
+but subscription commands on a subscribed connection.
+
+Each connection is a :class:`_Link` that keeps itself connected: when Redis goes away it
+reconnects with backoff, and the subscriber link subscribes again to every topic it held, so
+consumers keep receiving without doing anything. While the publisher link is down, ``publish``
+raises :class:`BackplaneUnavailable` at once instead of queueing: a publish is never dropped
+silently. Commands are queued without waiting and written by one writer task per link, so
+concurrent publishes go out pipelined, many to a write.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import hiredis
+import trio
+
+from backplane._interface import (
+    Backplane,
+    BackplaneError,
+    BackplaneUnavailable,
+    MessageQueue,
+    check_topic,
+    unwrap_single_errors,
+)
+from backplane._open import BackplaneAddress
+
+logger = logging.getLogger(__name__)
+
+# How long opening, and each subscription, may wait for Redis before giving up.
+CONNECT_TIMEOUT = 5.0
+SUBSCRIBE_TIMEOUT = 5.0
+
+# Reconnection: the first retry comes quickly (a restart takes a moment), then less often.
+FIRST_RECONNECT_PAUSE = 0.05
+LONGEST_RECONNECT_PAUSE = 1.0
+
+# Received messages waiting for the consumer before the reader stops reading; past that Redis
+# holds them (and disconnects us if its client-output-buffer limit is reached).
+RECEIVE_QUEUE_HIGH_WATER = 50_000
+
+# Channels per SUBSCRIBE command when subscribing again after a reconnection.
+RESUBSCRIBE_BATCH = 1000
+
+RECEIVE_BYTES = 65536
+
+
+def encode_command(*args: bytes) -> bytes:
+    """A command in RESP, the way every Redis client sends it (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n" % len(arg))
+        parts.append(arg)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Reply:
+    """The reply to one PUBLISH, or the news that it will never come."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BackplaneError | None = None
+
+
+class _Link:
+    """One Redis connection that keeps itself connected, with a writer and a reader task."""
+
+    def __init__(
+        self,
+        address: BackplaneAddress,
+        role: str,
+        on_reply: Callable[[Any], None],
+        on_connected: Callable[[], None],
+        on_lost: Callable[[], None],
+        wait_before_read: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint,
+    ) -> None:
+        self._address = address
+        # Awaited before each read: the subscriber waits there while its consumer is behind.
+        self._wait_before_read = wait_before_read
+        self._role = role
+        self._on_reply = on_reply
+        self._on_connected = on_connected
+        self._on_lost = on_lost
+        self._outgoing: list[bytes] = []
+        self._wake_writer = trio.Event()
+        self.connected = False
+        self.endpoint = f"{address.scheme}://{address.host}:{address.port}"
+
+    def send_nowait(self, command: bytes) -> None:
+        """Queue a command for the writer; raises :class:`BackplaneUnavailable` while down."""
+        if not self.connected:
+            raise BackplaneUnavailable(f"Redis at {self.endpoint} is unreachable")
+        self._outgoing.append(command)
+        self._wake_writer.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected until cancelled; ``started`` once the first connection is ready."""
+        pause = FIRST_RECONNECT_PAUSE
+        started = False
+        while True:
+            try:
+                stream = await self._connect()
+            except BackplaneError:
+                if not started:
+                    raise  # refused credentials or database: a configuration error
+                logger.exception("Redis %s link: connecting failed", self._role)
+                stream = None
+            except OSError as error:
+                logger.log(
+                    logging.WARNING if started else logging.DEBUG,
+                    "Redis %s link: cannot connect to %s (%s); retrying in %.2f s",
+                    self._role, self.endpoint, error, pause,
+                )  # fmt: skip
+                stream = None
+            if stream is None:
+                await trio.sleep(pause)
+                pause = min(pause * 2, LONGEST_RECONNECT_PAUSE)
+                continue
+            pause = FIRST_RECONNECT_PAUSE
+            async with stream:
+                self.connected = True
+                self._outgoing.clear()
+                self._on_connected()
+                if not started:
+                    task_status.started()
+                    started = True
+                else:
+                    logger.warning(
+                        "Redis %s link: connected again to %s", self._role, self.endpoint
+                    )
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write_forever, stream)
+                        await self._read_until_closed(stream)
+                        nursery.cancel_scope.cancel()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                finally:
+                    self.connected = False
+                    self._on_lost()
+            logger.warning("Redis %s link: lost %s; reconnecting", self._role, self.endpoint)
+
+    async def _connect(self) -> trio.abc.Stream:
+        address = self._address
+        stream: trio.abc.Stream
+        if address.tls:
+            context = ssl.create_default_context(cafile=address.ssl_ca_certs)
+            stream = await trio.open_ssl_over_tcp_stream(
+                address.host, address.port, ssl_context=context
+            )
+        else:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+        try:
+            await self._handshake(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _handshake(self, stream: trio.abc.Stream) -> None:
+        """AUTH and SELECT, each answered before anything else is sent."""
+        address = self._address
+        commands = []
+        if address.password is not None:
+            credentials = [address.password.encode()]
+            if address.username:
+                credentials.insert(0, address.username.encode())
+            commands.append((b"AUTH", encode_command(b"AUTH", *credentials)))
+        if address.db:
+            commands.append((b"SELECT", encode_command(b"SELECT", str(address.db).encode())))
+        if not commands:
+            return
+        await stream.send_all(b"".join(command for _, command in commands))
+        reader = hiredis.Reader()
+        for name, _ in commands:
+            reply = await _next_reply(stream, reader)
+            if isinstance(reply, hiredis.ReplyError):
+                raise BackplaneError(f"Redis at {self.endpoint} refused {name.decode()}: {reply}")
+
+    async def _write_forever(self, stream: trio.abc.Stream) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            data = b"".join(self._outgoing)
+            self._outgoing.clear()
+            await stream.send_all(data)
+
+    async def _read_until_closed(self, stream: trio.abc.Stream) -> None:
+        reader = hiredis.Reader()
+        on_reply = self._on_reply
+        while True:
+            await self._wait_before_read()
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                on_reply(reply)
+
+
+async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
+    while (reply := reader.gets()) is False:
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise OSError("Redis closed the connection")
+        reader.feed(data)
+    return reply
+
+
+class RedisBackplane(Backplane):
+    def __init__(self, address: BackplaneAddress) -> None:
+        self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
+        self._replies: deque[_Reply] = deque()
+        # How many times each topic is subscribed (the interface counts; Redis does not).
+        self._counts: Counter[bytes] = Counter()
+        # Topics whose SUBSCRIBE Redis has not confirmed yet, and who waits for it.
+        self._unconfirmed: dict[bytes, trio.Event] = {}
+        self._publisher = _Link(
+            address, "publisher", self._on_publish_reply, lambda: None, self._fail_replies
+        )
+        self._subscriber = _Link(
+            address,
+            "subscriber",
+            self._on_subscriber_reply,
+            self._subscribe_all,
+            lambda: None,
+            wait_before_read=self._queue.wait_not_full,
+        )
+        self.endpoint = self._publisher.endpoint
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        check_topic(topic)
+        reply = _Reply()
+        self._publisher.send_nowait(encode_command(b"PUBLISH", topic, payload))
+        self._replies.append(reply)
+        await reply.done.wait()
+        if reply.error is not None:
+            raise reply.error
+
+    def _on_publish_reply(self, reply: Any) -> None:
+        waiter = self._replies.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            waiter.error = BackplaneUnavailable(f"Redis refused PUBLISH: {reply}")
+        waiter.done.set()
+
+    def _fail_replies(self) -> None:
+        """The publisher link is lost: publishes still waiting for their reply are refused."""
+        while self._replies:
+            waiter = self._replies.popleft()
+            waiter.error = BackplaneUnavailable(
+                f"lost Redis at {self.endpoint} before it confirmed the publish"
+            )
+            waiter.done.set()
+
+    # ---- subscribing ---------------------------------------------------------------------
+
+    async def subscribe(self, topic: bytes) -> None:
+        check_topic(topic)
+        self._counts[topic] += 1
+        try:
+            if self._counts[topic] == 1:
+                self._unconfirmed[topic] = trio.Event()
+                if self._subscriber.connected:
+                    self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", topic))
+                # else: _subscribe_all sends it when the link is back
+            confirmed = self._unconfirmed.get(topic)
+            if confirmed is not None:
+                with trio.move_on_after(SUBSCRIBE_TIMEOUT):
+                    await confirmed.wait()
+                if not confirmed.is_set():
+                    raise BackplaneUnavailable(
+                        f"Redis at {self.endpoint} did not confirm a subscription within "
+                        f"{SUBSCRIBE_TIMEOUT} s"
+                    )
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            self.unsubscribe(topic)
+            raise
+
+    def unsubscribe(self, topic: bytes) -> None:
+        if self._counts[topic] <= 1:
+            self._counts.pop(topic, None)
+            self._unconfirmed.pop(topic, None)
+            if self._subscriber.connected:
+                self._subscriber.send_nowait(encode_command(b"UNSUBSCRIBE", topic))
+        else:
+            self._counts[topic] -= 1
+
+    def _subscribe_all(self) -> None:
+        """The subscriber link is (again) connected: subscribe to every topic we hold."""
+        topics = list(self._counts)
+        for topic in topics:
+            self._unconfirmed.setdefault(topic, trio.Event())
+        for start in range(0, len(topics), RESUBSCRIBE_BATCH):
+            batch = topics[start : start + RESUBSCRIBE_BATCH]
+            self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", *batch))
+        if topics:
+            logger.info("subscribing again to %d topics on %s", len(topics), self.endpoint)
+
+    def _on_subscriber_reply(self, reply: Any) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            # Redis may still send a few messages on a topic after we asked to unsubscribe;
+            # like ZeroMQ's subscriber, drop them here, so that unsubscribe takes effect at once.
+            if reply[1] in self._counts:
+                self._queue.put(reply[1], reply[2])
+        elif kind == b"subscribe":
+            confirmed = self._unconfirmed.pop(reply[1], None)
+            if confirmed is not None:
+                confirmed.set()
+        elif isinstance(reply, hiredis.ReplyError):
+            logger.error("Redis subscriber link: %s", reply)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+        return await self._queue.take(max_messages)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._publisher.run)
+            await nursery.start(self._subscriber.run)
+            task_status.started()
+
+
+@asynccontextmanager
+async def open_redis_backplane(address: BackplaneAddress) -> AsyncIterator[RedisBackplane]:
+    """Connect to Redis; return once both links are ready (or raise within CONNECT_TIMEOUT)."""
+    backplane = RedisBackplane(address)
+    with unwrap_single_errors():
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(CONNECT_TIMEOUT) as connecting:
+                await nursery.start(backplane.run)
+            if connecting.cancelled_caught:
+                raise BackplaneUnavailable(
+                    f"cannot connect to Redis at {backplane.endpoint} within {CONNECT_TIMEOUT} s"
+                )
+            yield backplane
+            nursery.cancel_scope.cancel()
