@@ -37,9 +37,10 @@ from backplane._open import BackplaneAddress
 
 logger = logging.getLogger(__name__)
 
-# How long opening, and each subscription, may wait for Redis before giving up.
+# How long opening, each subscription and each publish may wait for Redis before giving up.
 CONNECT_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 5.0
+PUBLISH_TIMEOUT = 5.0
 
 # Reconnection: the first retry comes quickly (a restart takes a moment), then less often.
 FIRST_RECONNECT_PAUSE = 0.05
@@ -97,6 +98,8 @@ class _Link:
         self._outgoing: list[bytes] = []
         self._wake_writer = trio.Event()
         self.connected = False
+        # Why the last connection attempt failed, for the message when opening gives up.
+        self.last_error: BaseException | None = None
         self.endpoint = f"{address.scheme}://{address.host}:{address.port}"
 
     def send_nowait(self, command: bytes) -> None:
@@ -113,12 +116,13 @@ class _Link:
         while True:
             try:
                 stream = await self._connect()
-            except BackplaneError:
+            except BackplaneError as error:
                 if not started:
                     raise  # refused credentials or database: a configuration error
-                logger.exception("Redis %s link: connecting failed", self._role)
+                logger.error("Redis %s link: %s", self._role, error)
                 stream = None
-            except OSError as error:
+            except (OSError, trio.BrokenResourceError) as error:
+                self.last_error = error
                 logger.log(
                     logging.WARNING if started else logging.DEBUG,
                     "Redis %s link: cannot connect to %s (%s); retrying in %.2f s",
@@ -171,7 +175,8 @@ class _Link:
         return stream
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
-        """AUTH and SELECT, each answered before anything else is sent."""
+        """AUTH and SELECT if asked for, then PING: each answered before anything else is sent,
+        so that refused credentials are reported here, not as a mystery later."""
         address = self._address
         commands = []
         if address.password is not None:
@@ -181,8 +186,7 @@ class _Link:
             commands.append((b"AUTH", encode_command(b"AUTH", *credentials)))
         if address.db:
             commands.append((b"SELECT", encode_command(b"SELECT", str(address.db).encode())))
-        if not commands:
-            return
+        commands.append((b"PING", encode_command(b"PING")))
         await stream.send_all(b"".join(command for _, command in commands))
         reader = hiredis.Reader()
         for name, _ in commands:
@@ -248,7 +252,12 @@ class RedisBackplane(Backplane):
         reply = _Reply()
         self._publisher.send_nowait(encode_command(b"PUBLISH", topic, payload))
         self._replies.append(reply)
-        await reply.done.wait()
+        # A reply that never comes (a connection gone silent) must not hold the caller forever;
+        # the reply stays queued, so a late one still pairs with its own PUBLISH.
+        with trio.move_on_after(PUBLISH_TIMEOUT):
+            await reply.done.wait()
+        if not reply.done.is_set():
+            raise BackplaneUnavailable(f"Redis at {self.endpoint} did not answer a publish")
         if reply.error is not None:
             raise reply.error
 
@@ -330,6 +339,10 @@ class RedisBackplane(Backplane):
     async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
         return await self._queue.take(max_messages)
 
+    def last_connect_error(self) -> str:
+        error = self._publisher.last_error or self._subscriber.last_error
+        return f"{type(error).__name__}: {error.__cause__ or error}" if error else "no answer"
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._publisher.run)
@@ -348,6 +361,7 @@ async def open_redis_backplane(address: BackplaneAddress) -> AsyncIterator[Redis
             if connecting.cancelled_caught:
                 raise BackplaneUnavailable(
                     f"cannot connect to Redis at {backplane.endpoint} within {CONNECT_TIMEOUT} s"
+                    f" ({backplane.last_connect_error()})"
                 )
             yield backplane
             nursery.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import time
 import attrs
 import trio
 
-from backplane import open_backplane, serve_proxy
+from backplane import BackplaneUnavailable, open_backplane, serve_proxy
 from trio_fanout import envelope, protocol
 from trio_fanout.config import Config
 from trio_fanout.runner import open_listener
@@ -112,7 +112,11 @@ async def publish_heartbeats(backplane_url: str, interval: float) -> None:
             seq += 1
             frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
             payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
-            await backplane.publish(envelope.BROADCAST_TOPIC, payload)
+            try:
+                await backplane.publish(envelope.BROADCAST_TOPIC, payload)
+            except BackplaneUnavailable as error:
+                # Clients see the gap in seq; the heartbeat goes on when the backplane is back.
+                logger.warning("heartbeat %d not sent: %s", seq, error)
             next_beat += interval
             await trio.sleep_until(next_beat)
 

@@ -1,0 +1,246 @@
+"""The Redis backplane against real redis-servers of the tests' own: passwords, TLS, and a
+restart of Redis under a running backplane and under a running cluster."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+import backplane.redis
+from backplane import BackplaneError, BackplaneUnavailable, open_backplane
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    ClusterProcess,
+    RedisServer,
+    connect_on_each_worker,
+    free_port,
+    receive_data,
+)
+from trio_fanout.client import ServerError
+
+# How long the tests let a backplane or cluster take to notice that Redis is back.
+RECOVERY_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def short_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backplane.redis, "CONNECT_TIMEOUT", 1.0)
+
+
+async def round_trip(url: str) -> None:
+    """Publish through one backplane and receive through another: Redis carried it."""
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"topic")
+        await publisher.publish(b"topic", b"payload")
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert await subscriber.receive_batch() == [(b"topic", b"payload")]
+
+
+async def test_a_password_protected_redis(tmp_path: Path, short_connect_timeout: None):
+    server = RedisServer(str(tmp_path), "--requirepass", "s3cret/with:odd@chars")
+    try:
+        await round_trip(f"redis://:s3cret%2Fwith%3Aodd%40chars@127.0.0.1:{server.port}")
+        with pytest.raises(BackplaneError, match="refused AUTH"):
+            async with open_backplane(f"redis://:wrong@127.0.0.1:{server.port}"):
+                pass
+        with pytest.raises(BackplaneError, match="refused PING: NOAUTH"):
+            async with open_backplane(server.url):
+                pass
+    finally:
+        server.stop()
+
+
+async def test_a_redis_user_with_a_password(tmp_path: Path):
+    acl = ["--user", "default", "off", "--user", "alice", "on", ">wonderland", "~*", "&*", "+@all"]
+    server = RedisServer(str(tmp_path), *acl)
+    try:
+        await round_trip(f"redis://alice:wonderland@127.0.0.1:{server.port}")
+        with pytest.raises(BackplaneError, match="refused AUTH"):
+            async with open_backplane(f"redis://alice:looking-glass@127.0.0.1:{server.port}"):
+                pass
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    files = {name: tmp_path / name for name in ("ca.key", "ca.crt", "server.key", "server.csr",
+                                                "server.crt", "san.ext")}  # fmt: skip
+    files["san.ext"].write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        files["ca.key"],
+        "-out",
+        files["ca.crt"],
+        "-days",
+        "1",
+        "-subj",
+        "/CN=trio-fanout test CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        files["server.key"],
+        "-out",
+        files["server.csr"],
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    openssl("x509", "-req", "-in", files["server.csr"], "-CA", files["ca.crt"],
+            "-CAkey", files["ca.key"], "-CAcreateserial", "-out", files["server.crt"],
+            "-days", "1", "-extfile", files["san.ext"])  # fmt: skip
+    yield files
+
+
+async def test_redis_over_tls(
+    tmp_path: Path, certificates: dict[str, Path], short_connect_timeout: None
+):
+    port = free_port()
+    server = RedisServer(
+        str(tmp_path), "--tls-port", str(port), "--tls-cert-file", str(certificates["server.crt"]),
+        "--tls-key-file", str(certificates["server.key"]),
+        "--tls-ca-cert-file", str(certificates["ca.crt"]), "--tls-auth-clients", "no",
+        "--requirepass", "tls-pw",
+        port=0,
+    )  # fmt: skip
+    try:
+        ca = certificates["ca.crt"]
+        await round_trip(f"rediss://:tls-pw@127.0.0.1:{port}?ssl_ca_certs={ca}")
+        # The system's CAs do not vouch for our throwaway CA: refused, and the error says why.
+        with pytest.raises(BackplaneUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            async with open_backplane(f"rediss://:tls-pw@127.0.0.1:{port}"):
+                pass
+        # Plain text to a TLS port gets nowhere either.
+        with pytest.raises(BackplaneUnavailable):
+            async with open_backplane(f"redis://:tls-pw@127.0.0.1:{port}"):
+                pass
+    finally:
+        server.stop()
+
+
+async def publish_until_accepted(
+    publisher: backplane.Backplane, topic: bytes, payload: bytes
+) -> int:
+    """Publish until Redis takes it; return how many attempts were refused."""
+    refused = 0
+    with trio.fail_after(RECOVERY_TIMEOUT):
+        while True:
+            try:
+                await publisher.publish(topic, payload)
+                return refused
+            except BackplaneUnavailable:
+                refused += 1
+                await trio.sleep(0.05)
+
+
+async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
+    server = RedisServer(str(tmp_path))
+    try:
+        async with (
+            open_backplane(server.url) as publisher,
+            open_backplane(server.url) as subscriber,
+        ):
+            await subscriber.subscribe(b"kept")
+            await publisher.publish(b"kept", b"before")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert await subscriber.receive_batch() == [(b"kept", b"before")]
+            server.stop()
+            with pytest.raises(BackplaneUnavailable):
+                await publisher.publish(b"kept", b"during")
+            server = RedisServer(str(tmp_path), port=server.port)
+            await publish_until_accepted(publisher, b"kept", b"after-0")
+            # The subscriber may be back a moment after the publisher: retry with new payloads
+            # until one arrives, then check that each arrived once and in order.
+            received: list[bytes] = []
+            with trio.fail_after(RECOVERY_TIMEOUT):
+                for attempt in itertools.count(1):
+                    with trio.move_on_after(0.2):
+                        received += [payload for _, payload in await subscriber.receive_batch()]
+                    if received:
+                        break
+                    await publish_until_accepted(publisher, b"kept", b"after-%d" % attempt)
+            await publisher.publish(b"kept", b"sentinel")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while received[-1] != b"sentinel":
+                    received += [payload for _, payload in await subscriber.receive_batch()]
+            assert b"during" not in received
+            assert len(set(received)) == len(received)  # nothing twice
+            numbers = [int(payload.split(b"-")[1]) for payload in received[:-1]]
+            assert numbers == sorted(numbers)  # in publish order
+    finally:
+        server.stop()
+
+
+async def test_a_cluster_rides_out_a_redis_restart(tmp_path: Path):
+    server = RedisServer(str(tmp_path))
+    cluster = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", "0.2", "--backplane", server.url
+    )
+    try:
+        cluster.wait_for_workers(2)
+        async with AsyncExitStack() as stack:
+            by_worker = await connect_on_each_worker(stack, cluster.url, per_worker=2)
+            publisher = by_worker[1][1]
+            members = [by_worker[1][0], by_worker[2][0], by_worker[2][1]]
+            for member in members:
+                await member.join("through-the-outage")
+            await publisher.publish("through-the-outage", "before", ack=True)
+            for member in members:
+                assert await receive_data(member, 1) == ["before"]
+
+            server.stop()
+            with pytest.raises(ServerError) as refused:
+                await publisher.publish("through-the-outage", "during", ack=True)
+            assert refused.value.code == "backplane_unavailable"
+
+            server = RedisServer(str(tmp_path), port=server.port)
+            # Without rejoining, members receive again within a few seconds: publish numbered
+            # messages until the members have one, then a sentinel.
+            accepted: list[int] = []
+            with trio.fail_after(RECOVERY_TIMEOUT):
+                for number in itertools.count():
+                    try:
+                        await publisher.publish("through-the-outage", number, ack=True)
+                    except ServerError as error:
+                        assert error.code == "backplane_unavailable"
+                        await trio.sleep(0.05)
+                        continue
+                    accepted.append(number)
+                    with trio.move_on_after(0.2):
+                        first = await members[0].receive()
+                        break
+            await publisher.publish("through-the-outage", "sentinel", ack=True)
+            for index, member in enumerate(members):
+                got = [first["data"]] if index == 0 else []
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    while not got or got[-1] != "sentinel":
+                        frame = await member.receive()
+                        assert frame["type"] == "message", frame
+                        got.append(frame["data"])
+                # Each message once, in order; "during" was refused, never delivered.
+                assert "during" not in got
+                assert got[-1] == "sentinel"
+                assert got[:-1] == sorted(set(got[:-1]))
+                assert set(got[:-1]) <= set(accepted)
+    finally:
+        cluster.stop()
+        server.stop()
