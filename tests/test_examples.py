@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from contextlib import AsyncExitStack
@@ -15,6 +16,7 @@ from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
+    RedisServer,
     connect_on_each_worker,
     free_port,
     free_port_pair,
@@ -84,9 +86,63 @@ async def test_two_hosts_proxy_two_workers_and_a_shell_publish(tmp_path: Path):
                 assert await receive_data(client, 1) == [{"name": "shell", "text": "hi"}]
             await on_a.publish("lobby", "from a to b")
             assert await receive_data(on_b, 1) == ["from a to b"]
+            # The proxy publishes the heartbeat (every second by default).
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert (await on_b.receive(heartbeats=True))["type"] == "heartbeat"
     finally:
         for process in reversed(processes):
             process.stop()
+
+
+async def test_two_hosts_on_redis_differ_in_one_line_and_use_redis(
+    tmp_path: Path, redis_server: RedisServer
+):
+    for name in ("worker-a.toml", "worker-b.toml"):
+        zmq_lines = (EXAMPLES / "two_hosts" / name).read_text().splitlines()
+        redis_lines = (EXAMPLES / "two_hosts_redis" / name).read_text().splitlines()
+        assert len(zmq_lines) == len(redis_lines)
+        changed = [
+            (old, new) for old, new in zip(zmq_lines, redis_lines, strict=True) if old != new
+        ]
+        assert changed == [
+            ('backplane = "zmq://127.0.0.1:5601"', 'backplane = "redis://127.0.0.1:6379"')
+        ]
+    replacements = {
+        "6379": str(redis_server.port),
+        "8801": str(free_port()),
+        "8802": str(free_port()),
+    }
+    workers, urls = [], []
+    try:
+        for name in ("worker-a.toml", "worker-b.toml"):
+            text = (EXAMPLES / "two_hosts_redis" / name).read_text()
+            for documented, free in replacements.items():
+                text = text.replace(documented, free)
+            (tmp_path / name).write_text(text)
+            worker = LoggedProcess(trio_fanout_command("worker", "--config", str(tmp_path / name)))
+            workers.append(worker)
+            match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+            urls.append(f"ws://127.0.0.1:{match.group(1)}/ws")
+        async with open_client(urls[0]) as on_a, open_client(urls[1]) as on_b:
+            room = f"redis-lobby-{os.getpid()}"
+            await on_a.join(room)
+            await on_b.join(room)
+            result = await trio.run_process(
+                [sys.executable, "-m", "trio_fanout", "publish", "--config",
+                 str(tmp_path / "worker-a.toml"), room, '"over redis"'],
+                capture_stderr=True,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            for client in (on_a, on_b):
+                assert await receive_data(client, 1) == ["over redis"]
+            numsub = await trio.run_process(
+                ["redis-cli", "-p", str(redis_server.port), "pubsub", "numsub", f"r:{room}"],
+                capture_stdout=True,
+            )
+            assert numsub.stdout.split() == [f"r:{room}".encode(), b"2"]
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 async def test_every_worker_serves_the_chat_page(cluster: ClusterProcess):

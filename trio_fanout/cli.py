@@ -100,13 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         "proxy",
         help="run the ZeroMQ proxy alone, for workers on several hosts",
         description=(
-            "Run the ZeroMQ proxy that workers, emitters and heartbeats meet at. Publishers "
-            "connect to PORT, subscribers to PORT+1; point workers at zmq://HOST:PORT."
+            "Run the ZeroMQ proxy that workers and emitters meet at, and publish the heartbeat "
+            "through it. Publishers connect to PORT, subscribers to PORT+1; point workers at "
+            "zmq://HOST:PORT."
         ),
     )
     proxy.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     proxy.add_argument(
         "--port", type=int, help="publisher-side port; subscribers use the next one (default: 5559)"
+    )
+    proxy.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
     _common(proxy)
 

@@ -167,10 +167,19 @@ async def run_master(
 
 
 async def run_proxy(config: Config) -> None:
-    """`trio-fanout proxy`: the ZeroMQ proxy alone, until SIGINT or SIGTERM."""
+    """`trio-fanout proxy`: the ZeroMQ proxy and the heartbeat, until SIGINT or SIGTERM.
+
+    Where workers run on several hosts, the proxy is the one process they all share, so the
+    heartbeat (one publisher, one sequence) is published here.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            port = await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            if config.heartbeat_interval > 0:
+                config = attrs.evolve(config, proxy_port=port, backplane=None)
+                nursery.start_soon(
+                    publish_heartbeats, config.backplane_url, config.heartbeat_interval
+                )
             async for signum in signals:
                 logger.info("%s: stopping", signal.Signals(signum).name)
                 break
