@@ -5,7 +5,9 @@ is a configuration change, not a code change:
 
 - ``memory://NAME``: in one process (tests, embedding);
 - ``zmq://HOST:PORT``: a ZeroMQ XPUB/XSUB proxy (see :func:`serve_proxy`) whose publisher side
-  listens on PORT and subscriber side on PORT+1.
+  listens on PORT and subscriber side on PORT+1;
+- ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` and ``rediss://…`` (TLS, with an optional
+  ``?ssl_ca_certs=PATH``): Redis pub/sub, one channel per topic.
 """
 
 from backplane._interface import (

@@ -50,6 +50,13 @@ def test_a_port_in_use_gets_one_line_and_exit_code_2(which: str):
     assert "Traceback" not in result.stderr
 
 
+def test_a_proxy_flag_is_named_as_it_was_given():
+    result = trio_fanout("proxy", "--port", "65535")
+    assert result.returncode == 2
+    assert "proxy_port: must be from 0 to 65534" in result.stderr
+    assert "(from flag --port)" in result.stderr
+
+
 def test_help_explains_the_run_command():
     result = trio_fanout("run", "--help")
     assert result.returncode == 0

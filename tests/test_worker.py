@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -241,3 +242,19 @@ async def test_a_room_is_dropped_when_its_last_member_leaves_or_disconnects():
             await newcomer.join("room")
             await publish_from_outside(worker, "room", "fresh subscription works")
             assert await receive_data(newcomer, 1) == ["fresh subscription works"]
+
+
+async def test_debug_logging_shows_the_path_of_a_message(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.DEBUG, logger="trio_fanout")
+    async with running_worker() as (_, url), open_client(url) as client:
+        await client.join("traced")
+        await client.publish("traced", "hello", ack=True)
+        assert await receive_data(client, 1) == ["hello"]
+    path = [record.getMessage() for record in caplog.records]
+    steps = [
+        "Publish(room='traced', data='hello'",
+        "published 49 bytes on backplane topic b'r:traced'",
+        "on b'r:traced' to 1 connections",
+    ]
+    positions = [next(i for i, line in enumerate(path) if step in line) for step in steps]
+    assert positions == sorted(positions)

@@ -21,7 +21,8 @@ _CONFIG_HELP = (
     "TRIO_FANOUT_* environment variables override it, and flags override both"
 )
 _BACKPLANE_HELP = (
-    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), memory://NAME (in-process only); "
+    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] "
+    "or rediss://… (Redis), memory://NAME (in-process only); "
     "default: the ZeroMQ proxy at proxy_host:proxy_port (127.0.0.1:5559)"
 )
 
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--backplane",
-        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559",
+        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
+        "redis://10.0.0.6:6379",
     )
     _common(run)
 
@@ -138,17 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The configuration keys the command line set."""
-    names = {"host": "host", "port": "port"}
-    if args.command == "proxy":
-        names = {"host": "proxy_host", "port": "proxy_port"}
-    flags = {}
+def _flags(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The configuration keys the command line set, and the flags that set them where a flag
+    is not named after its key (``proxy --port`` sets proxy_port)."""
+    renamed = {"host": "proxy_host", "port": "proxy_port"} if args.command == "proxy" else {}
+    flags, flag_names = {}, {}
     for attribute, value in vars(args).items():
-        key = names.get(attribute, attribute)
+        key = renamed.get(attribute, attribute)
         if key in KEYS and value is not None:
             flags[key] = value
-    return flags
+            if key != attribute:
+                flag_names[key] = "--" + attribute.replace("_", "-")
+    return flags, flag_names
 
 
 def _setup_logging(level: str) -> None:
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config_json", None):
             config, sources = Config.from_dict(json.loads(args.config_json)), {}
         else:
-            config, sources = load_config(_flags(args), config_file=args.config)
+            flags, flag_names = _flags(args)
+            config, sources = load_config(flags, flag_names=flag_names, config_file=args.config)
     except ConfigError as error:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
     if args.command == "config":

@@ -24,6 +24,9 @@ from typing import Any
 import trio
 import trio_websocket
 
+# Shared with the backplane package, which needs the same for its own nurseries.
+from backplane._interface import unwrap_single_errors
+
 Frame = dict[str, Any]
 
 
@@ -115,29 +118,32 @@ async def open_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterat
     resource = parts.path or "/"
     if parts.query:
         resource += "?" + parts.query
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(connect_timeout):
-            if secure:
-                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                    parts.hostname, port, https_compatible=True
-                )
-            else:
-                stream = await trio.open_tcp_stream(parts.hostname, port)
-        # We own the TCP stream and close it ourselves: trio-websocket 0.12 leaves it open when
-        # the server goes away without a close handshake.
-        async with stream:
+    # trio-websocket's reader runs in this nursery; what leaves it comes out as itself, not in
+    # an ExceptionGroup, so that callers can catch ConnectionRejected, or their own errors.
+    with unwrap_single_errors():
+        async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, parts.hostname, resource
-                )
-                welcome = json.loads(await ws.get_message())
-            try:
-                if welcome.get("type") != "welcome":
-                    raise ServerError(
-                        {"code": "bad_frame", "message": f"expected welcome, got {welcome}"}
+                if secure:
+                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                        parts.hostname, port, https_compatible=True
                     )
-                yield Client(ws, welcome)
-            finally:
-                with trio.move_on_after(connect_timeout) as cleanup:
-                    cleanup.shield = True
-                    await ws.aclose()
+                else:
+                    stream = await trio.open_tcp_stream(parts.hostname, port)
+            # We own the TCP stream and close it ourselves: trio-websocket 0.12 leaves it open
+            # when the server goes away without a close handshake.
+            async with stream:
+                with trio.fail_after(connect_timeout):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, parts.hostname, resource
+                    )
+                    welcome = json.loads(await ws.get_message())
+                try:
+                    if welcome.get("type") != "welcome":
+                        raise ServerError(
+                            {"code": "bad_frame", "message": f"expected welcome, got {welcome}"}
+                        )
+                    yield Client(ws, welcome)
+                finally:
+                    with trio.move_on_after(connect_timeout) as cleanup:
+                        cleanup.shield = True
+                        await ws.aclose()

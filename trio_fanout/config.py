@@ -147,6 +147,7 @@ def _from_text(key: str, text: str, source: str) -> object:
 def load_config(
     flags: Mapping[str, Any],
     *,
+    flag_names: Mapping[str, str] | None = None,
     config_file: str | None = None,
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
@@ -154,7 +155,8 @@ def load_config(
     """Layer the sources into a :class:`Config`; also return where each key's value came from.
 
     ``flags`` holds the values given on the command line (keys of :class:`Config`; None means
-    not given). Raises :class:`ConfigError` naming the key and its source.
+    not given), ``flag_names`` the flag that set a key where it is not ``--KEY``. Raises
+    :class:`ConfigError` naming the key and its source.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -182,7 +184,7 @@ def load_config(
     for key, value in flags.items():
         if value is not None:
             values[key] = value
-            sources[key] = f"flag --{key.replace('_', '-')}"
+            sources[key] = f"flag {(flag_names or {}).get(key, '--' + key.replace('_', '-'))}"
 
     try:
         return Config(**values), sources

@@ -370,6 +370,7 @@ class Connection:
             self._reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:
+        logger.debug("connection %d: %r", self.id, request)
         if isinstance(request, protocol.Publish):
             await self._authorize(
                 self.worker.hooks.authorize_publish,

@@ -126,6 +126,8 @@ def message_frame(room: str, data: object, request_id: int | None = None) -> byt
         return b'{"type":"message","room":' + _dump(room) + b',"data":' + _dump(data) + b"}"
     except UnicodeEncodeError:
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate", request_id) from None
+    except ValueError:
+        raise RequestError(BAD_FRAME, "data holds NaN or an infinity", request_id) from None
 
 
 def check_room(room: object, request_id: int | None = None) -> str:
@@ -147,7 +149,11 @@ def check_room(room: object, request_id: int | None = None) -> str:
 
 
 def _dump(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON; NaN and the infinities are refused (``ValueError``): they are not
+    JSON, and a browser would reject the whole frame."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def _with_id(frame: dict[str, Any], request_id: int | None) -> bytes:
@@ -188,6 +194,8 @@ def broadcast_frame(data: object) -> bytes:
         return b'{"type":"message","data":' + _dump(data) + b"}"
     except UnicodeEncodeError:
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate") from None
+    except ValueError:
+        raise RequestError(BAD_FRAME, "data holds NaN or an infinity") from None
 
 
 def heartbeat_frame(seq: int, timestamp: float) -> bytes:

@@ -100,6 +100,7 @@ class Worker:
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         await self.backplane.publish(topic, self._numberer.wrap(topic, frame, exclude))
+        logger.debug("published %d bytes on backplane topic %r", len(frame), topic)
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Worker:
         """Queue each message's frame, encoded once, for each recipient; then flush each
         recipient once. Awaits nothing: no client can slow this loop down."""
         own_origin = self._numberer.origin
+        debug = logger.isEnabledFor(logging.DEBUG)
         for topic, payload in batch:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
@@ -159,6 +161,11 @@ class Worker:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
+            if debug:
+                logger.debug(
+                    "delivering seq %d of %s on %r to %d connections",
+                    seq, origin.hex(), topic, len(recipients),
+                )  # fmt: skip
             for conn in recipients:
                 if conn is not excluded:
                     conn.enqueue(frame)
