@@ -3,10 +3,12 @@ per-connection limits and the edges of the WebSocket protocol that need a raw so
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -258,3 +260,26 @@ async def test_debug_logging_shows_the_path_of_a_message(caplog: pytest.LogCaptu
     ]
     positions = [next(i for i, line in enumerate(path) if step in line) for step in steps]
     assert positions == sorted(positions)
+
+
+async def test_a_closed_connection_leaves_no_cycles_behind():
+    # Workers freeze long-lived objects out of the GC's sight (trio_fanout/gcstats.py); that is
+    # safe because a connection's objects are freed by reference counting when it closes.
+    async with running_worker() as (worker, url):
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for number in range(50):
+                async with open_client(url) as client:
+                    await client.join(f"room-{number % 3}")
+                    await client.publish(f"room-{number % 3}", number, ack=True)
+                    await client.receive()
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while worker.connections:  # noqa: ASYNC110 - no event for "connection gone"
+                    await trio.sleep(0.01)
+            gc.collect()
+            ours = (connection.Connection, connection.RateLimiter, socket.socket)
+            assert [o for o in gc.garbage if isinstance(o, ours)] == []
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()

@@ -98,6 +98,7 @@ class Connection:
         "_dirty",
         "_dirty_list",
         "_limiter",
+        "_max_queued_frames",
         "_nursery",
         "_pending",
         "_sock",
@@ -125,6 +126,7 @@ class Connection:
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
+        self._max_queued_frames = worker.config.max_queued_frames
         self._limiter = RateLimiter(
             worker.config.rate_limit_per_second, worker.config.rate_limit_burst
         )
@@ -137,7 +139,7 @@ class Connection:
         """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
         if self._closing:
             return
-        if len(self._pending) >= self.worker.config.max_queued_frames:
+        if len(self._pending) >= self._max_queued_frames:
             # A large batch can queue this many frames for a healthy client too: try to write
             # them first. Only a client whose socket is full as well is too slow.
             self.flush()
@@ -317,10 +319,13 @@ class Connection:
             try:
                 data = self._sock.recv(RECEIVE_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
+                data = None  # waited for below: awaiting in the except block would keep the
+                # exception and its traceback alive, one per idle connection
             except _PEER_GONE:
                 return b""
+            if data is None:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
             await trio.lowlevel.checkpoint()
             return data
 

@@ -3,6 +3,7 @@ its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import trio
 
 from backplane import open_backplane
 from trio_fanout.config import Config
+from trio_fanout.gcstats import GcPauses, freeze_survivors_forever
 from trio_fanout.hooks import Hooks
 from trio_fanout.worker import Worker
 
@@ -68,7 +70,11 @@ async def run_worker_process(
     """
     async with open_backplane(config.backplane_url) as backplane:
         worker = Worker(config, backplane, index)
+        worker.gc_pauses = GcPauses()
+        worker.gc_pauses.install()
+        gc.freeze()  # what start-up made lives as long as the process
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(freeze_survivors_forever)
             nursery.start_soon(_stop_on_signal, worker)
             if parent_fd is not None:
                 nursery.start_soon(_stop_when_master_exits, parent_fd, worker)

@@ -23,6 +23,7 @@ from backplane import Backplane
 from trio_fanout import envelope, protocol, websocket
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
+from trio_fanout.gcstats import GcPauses
 from trio_fanout.hooks import Hooks
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Worker:
         self.backplane = backplane
         self.index = index
         self.hooks = hooks or Hooks()
+        # Set where the worker owns its process (run_worker_process): GC pauses are per process.
+        self.gc_pauses: GcPauses | None = None
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
         self.rooms: dict[bytes, Room] = {}
@@ -124,6 +127,7 @@ class Worker:
                 "connections": len(self.connections),
                 "rooms": len(self.rooms),
                 "backplane_gaps": self.gaps.missed,
+                "gc": self.gc_pauses.summary() if self.gc_pauses else None,
             }
         ).encode()
 

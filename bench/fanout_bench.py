@@ -1,0 +1,254 @@
+"""Benchmark of trio-fanout's fan-out: `trio-fanout run --workers 2` against a Node.js load
+generator (loadgen.mjs) in a process of its own. Not part of the test suite; run it by hand:
+
+    cd bench && npm install && python fanout_bench.py            # 3 runs, about 15 minutes
+    python fanout_bench.py --runs 1 --quick                      # a smoke run
+
+It prints a table of medians and writes every run's figures to bench/results/fanout-*.json.
+Server CPU is read from /proc for the master and both workers; the load generator's own CPU is
+reported beside it, so that its limit is not mistaken for ours (both share this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# A delivery rate passes when p99 latency stays under this and nothing is lost, duplicated or
+# reordered (the issue's criterion).
+P99_LIMIT_MS = 100.0
+RATE_STEPS = [20_000, 40_000, 80_000, 120_000, 160_000, 200_000, 240_000, 280_000, 320_000]
+
+
+class Cluster:
+    """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        env.update(
+            TRIO_FANOUT_RATE_LIMIT_PER_SECOND="1000000",
+            TRIO_FANOUT_RATE_LIMIT_BURST="1000000",
+            TRIO_FANOUT_MAX_ROOMS_PER_CONNECTION="100",
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trio_fanout", "run", "--workers", "2", "--port", "0",
+             "--proxy-port", "0", "--heartbeat-interval", "0"],
+            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.worker_pids: list[int] = []
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if match := re.search(r"listening on ws://[\d.]+:(\d+)/ws", line):
+                self.port = int(match.group(1))
+            if match := re.search(r"worker \d \(pid (\d+)\) serving", line):
+                self.worker_pids.append(int(match.group(1)))
+            if len(self.worker_pids) == 2:
+                break
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.pids = [self.process.pid, *self.worker_pids]
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / CLOCK_TICKS
+
+    def worker_rss_bytes(self) -> int:
+        return sum(
+            int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+            for pid in self.worker_pids
+        )
+
+    def worker_health(self) -> list[dict]:
+        """/healthz of each worker (connections land on either; ask until both answered)."""
+        seen: dict[int, dict] = {}
+        for _ in range(50):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
+                health = json.load(r)
+            seen[health["worker"]] = health
+            if len(seen) == 2:
+                break
+        return list(seen.values())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def loadgen(config: dict, cluster: Cluster | None = None) -> dict:
+    """Run the load generator; with ``cluster``, add the server's CPU per delivery, read at the
+    load generator's start and end marks (so that connecting clients is not counted)."""
+    process = subprocess.Popen(
+        ["node", str(HERE / "loadgen.mjs"), json.dumps(config)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    cpu_at: dict[str, float] = {}
+    result: dict = {}
+    for line in process.stdout:
+        message = json.loads(line)
+        if "event" in message:
+            cpu_at[message["event"]] = cluster.cpu_seconds() if cluster else 0.0
+        else:
+            result = message
+    if process.wait(600) != 0:
+        raise RuntimeError(f"the load generator failed on {config}")
+    if cluster is not None:
+        server_cpu = cpu_at["end"] - cpu_at["start"]
+        result["server_cpu_seconds"] = server_cpu
+        result["server_cpu_us_per_delivery"] = server_cpu / max(result["received"], 1) * 1e6
+    return result
+
+
+def passes(result: dict) -> bool:
+    return (
+        result["lost"] == 0
+        and result["duplicated"] == 0
+        and result["reordered"] == 0
+        and result["p99_ms"] is not None
+        and result["p99_ms"] < P99_LIMIT_MS
+    )
+
+
+def one_run(quick: bool) -> dict:
+    duration = 3 if quick else 5
+    figures: dict = {}
+    cluster = Cluster()
+    try:
+        # First, while the workers' heaps are fresh: what an idle connection costs.
+        figures["idle_10000"] = idle_memory(cluster, 10_000)
+        for clients in (1000, 4000):
+            base = {"mode": "rate", "url": cluster.url, "clients": clients, "rooms": 10,
+                    "duration": duration}  # fmt: skip
+            fixed = loadgen({**base, "deliveries": 20_000}, cluster)
+            figures[f"fixed_20k_{clients}"] = fixed
+            best = None
+            for rate in RATE_STEPS:
+                result = loadgen({**base, "deliveries": rate}, cluster)
+                print(f"  {clients} clients, {rate}/s: p99 {result['p99_ms']:.1f} ms, "
+                      f"lost {result['lost']}, server {result['server_cpu_us_per_delivery']:.2f}"
+                      f" us/delivery, loadgen CPU {result['loadgen_cpu_percent']:.0f}%",
+                      file=sys.stderr)  # fmt: skip
+                if not passes(result):
+                    figures[f"first_failing_{clients}"] = result
+                    break
+                best = result
+            figures[f"max_sustainable_{clients}"] = best
+        figures["broadcast_4000"] = loadgen(
+            {"mode": "broadcast", "url": cluster.url, "clients": 4000, "messages": 20}
+        )
+        for members in (1000, 10_000):
+            figures[f"per_recipient_{members}"] = loadgen(
+                {"mode": "broadcast", "url": cluster.url, "clients": members, "messages": 20},
+                cluster,
+            )
+        # The workers' GC pauses over the whole run, 10,000 connections included.
+        figures["gc"] = [health["gc"] for health in cluster.worker_health()]
+    finally:
+        cluster.stop()
+    return figures
+
+
+def idle_memory(cluster: Cluster, count: int) -> dict:
+    before = cluster.worker_rss_bytes()
+    process = subprocess.Popen(
+        ["node", str(HERE / "loadgen.mjs"),
+         json.dumps({"mode": "idle", "url": cluster.url, "clients": count})],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stdin is not None
+    json.loads(process.stdout.readline())
+    time.sleep(2)  # let the workers finish their handshakes' garbage before reading RSS
+    after = cluster.worker_rss_bytes()
+    health = cluster.worker_health()
+    process.stdin.close()
+    process.wait(60)
+    return {
+        "connections": count,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "rss_per_connection_kib": (after - before) / count / 1024,
+        "health": health,
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    def median(path: list[str]) -> float | None:
+        values = []
+        for run in runs:
+            value = run
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None:
+                values.append(value)
+        return statistics.median(values) if values else None
+
+    summary = {}
+    for clients in (1000, 4000):
+        summary[f"max sustainable deliveries/s, {clients} clients"] = median(
+            [f"max_sustainable_{clients}", "achieved_deliveries_per_second"]
+        )
+        summary[f"server CPU us/delivery at that rate, {clients} clients"] = median(
+            [f"max_sustainable_{clients}", "server_cpu_us_per_delivery"]
+        )
+        summary[f"load generator CPU % at that rate, {clients} clients"] = median(
+            [f"max_sustainable_{clients}", "loadgen_cpu_percent"]
+        )
+        summary[f"p50 ms at 20,000/s, {clients} clients"] = median(
+            [f"fixed_20k_{clients}", "p50_ms"]
+        )
+        summary[f"p99 ms at 20,000/s, {clients} clients"] = median(
+            [f"fixed_20k_{clients}", "p99_ms"]
+        )
+        summary[f"server CPU us/delivery at 20,000/s, {clients} clients"] = median(
+            [f"fixed_20k_{clients}", "server_cpu_us_per_delivery"]
+        )
+    summary["one message to 4,000 members: ms to the last"] = median(
+        ["broadcast_4000", "median_to_last_ms"]
+    )
+    for members in (1000, 10_000):
+        summary[f"server CPU us per recipient, room of {members}"] = median(
+            [f"per_recipient_{members}", "server_cpu_us_per_delivery"]
+        )
+    summary["RSS KiB per idle connection (10,000)"] = median(
+        ["idle_10000", "rss_per_connection_kib"]
+    )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="shorter rate steps")
+    args = parser.parse_args()
+    runs = []
+    for number in range(1, args.runs + 1):
+        print(f"run {number} of {args.runs}", file=sys.stderr)
+        runs.append(one_run(args.quick))
+    summary = summarize(runs)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    width = max(map(len, summary))
+    print(f"\nmedians of {args.runs} run(s); every figure in {path}")
+    for name, value in summary.items():
+        shown = "-" if value is None else f"{value:,.2f}"
+        print(f"{name:<{width}}  {shown:>12}")
+
+
+if __name__ == "__main__":
+    main()
