@@ -18,6 +18,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -149,7 +150,7 @@ def one_run(quick: bool) -> dict:
                 best = result
             figures[f"max_sustainable_{clients}"] = best
         figures["broadcast_4000"] = loadgen(
-            {"mode": "broadcast", "url": cluster.url, "clients": 4000, "messages": 20}
+            {"mode": "broadcast", "url": cluster.url, "clients": 4000, "messages": 20}, cluster
         )
         for members in (1000, 10_000):
             figures[f"per_recipient_{members}"] = loadgen(
@@ -160,7 +161,33 @@ def one_run(quick: bool) -> dict:
         figures["gc"] = [health["gc"] for health in cluster.worker_health()]
     finally:
         cluster.stop()
+    figures["send_floor_4000"] = send_floor(4000, 20)
     return figures
+
+
+def send_floor(clients: int, messages: int) -> dict:
+    """The same broadcast against send_floor.py: the baseline, measured in the same run."""
+    with tempfile.TemporaryDirectory() as directory:
+        port_file = Path(directory) / "port"
+        server = subprocess.Popen(
+            [sys.executable, str(HERE / "send_floor.py"), str(port_file)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("send_floor.py did not start")
+            time.sleep(0.05)
+        url = f"ws://127.0.0.1:{port_file.read_text()}/ws"
+        result = loadgen(
+            {"mode": "broadcast", "url": url, "clients": clients, "messages": messages}
+        )
+        server.terminate()
+        stdout, _ = server.communicate(timeout=30)
+    floor = json.loads(stdout.strip().splitlines()[-1])
+    result["server_cpu_seconds"] = floor["cpu_seconds"]
+    result["server_cpu_us_per_delivery"] = floor["cpu_seconds"] / max(floor["deliveries"], 1) * 1e6
+    return result
 
 
 def idle_memory(cluster: Cluster, count: int) -> dict:
@@ -224,6 +251,20 @@ def summarize(runs: list[dict]) -> dict:
         summary[f"server CPU us per recipient, room of {members}"] = median(
             [f"per_recipient_{members}", "server_cpu_us_per_delivery"]
         )
+    summary["server CPU us per recipient, broadcast to 4,000"] = median(
+        ["broadcast_4000", "server_cpu_us_per_delivery"]
+    )
+    summary["baseline: send_floor.py us per recipient, same broadcast"] = median(
+        ["send_floor_4000", "server_cpu_us_per_delivery"]
+    )
+    summary["baseline: send_floor.py ms to the last of 4,000"] = median(
+        ["send_floor_4000", "median_to_last_ms"]
+    )
+    summary["trio-fanout / baseline, us per recipient"] = statistics.median(
+        run["broadcast_4000"]["server_cpu_us_per_delivery"]
+        / run["send_floor_4000"]["server_cpu_us_per_delivery"]
+        for run in runs
+    )
     summary["RSS KiB per idle connection (10,000)"] = median(
         ["idle_10000", "rss_per_connection_kib"]
     )

@@ -3,7 +3,6 @@ its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -13,7 +12,7 @@ import trio
 
 from backplane import open_backplane
 from trio_fanout.config import Config
-from trio_fanout.gcstats import GcPauses, freeze_survivors_forever
+from trio_fanout.gcstats import GcPauses, freeze_survivors_forever, keep_pauses_short
 from trio_fanout.hooks import Hooks
 from trio_fanout.worker import Worker
 
@@ -72,7 +71,7 @@ async def run_worker_process(
         worker = Worker(config, backplane, index)
         worker.gc_pauses = GcPauses()
         worker.gc_pauses.install()
-        gc.freeze()  # what start-up made lives as long as the process
+        keep_pauses_short()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(freeze_survivors_forever)
             nursery.start_soon(_stop_on_signal, worker)
