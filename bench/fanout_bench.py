@@ -268,6 +268,10 @@ def summarize(runs: list[dict]) -> dict:
     summary["RSS KiB per idle connection (10,000)"] = median(
         ["idle_10000", "rss_per_connection_kib"]
     )
+    for figure in ("longest_pause_ms", "longest_pause_cpu_ms", "p99_pause_ms"):
+        summary[f"GC {figure.replace('_', ' ')} (worse worker)"] = statistics.median(
+            max(gc[figure] for gc in run["gc"]) for run in runs
+        )
     return summary
 
 
