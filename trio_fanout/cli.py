@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 from typing import Any
 
 import trio
 
+from backplane import BackplaneError
 from trio_fanout import protocol
 from trio_fanout.config import KEYS, Config, ConfigError, load_config
+from trio_fanout.runner import WORKER_CONFIG_VARIABLE
 
 EXIT_USAGE = 2
 
@@ -96,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--index", "--listen-fd", "--parent-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
-    worker.add_argument("--config-json", help=argparse.SUPPRESS)
 
     proxy = commands.add_parser(
         "proxy",
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "config_json", None):
-            config, sources = Config.from_dict(json.loads(args.config_json)), {}
+        if args.command == "worker" and WORKER_CONFIG_VARIABLE in os.environ:
+            config = Config.from_dict(json.loads(os.environ.pop(WORKER_CONFIG_VARIABLE)))
+            sources = {}
         else:
             flags, flag_names = _flags(args)
             config, sources = load_config(flags, flag_names=flag_names, config_file=args.config)
@@ -188,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         for failure in failures.exceptions:
             print(f"trio-fanout: error: {failure}", file=sys.stderr)
         exit_code = EXIT_USAGE
+    except* BackplaneError as failures:
+        # The backplane is unreachable or refuses us: one line each, no traceback.
+        for failure in failures.exceptions:
+            print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        exit_code = 1
     return exit_code
 
 
@@ -218,7 +226,6 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
 
 
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
-    from backplane import BackplaneUnavailable
     from trio_fanout.emitter import open_emitter
 
     try:
@@ -233,9 +240,5 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
         async with open_emitter(config.backplane_url) as emitter:
             await emitter.publish(args.room, data)
 
-    try:
-        trio.run(publish)
-    except BackplaneUnavailable as failure:
-        print(f"trio-fanout: error: {failure}", file=sys.stderr)
-        return 1
+    trio.run(publish)
     return 0

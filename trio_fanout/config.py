@@ -9,6 +9,7 @@ the two in step.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -37,12 +38,19 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and its source."""
 
 
+def _finite(attribute: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidSetting(attribute.name, f"must be a finite number, not {value!r}")
+
+
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
     if value <= 0:
         raise InvalidSetting(attribute.name, f"must be greater than 0, not {value!r}")
 
 
 def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _finite(attribute, value)
     if value < 0:
         raise InvalidSetting(attribute.name, f"must be 0 or more, not {value!r}")
 

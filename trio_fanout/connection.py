@@ -121,7 +121,7 @@ class Connection:
         self._sock = sock
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
-        self._unsent = b""
+        self._unsent: bytes | memoryview = b""
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
@@ -144,12 +144,7 @@ class Connection:
             # them first. Only a client whose socket is full as well is too slow.
             self.flush()
             if self._writer_running:
-                logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
-                self.close(
-                    websocket.CLOSE_TRY_AGAIN_LATER,
-                    "too slow: queued frames over the limit",
-                    drop_pending=True,
-                )
+                self._too_slow()
                 return
         self._pending.append(frame)
         if not self._dirty:
@@ -167,19 +162,29 @@ class Connection:
             self._nursery.start_soon(self._write_when_writable)
 
     def _send_now(self) -> None:
-        pending = self._pending
-        if self._unsent:
-            pending.insert(0, self._unsent)
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
+        """Write the unsent rest of a frame, then every pending frame, as far as the socket
+        takes them; what it does not take stays as a view, never copied again."""
         try:
-            sent = self._sock.send(data)
+            if self._unsent:
+                sent = self._sock.send(self._unsent)
+                self._unsent = self._unsent[sent:]
+                if self._unsent:
+                    return
+            pending = self._pending
+            if not pending:
+                return
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
-            sent = 0
+            return  # the unsent rest is kept as it was
         except OSError as error:
             self._lost(error)
-            return
-        self._unsent = data[sent:] if sent < len(data) else b""
 
     async def _write_when_writable(self) -> None:
         """Runs only while the socket is full: waits for room, then writes what is pending."""
@@ -220,8 +225,29 @@ class Connection:
             self._cancel_scope.cancel()
 
     def _reply(self, frame: bytes) -> None:
-        self.enqueue(websocket.encode_text_frame(frame))
+        """Answer this client now with a JSON frame."""
+        self._send_frame(websocket.encode_text_frame(frame))
+
+    def _send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame and write it now (not via the worker's list of connections
+        to flush, which is the fan-out's)."""
+        if self._closing:
+            return
+        if len(self._pending) >= self._max_queued_frames:
+            self.flush()
+            if self._writer_running:
+                self._too_slow()
+                return
+        self._pending.append(frame)
         self.flush()
+
+    def _too_slow(self) -> None:
+        logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+        self.close(
+            websocket.CLOSE_TRY_AGAIN_LATER,
+            "too slow: queued frames over the limit",
+            drop_pending=True,
+        )
 
     # ---- the connection's task ----------------------------------------------------------------
 
@@ -241,8 +267,13 @@ class Connection:
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self.worker.forget(self)
-            with trio.CancelScope(shield=True):
-                await self._finish_close()
+            if self._closing:
+                with trio.CancelScope(shield=True):
+                    await self._finish_close()
+            else:
+                # The peer went away, or we are cancelled from outside: no handshake to finish.
+                trio.lowlevel.notify_closing(self._sock)
+                self._sock.close()
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
@@ -346,8 +377,11 @@ class Connection:
                 if isinstance(event, websocket.Message):
                     await self._handle_message(event)
                 elif isinstance(event, websocket.Ping):
-                    self.enqueue(websocket.encode_frame(websocket.OP_PONG, event.payload))
-                    self.flush()
+                    # Pings count against the rate like any frame: answering is work too.
+                    if self._limiter.allow():
+                        self._send_frame(websocket.encode_frame(websocket.OP_PONG, event.payload))
+                    elif self._limiter.abusive:
+                        self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 else:
                     self.close(event.code or websocket.CLOSE_NORMAL)
                     return
@@ -366,7 +400,13 @@ class Connection:
                 logger.info("connection %d ignores rate_limited: closing it 1008", self.id)
                 self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 return
-            self._reply(protocol.error_frame(protocol.RATE_LIMITED, "too many frames; slow down"))
+            self._reply(
+                protocol.error_frame(
+                    protocol.RATE_LIMITED,
+                    "too many frames; slow down",
+                    protocol.readable_id(message.payload) if message.is_text else None,
+                )
+            )
             return
         try:
             request = protocol.parse_request(message.payload, is_text=message.is_text)

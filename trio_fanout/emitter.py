@@ -73,11 +73,18 @@ class SyncEmitter:
         self._token: trio.lowlevel.TrioToken | None = None
         self._emitter: Emitter | None = None
         self._stop: trio.Event | None = None
+        self._abandoned = False
+        # A daemon thread: an emitter nobody closes (one for the process, as in a web app) must
+        # not keep the process alive at exit.
         self._thread = threading.Thread(
-            target=trio.run, args=(self._serve, backplane_url), name="trio-fanout-emitter"
+            target=trio.run,
+            args=(self._serve, backplane_url),
+            name="trio-fanout-emitter",
+            daemon=True,
         )
         self._thread.start()
         if not self._ready.wait(timeout):
+            self._abandoned = True  # the thread ends as soon as it is connected, if ever
             raise TimeoutError(f"the emitter did not connect to {backplane_url} in {timeout} s")
         if self._startup_error is not None:
             self._thread.join()
@@ -86,6 +93,8 @@ class SyncEmitter:
     async def _serve(self, backplane_url: str) -> None:
         try:
             async with open_emitter(backplane_url) as emitter:
+                if self._abandoned:
+                    return
                 self._emitter = emitter
                 self._stop = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()

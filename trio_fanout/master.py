@@ -19,10 +19,10 @@ import time
 import attrs
 import trio
 
-from backplane import BackplaneUnavailable, open_backplane, serve_proxy
+from backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout import envelope, protocol
 from trio_fanout.config import Config
-from trio_fanout.runner import open_listener
+from trio_fanout.runner import WORKER_CONFIG_VARIABLE, open_listener
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ LONGEST_RESTART_PAUSE = 10.0
 
 # How long workers get to close their clients after SIGTERM before they are killed.
 WORKER_STOP_TIMEOUT = 4.0
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
 
 
 class Supervisor:
@@ -53,7 +63,6 @@ class Supervisor:
             "--index", str(index),
             "--listen-fd", str(self._listener.fileno()),
             "--parent-fd", str(self._master_alive_read),
-            "--config-json", json.dumps(self._config.to_dict()),
         ]  # fmt: skip
 
     async def keep_running(self, index: int) -> None:
@@ -62,6 +71,8 @@ class Supervisor:
             process = await trio.lowlevel.open_process(
                 self._command(index),
                 pass_fds=(self._listener.fileno(), self._master_alive_read),
+                # Not on the command line: a backplane password would show in ps to everyone.
+                env={**os.environ, WORKER_CONFIG_VARIABLE: json.dumps(self._config.to_dict())},
             )
             self.processes[index] = process
             started = trio.current_time()
@@ -69,10 +80,7 @@ class Supervisor:
             del self.processes[index]
             if self._stopping:
                 return
-            if returncode < 0:
-                how = f"was killed by {signal.Signals(-returncode).name}"
-            else:
-                how = f"exited with code {returncode}"
+            how = describe_exit(returncode)
             failures = failures + 1 if trio.current_time() - started < STABLE_RUN_SECONDS else 0
             pause = 0.0
             if failures:
@@ -103,21 +111,27 @@ class Supervisor:
 
 
 async def publish_heartbeats(backplane_url: str, interval: float) -> None:
-    """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds."""
+    """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds.
+
+    Through an outage of the backplane it keeps counting (clients see the gap in ``seq``) and
+    keeps trying, so that a backplane that is down never takes the master down with it.
+    """
     numberer = envelope.Numberer()
-    async with open_backplane(backplane_url) as backplane:
-        seq = 0
-        next_beat = trio.current_time()
-        while True:
-            seq += 1
-            frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
-            payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
-            try:
-                await backplane.publish(envelope.BROADCAST_TOPIC, payload)
-            except BackplaneUnavailable as error:
-                # Clients see the gap in seq; the heartbeat goes on when the backplane is back.
-                logger.warning("heartbeat %d not sent: %s", seq, error)
-            next_beat += interval
+    seq = 0
+    next_beat = trio.current_time()
+    while True:
+        try:
+            async with open_backplane(backplane_url) as backplane:
+                while True:
+                    seq += 1
+                    frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
+                    payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
+                    await backplane.publish(envelope.BROADCAST_TOPIC, payload)
+                    next_beat += interval
+                    await trio.sleep_until(next_beat)
+        except BackplaneError as error:
+            logger.warning("heartbeat %d not sent: %s; trying again", seq, error)
+            next_beat = max(next_beat + interval, trio.current_time())
             await trio.sleep_until(next_beat)
 
 
@@ -139,7 +153,12 @@ async def run_master(
                     # Workers and the heartbeat meet at the port the proxy really bound.
                     config = attrs.evolve(config, proxy_port=proxy_port)
                 supervisor = Supervisor(config, listener)
-                if config.heartbeat_interval > 0:
+                # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
+                # publishes its own, so a master on it does not.
+                external_proxy = config.backplane is not None and config.backplane.startswith(
+                    "zmq:"
+                )
+                if config.heartbeat_interval > 0 and not external_proxy:
                     nursery.start_soon(
                         publish_heartbeats, config.backplane_url, config.heartbeat_interval
                     )

@@ -128,6 +128,19 @@ def message_frame(room: str, data: object, request_id: int | None = None) -> byt
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate", request_id) from None
     except ValueError:
         raise RequestError(BAD_FRAME, "data holds NaN or an infinity", request_id) from None
+    except RecursionError:
+        raise RequestError(BAD_FRAME, "data is nested too deeply", request_id) from None
+
+
+def readable_id(payload: bytes) -> int | None:
+    """The ``id`` of a client frame refused before it was looked at (rate limit), if it has a
+    readable one: errors carry the request's id wherever they can."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    request_id = obj.get("id") if isinstance(obj, dict) else None
+    return request_id if type(request_id) is int else None
 
 
 def check_room(room: object, request_id: int | None = None) -> str:
@@ -196,6 +209,8 @@ def broadcast_frame(data: object) -> bytes:
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate") from None
     except ValueError:
         raise RequestError(BAD_FRAME, "data holds NaN or an infinity") from None
+    except RecursionError:
+        raise RequestError(BAD_FRAME, "data is nested too deeply") from None
 
 
 def heartbeat_frame(seq: int, timestamp: float) -> bytes:

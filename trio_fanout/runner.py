@@ -18,6 +18,9 @@ from trio_fanout.worker import Worker
 
 logger = logging.getLogger(__name__)
 
+# The environment variable through which the master hands a worker its configuration (JSON).
+WORKER_CONFIG_VARIABLE = "_TRIO_FANOUT_WORKER_CONFIG"
+
 # The listen backlog: connections wait here while workers start or are busy; a fan-out server
 # is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
 LISTEN_BACKLOG = 4096

@@ -21,6 +21,9 @@ import attrs
 # The largest HTTP request head we read before answering 431; browsers send well under 2 KiB.
 MAX_REQUEST_HEAD_BYTES = 8192
 
+# Fragments one message may arrive in; browsers send one, libraries a few.
+MAX_FRAGMENTS = 1024
+
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION = 0x0
@@ -339,6 +342,9 @@ class FrameParser:
             return _parse_close(payload)
         if opcode != OP_CONTINUATION:
             self._fragmented_is_text = opcode == OP_TEXT
+        if len(self._fragments) >= MAX_FRAGMENTS:
+            # Empty fragments add nothing to the size limit, but each costs memory.
+            raise ProtocolViolation("too many fragments in one message", CLOSE_POLICY_VIOLATION)
         self._fragments.append(payload)
         self._fragments_size += len(payload)
         if not fin:

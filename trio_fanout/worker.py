@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_CAPACITY_PAUSE = 0.1
 
+# accept() errors that concern one connection that died in the backlog: skip it (Linux's
+# accept(2) asks callers to treat these like EAGAIN).
+ACCEPT_SKIP_ERRNOS = {
+    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+}  # fmt: skip
+
 # How long shutdown waits for clients to answer their 1001 close before dropping them.
 DRAIN_TIMEOUT = 3.0
 
@@ -222,6 +229,8 @@ class Worker:
             except BlockingIOError:
                 continue  # another worker took it
             except OSError as error:
+                if error.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
                 if error.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 logger.error("accept failed (%s); pausing %.1f s", error, ACCEPT_CAPACITY_PAUSE)
