@@ -15,8 +15,11 @@ concurrent publishes go out pipelined, many to a write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
+import struct
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -50,8 +53,8 @@ LONGEST_RECONNECT_PAUSE = 1.0
 # holds them (and disconnects us if its client-output-buffer limit is reached).
 RECEIVE_QUEUE_HIGH_WATER = 50_000
 
-# Channels per SUBSCRIBE command when subscribing again after a reconnection.
-RESUBSCRIBE_BATCH = 1000
+# Commands queued for a link that Redis is not reading before further ones are refused.
+MAX_QUEUED_COMMANDS = 100_000
 
 RECEIVE_BYTES = 65536
 
@@ -76,6 +79,21 @@ class _Reply:
         self.error: BackplaneError | None = None
 
 
+class _Subscribe:
+    """One SUBSCRIBE command sent: answered (confirmed, or refused with ``error``) or not yet."""
+
+    __slots__ = ("done", "error", "topic")
+
+    def __init__(self, topic: bytes) -> None:
+        self.topic = topic
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+# The error of a SUBSCRIBE whose connection was lost before Redis answered.
+_LOST = BackplaneUnavailable("the connection to Redis was lost")
+
+
 class _Link:
     """One Redis connection that keeps itself connected, with a writer and a reader task."""
 
@@ -97,17 +115,34 @@ class _Link:
         self._on_lost = on_lost
         self._outgoing: list[bytes] = []
         self._wake_writer = trio.Event()
+        self._stream: trio.abc.Stream | None = None
+        self._connection_scope: trio.CancelScope | None = None
         self.connected = False
         # Why the last connection attempt failed, for the message when opening gives up.
         self.last_error: BaseException | None = None
         self.endpoint = f"{address.scheme}://{address.host}:{address.port}"
 
     def send_nowait(self, command: bytes) -> None:
-        """Queue a command for the writer; raises :class:`BackplaneUnavailable` while down."""
+        """Queue a command for the writer; raises :class:`BackplaneUnavailable` while down, or
+        while Redis is not reading what we send."""
         if not self.connected:
             raise BackplaneUnavailable(f"Redis at {self.endpoint} is unreachable")
+        if len(self._outgoing) >= MAX_QUEUED_COMMANDS:
+            raise BackplaneUnavailable(f"Redis at {self.endpoint} is not keeping up")
         self._outgoing.append(command)
         self._wake_writer.set()
+
+    def abort(self) -> None:
+        """Drop the current connection with a reset (what is still in our send buffer is
+        discarded) and reconnect."""
+        if self._connection_scope is None or self._stream is None:
+            return
+        raw = self._stream
+        if isinstance(raw, trio.SSLStream):
+            raw = raw.transport_stream
+        if isinstance(raw, trio.SocketStream):
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._connection_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected until cancelled; ``started`` once the first connection is ready."""
@@ -147,6 +182,7 @@ class _Link:
                     )
                 try:
                     async with trio.open_nursery() as nursery:
+                        self._stream, self._connection_scope = stream, nursery.cancel_scope
                         nursery.start_soon(self._write_forever, stream)
                         await self._read_until_closed(stream)
                         nursery.cancel_scope.cancel()
@@ -154,6 +190,7 @@ class _Link:
                     pass
                 finally:
                     self.connected = False
+                    self._stream = self._connection_scope = None
                     self._on_lost()
             logger.warning("Redis %s link: lost %s; reconnecting", self._role, self.endpoint)
 
@@ -212,7 +249,10 @@ class _Link:
                 return
             reader.feed(data)
             while (reply := reader.gets()) is not False:
-                on_reply(reply)
+                try:
+                    on_reply(reply)
+                except Exception:  # a bug in handling one reply must not take the link down
+                    logger.exception("Redis %s link: cannot handle %r", self._role, reply)
 
 
 async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
@@ -230,8 +270,12 @@ class RedisBackplane(Backplane):
         self._replies: deque[_Reply] = deque()
         # How many times each topic is subscribed (the interface counts; Redis does not).
         self._counts: Counter[bytes] = Counter()
-        # Topics whose SUBSCRIBE Redis has not confirmed yet, and who waits for it.
-        self._unconfirmed: dict[bytes, trio.Event] = {}
+        # SUBSCRIBE commands sent on this connection and not yet answered, oldest first (Redis
+        # answers in order), and the latest one sent for each topic.
+        self._in_flight: deque[_Subscribe] = deque()
+        self._latest: dict[bytes, _Subscribe] = {}
+        # Set while the subscriber link is up; a new, unset one after each loss.
+        self._link_up = trio.Event()
         self._publisher = _Link(
             address, "publisher", self._on_publish_reply, lambda: None, self._fail_replies
         )
@@ -240,7 +284,7 @@ class RedisBackplane(Backplane):
             "subscriber",
             self._on_subscriber_reply,
             self._subscribe_all,
-            lambda: None,
+            self._subscriber_lost,
             wait_before_read=self._queue.wait_not_full,
         )
         self.endpoint = self._publisher.endpoint
@@ -252,11 +296,14 @@ class RedisBackplane(Backplane):
         reply = _Reply()
         self._publisher.send_nowait(encode_command(b"PUBLISH", topic, payload))
         self._replies.append(reply)
-        # A reply that never comes (a connection gone silent) must not hold the caller forever;
-        # the reply stays queued, so a late one still pairs with its own PUBLISH.
+        # A reply that never comes (a connection gone silent) must not hold the caller forever.
         with trio.move_on_after(PUBLISH_TIMEOUT):
             await reply.done.wait()
         if not reply.done.is_set():
+            # Redis is not answering: drop the connection with a reset, which discards what our
+            # kernel has not sent yet. What Redis's kernel already received may still be
+            # delivered when Redis resumes: a refusal after a timeout means "not confirmed".
+            self._publisher.abort()
             raise BackplaneUnavailable(f"Redis at {self.endpoint} did not answer a publish")
         if reply.error is not None:
             raise reply.error
@@ -276,53 +323,86 @@ class RedisBackplane(Backplane):
             )
             waiter.done.set()
 
-    # ---- subscribing ---------------------------------------------------------------------
+    # ---- subscribing ----------------------------------------------------------------------
 
     async def subscribe(self, topic: bytes) -> None:
         check_topic(topic)
         self._counts[topic] += 1
         try:
-            if self._counts[topic] == 1:
-                self._unconfirmed[topic] = trio.Event()
-                if self._subscriber.connected:
-                    self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", topic))
-                # else: _subscribe_all sends it when the link is back
-            confirmed = self._unconfirmed.get(topic)
-            if confirmed is not None:
-                with trio.move_on_after(SUBSCRIBE_TIMEOUT):
-                    await confirmed.wait()
-                if not confirmed.is_set():
-                    raise BackplaneUnavailable(
-                        f"Redis at {self.endpoint} did not confirm a subscription within "
-                        f"{SUBSCRIBE_TIMEOUT} s"
-                    )
-            else:
-                await trio.lowlevel.checkpoint()
+            if self._counts[topic] == 1 and self._subscriber.connected:
+                self._send_subscribe(topic)
+            # else: the link is down and subscribes to every counted topic when it is back,
+            # or another caller's SUBSCRIBE for this topic is already on its way
+            with trio.move_on_after(SUBSCRIBE_TIMEOUT):
+                await self._confirmed(topic)
+                return
+            raise BackplaneUnavailable(
+                f"Redis at {self.endpoint} did not confirm a subscription within "
+                f"{SUBSCRIBE_TIMEOUT} s"
+            )
         except BaseException:
             self.unsubscribe(topic)
             raise
 
+    async def _confirmed(self, topic: bytes) -> None:
+        """Wait until Redis has confirmed the latest SUBSCRIBE of ``topic``, across
+        reconnections; raise its refusal if it refused."""
+        while True:
+            command = self._latest.get(topic)
+            if command is None:  # not sent yet: the link is down
+                await self._link_up.wait()
+                continue
+            await command.done.wait()
+            if command.error is None:
+                return
+            if command.error is not _LOST:
+                raise command.error
+            # the connection was lost first: the next connection subscribes again
+
     def unsubscribe(self, topic: bytes) -> None:
-        if self._counts[topic] <= 1:
-            self._counts.pop(topic, None)
-            self._unconfirmed.pop(topic, None)
-            if self._subscriber.connected:
-                self._subscriber.send_nowait(encode_command(b"UNSUBSCRIBE", topic))
-        else:
+        if self._counts[topic] > 1:
             self._counts[topic] -= 1
+            return
+        self._counts.pop(topic, None)
+        self._latest.pop(topic, None)
+        if self._subscriber.connected:
+            # If it cannot be sent, messages that still come for the topic are dropped on arrival.
+            with contextlib.suppress(BackplaneUnavailable):
+                self._subscriber.send_nowait(encode_command(b"UNSUBSCRIBE", topic))
+
+    def _send_subscribe(self, topic: bytes) -> None:
+        """One SUBSCRIBE per topic: a refusal (an ACL forbidding the channel) is then one
+        topic's, and confirmations pair with their command in order."""
+        command = _Subscribe(topic)
+        self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", topic))
+        self._in_flight.append(command)
+        self._latest[topic] = command
 
     def _subscribe_all(self) -> None:
         """The subscriber link is (again) connected: subscribe to every topic we hold."""
-        topics = list(self._counts)
-        for topic in topics:
-            self._unconfirmed.setdefault(topic, trio.Event())
-        for start in range(0, len(topics), RESUBSCRIBE_BATCH):
-            batch = topics[start : start + RESUBSCRIBE_BATCH]
-            self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", *batch))
-        if topics:
-            logger.info("subscribing again to %d topics on %s", len(topics), self.endpoint)
+        for topic in self._counts:
+            self._send_subscribe(topic)
+        if self._counts:
+            logger.info("subscribing again to %d topics on %s", len(self._counts), self.endpoint)
+        self._link_up.set()
+
+    def _subscriber_lost(self) -> None:
+        """Commands in flight will never be answered; their waiters wait for the next link."""
+        while self._in_flight:
+            command = self._in_flight.popleft()
+            command.error = _LOST
+            command.done.set()
+        self._latest.clear()
+        self._link_up = trio.Event()
 
     def _on_subscriber_reply(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            # Redis answers a refused SUBSCRIBE (e.g. NOPERM) with an error, in command order.
+            command = self._in_flight.popleft()
+            command.error = BackplaneUnavailable(f"Redis refused SUBSCRIBE: {reply}")
+            command.done.set()
+            logger.error("Redis refused to subscribe to %r: %s", command.topic, reply)
+            return
         kind = reply[0]
         if kind == b"message":
             # Redis may still send a few messages on a topic after we asked to unsubscribe;
@@ -330,11 +410,8 @@ class RedisBackplane(Backplane):
             if reply[1] in self._counts:
                 self._queue.put(reply[1], reply[2])
         elif kind == b"subscribe":
-            confirmed = self._unconfirmed.pop(reply[1], None)
-            if confirmed is not None:
-                confirmed.set()
-        elif isinstance(reply, hiredis.ReplyError):
-            logger.error("Redis subscriber link: %s", reply)
+            command = self._in_flight.popleft()
+            command.done.set()
 
     async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
         return await self._queue.take(max_messages)

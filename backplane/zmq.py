@@ -46,6 +46,10 @@ RECEIVE_QUEUE_HIGH_WATER = 50_000
 # backplane is reported unavailable.
 SUBSCRIBE_TIMEOUT = 5.0
 
+# How often a backplane checks that the proxy still answers, and how long an answer may take.
+PROXY_CHECK_INTERVAL = 1.0
+PROXY_CHECK_TIMEOUT = 1.0
+
 # Probes are repeated until one comes back: the first is usually sent before the proxy has
 # learnt of the subscription and is dropped there.
 FIRST_PROBE_DELAY = 0.001
@@ -88,12 +92,33 @@ class ZmqBackplane(Backplane):
         self._probe_ids = itertools.count()
         self._probe_prefix = os.urandom(8)
         self._wait_scope: trio.CancelScope | None = None
+        self._proxy_answers = True
         self.endpoint = f"zmq://{host}:{port}"
 
     async def publish(self, topic: bytes, payload: bytes) -> None:
         check_topic(topic)
         await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
         self._send([wire_topic(topic), payload])
+
+    async def watch_proxy(self, own_topic: bytes) -> None:
+        """Probe the proxy every PROXY_CHECK_INTERVAL. A PUB socket never refuses a message:
+        it drops what it cannot deliver, silently. So while the proxy does not answer, publish
+        refuses instead (messages sent before the probe notices are still lost)."""
+        wire = wire_topic(own_topic)
+        while True:
+            await trio.sleep(PROXY_CHECK_INTERVAL)
+            try:
+                await self._prove_live(wire, PROXY_CHECK_TIMEOUT)
+            except BackplaneUnavailable:
+                if self._proxy_answers:
+                    logger.warning("the ZeroMQ proxy at %s does not answer", self.endpoint)
+                self._proxy_answers = False
+            else:
+                if not self._proxy_answers:
+                    logger.warning("the ZeroMQ proxy at %s answers again", self.endpoint)
+                self._proxy_answers = True
 
     async def subscribe(self, topic: bytes) -> None:
         check_topic(topic)
@@ -115,10 +140,8 @@ class ZmqBackplane(Backplane):
         return await self._queue.take(max_messages)
 
     def _send(self, frames: list[bytes]) -> None:
-        try:
-            self._pub.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            raise BackplaneUnavailable(f"{self.endpoint} is not taking messages") from None
+        # A PUB socket never blocks and never refuses: past its high-water mark it drops.
+        self._pub.send_multipart(frames, zmq.NOBLOCK)
 
     async def _prove_live(self, wire: bytes, give_up_after: float | None = None) -> None:
         """Publish a probe on ``wire`` until our own subscriber receives one; raise
@@ -194,6 +217,7 @@ async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane
                 # proxy, so that a publish right after open is not dropped by ZeroMQ.
                 own_topic = b"\x00trio-fanout-own:" + os.urandom(8)
                 await backplane.subscribe(own_topic)
+                nursery.start_soon(backplane.watch_proxy, own_topic)
                 logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
                 yield backplane
                 # One more round trip before closing: ZeroMQ keeps order on our one connection to

@@ -497,3 +497,42 @@ async def test_open_backplane_refuses_a_bad_url_before_connecting() -> None:
     with pytest.raises(BadBackplaneURL):
         async with open_backplane("zmq://127.0.0.1:65535"):
             pytest.fail("opened a backplane from a bad URL")
+
+
+async def test_zmq_publish_is_refused_while_the_proxy_is_gone_and_accepted_after(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
+    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_TIMEOUT", 0.2)
+
+    async def start_proxy(port: int) -> tuple[int, trio.CancelScope]:
+        scope = trio.CancelScope()
+
+        async def run(*, task_status: trio.TaskStatus[int]) -> None:
+            with scope:
+                await backplane.serve_proxy("127.0.0.1", port, task_status=task_status)
+
+        return await nursery.start(run), scope
+
+    port, proxy = await start_proxy(0)
+    url = f"zmq://127.0.0.1:{port}"
+    async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+        await subscriber.subscribe(b"room")
+        proxy.cancel()
+        with trio.fail_after(TIMEOUT), pytest.raises(BackplaneUnavailable):
+            while True:  # bounded: the proxy check notices within a few tenths of a second
+                await publisher.publish(b"room", b"while the proxy is gone")
+                await trio.sleep(0.05)
+        _, proxy = await start_proxy(port)
+        with trio.fail_after(TIMEOUT):
+            while True:
+                try:
+                    await publisher.publish(b"room", b"back")
+                    break
+                except BackplaneUnavailable:
+                    await trio.sleep(0.05)
+        inbox = Inbox(subscriber)
+        # Messages sent before the check noticed are lost, but not this one.
+        while (await inbox.next()) != (b"room", b"back"):
+            pass
+        proxy.cancel()

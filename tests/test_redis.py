@@ -4,6 +4,7 @@ restart of Redis under a running backplane and under a running cluster."""
 from __future__ import annotations
 
 import itertools
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -243,4 +244,52 @@ async def test_a_cluster_rides_out_a_redis_restart(tmp_path: Path):
                 assert set(got[:-1]) <= set(accepted)
     finally:
         cluster.stop()
+        server.stop()
+
+
+async def test_a_refused_subscription_is_that_topic_s_alone(tmp_path: Path):
+    acl = ["--user", "default", "off",
+           "--user", "bob", "on", ">pw", "~*", "resetchannels", "&public*", "+@all"]  # fmt: skip
+    server = RedisServer(str(tmp_path), *acl)
+    try:
+        url = f"redis://bob:pw@127.0.0.1:{server.port}"
+        async with open_backplane(url) as publisher, open_backplane(url) as subscriber:
+            with pytest.raises(BackplaneUnavailable, match="refused SUBSCRIBE: NOPERM"):
+                await subscriber.subscribe(b"secret")
+            # The link is still up and the next subscription works.
+            await subscriber.subscribe(b"public-news")
+            await publisher.publish(b"public-news", b"still working")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert await subscriber.receive_batch() == [(b"public-news", b"still working")]
+    finally:
+        server.stop()
+
+
+async def test_a_publish_redis_does_not_answer_is_refused_and_the_link_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Redis alive but not answering (stopped): the publish is refused after PUBLISH_TIMEOUT
+    # rather than acknowledged. It may still be delivered when Redis resumes, if Redis's kernel
+    # had already received it: "refused" means "not confirmed" (docs/architecture.md).
+    monkeypatch.setattr(backplane.redis, "PUBLISH_TIMEOUT", 0.5)
+    server = RedisServer(str(tmp_path))
+    try:
+        async with (
+            open_backplane(server.url) as publisher,
+            open_backplane(server.url) as subscriber,
+        ):
+            await subscriber.subscribe(b"topic")
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(BackplaneUnavailable):
+                    await publisher.publish(b"topic", b"refused")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await publish_until_accepted(publisher, b"topic", b"accepted")
+            received: list[bytes] = []
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while b"accepted" not in received:
+                    received += [payload for _, payload in await subscriber.receive_batch()]
+            assert received in ([b"accepted"], [b"refused", b"accepted"])
+    finally:
         server.stop()
