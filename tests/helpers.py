@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import select
 import signal
@@ -128,27 +129,36 @@ class RedisServer(LoggedProcess):
         ]  # fmt: skip
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P+1 were both free a moment ago (for a ZeroMQ proxy)."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no two consecutive free ports")
+# Ports the tests pick for servers that cannot take port 0 (redis-server, the examples' TOML
+# files): below Linux's ephemeral range (32768-60999), so that no outgoing connection holds
+# them, and above the well-known and registered ones most often in use.
+TEST_PORTS = range(20_000, 32_000)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    for _ in range(1000):
+        port = random.choice(TEST_PORTS)
+        if _bindable(port):
+            return port
+    raise AssertionError("no free port")
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 were both free a moment ago (for a ZeroMQ proxy)."""
+    for _ in range(1000):
+        port = random.choice(TEST_PORTS)
+        if _bindable(port) and _bindable(port + 1):
+            return port
+    raise AssertionError("no two consecutive free ports")
 
 
 def kill_group(pgid: int) -> None:

@@ -63,3 +63,15 @@ def test_help_explains_the_run_command():
     for flag in ("--host", "--port", "--workers", "--heartbeat-interval", "--proxy-port"):
         assert flag in result.stdout
     assert "ws://HOST:PORT/ws" in result.stdout
+
+
+def test_a_backplane_that_refuses_us_is_one_line_and_exit_code_1(redis_server):
+    # This redis-server has no password: AUTH is refused at once.
+    result = trio_fanout(
+        "publish", "--backplane", f"redis://:secret@127.0.0.1:{redis_server.port}", "room", "1"
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("trio-fanout: error: Redis at redis://127.0.0.1:")
+    assert "refused AUTH" in lines[0]

@@ -3,6 +3,7 @@ and real WebSocket clients (trio-websocket, through trio_fanout.client)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -282,8 +283,14 @@ def test_sigterm_closes_clients_1001_and_leaves_no_process():
         cluster.stop()
 
 
-def test_a_killed_worker_comes_back_and_the_other_sees_no_gap():
-    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0.05")
+@pytest.mark.parametrize("backplane", ["zmq", "redis"])
+def test_a_killed_worker_comes_back_and_the_other_sees_no_gap(
+    backplane: str, request: pytest.FixtureRequest
+):
+    extra = []
+    if backplane == "redis":
+        extra = ["--backplane", request.getfixturevalue("redis_server").url]
+    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0.05", *extra)
     try:
         cluster.wait_for_workers(2)
 
@@ -298,10 +305,19 @@ def test_a_killed_worker_comes_back_and_the_other_sees_no_gap():
                 for number in range(100):
                     await publisher.publish(room, number)
                 assert await receive_data(survivor, 100) == list(range(100))
-                cluster.wait_for_log(
-                    rf"worker 1 \(pid {victim.pid}\) was killed by SIGKILL", start=log_mark
+                # The master's log, read from a thread: it blocks while it waits.
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        cluster.wait_for_log,
+                        rf"worker 1 \(pid {victim.pid}\) was killed by SIGKILL",
+                        start=log_mark,
+                    )
                 )
-                cluster.wait_for_log(r"worker 1 \(pid \d+\) serving", start=log_mark)
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        cluster.wait_for_log, r"worker 1 \(pid \d+\) serving", start=log_mark
+                    )
+                )
                 # Heartbeats on the survivor kept counting up by one through all of it.
                 seqs = []
                 with trio.fail_after(RECEIVE_TIMEOUT):
@@ -318,6 +334,27 @@ def test_a_killed_worker_comes_back_and_the_other_sees_no_gap():
                 assert await receive_data(again[1][0], 1) == ["welcome back"]
 
         trio.run(scenario)
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_pause():
+    cluster = ClusterProcess("--workers", "1", "--heartbeat-interval", "0")
+    try:
+        pid = int(cluster.wait_for_log(r"worker 1 \(pid (\d+)\) serving").group(1))
+        pauses = []
+        # SIGRTMIN+1 has no name in Python's signal module: the master must cope with it.
+        for signum in (signal.SIGRTMIN + 1, signal.SIGKILL, signal.SIGKILL):
+            mark = len(cluster.lines)
+            os.kill(pid, signum)
+            died = cluster.wait_for_log(
+                rf"worker 1 \(pid {pid}\) was killed by (\S+ ?\d*); restarting it in ([\d.]+) s",
+                start=mark,
+            )
+            pauses.append(float(died.group(2)))
+            pid = int(cluster.wait_for_log(r"worker 1 \(pid (\d+)\) serving", start=mark).group(1))
+        assert pauses == [0.1, 0.2, 0.4]
+        assert cluster.process.poll() is None  # the master is still running
     finally:
         cluster.stop()
 

@@ -79,6 +79,8 @@ def test_environment_values_are_converted_to_the_key_type(tmp_path: Path):
         ("backplane = 'http://x'", "backplane: 'http://x' has an unknown scheme 'http'"),
         ("backplane = 'zmq://:5559'", "backplane: 'zmq://:5559' names no host"),
         ("port = ", "is not valid TOML"),
+        ("heartbeat_interval = inf", "heartbeat_interval: must be a finite number, not inf"),
+        ("handshake_timeout = nan", "handshake_timeout: must be a finite number, not nan"),
     ],
 )
 def test_a_bad_file_value_names_the_key_and_the_file(tmp_path: Path, toml: str, message: str):
@@ -97,6 +99,8 @@ def test_a_bad_file_value_names_the_key_and_the_file(tmp_path: Path, toml: str, 
         ("TRIO_FANOUT_WROKERS", "2", "TRIO_FANOUT_WROKERS: unknown setting (from the environment)"),
         ("TRIO_FANOUT_WORKERS", "0", "workers: must be greater than 0, not 0 (from environment"),
         ("TRIO_FANOUT_BACKPLANE", "redis", "backplane: 'redis' is not a URL"),
+        ("TRIO_FANOUT_HANDSHAKE_TIMEOUT", "nan", "handshake_timeout: must be a finite number"),
+        ("TRIO_FANOUT_RATE_LIMIT_PER_SECOND", "inf", "rate_limit_per_second: must be a finite"),
     ],
 )
 def test_a_bad_environment_value_names_the_variable(

@@ -29,6 +29,9 @@ from trio_fanout.client import open_client
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
+# A command of the examples runs for a second at most when things are well.
+PROCESS_TIMEOUT = 30
+
 
 async def test_the_emitter_script_publishes_to_every_worker(cluster: ClusterProcess):
     async with AsyncExitStack() as stack:
@@ -36,11 +39,12 @@ async def test_the_emitter_script_publishes_to_every_worker(cluster: ClusterProc
         members = [by_worker[1][0], by_worker[2][0]]
         for member in members:
             await member.join("lobby")
-        result = await trio.run_process(
-            [sys.executable, str(EXAMPLES / "emitter.py"), "--backplane", cluster.backplane_url,
-             "lobby", "hello from a script"],
-            capture_stdout=True, capture_stderr=True,
-        )  # fmt: skip
+        with trio.fail_after(PROCESS_TIMEOUT):
+            result = await trio.run_process(
+                [sys.executable, str(EXAMPLES / "emitter.py"), "--backplane",
+                 cluster.backplane_url, "lobby", "hello from a script"],
+                capture_stdout=True, capture_stderr=True,
+            )  # fmt: skip
         assert result.stdout == b"published to lobby\n"
         for member in members:
             assert await receive_data(member, 1) == [
@@ -76,11 +80,12 @@ async def test_two_hosts_proxy_two_workers_and_a_shell_publish(tmp_path: Path):
         async with open_client(urls[0]) as on_a, open_client(urls[1]) as on_b:
             await on_a.join("lobby")
             await on_b.join("lobby")
-            result = await trio.run_process(
-                [sys.executable, "-m", "trio_fanout", "publish", "--config", str(worker_a_toml),
-                 "lobby", '{"name": "shell", "text": "hi"}'],
-                capture_stderr=True,
-            )  # fmt: skip
+            with trio.fail_after(PROCESS_TIMEOUT):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "trio_fanout", "publish", "--config",
+                     str(worker_a_toml), "lobby", '{"name": "shell", "text": "hi"}'],
+                    capture_stderr=True,
+                )  # fmt: skip
             assert result.returncode == 0
             for client in (on_a, on_b):
                 assert await receive_data(client, 1) == [{"name": "shell", "text": "hi"}]
@@ -127,18 +132,20 @@ async def test_two_hosts_on_redis_differ_in_one_line_and_use_redis(
             room = f"redis-lobby-{os.getpid()}"
             await on_a.join(room)
             await on_b.join(room)
-            result = await trio.run_process(
-                [sys.executable, "-m", "trio_fanout", "publish", "--config",
-                 str(tmp_path / "worker-a.toml"), room, '"over redis"'],
-                capture_stderr=True,
-            )  # fmt: skip
+            with trio.fail_after(PROCESS_TIMEOUT):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "trio_fanout", "publish", "--config",
+                     str(tmp_path / "worker-a.toml"), room, '"over redis"'],
+                    capture_stderr=True,
+                )  # fmt: skip
             assert result.returncode == 0, result.stderr
             for client in (on_a, on_b):
                 assert await receive_data(client, 1) == ["over redis"]
-            numsub = await trio.run_process(
-                ["redis-cli", "-p", str(redis_server.port), "pubsub", "numsub", f"r:{room}"],
-                capture_stdout=True,
-            )
+            with trio.fail_after(PROCESS_TIMEOUT):
+                numsub = await trio.run_process(
+                    ["redis-cli", "-p", str(redis_server.port), "pubsub", "numsub", f"r:{room}"],
+                    capture_stdout=True,
+                )
             assert numsub.stdout.split() == [f"r:{room}".encode(), b"2"]
     finally:
         for worker in workers:

@@ -11,7 +11,13 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
-from tests.helpers import ClusterProcess, connect_on_each_worker, receive_data, receive_message
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    ClusterProcess,
+    connect_on_each_worker,
+    receive_data,
+    receive_message,
+)
 from trio_fanout import Config, Forbidden, Hooks, Request, SyncEmitter, open_emitter, serve
 from trio_fanout.client import ServerError, open_client
 
@@ -57,7 +63,8 @@ async def test_a_sync_emitter_in_a_plain_thread_reaches_both_workers(cluster: Cl
         thread.start()
         for member in members:
             assert await receive_data(member, 100) == list(range(100))
-        await trio.to_thread.run_sync(thread.join)
+        await trio.to_thread.run_sync(thread.join, RECEIVE_TIMEOUT)
+        assert not thread.is_alive()
         assert failures == []
 
 
