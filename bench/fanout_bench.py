@@ -61,12 +61,14 @@ class Cluster:
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.pids = [self.process.pid, *self.worker_pids]
 
-    def cpu_seconds(self) -> float:
-        total = 0
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU seconds of the master and the workers so far."""
+        user = system = 0
         for pid in self.pids:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / CLOCK_TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
 
     def worker_rss_bytes(self) -> int:
         return sum(
@@ -98,20 +100,24 @@ def loadgen(config: dict, cluster: Cluster | None = None) -> dict:
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert process.stdout is not None
-    cpu_at: dict[str, float] = {}
+    cpu_at: dict[str, tuple[float, float]] = {}
     result: dict = {}
     for line in process.stdout:
         message = json.loads(line)
         if "event" in message:
-            cpu_at[message["event"]] = cluster.cpu_seconds() if cluster else 0.0
+            cpu_at[message["event"]] = cluster.cpu_seconds() if cluster else (0.0, 0.0)
         else:
             result = message
     if process.wait(600) != 0:
         raise RuntimeError(f"the load generator failed on {config}")
     if cluster is not None:
-        server_cpu = cpu_at["end"] - cpu_at["start"]
-        result["server_cpu_seconds"] = server_cpu
-        result["server_cpu_us_per_delivery"] = server_cpu / max(result["received"], 1) * 1e6
+        user = cpu_at["end"][0] - cpu_at["start"][0]
+        system = cpu_at["end"][1] - cpu_at["start"][1]
+        deliveries = max(result["received"], 1)
+        result["server_cpu_seconds"] = user + system
+        result["server_cpu_us_per_delivery"] = (user + system) / deliveries * 1e6
+        result["server_user_us_per_delivery"] = user / deliveries * 1e6
+        result["server_system_us_per_delivery"] = system / deliveries * 1e6
     return result
 
 
@@ -231,6 +237,9 @@ def summarize(runs: list[dict]) -> dict:
         )
         summary[f"server CPU us/delivery at that rate, {clients} clients"] = median(
             [f"max_sustainable_{clients}", "server_cpu_us_per_delivery"]
+        )
+        summary[f"  of which system (kernel) us/delivery, {clients} clients"] = median(
+            [f"max_sustainable_{clients}", "server_system_us_per_delivery"]
         )
         summary[f"load generator CPU % at that rate, {clients} clients"] = median(
             [f"max_sustainable_{clients}", "loadgen_cpu_percent"]
