@@ -137,15 +137,8 @@ class Connection:
 
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
-        if self._closing:
+        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
             return
-        if len(self._pending) >= self._max_queued_frames:
-            # A large batch can queue this many frames for a healthy client too: try to write
-            # them first. Only a client whose socket is full as well is too slow.
-            self.flush()
-            if self._writer_running:
-                self._too_slow()
-                return
         self._pending.append(frame)
         if not self._dirty:
             self._dirty = True
@@ -231,23 +224,27 @@ class Connection:
     def _send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
-        if self._closing:
+        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
             return
-        if len(self._pending) >= self._max_queued_frames:
-            self.flush()
-            if self._writer_running:
-                self._too_slow()
-                return
         self._pending.append(frame)
         self.flush()
 
-    def _too_slow(self) -> None:
-        logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
-        self.close(
-            websocket.CLOSE_TRY_AGAIN_LATER,
-            "too slow: queued frames over the limit",
-            drop_pending=True,
-        )
+    def _room(self) -> bool:
+        """Whether one more frame may be queued: not when closing, nor when the queue is full
+        and stays full after a write (then the client is too slow and is closed with 1013).
+        A large batch can queue many frames for a healthy client too, hence the write first."""
+        if self._closing:
+            return False
+        self.flush()
+        if self._writer_running and len(self._pending) >= self._max_queued_frames:
+            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+            self.close(
+                websocket.CLOSE_TRY_AGAIN_LATER,
+                "too slow: queued frames over the limit",
+                drop_pending=True,
+            )
+            return False
+        return True
 
     # ---- the connection's task ----------------------------------------------------------------
 
