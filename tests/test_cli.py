@@ -75,3 +75,18 @@ def test_a_backplane_that_refuses_us_is_one_line_and_exit_code_1(redis_server):
     assert len(lines) == 1
     assert lines[0].startswith("trio-fanout: error: Redis at redis://127.0.0.1:")
     assert "refused AUTH" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("room", "data", "complaint"),
+    [
+        ("lobby", "{not json", "DATA is not JSON"),
+        ("lobby", "NaN", "DATA: data cannot be sent as JSON"),
+        ("", '"hi"', "ROOM: room must be 1 to 200 characters long"),
+    ],
+)
+def test_publish_refuses_what_clients_could_not_receive(room: str, data: str, complaint: str):
+    result = trio_fanout("publish", "--backplane", "zmq://127.0.0.1:1", room, data)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"trio-fanout: error: {complaint}")

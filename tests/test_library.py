@@ -77,9 +77,9 @@ def test_emitters_refuse_what_clients_could_not_receive():
             with pytest.raises(ValueError, match="surrogate"):
                 await emitter.publish("room", "\ud800")
             for not_json in (float("nan"), [float("inf")]):
-                with pytest.raises(ValueError, match="NaN or an infinity"):
+                with pytest.raises(ValueError, match="cannot be sent as JSON: Out of range float"):
                     await emitter.publish("room", not_json)
-                with pytest.raises(ValueError, match="NaN or an infinity"):
+                with pytest.raises(ValueError, match="cannot be sent as JSON: Out of range float"):
                     await emitter.broadcast(not_json)
             with pytest.raises(TypeError):
                 await emitter.publish("room", object())

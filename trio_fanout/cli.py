@@ -230,11 +230,16 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
 
     try:
         data = json.loads(args.data)
-        protocol.check_room(args.room)
-    except ValueError:
+    except (ValueError, RecursionError):
         parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA is not JSON: {args.data!r}\n")
+    try:
+        protocol.check_room(args.room)
     except protocol.RequestError as refusal:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: ROOM: {refusal.message}\n")
+    try:
+        protocol.message_frame(args.room, data)  # what clients could not receive: NaN, …
+    except protocol.RequestError as refusal:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA: {refusal.message}\n")
 
     async def publish() -> None:
         async with open_emitter(config.backplane_url) as emitter:

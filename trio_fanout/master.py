@@ -127,7 +127,8 @@ async def publish_heartbeats(backplane_url: str, interval: float) -> None:
                     frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
                     payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
                     await backplane.publish(envelope.BROADCAST_TOPIC, payload)
-                    next_beat += interval
+                    # Beats missed while the process was busy are skipped, not sent in a burst.
+                    next_beat = max(next_beat + interval, trio.current_time())
                     await trio.sleep_until(next_beat)
         except BackplaneError as error:
             logger.warning("heartbeat %d not sent: %s; trying again", seq, error)

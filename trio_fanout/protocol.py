@@ -126,8 +126,8 @@ def message_frame(room: str, data: object, request_id: int | None = None) -> byt
         return b'{"type":"message","room":' + _dump(room) + b',"data":' + _dump(data) + b"}"
     except UnicodeEncodeError:
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate", request_id) from None
-    except ValueError:
-        raise RequestError(BAD_FRAME, "data holds NaN or an infinity", request_id) from None
+    except ValueError as error:
+        raise RequestError(BAD_FRAME, f"data cannot be sent as JSON: {error}", request_id) from None
     except RecursionError:
         raise RequestError(BAD_FRAME, "data is nested too deeply", request_id) from None
 
@@ -207,8 +207,8 @@ def broadcast_frame(data: object) -> bytes:
         return b'{"type":"message","data":' + _dump(data) + b"}"
     except UnicodeEncodeError:
         raise RequestError(BAD_FRAME, "data holds an unpaired surrogate") from None
-    except ValueError:
-        raise RequestError(BAD_FRAME, "data holds NaN or an infinity") from None
+    except ValueError as error:
+        raise RequestError(BAD_FRAME, f"data cannot be sent as JSON: {error}") from None
     except RecursionError:
         raise RequestError(BAD_FRAME, "data is nested too deeply") from None
 
