@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -185,22 +186,42 @@ def exited_within(pid: int, timeout: float) -> bool:
 async def connect_on_each_worker(
     stack: AsyncExitStack, url: str, workers: int = 2, per_worker: int = 1, attempts: int = 200
 ) -> dict[int, list[Client]]:
-    """Open clients until each worker holds ``per_worker`` of them; extra ones are closed."""
-    # Each connect is bounded by open_client's own timeout: a fail_after around the loop would
-    # wrap the clients' nurseries, which outlive it.
+    """Open clients until each worker holds ``per_worker`` of them; extra ones are closed.
+
+    Workers share one listening socket, and when they are idle the same one can win every
+    accept: clients are opened several at a time, so that one worker is busy with the first
+    while another accepts the next. Each client lives in a task of its own (its context holds
+    trio-websocket's nursery), kept open until ``stack`` closes.
+    """
     by_worker: dict[int, list[Client]] = {index: [] for index in range(1, workers + 1)}
-    for _ in range(attempts):
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    release = trio.Event()
+    stack.callback(release.set)  # runs before the nursery's exit: the clients then close
+    opened_send, opened_receive = trio.open_memory_channel[tuple[Client, trio.Event, list]](
+        math.inf
+    )
+
+    async def hold_one() -> None:
+        async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+            decided, keep = trio.Event(), []
+            await opened_send.send((client, decided, keep))
+            await decided.wait()
+            if keep:
+                await release.wait()
+
+    batch = 2 * workers
+    for _ in range(0, attempts, batch):
+        for _ in range(batch):
+            nursery.start_soon(hold_one)
+        for _ in range(batch):
+            with trio.fail_after(START_TIMEOUT):
+                client, decided, keep = await opened_receive.receive()
+            if len(by_worker[client.worker]) < per_worker:
+                by_worker[client.worker].append(client)
+                keep.append(True)
+            decided.set()
         if all(len(clients) >= per_worker for clients in by_worker.values()):
             return by_worker
-        client_stack = AsyncExitStack()
-        client = await client_stack.enter_async_context(
-            open_client(url, connect_timeout=START_TIMEOUT)
-        )
-        if len(by_worker[client.worker]) < per_worker:
-            by_worker[client.worker].append(client)
-            stack.push_async_exit(client_stack)
-        else:
-            await client_stack.aclose()
     raise AssertionError(f"could not place {per_worker} client(s) on each of {workers} workers")
 
 
