@@ -56,6 +56,11 @@ RECEIVE_QUEUE_HIGH_WATER = 50_000
 # Commands queued for a link that Redis is not reading before further ones are refused.
 MAX_QUEUED_COMMANDS = 100_000
 
+# TCP keepalive on the links, in seconds and probes (see _keep_alive).
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_PROBES = 3
+
 RECEIVE_BYTES = 65536
 
 
@@ -150,7 +155,14 @@ class _Link:
         started = False
         while True:
             try:
-                stream = await self._connect()
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await self._connect()
+            except trio.TooSlowError:
+                self.last_error = TimeoutError(f"no answer within {CONNECT_TIMEOUT} s")
+                logger.warning(
+                    "Redis %s link: %s from %s", self._role, self.last_error, self.endpoint
+                )
+                stream = None
             except BackplaneError as error:
                 if not started:
                     raise  # refused credentials or database: a configuration error
@@ -204,6 +216,7 @@ class _Link:
             )
         else:
             stream = await trio.open_tcp_stream(address.host, address.port)
+        _keep_alive(stream)
         try:
             await self._handshake(stream)
         except BaseException:
@@ -253,6 +266,19 @@ class _Link:
                     on_reply(reply)
                 except Exception:  # a bug in handling one reply must not take the link down
                     logger.exception("Redis %s link: cannot handle %r", self._role, reply)
+
+
+def _keep_alive(stream: trio.abc.Stream) -> None:
+    """TCP keepalive on a Redis connection: a peer gone without a word (a host down, a network
+    cut) is noticed within about KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL
+    seconds, and the link reconnects, instead of a subscriber waiting forever."""
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(raw, trio.SocketStream):
+        return
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
