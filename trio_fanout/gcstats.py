@@ -83,9 +83,6 @@ class GcPauses:
     def install(self) -> None:
         gc.callbacks.append(self._callback)
 
-    def uninstall(self) -> None:
-        gc.callbacks.remove(self._callback)
-
     def summary(self) -> dict[str, Any]:
         recent = sorted(self.recent_ms)
         p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
