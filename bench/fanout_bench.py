@@ -31,7 +31,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A delivery rate passes when p99 latency stays under this and nothing is lost, duplicated or
 # reordered (the criterion).
 P99_LIMIT_MS = 100.0
-RATE_STEPS = [20_000, 40_000, 80_000, 120_000, 160_000, 200_000, 240_000, 280_000, 320_000]
+RATE_STEPS = [20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 160_000, 200_000, 240_000, 280_000]
 
 
 class Cluster:
