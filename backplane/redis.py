@@ -127,12 +127,12 @@ class _Link:
         self.last_error: BaseException | None = None
         self.endpoint = f"{address.scheme}://{address.host}:{address.port}"
 
-    def send_nowait(self, command: bytes) -> None:
+    def send_nowait(self, command: bytes, *, bounded: bool = True) -> None:
         """Queue a command for the writer; raises :class:`BackplaneUnavailable` while down, or
-        while Redis is not reading what we send."""
+        (if ``bounded``) while Redis is not reading what we send."""
         if not self.connected:
             raise BackplaneUnavailable(f"Redis at {self.endpoint} is unreachable")
-        if len(self._outgoing) >= MAX_QUEUED_COMMANDS:
+        if bounded and len(self._outgoing) >= MAX_QUEUED_COMMANDS:
             raise BackplaneUnavailable(f"Redis at {self.endpoint} is not keeping up")
         self._outgoing.append(command)
         self._wake_writer.set()
@@ -181,7 +181,9 @@ class _Link:
                 pause = min(pause * 2, LONGEST_RECONNECT_PAUSE)
                 continue
             pause = FIRST_RECONNECT_PAUSE
-            async with stream:
+            # Closed forcefully: the connection is lost, aborted or shut down, and a TLS
+            # close_notify to a Redis that is not reading could block the reconnection.
+            async with _closed_forcefully(stream):
                 self.connected = True
                 self._outgoing.clear()
                 self._on_connected()
@@ -266,6 +268,14 @@ class _Link:
                     on_reply(reply)
                 except Exception:  # a bug in handling one reply must not take the link down
                     logger.exception("Redis %s link: cannot handle %r", self._role, reply)
+
+
+@asynccontextmanager
+async def _closed_forcefully(stream: trio.abc.Stream) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 def _keep_alive(stream: trio.abc.Stream) -> None:
@@ -396,18 +406,19 @@ class RedisBackplane(Backplane):
             with contextlib.suppress(BackplaneUnavailable):
                 self._subscriber.send_nowait(encode_command(b"UNSUBSCRIBE", topic))
 
-    def _send_subscribe(self, topic: bytes) -> None:
+    def _send_subscribe(self, topic: bytes, *, bounded: bool = True) -> None:
         """One SUBSCRIBE per topic: a refusal (an ACL forbidding the channel) is then one
         topic's, and confirmations pair with their command in order."""
         command = _Subscribe(topic)
-        self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", topic))
+        self._subscriber.send_nowait(encode_command(b"SUBSCRIBE", topic), bounded=bounded)
         self._in_flight.append(command)
         self._latest[topic] = command
 
     def _subscribe_all(self) -> None:
         """The subscriber link is (again) connected: subscribe to every topic we hold."""
         for topic in self._counts:
-            self._send_subscribe(topic)
+            # Not bounded: every topic we hold must be subscribed again, however many.
+            self._send_subscribe(topic, bounded=False)
         if self._counts:
             logger.info("subscribing again to %d topics on %s", len(self._counts), self.endpoint)
         self._link_up.set()

@@ -536,3 +536,25 @@ async def test_zmq_publish_is_refused_while_the_proxy_is_gone_and_accepted_after
         while (await inbox.next()) != (b"room", b"back"):
             pass
         proxy.cancel()
+
+
+async def test_zmq_a_consumer_behind_does_not_make_a_healthy_proxy_look_dead(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
+    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_INTERVAL", 0.05)
+    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_TIMEOUT", 0.1)
+    monkeypatch.setattr(backplane.zmq, "RECEIVE_QUEUE_HIGH_WATER", 100)
+    port = await nursery.start(backplane.serve_proxy, "127.0.0.1", 0)
+    url = f"zmq://127.0.0.1:{port}"
+    async with open_backplane(url) as publisher, open_backplane(url) as busy:
+        await busy.subscribe(b"flood")
+        for number in range(5000):
+            await publisher.publish(b"flood", b"%d" % number)
+        # The consumer of `busy` takes nothing for a while: its reader pauses, its probes wait
+        # behind the flood, and many proxy checks run meanwhile. The scenario is the wait.
+        await trio.sleep(1)
+        await busy.publish(b"elsewhere", b"still accepted")
+        received = 0
+        with trio.fail_after(TIMEOUT):
+            while received < 5000:
+                received += len(await busy.receive_batch())

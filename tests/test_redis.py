@@ -296,3 +296,34 @@ async def test_a_publish_redis_does_not_answer_is_refused_and_the_link_recovers(
             assert received in ([b"accepted"], [b"refused", b"accepted"])
     finally:
         server.stop()
+
+
+async def test_resubscribing_is_not_held_to_the_command_queue_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A worker may hold more topics than the bound on queued commands; after a reconnection
+    # every one of them must be subscribed again.
+    monkeypatch.setattr(backplane.redis, "MAX_QUEUED_COMMANDS", 5)
+    server = RedisServer(str(tmp_path))
+    try:
+        async with (
+            open_backplane(server.url) as publisher,
+            open_backplane(server.url) as subscriber,
+        ):
+            topics = [b"topic-%d" % number for number in range(8)]
+            for topic in topics:
+                await subscriber.subscribe(topic)
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await trio.run_process(
+                    ["redis-cli", "-p", str(server.port), "client", "kill", "type", "pubsub"],
+                    capture_stdout=True,
+                )
+            received: set[bytes] = set()
+            with trio.fail_after(RECOVERY_TIMEOUT):
+                while received != set(topics):
+                    for topic in set(topics) - received:
+                        await publisher.publish(topic, b"again")
+                    with trio.move_on_after(0.2):
+                        received |= {topic for topic, _ in await subscriber.receive_batch()}
+    finally:
+        server.stop()

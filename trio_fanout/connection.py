@@ -160,9 +160,10 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
-                self._unsent = self._unsent[sent:]
-                if self._unsent:
+                if sent < len(self._unsent):
+                    self._unsent = self._unsent[sent:]
                     return
+                self._unsent = b""  # an empty view would still hold the whole buffer
             pending = self._pending
             if not pending:
                 return
@@ -236,6 +237,8 @@ class Connection:
         if self._closing:
             return False
         self.flush()
+        if self._closing:  # the write found the client gone
+            return False
         if self._writer_running and len(self._pending) >= self._max_queued_frames:
             logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
             self.close(

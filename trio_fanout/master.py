@@ -131,6 +131,7 @@ async def publish_heartbeats(backplane_url: str, interval: float) -> None:
                     next_beat = max(next_beat + interval, trio.current_time())
                     await trio.sleep_until(next_beat)
         except BackplaneError as error:
+            seq += 1  # this beat is lost: the count goes on, so that clients see the gap
             logger.warning("heartbeat %d not sent: %s; trying again", seq, error)
             next_beat = max(next_beat + interval, trio.current_time())
             await trio.sleep_until(next_beat)
@@ -156,8 +157,8 @@ async def run_master(
                 supervisor = Supervisor(config, listener)
                 # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
                 # publishes its own, so a master on it does not.
-                external_proxy = config.backplane is not None and config.backplane.startswith(
-                    "zmq:"
+                external_proxy = (
+                    config.backplane is not None and config.backplane.lower().startswith("zmq:")
                 )
                 if config.heartbeat_interval > 0 and not external_proxy:
                     nursery.start_soon(
