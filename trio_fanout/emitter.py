@@ -106,18 +106,20 @@ class SyncEmitter:
             self._startup_error = error
             self._ready.set()
 
-    def _call(self, method: str, *args: Any) -> None:
+    def _open_emitter(self) -> tuple[Emitter, trio.lowlevel.TrioToken]:
         if self._emitter is None or self._token is None:
             raise RuntimeError("the emitter is closed")
-        trio.from_thread.run(getattr(self._emitter, method), *args, trio_token=self._token)
+        return self._emitter, self._token
 
     def publish(self, room: str, data: Any) -> None:
         """Send ``data`` to every member of ``room``; see :meth:`Emitter.publish`."""
-        self._call("publish", room, data)
+        emitter, token = self._open_emitter()
+        trio.from_thread.run(emitter.publish, room, data, trio_token=token)
 
     def broadcast(self, data: Any) -> None:
         """Send ``data`` to every connection; see :meth:`Emitter.broadcast`."""
-        self._call("broadcast", data)
+        emitter, token = self._open_emitter()
+        trio.from_thread.run(emitter.broadcast, data, trio_token=token)
 
     def close(self) -> None:
         """Deliver what was published to the backplane and stop the emitter's thread."""

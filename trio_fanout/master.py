@@ -37,6 +37,7 @@ WORKER_STOP_TIMEOUT = 4.0
 
 
 def describe_exit(returncode: int) -> str:
+    """How a worker ended, for the log: its exit code, or the signal that killed it."""
     if returncode >= 0:
         return f"exited with code {returncode}"
     try:
