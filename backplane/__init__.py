@@ -10,14 +10,14 @@ is a configuration change, not a code change:
   ``?ssl_ca_certs=PATH``): Redis pub/sub, one channel per topic.
 """
 
-from backplane._interface import (
+from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
     BadBackplaneURL,
 )
-from backplane._open import open_backplane, parse_backplane_url
-from backplane.proxy import serve_proxy
+from trio_fanout.backplane._open import open_backplane, parse_backplane_url
+from trio_fanout.backplane.proxy import serve_proxy
 
 __all__ = [
     "Backplane",

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import attrs
 
-from backplane._interface import Backplane, BadBackplaneURL
+from trio_fanout.backplane._interface import Backplane, BadBackplaneURL
 
 SCHEMES = ("memory", "zmq", "redis", "rediss")
 DEFAULT_ZMQ_PORT = 5559
@@ -104,17 +104,17 @@ async def open_backplane(url: str) -> AsyncIterator[Backplane]:
     """Open the backend that ``url`` names; it is closed when the ``async with`` block ends."""
     address = parse_backplane_url(url)
     if address.scheme == "memory":
-        from backplane.memory import open_memory_backplane
+        from trio_fanout.backplane.memory import open_memory_backplane
 
         async with open_memory_backplane(address.name) as memory_backplane:
             yield memory_backplane
     elif address.scheme == "zmq":
-        from backplane.zmq import open_zmq_backplane
+        from trio_fanout.backplane.zmq import open_zmq_backplane
 
         async with open_zmq_backplane(address.host, address.port) as zmq_backplane:
             yield zmq_backplane
     else:
-        from backplane.redis import open_redis_backplane
+        from trio_fanout.backplane.redis import open_redis_backplane
 
         async with open_redis_backplane(address) as redis_backplane:
             yield redis_backplane

@@ -11,7 +11,12 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from backplane._interface import Backplane, BackplaneUnavailable, MessageQueue, check_topic
+from trio_fanout.backplane._interface import (
+    Backplane,
+    BackplaneUnavailable,
+    MessageQueue,
+    check_topic,
+)
 
 logger = logging.getLogger(__name__)
 

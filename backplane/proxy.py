@@ -18,7 +18,7 @@ import logging
 import trio
 import zmq
 
-from backplane.zmq import HIGH_WATER_MARK, zmq_endpoint
+from trio_fanout.backplane.zmq import HIGH_WATER_MARK, zmq_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ FREE_PAIR_ATTEMPTS = 50
 _control_ids = itertools.count()
 
 
-def _bind_pair(xsub: zmq.Socket, xpub: zmq.Socket, host: str, port: int) -> int:
+def _bind_pair(xsub: zmq.Socket[bytes], xpub: zmq.Socket[bytes], host: str, port: int) -> int:
     """Bind XSUB to ``port`` and XPUB to ``port + 1``; port 0 picks a free pair."""
     if port:
         xsub.bind(zmq_endpoint(host, port))
@@ -56,7 +56,7 @@ async def serve_proxy(
 
     Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
     """
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     xsub = context.socket(zmq.XSUB)
     xpub = context.socket(zmq.XPUB)
     control_address = f"inproc://trio-fanout-proxy-control-{next(_control_ids)}"
@@ -94,7 +94,7 @@ async def serve_proxy(
     logger.info("ZeroMQ proxy stopped")
 
 
-async def _terminate_when_cancelled(control: zmq.Socket) -> None:
+async def _terminate_when_cancelled(control: zmq.Socket[bytes]) -> None:
     try:
         await trio.sleep_forever()
     finally:

@@ -28,7 +28,7 @@ from typing import Any
 import hiredis
 import trio
 
-from backplane._interface import (
+from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
@@ -36,7 +36,7 @@ from backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
-from backplane._open import BackplaneAddress
+from trio_fanout.backplane._open import BackplaneAddress
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,8 @@ class _Link:
             data = await stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return
-            reader.feed(data)
+            # hiredis reads any buffer; its stub names only str and bytes.
+            reader.feed(data)  # type: ignore[arg-type]
             while (reply := reader.gets()) is not False:
                 try:
                     on_reply(reply)
@@ -296,7 +297,7 @@ async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
         data = await stream.receive_some(RECEIVE_BYTES)
         if not data:
             raise OSError("Redis closed the connection")
-        reader.feed(data)
+        reader.feed(data)  # type: ignore[arg-type]  # any buffer, as above
     return reply
 
 

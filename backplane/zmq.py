@@ -20,11 +20,12 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import trio
 import zmq
 
-from backplane._interface import (
+from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneUnavailable,
     MessageQueue,
@@ -69,6 +70,11 @@ def wire_topic(topic: bytes) -> bytes:
     return _LENGTH.pack(len(topic)) + topic
 
 
+def _events(sock: zmq.Socket[bytes]) -> int:
+    """The socket's ``zmq.EVENTS`` bits (pyzmq types every option's value as int, bytes or str)."""
+    return cast(int, sock.getsockopt(zmq.EVENTS))
+
+
 def zmq_endpoint(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -76,7 +82,7 @@ def zmq_endpoint(host: str, port: int) -> str:
 
 
 class ZmqBackplane(Backplane):
-    def __init__(self, context: zmq.Context, host: str, port: int) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], host: str, port: int) -> None:
         self._pub = context.socket(zmq.PUB)
         self._sub = context.socket(zmq.SUB)
         for sock in (self._pub, self._sub):
@@ -86,7 +92,7 @@ class ZmqBackplane(Backplane):
         self._pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         self._pub.connect(zmq_endpoint(host, port))
         self._sub.connect(zmq_endpoint(host, port + 1))
-        self._sub_fd: int = self._sub.getsockopt(zmq.FD)
+        self._sub_fd = cast(int, self._sub.getsockopt(zmq.FD))
         self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
         self._probes: dict[bytes, trio.Event] = {}
         self._probe_ids = itertools.count()
@@ -174,7 +180,7 @@ class ZmqBackplane(Backplane):
 
     def _wake_reader(self) -> None:
         """Wake the reader if an operation on the SUB socket consumed the FD's edge."""
-        if self._wait_scope is not None and self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._wait_scope is not None and _events(self._sub) & zmq.POLLIN:
             self._wait_scope.cancel()
 
     async def run_reader(self) -> None:
@@ -182,7 +188,7 @@ class ZmqBackplane(Backplane):
         while True:
             await self._queue.wait_not_full()
             self._drain()
-            if self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if _events(self._sub) & zmq.POLLIN:
                 await trio.lowlevel.checkpoint()
                 continue
             with trio.CancelScope() as self._wait_scope:

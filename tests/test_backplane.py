@@ -17,15 +17,15 @@ import pytest
 import trio
 import trio.testing
 
-import backplane
-import backplane.zmq
-from backplane import (
+from trio_fanout import backplane
+from trio_fanout.backplane import (
     Backplane,
     BackplaneUnavailable,
     BadBackplaneURL,
     open_backplane,
     parse_backplane_url,
 )
+from trio_fanout.backplane import zmq as zmq_backend
 
 # Generous for loopback; only a hang or a lost message ever gets near it.
 TIMEOUT = 10
@@ -333,7 +333,7 @@ async def test_an_error_in_the_block_propagates_unchanged(url: str) -> None:
 
 @pytest.fixture
 def short_subscribe_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(backplane.zmq, "SUBSCRIBE_TIMEOUT", 0.3)
+    monkeypatch.setattr(zmq_backend, "SUBSCRIBE_TIMEOUT", 0.3)
     return 0.3
 
 
@@ -502,8 +502,8 @@ async def test_open_backplane_refuses_a_bad_url_before_connecting() -> None:
 async def test_zmq_publish_is_refused_while_the_proxy_is_gone_and_accepted_after(
     monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
 ) -> None:
-    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_INTERVAL", 0.1)
-    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_TIMEOUT", 0.2)
+    monkeypatch.setattr(zmq_backend, "PROXY_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(zmq_backend, "PROXY_CHECK_TIMEOUT", 0.2)
 
     async def start_proxy(port: int) -> tuple[int, trio.CancelScope]:
         scope = trio.CancelScope()
@@ -541,9 +541,9 @@ async def test_zmq_publish_is_refused_while_the_proxy_is_gone_and_accepted_after
 async def test_zmq_a_consumer_behind_does_not_make_a_healthy_proxy_look_dead(
     monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
 ) -> None:
-    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_INTERVAL", 0.05)
-    monkeypatch.setattr(backplane.zmq, "PROXY_CHECK_TIMEOUT", 0.1)
-    monkeypatch.setattr(backplane.zmq, "RECEIVE_QUEUE_HIGH_WATER", 100)
+    monkeypatch.setattr(zmq_backend, "PROXY_CHECK_INTERVAL", 0.05)
+    monkeypatch.setattr(zmq_backend, "PROXY_CHECK_TIMEOUT", 0.1)
+    monkeypatch.setattr(zmq_backend, "RECEIVE_QUEUE_HIGH_WATER", 100)
     port = await nursery.start(backplane.serve_proxy, "127.0.0.1", 0)
     url = f"zmq://127.0.0.1:{port}"
     async with open_backplane(url) as publisher, open_backplane(url) as busy:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from trio_fanout import __version__
+
 
 def trio_fanout(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -90,3 +92,9 @@ def test_publish_refuses_what_clients_could_not_receive(room: str, data: str, co
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"trio-fanout: error: {complaint}")
+
+
+def test_version_names_the_installed_version():
+    result = trio_fanout("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"trio-fanout {__version__}\n"

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 
-import backplane.redis
-from backplane import BackplaneError, BackplaneUnavailable, open_backplane
 from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
@@ -23,6 +21,13 @@ from tests.helpers import (
     free_port,
     receive_data,
 )
+from trio_fanout.backplane import (
+    Backplane,
+    BackplaneError,
+    BackplaneUnavailable,
+    open_backplane,
+)
+from trio_fanout.backplane import redis as redis_backend
 from trio_fanout.client import ServerError
 
 # How long the tests let a backplane or cluster take to notice that Redis is back.
@@ -31,7 +36,7 @@ RECOVERY_TIMEOUT = 10.0
 
 @pytest.fixture
 def short_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backplane.redis, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(redis_backend, "CONNECT_TIMEOUT", 1.0)
 
 
 async def round_trip(url: str) -> None:
@@ -138,9 +143,7 @@ async def test_redis_over_tls(
         server.stop()
 
 
-async def publish_until_accepted(
-    publisher: backplane.Backplane, topic: bytes, payload: bytes
-) -> int:
+async def publish_until_accepted(publisher: Backplane, topic: bytes, payload: bytes) -> int:
     """Publish until Redis takes it; return how many attempts were refused."""
     refused = 0
     with trio.fail_after(RECOVERY_TIMEOUT):
@@ -274,7 +277,7 @@ async def test_a_publish_redis_does_not_answer_is_refused_and_the_link_recovers(
     # Redis alive but not answering (stopped): the publish is refused after PUBLISH_TIMEOUT
     # rather than acknowledged. It may still be delivered when Redis resumes, if Redis's kernel
     # had already received it: "refused" means "not confirmed" (docs/architecture.md).
-    monkeypatch.setattr(backplane.redis, "PUBLISH_TIMEOUT", 0.5)
+    monkeypatch.setattr(redis_backend, "PUBLISH_TIMEOUT", 0.5)
     server = RedisServer(str(tmp_path))
     try:
         async with (
@@ -303,7 +306,7 @@ async def test_resubscribing_is_not_held_to_the_command_queue_bound(
 ):
     # A worker may hold more topics than the bound on queued commands; after a reconnection
     # every one of them must be subscribed again.
-    monkeypatch.setattr(backplane.redis, "MAX_QUEUED_COMMANDS", 5)
+    monkeypatch.setattr(redis_backend, "MAX_QUEUED_COMMANDS", 5)
     server = RedisServer(str(tmp_path))
     try:
         async with (

@@ -17,9 +17,9 @@ import pytest
 import trio
 import trio_websocket
 
-from backplane import open_backplane
 from tests.helpers import RECEIVE_TIMEOUT, receive_data
 from trio_fanout import Config, Worker, connection, envelope, protocol
+from trio_fanout.backplane import open_backplane
 from trio_fanout.client import ServerError, open_client
 from trio_fanout.master import open_listener
 

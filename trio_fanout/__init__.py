@@ -5,6 +5,7 @@ authenticate and authorise), :class:`Emitter` and :class:`SyncEmitter` publish f
 program, and :mod:`trio_fanout.client` is a Trio client.
 """
 
+from trio_fanout._version import __version__
 from trio_fanout.config import Config, ConfigError, load_config
 from trio_fanout.emitter import Emitter, SyncEmitter, open_emitter
 from trio_fanout.hooks import Forbidden, Hooks
@@ -21,6 +22,7 @@ __all__ = [
     "Request",
     "SyncEmitter",
     "Worker",
+    "__version__",
     "load_config",
     "open_emitter",
     "serve",

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from backplane import BackplaneError
-from trio_fanout import protocol
+from trio_fanout import __version__, protocol
+from trio_fanout.backplane import BackplaneError
 from trio_fanout.config import KEYS, Config, ConfigError, load_config
 from trio_fanout.runner import WORKER_CONFIG_VARIABLE
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A multi-process WebSocket fan-out server built on Trio. "
         "Clients connect to ws://HOST:PORT/ws, join rooms and publish to them.",
     )
+    parser.add_argument("--version", action="version", version=f"trio-fanout {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker" and WORKER_CONFIG_VARIABLE in os.environ:
             config = Config.from_dict(json.loads(os.environ.pop(WORKER_CONFIG_VARIABLE)))
-            sources = {}
+            sources: dict[str, str] = {}
         else:
             flags, flag_names = _flags(args)
             config, sources = load_config(flags, flag_names=flag_names, config_file=args.config)
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = EXIT_USAGE
     except* BackplaneError as failures:
         # The backplane is unreachable or refuses us: one line each, no traceback.
-        for failure in failures.exceptions:
-            print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        for backplane_failure in failures.exceptions:
+            print(f"trio-fanout: error: {backplane_failure}", file=sys.stderr)
         exit_code = 1
     return exit_code
 

@@ -25,9 +25,12 @@ import trio
 import trio_websocket
 
 # Shared with the backplane package, which needs the same for its own nurseries.
-from backplane._interface import unwrap_single_errors
+from trio_fanout.backplane._interface import unwrap_single_errors
 
 Frame = dict[str, Any]
+
+# What trio-websocket's client can run over: plain TCP, or TLS over TCP.
+_ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class ServerError(Exception):
@@ -124,7 +127,7 @@ async def open_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterat
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 if secure:
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    stream: _ClientStream = await trio.open_ssl_over_tcp_stream(
                         parts.hostname, port, https_compatible=True
                     )
                 else:

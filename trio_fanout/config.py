@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from backplane import BadBackplaneURL, parse_backplane_url
+from trio_fanout.backplane import BadBackplaneURL, parse_backplane_url
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"

@@ -14,8 +14,8 @@ from typing import Any
 
 import trio
 
-from backplane import Backplane, open_backplane
 from trio_fanout import envelope, protocol
+from trio_fanout.backplane import Backplane, open_backplane
 
 
 class Emitter:

@@ -19,8 +19,8 @@ import time
 import attrs
 import trio
 
-from backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout import envelope, protocol
+from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout.config import Config
 from trio_fanout.runner import WORKER_CONFIG_VARIABLE, open_listener
 

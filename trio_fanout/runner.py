@@ -10,7 +10,7 @@ import socket
 
 import trio
 
-from backplane import open_backplane
+from trio_fanout.backplane import open_backplane
 from trio_fanout.config import Config
 from trio_fanout.gcstats import GcPauses, freeze_survivors_forever, keep_pauses_short
 from trio_fanout.hooks import Hooks

@@ -15,12 +15,13 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Collection
 
 import attrs
 import trio
 
-from backplane import Backplane
 from trio_fanout import envelope, protocol, websocket
+from trio_fanout.backplane import Backplane
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
@@ -164,6 +165,7 @@ class Worker:
                     seq,
                 )
             frame = websocket.encode_text_frame(payload[envelope.HEADER_SIZE :])
+            recipients: Collection[Connection]
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
             else:
