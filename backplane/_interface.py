@@ -57,6 +57,22 @@ class Backplane(abc.ABC):
         once per message.
         """
 
+    @property
+    @abc.abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """Why this backplane cannot carry messages right now, or None while it can.
+
+        It reports what the backend already knows (a connection down, a proxy that stopped
+        answering its probes) and sends nothing, so it is cheap to ask. A worker's ``/healthz``
+        shows it, so that a load balancer stops sending clients to a worker whose joins and
+        publishes would fail. None is no promise: the next publish can still be refused.
+        """
+
+    @property
+    def available(self) -> bool:
+        """Whether the backplane can carry messages right now (see :attr:`unavailable_reason`)."""
+        return self.unavailable_reason is None
+
     def __aiter__(self) -> Backplane:
         """Iterate ``(topic, payload)`` pairs one at a time while the backplane is open.
 

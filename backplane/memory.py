@@ -42,6 +42,10 @@ class MemoryBackplane(Backplane):
         self._queue = MessageQueue(SUBSCRIBER_HIGH_WATER)
         self._subscriptions: Counter[bytes] = Counter()
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        return None  # no transport that could be down
+
     async def publish(self, topic: bytes, payload: bytes) -> None:
         check_topic(topic)
         await trio.lowlevel.checkpoint()

@@ -326,6 +326,15 @@ class RedisBackplane(Backplane):
         )
         self.endpoint = self._publisher.endpoint
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Down while either connection is: without one, every publish or every new
+        subscription fails (both reconnect by themselves)."""
+        down = [link._role for link in (self._publisher, self._subscriber) if not link.connected]
+        if not down:
+            return None
+        return f"no connection to Redis at {self.endpoint} ({' and '.join(down)} link down)"
+
     # ---- publishing ----------------------------------------------------------------------
 
     async def publish(self, topic: bytes, payload: bytes) -> None:

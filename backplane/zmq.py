@@ -102,6 +102,13 @@ class ZmqBackplane(Backplane):
         self._received = 0  # messages read from the proxy so far (the liveness check uses it)
         self.endpoint = f"zmq://{host}:{port}"
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Down while the last probe of :meth:`watch_proxy` went unanswered."""
+        if self._proxy_answers:
+            return None
+        return f"the ZeroMQ proxy at {self.endpoint} does not answer"
+
     async def publish(self, topic: bytes, payload: bytes) -> None:
         check_topic(topic)
         await trio.lowlevel.checkpoint()

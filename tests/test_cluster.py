@@ -244,7 +244,9 @@ async def test_healthz_404_and_plain_http_to_the_websocket(cluster: ClusterProce
     status, body = await http_get(cluster.port, "/healthz")
     health = json.loads(body)
     assert status == 200
-    assert health["status"] == "ok"
+    assert health["status"] == "ready"
+    assert "reason" not in health
+    assert health["dropped_invalid"] == 0
     assert health["worker"] in (1, 2)
     assert (await http_get(cluster.port, "/elsewhere"))[0] == 404
     assert (await http_get(cluster.port, "/ws"))[0] == 426

@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
         "redis://10.0.0.6:6379",
     )
+    run.add_argument(
+        "--liveness-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the master's pings to each worker (default: 1.0)",
+    )
+    run.add_argument(
+        "--liveness-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
+    )
     _common(run)
 
     worker = commands.add_parser(
@@ -98,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _listening(worker, "the worker")
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
-    for hidden in ("--index", "--listen-fd", "--parent-fd"):
+    for hidden in ("--index", "--listen-fd", "--control-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
 
     proxy = commands.add_parser(
@@ -214,7 +226,7 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
             listener = open_listener(config.host, config.port)
         trio.run(
             lambda: run_worker_process(
-                config, listener, index=args.index or 1, parent_fd=args.parent_fd
+                config, listener, index=args.index or 1, control_fd=args.control_fd
             )
         )
     elif args.command == "proxy":

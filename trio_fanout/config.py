@@ -109,6 +109,18 @@ class Config:
     max_queued_frames: int = attrs.field(default=1000, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""
+    liveness_interval: float = attrs.field(default=1.0, validator=_positive)
+    """Seconds between the master's pings to each worker of `trio-fanout run`."""
+    liveness_timeout: float = attrs.field(default=5.0, validator=_positive)
+    """Seconds without an answer after which the master kills a worker as hung."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.liveness_timeout <= self.liveness_interval:
+            raise InvalidSetting(
+                "liveness_timeout",
+                f"must be greater than liveness_interval ({self.liveness_interval!r}), "
+                f"not {self.liveness_timeout!r}",
+            )
 
     @property
     def backplane_url(self) -> str:

@@ -288,7 +288,7 @@ class Connection:
                     buffer += data
                 request = websocket.parse_request_head(bytes(buffer[:end]))
                 if request.path == "/healthz" and request.method == "GET":
-                    await self._respond(200, self.worker.health(), "application/json")
+                    await self._respond(*self.worker.health(), "application/json")
                     return None
                 if request.path == "/" and request.method == "GET":
                     await self._respond(200, CHAT_PAGE, "text/html; charset=utf-8")

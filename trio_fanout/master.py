@@ -8,6 +8,7 @@ it asks every worker to close its clients with 1001, then stops the proxy and re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import trio
 from trio_fanout import envelope, protocol
 from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout.config import Config
-from trio_fanout.runner import WORKER_CONFIG_VARIABLE, open_listener
+from trio_fanout.runner import CONTROL_RECEIVE_BYTES, WORKER_CONFIG_VARIABLE, open_listener
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ LONGEST_RESTART_PAUSE = 10.0
 
 # How long workers get to close their clients after SIGTERM before they are killed.
 WORKER_STOP_TIMEOUT = 4.0
+
+# A new worker must answer its first liveness ping within this, and liveness_timeout applies
+# only after that: starting Python and importing take a second or two, far more on a loaded
+# machine, and a worker killed for a slow start would only start slowly again.
+FIRST_ANSWER_TIMEOUT = 30.0
+
+# What the master sends on a worker's control channel; the worker sends each byte back.
+PING = b"?"
 
 
 def describe_exit(returncode: int) -> str:
@@ -48,36 +57,52 @@ def describe_exit(returncode: int) -> str:
 
 
 class Supervisor:
-    """Keeps one process running per worker index until told to stop."""
+    """Keeps one live process running per worker index until told to stop.
+
+    Each worker gets a control channel, a Unix socket pair of which the master keeps one end
+    and the worker inherits the other. The master pings every ``liveness_interval`` seconds and
+    the worker's Trio loop answers (``runner.answer_master``); a worker that answers nothing for
+    ``liveness_timeout`` seconds is hung (stopped, or a task that never yields) and is killed,
+    and restarted like any worker that dies. When the master dies, however it dies, its ends
+    close and every worker reads end of file: no worker outlives its master.
+    """
 
     def __init__(self, config: Config, listener: socket.socket) -> None:
         self._config = config
         self._listener = listener
-        # Workers hold the read end; only we hold the write end. When we die, they see EOF.
-        self._master_alive_read, self._master_alive_write = os.pipe()
         self.processes: dict[int, trio.Process] = {}
         self._stopping = False
 
-    def _command(self, index: int) -> list[str]:
+    def _command(self, index: int, control_fd: int) -> list[str]:
         return [
             sys.executable, "-m", "trio_fanout", "worker",
             "--index", str(index),
             "--listen-fd", str(self._listener.fileno()),
-            "--parent-fd", str(self._master_alive_read),
+            "--control-fd", str(control_fd),
         ]  # fmt: skip
 
     async def keep_running(self, index: int) -> None:
         failures = 0
         while not self._stopping:
-            process = await trio.lowlevel.open_process(
-                self._command(index),
-                pass_fds=(self._listener.fileno(), self._master_alive_read),
-                # Not on the command line: a backplane password would show in ps to everyone.
-                env={**os.environ, WORKER_CONFIG_VARIABLE: json.dumps(self._config.to_dict())},
-            )
-            self.processes[index] = process
-            started = trio.current_time()
-            returncode = await process.wait()
+            # Both ends are non-inheritable: only this worker gets its end, through pass_fds.
+            master_end, worker_end = socket.socketpair()
+            with trio.socket.from_stdlib_socket(master_end) as control:
+                with worker_end:
+                    process = await trio.lowlevel.open_process(
+                        self._command(index, worker_end.fileno()),
+                        pass_fds=(self._listener.fileno(), worker_end.fileno()),
+                        # Not on the command line: a backplane password would show in ps.
+                        env={
+                            **os.environ,
+                            WORKER_CONFIG_VARIABLE: json.dumps(self._config.to_dict()),
+                        },
+                    )
+                self.processes[index] = process
+                started = trio.current_time()
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(self._kill_when_silent, index, process, control)
+                    returncode = await process.wait()
+                    watching.cancel_scope.cancel()
             del self.processes[index]
             if self._stopping:
                 return
@@ -90,6 +115,43 @@ class Supervisor:
                 "worker %d (pid %d) %s; restarting it in %.1f s", index, process.pid, how, pause
             )
             await trio.sleep(pause)
+
+    async def _kill_when_silent(
+        self, index: int, process: trio.Process, control: trio.socket.SocketType
+    ) -> None:
+        """Ping the worker on its control channel; SIGKILL it once it has answered nothing for
+        ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer)."""
+        started = trio.current_time()
+        last_answer: float | None = None
+
+        async def take_answers() -> None:
+            nonlocal last_answer
+            with contextlib.suppress(OSError):
+                while await control.recv(CONTROL_RECEIVE_BYTES):
+                    last_answer = trio.current_time()
+
+        interval, timeout = self._config.liveness_interval, self._config.liveness_timeout
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_answers)
+            try:
+                while True:
+                    await control.send(PING)
+                    await trio.sleep(interval)
+                    if last_answer is None:
+                        silent, limit = trio.current_time() - started, FIRST_ANSWER_TIMEOUT
+                    else:
+                        silent, limit = trio.current_time() - last_answer, timeout
+                    if silent >= limit:
+                        logger.error(
+                            "worker %d (pid %d) has answered no ping for %.1f s: killing it",
+                            index, process.pid, silent,
+                        )  # fmt: skip
+                        process.kill()
+                        return
+            except OSError:
+                return  # its end is closed: the worker is exiting, and wait() tells how
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def stop_all(self) -> None:
         """SIGTERM every worker, wait for them, and kill those still running after the timeout."""
@@ -105,10 +167,6 @@ class Supervisor:
             )
             process.kill()
             await process.wait()
-
-    def close(self) -> None:
-        os.close(self._master_alive_read)
-        os.close(self._master_alive_write)
 
 
 async def publish_heartbeats(backplane_url: str, interval: float) -> None:
@@ -145,7 +203,6 @@ async def run_master(
 ) -> None:
     """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port."""
     listener = open_listener(config.host, config.port)
-    supervisor: Supervisor | None = None
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -182,8 +239,6 @@ async def run_master(
                 await supervisor.stop_all()
                 nursery.cancel_scope.cancel()
     finally:
-        if supervisor is not None:
-            supervisor.close()
         listener.close()
     logger.info("stopped")
 

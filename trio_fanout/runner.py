@@ -25,6 +25,10 @@ WORKER_CONFIG_VARIABLE = "_TRIO_FANOUT_WORKER_CONFIG"
 # is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
 LISTEN_BACKLOG = 4096
 
+# Pings on the control channel are single bytes; a worker that was stopped for a while finds
+# several waiting and answers them with one send.
+CONTROL_RECEIVE_BYTES = 4096
+
 
 def open_listener(host: str, port: int) -> socket.socket:
     """A non-blocking listening socket (``OSError`` if it cannot be bound)."""
@@ -63,26 +67,46 @@ async def run_worker_process(
     listener: socket.socket,
     *,
     index: int = 1,
-    parent_fd: int | None = None,
+    control_fd: int | None = None,
 ) -> None:
     """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone.
 
-    ``parent_fd`` is the read end of a pipe whose write end only the master holds: it becomes
-    readable (end of file) when the master dies, however it dies, so no worker outlives it.
+    ``control_fd`` is this worker's end of its control channel to the master (see
+    ``master.Supervisor``): :func:`answer_master` answers the master's liveness pings on it
+    from this Trio loop, from before the backplane is opened until the process ends, and end of
+    file on it means that the master is gone, however it died.
     """
-    async with open_backplane(config.backplane_url) as backplane:
-        worker = Worker(config, backplane, index)
-        worker.gc_pauses = GcPauses()
-        worker.gc_pauses.install()
-        keep_pauses_short()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(freeze_survivors_forever)
-            nursery.start_soon(_stop_on_signal, worker)
-            if parent_fd is not None:
-                nursery.start_soon(_stop_when_master_exits, parent_fd, worker)
-            await worker.serve(listener)
-            nursery.cancel_scope.cancel()
+    master_gone = trio.Event()
+    async with trio.open_nursery() as control:
+        if control_fd is not None:
+            control.start_soon(answer_master, socket.socket(fileno=control_fd), master_gone)
+        async with open_backplane(config.backplane_url) as backplane:
+            worker = Worker(config, backplane, index)
+            worker.gc_pauses = GcPauses()
+            worker.gc_pauses.install()
+            keep_pauses_short()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(freeze_survivors_forever)
+                nursery.start_soon(_stop_on_signal, worker)
+                nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
+                await worker.serve(listener)
+                nursery.cancel_scope.cancel()
+        control.cancel_scope.cancel()
     logger.info("worker %d (pid %d) stopped", index, os.getpid())
+
+
+async def answer_master(control: socket.socket, master_gone: trio.Event) -> None:
+    """Send back every byte the master sends on the control channel; set ``master_gone`` at
+    end of file. It runs as a task of the worker's Trio loop, not on a thread, on purpose: a
+    loop that is stuck (a task that never yields, a stopped process) answers nothing, and the
+    master replaces the worker."""
+    with trio.socket.from_stdlib_socket(control) as sock:
+        try:
+            while ping := await sock.recv(CONTROL_RECEIVE_BYTES):
+                await sock.send(ping)
+        except OSError:
+            pass  # the master's end is gone: the same news as end of file
+    master_gone.set()
 
 
 async def _stop_on_signal(worker: Worker) -> None:
@@ -92,7 +116,7 @@ async def _stop_on_signal(worker: Worker) -> None:
             worker.stop()
 
 
-async def _stop_when_master_exits(parent_fd: int, worker: Worker) -> None:
-    await trio.lowlevel.wait_readable(parent_fd)
+async def _stop_when_master_is_gone(master_gone: trio.Event, worker: Worker) -> None:
+    await master_gone.wait()
     logger.warning("worker %d: the master is gone; stopping", worker.index)
     worker.stop()

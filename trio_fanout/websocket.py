@@ -168,6 +168,7 @@ _REASONS = {
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Collection
 
 import attrs
@@ -44,6 +45,38 @@ ACCEPT_SKIP_ERRNOS = {
 # How long shutdown waits for clients to answer their 1001 close before dropping them.
 DRAIN_TIMEOUT = 3.0
 
+# Invalid backplane messages are counted one by one but logged at most once in this many
+# seconds: whoever floods the backplane with them must not flood the log too.
+INVALID_WARNING_INTERVAL = 10.0
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def relay_problem(frame: bytes) -> str | None:
+    """Why ``frame``, a backplane payload after its envelope, must not reach clients, or None.
+
+    Anyone who reaches the backplane can publish on it, and the worker sends the frame to its
+    clients as it is, as a text frame: a frame that is not UTF-8 makes browsers drop the
+    connection, and one that is not JSON breaks every client. So the worker relays only what a
+    publisher of ours would send: UTF-8 text holding strict JSON (``NaN`` and ``Infinity``
+    refused, as ``JSON.parse`` refuses them), an object with a string ``type``.
+    """
+    try:
+        text = frame.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not isinstance(value, dict):
+        return "not a JSON object"
+    if not isinstance(value.get("type"), str):
+        return "no string type"
+    return None
+
 
 @attrs.define(eq=False)
 class Room:
@@ -67,6 +100,9 @@ class Worker:
         self.connections: dict[int, Connection] = {}
         self.rooms: dict[bytes, Room] = {}
         self.gaps = envelope.GapCounter()
+        # Backplane messages not relayed because they were invalid (see relay_problem).
+        self.dropped_invalid = 0
+        self._next_invalid_warning = 0.0
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
         # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
@@ -126,18 +162,30 @@ class Worker:
         for room_name in list(conn.rooms):
             self.leave(conn, room_name)
 
-    def health(self) -> bytes:
-        return json.dumps(
-            {
-                "status": "ok",
-                "worker": self.index,
-                "pid": os.getpid(),
-                "connections": len(self.connections),
-                "rooms": len(self.rooms),
-                "backplane_gaps": self.gaps.missed,
-                "gc": self.gc_pauses.summary() if self.gc_pauses else None,
-            }
-        ).encode()
+    def health(self) -> tuple[int, bytes]:
+        """The HTTP status and JSON body of ``/healthz``.
+
+        200 and ``ready`` while this worker can serve; 503, ``not_ready`` and a ``reason``
+        while it cannot (its backplane is down, or it is shutting down), so that a load
+        balancer sends new clients elsewhere instead of to joins that would fail.
+        """
+        if self._stop_requested.is_set():
+            reason: str | None = "shutting down"
+        else:
+            reason = self.backplane.unavailable_reason
+        figures: dict[str, object] = {"status": "ready" if reason is None else "not_ready"}
+        if reason is not None:
+            figures["reason"] = reason
+        figures.update(
+            worker=self.index,
+            pid=os.getpid(),
+            connections=len(self.connections),
+            rooms=len(self.rooms),
+            backplane_gaps=self.gaps.missed,
+            dropped_invalid=self.dropped_invalid,
+            gc=self.gc_pauses.summary() if self.gc_pauses else None,
+        )
+        return (200 if reason is None else 503), json.dumps(figures).encode()
 
     # ---- fan-out -------------------------------------------------------------------------
 
@@ -155,7 +203,12 @@ class Worker:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
             except struct.error:
-                logger.warning("dropped a backplane message on %r without an envelope", topic)
+                self._drop_invalid(topic, "no envelope")
+                continue
+            body = payload[envelope.HEADER_SIZE :]
+            problem = relay_problem(body)  # once per message, whatever the number of recipients
+            if problem is not None:
+                self._drop_invalid(topic, problem)
                 continue
             if self.gaps.observe(topic, origin, seq):
                 logger.warning(
@@ -164,7 +217,7 @@ class Worker:
                     origin.hex(),
                     seq,
                 )
-            frame = websocket.encode_text_frame(payload[envelope.HEADER_SIZE :])
+            frame = websocket.encode_text_frame(body)
             recipients: Collection[Connection]
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
@@ -186,6 +239,17 @@ class Worker:
             conn.flush()
         self._dirty.clear()  # cleared in place: every connection holds this very list
 
+    def _drop_invalid(self, topic: bytes, problem: str) -> None:
+        self.dropped_invalid += 1
+        now = time.monotonic()
+        if now >= self._next_invalid_warning:
+            self._next_invalid_warning = now + INVALID_WARNING_INTERVAL
+            logger.warning(
+                "dropped an invalid backplane message on %r (%s); %d dropped since the start, "
+                "counted in /healthz, and no more of these lines for %.0f s",
+                topic, problem, self.dropped_invalid, INVALID_WARNING_INTERVAL,
+            )  # fmt: skip
+
     # ---- serving -------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -202,7 +266,8 @@ class Worker:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept and serve clients on ``listener`` until :meth:`stop` (or cancellation)."""
+        """Accept and serve clients on ``listener`` until :meth:`stop` (or cancellation); a
+        stop closes ``listener`` before it closes the clients."""
         listener.setblocking(False)
         await self.backplane.subscribe(envelope.BROADCAST_TOPIC)
         async with trio.open_nursery() as connections:
@@ -217,6 +282,9 @@ class Worker:
                 )
                 await self._stop_requested.wait()
                 serving.cancel_scope.cancel()
+            # Accepting is over: our copy of the listening socket goes now, not after the drain,
+            # so that once every holder has let go, a new server can bind the port at once.
+            listener.close()
             logger.info("worker %d: closing %d clients", self.index, len(self._accepted))
             for conn in list(self._accepted):
                 conn.close(websocket.CLOSE_GOING_AWAY, "server shutting down")
