@@ -68,6 +68,7 @@ async def run_worker_process(
     *,
     index: int = 1,
     control_fd: int | None = None,
+    hooks: Hooks | None = None,
 ) -> None:
     """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone.
 
@@ -81,7 +82,7 @@ async def run_worker_process(
         if control_fd is not None:
             control.start_soon(answer_master, socket.socket(fileno=control_fd), master_gone)
         async with open_backplane(config.backplane_url) as backplane:
-            worker = Worker(config, backplane, index)
+            worker = Worker(config, backplane, index, hooks)
             worker.gc_pauses = GcPauses()
             worker.gc_pauses.install()
             keep_pauses_short()
