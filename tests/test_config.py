@@ -3,6 +3,7 @@ setting can be wrong names the key and where it came from."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,11 @@ def test_environment_values_are_converted_to_the_key_type(tmp_path: Path):
         ("port = ", "is not valid TOML"),
         ("heartbeat_interval = inf", "heartbeat_interval: must be a finite number, not inf"),
         ("handshake_timeout = nan", "handshake_timeout: must be a finite number, not nan"),
+        ("liveness_interval = 0", "liveness_interval: must be greater than 0, not 0"),
+        (
+            "liveness_timeout = 1",
+            "liveness_timeout: must be greater than liveness_interval (1.0), not 1.0 (from file",
+        ),
     ],
 )
 def test_a_bad_file_value_names_the_key_and_the_file(tmp_path: Path, toml: str, message: str):
@@ -151,3 +157,16 @@ def test_trio_fanout_config_prints_every_value_and_its_source(tmp_path: Path):
     assert lines["workers"] == "7  # environment TRIO_FANOUT_WORKERS"
     assert lines["log_level"] == '"debug"  # flag --log-level'
     assert lines["host"] == '"127.0.0.1"  # default'
+
+
+def test_the_liveness_flags_of_run_set_their_keys(tmp_path: Path):
+    shown = run_cli(
+        "config", cwd=tmp_path, env={**os.environ, "TRIO_FANOUT_LIVENESS_TIMEOUT": "2.5"}
+    )
+    assert "liveness_timeout = 2.5  # environment TRIO_FANOUT_LIVENESS_TIMEOUT" in shown.stdout
+    refused = run_cli("run", "--liveness-interval", "3", "--liveness-timeout", "2", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "trio-fanout: error: liveness_timeout: must be greater than liveness_interval (3.0), "
+        "not 2.0 (from flag --liveness-timeout)\n"
+    )

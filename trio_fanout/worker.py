@@ -54,6 +54,10 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# Made once: json.loads with any option builds a new decoder at every call.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def relay_problem(frame: bytes) -> str | None:
     """Why ``frame``, a backplane payload after its envelope, must not reach clients, or None.
 
@@ -68,7 +72,7 @@ def relay_problem(frame: bytes) -> str | None:
     except UnicodeDecodeError:
         return "not UTF-8"
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = _STRICT_JSON.decode(text)
     except (ValueError, RecursionError):
         return "not JSON"
     if not isinstance(value, dict):
