@@ -341,14 +341,22 @@ class FrameParser:
         """
         if self._failure is not None:
             raise self._failure
-        buffer = self._buffer
-        buffer += data
+        # Bytes left from the previous read are joined to these; without any (the usual case),
+        # the frames are read from ``data`` itself and only its unread end is kept.
+        buffer: bytes | bytearray
+        if self._buffer:
+            buffer = self._buffer
+            buffer += data
+        else:
+            buffer = data
         events: list[Event] = []
         event: Event | None
         position = 0
         try:
             while True:
                 if not self._in_frame:
+                    if len(buffer) - position < 2:
+                        break
                     position = self._read_header(buffer, position)
                     if not self._in_frame:
                         break
@@ -378,11 +386,14 @@ class FrameParser:
             if not events and not self._quiet_frames:
                 raise
         finally:
-            del buffer[:position]
+            if buffer is self._buffer:
+                del self._buffer[:position]
+            else:
+                self._buffer += buffer[position:]
         self._report_quiet(events)
         return events
 
-    def _read_header(self, buffer: bytearray, position: int) -> int:
+    def _read_header(self, buffer: bytes | bytearray, position: int) -> int:
         """Read the header at ``position`` if it has fully arrived (then ``_in_frame`` is set);
         return the position after it. Violations are raised from the header alone."""
         available = len(buffer) - position
@@ -429,21 +440,25 @@ class FrameParser:
         self._remaining = length
         if opcode in _DATA_OPCODES:
             self._message_is_text = opcode == OP_TEXT
-            self._utf8 = _Utf8Validator() if opcode == OP_TEXT else None
         return position + header_size
 
     def _consume_data(self, payload: bytes) -> None:
         """Take the next piece of a data frame's payload, already unmasked."""
         self._remaining -= len(payload)
         if not self._remaining and self._fin and not self._message:
-            if self._utf8 is not None and not payload.isascii():
-                self._utf8.feed(payload)
+            if self._message_is_text and not payload.isascii():
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _invalid_utf8() from None
             self._whole = payload
             return
         if self._remaining:
             shift = len(payload) % 4
             self._mask = self._mask[shift:] + self._mask[:shift]
-        if self._utf8 is not None:
+        if self._message_is_text:
+            if self._utf8 is None:
+                self._utf8 = _Utf8Validator()
             self._utf8.feed(payload)
         self._message += payload
 

@@ -67,7 +67,9 @@ def find_python2(given: str | None) -> str:
     candidates = [given, os.environ.get("AUTOBAHN_PYTHON2"), shutil.which("python2.7")]
     candidates += sorted(glob.glob(str(Path.home() / ".pyenv/versions/2.7*/bin/python")))
     for candidate in candidates:
-        if candidate and Path(candidate).exists():
+        # A pyenv shim exists whether or not it can run the version it names: try each.
+        check = [str(candidate), "-c", "import sys; assert sys.version_info[:2] == (2, 7)"]
+        if candidate and subprocess.run(check, capture_output=True).returncode == 0:
             return candidate
     sys.exit("run.py: no Python 2.7 interpreter found; pass --python2 PATH (Autobahn needs one)")
 
