@@ -62,7 +62,7 @@ class RateLimiter:
     a pong or a fragment. A charge is granted while the frame bucket holds a token per frame and
     the byte bucket is not empty; the bytes are then taken even when that drives the byte bucket
     below zero, so a frame larger than what is left passes once and the next frames wait until
-    the debt is refilled (no frame is ever larger than the bucket can grant).
+    the debt is refilled: no frame, however large, is refused for ever.
 
     It also tells persistent abuse from a burst: ``abusive`` becomes true once ``ABUSE_REFUSALS``
     frames have been refused with no pause of ``ABUSE_QUIET_SECONDS`` between two refusals,
