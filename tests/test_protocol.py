@@ -118,13 +118,6 @@ def test_binary_frame_is_bad_frame() -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", [b"\xff", b'{"type":"ping","x":"\xc3"}', b"\xed\xa0\x80", b"\xc0\xaf"]
-)
-def test_invalid_utf8_is_bad_frame(payload: bytes) -> None:
-    assert refused(payload).code == protocol.BAD_FRAME
-
-
-@pytest.mark.parametrize(
     "payload", [b"[]", b'[{"type":"ping"}]', b"1", b'"ping"', b"null", b"true"]
 )
 def test_non_object_is_bad_frame(payload: bytes) -> None:

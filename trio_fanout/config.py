@@ -106,6 +106,10 @@ class Config:
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     rate_limit_per_second: float = attrs.field(default=200.0, validator=_positive)
     rate_limit_burst: int = attrs.field(default=1000, validator=_positive)
+    rate_limit_bytes_per_second: float = attrs.field(default=1024.0 * 1024, validator=_positive)
+    """Payload bytes a second a client may send on average (every frame's payload counts)."""
+    rate_limit_bytes_burst: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Payload bytes a client may send at once before its byte rate applies."""
     max_queued_frames: int = attrs.field(default=1000, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""

@@ -38,9 +38,11 @@ RECEIVE_BYTES = 65536
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
 
-# A client refused for the rate limit this many times, without a pause of ABUSE_QUIET_SECONDS
-# between refusals, ignores its rate_limited errors: it is closed with 1008. A client that backs
-# off when told gets a clean slate after the pause.
+# A client refused for its budget this many times, without a pause of ABUSE_QUIET_SECONDS
+# between refusals, ignores its rate_limited errors (or floods frames that earn no reply): it is
+# closed with 1008. A client that backs off when told gets a clean slate after the pause. At full
+# speed on loopback a flood passes 200 refusals within one read of the socket, so it is cut in
+# milliseconds; a client that exceeds its rate by a little is cut within seconds.
 ABUSE_REFUSALS = 200
 ABUSE_QUIET_SECONDS = 1.0
 
@@ -54,35 +56,67 @@ _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, Tim
 
 
 class RateLimiter:
-    """A token bucket: ``rate`` frames a second on average, ``burst`` at once.
+    """A client's budget: two token buckets, one of frames and one of payload bytes.
+
+    Every frame a client sends is charged against both, whether it carries a message, a ping,
+    a pong or a fragment. A charge is granted while the frame bucket holds a token per frame and
+    the byte bucket is not empty; the bytes are then taken even when that drives the byte bucket
+    below zero, so a frame larger than what is left passes once and the next frames wait until
+    the debt is refilled: no frame, however large, is refused for ever.
 
     It also tells persistent abuse from a burst: ``abusive`` becomes true once ``ABUSE_REFUSALS``
     frames have been refused with no pause of ``ABUSE_QUIET_SECONDS`` between two refusals,
-    i.e. the client keeps sending although it is told to slow down.
+    i.e. the client keeps sending although it is over its budget.
     """
 
-    __slots__ = ("_burst", "_last", "_last_refusal", "_rate", "_refusals", "_tokens")
+    __slots__ = (
+        "_byte_burst",
+        "_byte_rate",
+        "_bytes",
+        "_frame_burst",
+        "_frame_rate",
+        "_frames",
+        "_last",
+        "_last_refusal",
+        "_refusals",
+    )
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
+    def __init__(
+        self, frames_per_second: float, frame_burst: int, bytes_per_second: float, byte_burst: int
+    ) -> None:
+        self._frame_rate = frames_per_second
+        self._frame_burst = float(frame_burst)
+        self._frames = float(frame_burst)
+        self._byte_rate = bytes_per_second
+        self._byte_burst = float(byte_burst)
+        self._bytes = float(byte_burst)
         self._last = trio.current_time()
         self._refusals = 0
         self._last_refusal = -math.inf
 
-    def allow(self) -> bool:
+    def allow(self, payload_bytes: int) -> bool:
+        """Charge one frame that asks for an answer; whether it is within the budget."""
+        return self.charge(1, payload_bytes) == 0
+
+    def charge(self, frames: int, payload_bytes: int) -> int:
+        """Charge ``frames`` frames carrying ``payload_bytes`` together; return how many of them
+        were refused (counted towards :attr:`abusive`)."""
         now = trio.current_time()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        elapsed = now - self._last
         self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        if now - self._last_refusal > ABUSE_QUIET_SECONDS:
-            self._refusals = 0
-        self._refusals += 1
-        self._last_refusal = now
-        return False
+        self._frames = min(self._frame_burst, self._frames + elapsed * self._frame_rate)
+        self._bytes = min(self._byte_burst, self._bytes + elapsed * self._byte_rate)
+        granted = min(frames, int(self._frames)) if self._bytes > 0 else 0
+        if granted:
+            self._frames -= granted
+            self._bytes -= payload_bytes
+        refused = frames - granted
+        if refused:
+            if now - self._last_refusal > ABUSE_QUIET_SECONDS:
+                self._refusals = 0
+            self._refusals += refused
+            self._last_refusal = now
+        return refused
 
     @property
     def abusive(self) -> bool:
@@ -127,8 +161,12 @@ class Connection:
         self._writer_running = False
         self._closing = False
         self._max_queued_frames = worker.config.max_queued_frames
+        config = worker.config
         self._limiter = RateLimiter(
-            worker.config.rate_limit_per_second, worker.config.rate_limit_burst
+            config.rate_limit_per_second,
+            config.rate_limit_burst,
+            config.rate_limit_bytes_per_second,
+            config.rate_limit_bytes_burst,
         )
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -361,7 +399,9 @@ class Connection:
             return data
 
     async def _read_frames(self, data: bytes) -> None:
+        """Parse the client's frames and act on each, charging every frame to its budget."""
         parser = websocket.FrameParser(self.worker.config.max_frame_bytes)
+        limiter = self._limiter
         while True:
             try:
                 events = parser.feed(data)
@@ -375,13 +415,19 @@ class Connection:
                 return
             for event in events:
                 if isinstance(event, websocket.Message):
-                    await self._handle_message(event)
+                    if limiter.allow(len(event.payload)):
+                        await self._handle_message(event)
+                    else:
+                        self._refuse(event)
+                elif isinstance(event, websocket.Unanswered):
+                    # Pongs and fragments earn no reply, but cost work all the same.
+                    if limiter.charge(event.frames, event.payload_bytes) and limiter.abusive:
+                        self._close_abusive()
                 elif isinstance(event, websocket.Ping):
-                    # Pings count against the rate like any frame: answering is work too.
-                    if self._limiter.allow():
+                    if limiter.allow(len(event.payload)):
                         self._send_frame(websocket.encode_frame(websocket.OP_PONG, event.payload))
-                    elif self._limiter.abusive:
-                        self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+                    elif limiter.abusive:
+                        self._close_abusive()
                 else:
                     self.close(event.code or websocket.CLOSE_NORMAL)
                     return
@@ -394,20 +440,28 @@ class Connection:
             if not data:
                 return
 
-    async def _handle_message(self, message: websocket.Message) -> None:
-        if not self._limiter.allow():
-            if self._limiter.abusive:
-                logger.info("connection %d ignores rate_limited: closing it 1008", self.id)
-                self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-                return
-            self._reply(
-                protocol.error_frame(
-                    protocol.RATE_LIMITED,
-                    "too many frames; slow down",
-                    protocol.readable_id(message.payload) if message.is_text else None,
-                )
-            )
+    def _refuse(self, message: websocket.Message) -> None:
+        """Answer a message over the budget with ``rate_limited``; close a client that ignores
+        those answers."""
+        if self._limiter.abusive:
+            self._close_abusive()
             return
+        self._reply(
+            protocol.error_frame(
+                protocol.RATE_LIMITED,
+                "too many frames; slow down",
+                protocol.readable_id(message.payload) if message.is_text else None,
+            )
+        )
+
+    def _close_abusive(self) -> None:
+        logger.info(
+            "connection %d (%s) keeps sending past its budget: closing it 1008", self.id, self.peer
+        )
+        self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+
+    async def _handle_message(self, message: websocket.Message) -> None:
+        """Act on a message within the budget: parse it as a request and answer it."""
         try:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
             await self._handle_request(request)

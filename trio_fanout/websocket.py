@@ -3,15 +3,16 @@
 We own this layer rather than use trio-websocket on the server because the send path of a
 fan-out server must write one pre-encoded frame to many sockets with one system call each, and
 because the protocol asks for things a generic server does not do: ``/healthz`` and 404/426 on
-the WebSocket port, a ``too_large`` error frame before closing 1009, and invalid UTF-8 answered
-with an error frame rather than a closed connection. Everything here is pure: bytes in, values or
-bytes out, so the tests drive it without sockets (see docs/architecture.md).
+the WebSocket port, a ``too_large`` error frame before closing 1009, and every client frame
+reported so that it can be charged against a budget. Everything here is pure: bytes in, values
+or bytes out, so the tests drive it without sockets (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import struct
 import urllib.parse
@@ -20,9 +21,6 @@ import attrs
 
 # The largest HTTP request head we read before answering 431; browsers send well under 2 KiB.
 MAX_REQUEST_HEAD_BYTES = 8192
-
-# Fragments one message may arrive in; browsers send one, libraries a few.
-MAX_FRAGMENTS = 1024
 
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -39,6 +37,7 @@ _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
@@ -210,7 +209,7 @@ def encode_close_frame(code: int, reason: str = "") -> bytes:
     return encode_frame(OP_CLOSE, struct.pack("!H", code) + encoded)
 
 
-def unmask(payload: bytes, mask: bytes) -> bytes:
+def unmask(payload: bytes | bytearray, mask: bytes) -> bytes:
     """XOR ``payload`` with the 4-byte ``mask``, as one big-integer operation (fast in CPython)."""
     length = len(payload)
     if not length:
@@ -223,7 +222,8 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
 
 @attrs.frozen
 class Message:
-    """A complete data message: ``is_text`` false means it came in binary frames."""
+    """A complete data message: ``is_text`` false means it came in binary frames. The payload of
+    a text message is valid UTF-8."""
 
     is_text: bool
     payload: bytes
@@ -242,22 +242,89 @@ class Close:
     reason: str
 
 
-Event = Message | Ping | Close
+@attrs.frozen
+class Unanswered:
+    """Frames that call for no answer: pongs, and the fragments of a message before its last.
+
+    They are reported, a run of them as one event, so that the caller can charge every frame a
+    client sends against its budget. ``payload_bytes`` counts the pongs' payloads; a fragment's
+    bytes are counted in its :class:`Message`.
+    """
+
+    frames: int
+    payload_bytes: int
+
+
+Event = Message | Ping | Close | Unanswered
+
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class _Utf8Validator:
+    """Checks a text message's UTF-8 piece by piece, failing at the first byte that no valid
+    text can continue.
+
+    CPython's incremental decoder fails that early on every invalid sequence but one: the first
+    two bytes of an encoded surrogate (ED A0 to ED BF), which it keeps pending until the third
+    byte arrives. That case is checked here.
+    """
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = _Utf8Decoder()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._decoder.decode(data)
+        except UnicodeDecodeError:
+            raise _invalid_utf8() from None
+        pending = self._decoder.getstate()[0]
+        if len(pending) == 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+            raise _invalid_utf8()
+
+    def finish(self) -> None:
+        """The message ended: a code point cut short at its end is invalid too."""
+        try:
+            self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _invalid_utf8() from None
+
+
+def _invalid_utf8() -> ProtocolViolation:
+    return ProtocolViolation("a text message that is not valid UTF-8", CLOSE_INVALID_DATA)
 
 
 class FrameParser:
-    """Turns bytes from a client into :class:`Message`, :class:`Ping` and :class:`Close` events.
+    """Turns bytes from a client into events: :class:`Message`, :class:`Ping`, :class:`Close`,
+    and :class:`Unanswered` for pongs and fragments.
 
-    Pongs are consumed silently. Text payloads are *not* checked for UTF-8 here: the protocol
-    answers invalid UTF-8 with an error frame, which the caller does when it decodes.
+    A data frame's payload is consumed as it arrives: unmasked (the mask's phase carried from
+    one read to the next), checked for UTF-8 if the message is text, and appended to the message
+    being assembled. So invalid UTF-8 fails the connection (1007, RFC 6455 section 8.1) as soon
+    as its bytes arrive, not when the message is complete. A message's fragments go into one
+    growing buffer, whose size ``max_message_bytes`` bounds; how many fragments a client may
+    send is its frame budget's business (``connection.RateLimiter``), not the parser's.
     """
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
         self._buffer = bytearray()
-        self._fragments: list[bytes] = []
-        self._fragments_size = 0
-        self._fragmented_is_text: bool | None = None
+        # The frame whose header has been read and whose payload is still (partly) to come.
+        self._in_frame = False
+        self._fin = False
+        self._opcode = 0
+        self._mask = b""  # rotated as payload is consumed, so it always starts at phase 0
+        self._remaining = 0
+        # The data message being assembled, if one has begun.
+        self._message_is_text: bool | None = None
+        self._message = bytearray()
+        # A message that came whole in one frame and one read, the common case: never copied.
+        self._whole: bytes | None = None
+        self._utf8: _Utf8Validator | None = None
+        # Unanswered frames since the last event, reported before the next one.
+        self._quiet_frames = 0
+        self._quiet_bytes = 0
         self._failure: ProtocolViolation | None = None
 
     @property
@@ -268,32 +335,71 @@ class FrameParser:
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes; return every event they complete, in order.
 
-        Raises :class:`ProtocolViolation` (or :class:`MessageTooBig`) on bad input. When frames
-        completed in this same call precede the bad one, they are returned first and the
+        Raises :class:`ProtocolViolation` (or :class:`MessageTooBig`) on bad input. When events
+        completed in this same call precede the bad frame, they are returned first and the
         violation is raised by the next call (see :attr:`failed`): nothing valid is lost.
         """
         if self._failure is not None:
             raise self._failure
-        self._buffer += data
+        # Bytes left from the previous read are joined to these; without any (the usual case),
+        # the frames are read from ``data`` itself and only its unread end is kept.
+        buffer: bytes | bytearray
+        if self._buffer:
+            buffer = self._buffer
+            buffer += data
+        else:
+            buffer = data
         events: list[Event] = []
+        event: Event | None
+        position = 0
         try:
-            while (frame := self._take_frame()) is not None:
-                event = self._frame_event(*frame)
+            while True:
+                if not self._in_frame:
+                    if len(buffer) - position < 2:
+                        break
+                    position = self._read_header(buffer, position)
+                    if not self._in_frame:
+                        break
+                if self._opcode >= OP_CLOSE:
+                    end = position + self._remaining
+                    if len(buffer) < end:
+                        break  # a control frame is at most 125 bytes: wait for all of it
+                    payload = unmask(buffer[position:end], self._mask)
+                    position = end
+                    self._in_frame = False
+                    event = self._control_event(payload)
+                else:
+                    take = min(len(buffer) - position, self._remaining)
+                    if take:
+                        payload = unmask(buffer[position : position + take], self._mask)
+                        position += take
+                        self._consume_data(payload)
+                    if self._remaining:
+                        break
+                    self._in_frame = False
+                    event = self._end_data_frame()
                 if event is not None:
+                    self._report_quiet(events)
                     events.append(event)
         except ProtocolViolation as violation:
             self._failure = violation
-            if not events:
+            if not events and not self._quiet_frames:
                 raise
+        finally:
+            if buffer is self._buffer:
+                del self._buffer[:position]
+            else:
+                self._buffer += buffer[position:]
+        self._report_quiet(events)
         return events
 
-    def _take_frame(self) -> tuple[bool, int, bytes] | None:
-        """Remove one whole frame from the buffer: ``(fin, opcode, payload)``, or None if it has
-        not fully arrived."""
-        buffer = self._buffer
-        if len(buffer) < 2:
-            return None
-        first, second = buffer[0], buffer[1]
+    def _read_header(self, buffer: bytes | bytearray, position: int) -> int:
+        """Read the header at ``position`` if it has fully arrived (then ``_in_frame`` is set);
+        return the position after it. Violations are raised from the header alone."""
+        available = len(buffer) - position
+        if available < 2:
+            return position
+        first, second = buffer[position], buffer[position + 1]
         fin = bool(first & 0x80)
         opcode = first & 0x0F
         if first & 0x70:
@@ -301,60 +407,91 @@ class FrameParser:
         if not second & 0x80:
             raise ProtocolViolation("a client frame must be masked")
         length = second & 0x7F
-        offset = 2
+        header_size = 6
         if length == 126:
-            if len(buffer) < 4:
-                return None
-            (length,) = struct.unpack_from("!H", buffer, 2)
-            offset = 4
+            if available < 4:
+                return position
+            (length,) = struct.unpack_from("!H", buffer, position + 2)
+            header_size = 8
         elif length == 127:
-            if len(buffer) < 10:
-                return None
-            (length,) = struct.unpack_from("!Q", buffer, 2)
-            offset = 10
+            if available < 10:
+                return position
+            (length,) = struct.unpack_from("!Q", buffer, position + 2)
+            header_size = 14
         if opcode in _CONTROL_OPCODES:
             if not fin or length > 125:
                 raise ProtocolViolation("a control frame must be final and at most 125 bytes")
         elif opcode in _DATA_OPCODES:
-            if self._fragmented_is_text is not None:
+            if self._message_is_text is not None:
                 raise ProtocolViolation("a new message started inside a fragmented one")
         elif opcode == OP_CONTINUATION:
-            if self._fragmented_is_text is None:
+            if self._message_is_text is None:
                 raise ProtocolViolation("a continuation frame with no message to continue")
         else:
             raise ProtocolViolation(f"unknown opcode {opcode:#x}")
-        is_data = opcode not in _CONTROL_OPCODES
-        if is_data and self._fragments_size + length > self.max_message_bytes:
+        if opcode < OP_CLOSE and len(self._message) + length > self.max_message_bytes:
             raise MessageTooBig(self.max_message_bytes)
-        end = offset + 4 + length
-        if len(buffer) < end:
-            return None
-        payload = unmask(bytes(buffer[offset + 4 : end]), bytes(buffer[offset : offset + 4]))
-        del buffer[:end]
-        return fin, opcode, payload
+        if available < header_size:
+            return position
+        self._in_frame = True
+        self._fin = fin
+        self._opcode = opcode
+        self._mask = bytes(buffer[position + header_size - 4 : position + header_size])
+        self._remaining = length
+        if opcode in _DATA_OPCODES:
+            self._message_is_text = opcode == OP_TEXT
+        return position + header_size
 
-    def _frame_event(self, fin: bool, opcode: int, payload: bytes) -> Event | None:
-        if opcode == OP_PING:
+    def _consume_data(self, payload: bytes) -> None:
+        """Take the next piece of a data frame's payload, already unmasked."""
+        self._remaining -= len(payload)
+        if not self._remaining and self._fin and not self._message:
+            if self._message_is_text and not payload.isascii():
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _invalid_utf8() from None
+            self._whole = payload
+            return
+        if self._remaining:
+            shift = len(payload) % 4
+            self._mask = self._mask[shift:] + self._mask[:shift]
+        if self._message_is_text:
+            if self._utf8 is None:
+                self._utf8 = _Utf8Validator()
+            self._utf8.feed(payload)
+        self._message += payload
+
+    def _end_data_frame(self) -> Message | None:
+        if not self._fin:
+            self._quiet_frames += 1
+            return None
+        if self._utf8 is not None:
+            self._utf8.finish()
+            self._utf8 = None
+        if self._whole is not None:
+            message = Message(bool(self._message_is_text), self._whole)
+            self._whole = None
+        else:
+            message = Message(bool(self._message_is_text), bytes(self._message))
+            self._message = bytearray()
+        self._message_is_text = None
+        return message
+
+    def _control_event(self, payload: bytes) -> Ping | Close | None:
+        if self._opcode == OP_PING:
             return Ping(payload)
-        if opcode == OP_PONG:
+        if self._opcode == OP_PONG:
+            self._quiet_frames += 1
+            self._quiet_bytes += len(payload)
             return None
-        if opcode == OP_CLOSE:
-            return _parse_close(payload)
-        if opcode != OP_CONTINUATION:
-            self._fragmented_is_text = opcode == OP_TEXT
-        if len(self._fragments) >= MAX_FRAGMENTS:
-            # Empty fragments add nothing to the size limit, but each costs memory.
-            raise ProtocolViolation("too many fragments in one message", CLOSE_POLICY_VIOLATION)
-        self._fragments.append(payload)
-        self._fragments_size += len(payload)
-        if not fin:
-            return None
-        is_text = bool(self._fragmented_is_text)
-        message = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
-        self._fragments = []
-        self._fragments_size = 0
-        self._fragmented_is_text = None
-        return Message(is_text, message)
+        return _parse_close(payload)
+
+    def _report_quiet(self, events: list[Event]) -> None:
+        if self._quiet_frames:
+            events.append(Unanswered(self._quiet_frames, self._quiet_bytes))
+            self._quiet_frames = 0
+            self._quiet_bytes = 0
 
 
 def _parse_close(payload: bytes) -> Close:
@@ -368,5 +505,5 @@ def _parse_close(payload: bytes) -> Close:
     try:
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolViolation("a close reason that is not UTF-8", 1007) from None
+        raise ProtocolViolation("a close reason that is not UTF-8", CLOSE_INVALID_DATA) from None
     return Close(code, reason)
