@@ -11,7 +11,6 @@ connection is closed with 1013, and nobody else waits for it.
 from __future__ import annotations
 
 import errno
-import importlib.resources
 import itertools
 import logging
 import math
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import protocol, websocket
+from trio_fanout import http, protocol, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -43,9 +42,6 @@ CLOSE_TIMEOUT = 2.0
 # off when told gets a clean slate after the pause.
 ABUSE_REFUSALS = 200
 ABUSE_QUIET_SECONDS = 1.0
-
-# The demo chat page every worker serves at "/", read once.
-CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
 
 _ids = itertools.count(1)
 
@@ -287,19 +283,15 @@ class Connection:
                         return None
                     buffer += data
                 request = websocket.parse_request_head(bytes(buffer[:end]))
-                if request.path == "/healthz" and request.method == "GET":
-                    await self._respond(200, self.worker.health(), "application/json")
+                response = http.plain_response(request, self.worker.health)
+                if response is not None:
+                    self._respond(response)
                     return None
-                if request.path == "/" and request.method == "GET":
-                    await self._respond(200, CHAT_PAGE, "text/html; charset=utf-8")
-                    return None
-                if request.path != "/ws":
-                    raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
                 accept = websocket.websocket_accept_response(request)
                 await self._authenticate(request)
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
-                await self._respond(refusal.status, f"{refusal}\n".encode())
+                self._respond(http.refusal_response(refusal))
                 return None
             self._pending.append(accept)
             self._reply(
@@ -339,8 +331,9 @@ class Connection:
         if not allowed:
             raise RequestError(protocol.FORBIDDEN, f"not allowed to {action}", request_id)
 
-    async def _respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
-        self._pending.append(websocket.http_response(status, body, content_type))
+    def _respond(self, response: bytes) -> None:
+        """Send a complete HTTP response; the connection closes after it."""
+        self._pending.append(response)
         self.flush()
         self._closing = True
 

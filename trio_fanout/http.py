@@ -1,0 +1,33 @@
+"""Plain HTTP on the WebSocket port: the health check, the demo page, and the refusals.
+
+A request that is not a WebSocket upgrade to ``/ws`` gets one complete answer here, after which
+the connection closes (no keep-alive: these requests are rare, and a closed connection frees its
+slot at once). Pure: a parsed request in, response bytes out; the connection does the I/O.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable
+
+from trio_fanout import websocket
+
+# The demo chat page every worker serves at "/", read once.
+CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
+
+
+def plain_response(request: websocket.Request, health: Callable[[], bytes]) -> bytes | None:
+    """The answer to ``request`` if it is plain HTTP, or None if it is for the WebSocket at
+    ``/ws`` (whose handshake may still be refused, see :func:`refusal_response`)."""
+    if request.path == "/healthz" and request.method == "GET":
+        return websocket.http_response(200, health(), "application/json")
+    if request.path == "/" and request.method == "GET":
+        return websocket.http_response(200, CHAT_PAGE, "text/html; charset=utf-8")
+    if request.path != "/ws":
+        return refusal_response(websocket.HandshakeError(404, "not found: the WebSocket is at /ws"))
+    return None
+
+
+def refusal_response(refusal: websocket.HandshakeError) -> bytes:
+    """The answer to a request refused with ``refusal``: its status, its message as the body."""
+    return websocket.http_response(refusal.status, f"{refusal}\n".encode())
