@@ -4,8 +4,9 @@ The send path (docs/architecture.md): the fan-out loop calls :meth:`Connection.e
 frame already encoded for everybody, which appends to this connection's list of pending frames and
 never awaits. The worker then calls :meth:`Connection.flush` once per batch, which writes every
 pending frame with one non-blocking ``send``. Only a connection whose socket is full gets a task
-that waits for it to drain; when ``max_queued_frames`` frames wait behind a full socket, the
-connection is closed with 1013, and nobody else waits for it.
+that waits for it to drain; when a frame would take what waits behind a full socket past
+``max_queued_frames`` frames or ``max_queued_bytes`` bytes, the connection is closed with 1013,
+and nobody else waits for it.
 """
 
 from __future__ import annotations
@@ -94,11 +95,14 @@ class Connection:
         "_dirty",
         "_dirty_list",
         "_limiter",
+        "_max_queued_bytes",
         "_max_queued_frames",
         "_nursery",
         "_pending",
+        "_queued_bytes",
         "_sock",
         "_unsent",
+        "_unsent_held",
         "_writer_running",
         "id",
         "identity",
@@ -117,12 +121,19 @@ class Connection:
         self._sock = sock
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
+        # A view of the joined buffer, which stays in memory whole until the view is sent:
+        # ``_unsent_held`` is that buffer's size.
         self._unsent: bytes | memoryview = b""
+        self._unsent_held = 0
+        # The bytes this connection holds for its client, pending and unsent: what
+        # max_queued_bytes bounds, kept up to date at each append and send (never summed).
+        self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
         self._max_queued_frames = worker.config.max_queued_frames
+        self._max_queued_bytes = worker.config.max_queued_bytes
         self._limiter = RateLimiter(
             worker.config.rate_limit_per_second, worker.config.rate_limit_burst
         )
@@ -131,11 +142,23 @@ class Connection:
 
     # ---- the send path --------------------------------------------------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes held for this client that it has not received yet (a socket's buffer
+        aside): what ``max_queued_bytes`` bounds."""
+        return self._queued_bytes
+
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
         self._pending.append(frame)
+        self._queued_bytes += size
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -146,7 +169,15 @@ class Connection:
         if self._writer_running or not (self._pending or self._unsent):
             return
         self._send_now()
-        if (self._pending or self._unsent) and self._nursery is not None:
+        self._write_later()
+
+    def _write_later(self) -> None:
+        """Start the task that waits for a full socket to drain, if something waits for it."""
+        if (
+            (self._pending or self._unsent)
+            and not self._writer_running
+            and self._nursery is not None
+        ):
             self._writer_running = True
             self._nursery.start_soon(self._write_when_writable)
 
@@ -160,17 +191,22 @@ class Connection:
                     self._unsent = self._unsent[sent:]
                     return
                 self._unsent = b""  # an empty view would still hold the whole buffer
+                self._queued_bytes -= self._unsent_held
+                self._unsent_held = 0
             pending = self._pending
             if not pending:
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
+            pending.clear()  # their bytes, now in data, stay counted until sent
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
+                self._unsent_held = len(data)
+            else:
+                self._queued_bytes -= len(data)
         except BlockingIOError:
             return  # the unsent rest is kept as it was
         except OSError as error:
@@ -191,6 +227,7 @@ class Connection:
         self._closing = True
         self._pending.clear()
         self._unsent = b""
+        self._unsent_held = self._queued_bytes = 0
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -204,13 +241,14 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        if drop_pending:
+        if drop_pending or self.id not in self.worker.connections:
+            # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
+            self._queued_bytes = self._unsent_held
         if self.id in self.worker.connections:
-            self._pending.append(websocket.encode_close_frame(code, reason))
+            self._append(websocket.encode_close_frame(code, reason))
             self.flush()
-        else:
-            self._pending.clear()  # no WebSocket yet: nothing to say, just hang up
+        # else: no WebSocket yet, nothing to say: just hang up
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -221,28 +259,46 @@ class Connection:
     def _send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
-        self._pending.append(frame)
+        self._append(frame)
         self.flush()
 
-    def _room(self) -> bool:
-        """Whether one more frame may be queued: not when closing, nor when the queue is full
-        and stays full after a write (then the client is too slow and is closed with 1013).
-        A large batch can queue many frames for a healthy client too, hence the write first."""
+    def _append(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._queued_bytes += len(frame)
+
+    def _room(self, size: int) -> bool:
+        """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
+        would pass a limit and a write does not make room (the socket is full: the client is too
+        slow and is closed with 1013). A large batch can fill the queue of a healthy client
+        too, hence the write first, tried even while the writer task waits: a client that reads
+        may have made room since. A frame that finds nothing queued is taken, whatever its
+        size."""
         if self._closing:
             return False
-        self.flush()
+        self._send_now()
         if self._closing:  # the write found the client gone
             return False
-        if self._writer_running and len(self._pending) >= self._max_queued_frames:
-            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+        queued = self._queued_bytes
+        if queued and (
+            len(self._pending) >= self._max_queued_frames or queued + size > self._max_queued_bytes
+        ):
+            logger.info(
+                "connection %d (%s) is too slow: %d frames, %d bytes wait behind a full socket;"
+                " closing it 1013",
+                self.id, self.peer, len(self._pending), queued,
+            )  # fmt: skip
             self.close(
-                websocket.CLOSE_TRY_AGAIN_LATER,
-                "too slow: queued frames over the limit",
-                drop_pending=True,
+                websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
             return False
+        self._write_later()
         return True
 
     # ---- the connection's task ----------------------------------------------------------------
@@ -273,27 +329,37 @@ class Connection:
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
-        None when the request was plain HTTP (answered) or never completed."""
-        buffer = bytearray()
+        None when the request was plain HTTP (answered) or never completed.
+
+        ``handshake_timeout`` bounds all of it, however the bytes trickle in: a client that
+        sends its head a byte at a time holds its slot no longer than one that sends nothing.
+        """
+        head = websocket.RequestHeadReader()
         with trio.move_on_after(self.worker.config.handshake_timeout):
             try:
-                while (end := websocket.find_request_head_end(buffer)) < 0:
+                while True:
                     data = await self._receive()
                     if not data:
                         return None
-                    buffer += data
-                request = websocket.parse_request_head(bytes(buffer[:end]))
+                    if (complete := head.feed(data)) is not None:
+                        break
+                request, leftover = complete
                 response = http.plain_response(request, self.worker.health)
                 if response is not None:
                     self._respond(response)
                     return None
                 accept = websocket.websocket_accept_response(request)
+                self._check_capacity()
                 await self._authenticate(request)
+                self._check_capacity()  # others may have come in while the hook ran
+            except websocket.NotHTTP as refusal:
+                logger.debug("connection %d (%s): %s: closed", self.id, self.peer, refusal)
+                return None
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
                 self._respond(http.refusal_response(refusal))
                 return None
-            self._pending.append(accept)
+            self._append(accept)
             self._reply(
                 protocol.welcome_frame(
                     self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
@@ -301,9 +367,18 @@ class Connection:
             )
             self.worker.register(self)
             logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
-            return bytes(buffer[end:])
+            return leftover
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
         return None
+
+    def _check_capacity(self) -> None:
+        """Refuse the upgrade with 503 while this worker holds ``max_connections`` WebSockets."""
+        if self.worker.at_connection_limit():
+            raise websocket.HandshakeError(
+                503,
+                f"this worker is at its limit of {self.worker.config.max_connections} "
+                "connections; try again later",
+            )
 
     async def _authenticate(self, request: websocket.Request) -> None:
         authenticate = self.worker.hooks.authenticate
@@ -333,7 +408,7 @@ class Connection:
 
     def _respond(self, response: bytes) -> None:
         """Send a complete HTTP response; the connection closes after it."""
-        self._pending.append(response)
+        self._append(response)
         self.flush()
         self._closing = True
 

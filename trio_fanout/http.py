@@ -15,6 +15,11 @@ from trio_fanout import websocket
 # The demo chat page every worker serves at "/", read once.
 CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
 
+# What a worker at max_connections tells the client (and a load balancer) in Retry-After: a slot
+# frees only when a client leaves, which takes a while at full load; a few seconds lets a
+# balancer try another worker first without making a retrying client wait long.
+RETRY_AFTER_SECONDS = 5
+
 
 def plain_response(request: websocket.Request, health: Callable[[], bytes]) -> bytes | None:
     """The answer to ``request`` if it is plain HTTP, or None if it is for the WebSocket at
@@ -29,5 +34,7 @@ def plain_response(request: websocket.Request, health: Callable[[], bytes]) -> b
 
 
 def refusal_response(refusal: websocket.HandshakeError) -> bytes:
-    """The answer to a request refused with ``refusal``: its status, its message as the body."""
-    return websocket.http_response(refusal.status, f"{refusal}\n".encode())
+    """The answer to a request refused with ``refusal``: its status, its message as the body,
+    and for 503 (this worker is full) a ``Retry-After``."""
+    headers = [("Retry-After", str(RETRY_AFTER_SECONDS))] if refusal.status == 503 else []
+    return websocket.http_response(refusal.status, f"{refusal}\n".encode(), headers=headers)

@@ -13,13 +13,31 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import struct
 import urllib.parse
+from collections.abc import Sequence
 
 import attrs
 
 # The largest HTTP request head we read before answering 431; browsers send well under 2 KiB.
 MAX_REQUEST_HEAD_BYTES = 8192
+
+# The first byte of a TLS ClientHello (a handshake record, RFC 8446 section 5.1): a client
+# that speaks wss:// to this plain port.
+TLS_HANDSHAKE_RECORD = b"\x16"
+
+# A token (RFC 9110 section 5.6.2): what methods and header names are made of.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The request line (RFC 9112 section 3): method SP request-target SP HTTP-version.
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])"
+)
+# The end of a line, and of a head (an empty line); a bare LF counts (RFC 9112 section 2.2).
+_LINE_END = re.compile(rb"\r?\n")
+_HEAD_END = re.compile(rb"\n\r?\n")
+# Control characters no request head may hold (HT, CR and LF have their places in it).
+_FORBIDDEN_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # Fragments one message may arrive in; browsers send one, libraries a few.
 MAX_FRAGMENTS = 1024
@@ -51,6 +69,15 @@ class HandshakeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class NotHTTP(HandshakeError):
+    """The peer speaks another protocol that could not read an HTTP answer (TLS): close the
+    connection without one. A TLS client then reports a failed handshake at once, which is
+    what it would make of a plain-text 400 too, and nothing is sent that it would misparse."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
 
 
 class ProtocolViolation(Exception):
@@ -96,38 +123,106 @@ class Request:
         return "upgrade" in connection and self.headers.get("upgrade", "").lower() == "websocket"
 
 
-def find_request_head_end(buffer: bytes | bytearray) -> int:
-    """Index just past the blank line ending the head, or -1 if it has not fully arrived."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
+def find_request_head_end(buffer: bytes | bytearray, searched: int = 0) -> int:
+    """Index just past the empty line that ends the head, or -1 if it has not fully arrived.
+
+    ``searched`` is how many bytes of ``buffer`` an earlier call already searched (the
+    buffer's length then): the search resumes just before them, so that a head arriving byte
+    by byte costs linear time, not quadratic. A bare LF ends a line as CRLF does (RFC 9112
+    section 2.2 allows it, and h11 does it too), so ``\n\n`` ends a head.
+    """
+    found = _HEAD_END.search(buffer, max(0, searched - 2))
+    if found is None:
         # Up to three bytes of the terminator may already be here without being found.
         if len(buffer) > MAX_REQUEST_HEAD_BYTES + 3:
             raise HandshakeError(431, "request head too large")
         return -1
-    if end > MAX_REQUEST_HEAD_BYTES:
+    if found.end() > MAX_REQUEST_HEAD_BYTES + 4:
         raise HandshakeError(431, "request head too large")
-    return end + 4
+    return found.end()
 
 
 def parse_request_head(head: bytes) -> Request:
-    """Parse the bytes up to and including the blank line that ends an HTTP/1.1 request head."""
-    try:
-        text = head.decode("latin-1")
-        request_line, *header_lines = text[:-4].split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError:
-        raise HandshakeError(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
-        raise HandshakeError(400, f"unsupported HTTP version {version!r}")
+    """Parse the bytes up to and including the empty line that ends an HTTP/1.1 request head.
+
+    Lines may end in CRLF or a bare LF; a CR anywhere else is refused (RFC 9112 section 2.2),
+    as are control characters and header names that are not tokens.
+    """
+    if _FORBIDDEN_BYTE.search(head):
+        raise HandshakeError(400, "a control character in the request head")
+    request_line, *header_lines = _LINE_END.split(head)[:-2]
+    method, target = _parse_request_line(request_line)
     headers: dict[str, str] = {}
     for line in header_lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or b"\r" in value:
             raise HandshakeError(400, "malformed header line")
-        name = name.lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return Request(method, target, headers)
+
+
+def _parse_request_line(line: bytes | bytearray) -> tuple[str, str]:
+    """The method and target of a complete request line (its line ending removed)."""
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise HandshakeError(400, "malformed request line")
+    method, target, version = match.groups()
+    if not version.startswith(b"HTTP/1."):
+        raise HandshakeError(400, f"unsupported HTTP version {version.decode('ascii')!r}")
+    return method.decode("ascii"), target.decode("latin-1")
+
+
+class RequestHeadReader:
+    """Gathers a request head as its bytes arrive, and refuses it as soon as they cannot begin a
+    valid HTTP/1.1 request, rather than when the head is complete (or the handshake times out).
+
+    Refusals are :class:`HandshakeError` (answer with its status) or :class:`NotHTTP` (answer
+    nothing, just close). What is checked as the bytes come: a TLS ClientHello as the first byte,
+    control characters, a method that is not a token, and the request line once it is complete.
+    """
+
+    __slots__ = ("_buffer", "_method_checked", "_request_line_checked")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._method_checked = False
+        self._request_line_checked = False
+
+    def feed(self, data: bytes) -> tuple[Request, bytes] | None:
+        """Add the bytes that arrived; once the head is complete, return the request and the
+        bytes that came after it (the client's first WebSocket frames, if it did not wait)."""
+        buffer = self._buffer
+        searched = len(buffer)
+        buffer += data
+        if buffer[:1] == TLS_HANDSHAKE_RECORD:
+            raise NotHTTP("a TLS handshake on the plain (ws://) port")
+        end = find_request_head_end(buffer, searched)
+        head_so_far = len(buffer) if end < 0 else end
+        if _FORBIDDEN_BYTE.search(buffer, searched, head_so_far):
+            raise HandshakeError(400, "a control character in the request head")
+        if not self._request_line_checked:
+            self._check_request_line(searched, head_so_far)
+        if end < 0:
+            return None
+        return parse_request_head(bytes(buffer[:end])), bytes(buffer[end:])
+
+    def _check_request_line(self, searched: int, head_so_far: int) -> None:
+        buffer = self._buffer
+        line_end = buffer.find(b"\n", searched, head_so_far)
+        if line_end >= 0:
+            self._request_line_checked = True
+            line = buffer[:line_end]
+            _parse_request_line(line[:-1] if line.endswith(b"\r") else line)
+            return
+        if self._method_checked:
+            return
+        space = buffer.find(b" ", searched, head_so_far)
+        method_part = buffer[searched : head_so_far if space < 0 else space]
+        if space == 0 or (method_part and not _TOKEN.fullmatch(method_part)):
+            raise HandshakeError(400, "malformed request line: it does not start with a method")
+        self._method_checked = space > 0
 
 
 def accept_key(client_key: str) -> str:
@@ -168,14 +263,22 @@ _REASONS = {
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
 def http_response(
-    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> bytes:
-    """A complete HTTP/1.1 response after which the server closes the connection."""
-    extra = "Upgrade: websocket\r\n" if status == 426 else ""
+    """A complete HTTP/1.1 response after which the server closes the connection; ``headers``
+    are added to the usual ones."""
+    if status == 426:
+        headers = [*headers, ("Upgrade", "websocket")]
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     return (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         f"Content-Type: {content_type}\r\n"
