@@ -102,7 +102,6 @@ class Connection:
         "_queued_bytes",
         "_sock",
         "_unsent",
-        "_unsent_held",
         "_writer_running",
         "id",
         "identity",
@@ -121,12 +120,10 @@ class Connection:
         self._sock = sock
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
-        # A view of the joined buffer, which stays in memory whole until the view is sent:
-        # ``_unsent_held`` is that buffer's size.
         self._unsent: bytes | memoryview = b""
-        self._unsent_held = 0
-        # The bytes this connection holds for its client, pending and unsent: what
-        # max_queued_bytes bounds, kept up to date at each append and send (never summed).
+        # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
+        # append and send (never summed). The memory held can be up to twice as much, since
+        # the unsent view keeps its whole joined buffer alive until the view is sent.
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
@@ -187,12 +184,11 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
+                self._queued_bytes -= sent
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
                 self._unsent = b""  # an empty view would still hold the whole buffer
-                self._queued_bytes -= self._unsent_held
-                self._unsent_held = 0
             pending = self._pending
             if not pending:
                 return
@@ -202,11 +198,9 @@ class Connection:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
+            self._queued_bytes -= sent
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
-                self._unsent_held = len(data)
-            else:
-                self._queued_bytes -= len(data)
         except BlockingIOError:
             return  # the unsent rest is kept as it was
         except OSError as error:
@@ -227,7 +221,7 @@ class Connection:
         self._closing = True
         self._pending.clear()
         self._unsent = b""
-        self._unsent_held = self._queued_bytes = 0
+        self._queued_bytes = 0
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -244,7 +238,7 @@ class Connection:
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
-            self._queued_bytes = self._unsent_held
+            self._queued_bytes = len(self._unsent)
         if self.id in self.worker.connections:
             self._append(websocket.encode_close_frame(code, reason))
             self.flush()
