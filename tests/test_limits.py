@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, receive_data
@@ -148,6 +149,19 @@ async def http_get(port: int, head: bytes) -> bytes:
             return answer
 
 
+async def receive_until_closed(stream: trio.SocketStream) -> bytes:
+    """What the server sends before it closes the connection; a reset counts as a close (the
+    server closed with bytes of ours unread)."""
+    received = b""
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        try:
+            while chunk := await stream.receive_some():
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+    return received
+
+
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
@@ -275,3 +289,153 @@ async def test_a_client_that_stops_reading_is_cut_by_the_bytes_bound_alone(monke
         assert numbers == list(range(10, 10 + len(numbers)))
         assert slow_conn.id not in worker.connections
         await slow.stream.aclose()
+
+
+# ---- handshakes ---------------------------------------------------------------------------
+
+
+async def test_a_handshake_sent_byte_by_byte_is_cut_by_handshake_timeout_as_a_whole():
+    timeout = 1.0
+    async with running_worker(handshake_timeout=timeout) as (_, url):
+        port = port_of(url)
+        trickle = await trio.open_tcp_stream("127.0.0.1", port)
+        cut = trio.Event()
+        started = trio.current_time()
+
+        async def send_a_byte_at_a_time() -> None:
+            # A header that never ends, a byte every 50 ms: each read comes well within any
+            # timeout, so only a bound on the whole handshake cuts it. Bounded: 10 s of bytes.
+            try:
+                await trickle.send_all(b"GET /ws HTTP/1.1\r\nX-Slow: ")
+                for _ in range(200):
+                    await trickle.send_all(b"a")
+                    await trio.sleep(0.05)
+            except trio.BrokenResourceError:
+                pass  # the server closed it: what this test waits for
+            finally:
+                cut.set()
+
+        async def wait_for_the_cut() -> None:
+            assert await receive_until_closed(trickle) == b""  # no answer, just the close
+            cut.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_a_byte_at_a_time)
+            nursery.start_soon(wait_for_the_cut)
+            # Meanwhile the worker serves others.
+            async with open_client(url) as other:
+                await other.join("r")
+                await other.ping()
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await cut.wait()
+            elapsed = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+        assert timeout - 0.1 <= elapsed < 5 * timeout, elapsed  # not 10 s of trickling
+        await trickle.aclose()
+
+
+async def test_a_tls_client_hello_on_the_plain_port_is_closed_at_once():
+    # The start of a real ClientHello (a record header, then the handshake header).
+    client_hello = bytes.fromhex("16030100f4010000f00303") + os.urandom(32)
+    async with running_worker(handshake_timeout=60) as (worker, url):
+        async with await trio.open_tcp_stream("127.0.0.1", port_of(url)) as stream:
+            await stream.send_all(client_hello)
+            # Nothing a TLS client would misread, just the close; within RECEIVE_TIMEOUT, far
+            # less than the handshake timeout.
+            assert await receive_until_closed(stream) == b""
+        await _handshakes_below(worker, 1)
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"200"),  # bare LF: accepted (RFC 9112 2.2)
+        (b"GET /nowhere HTTP/1.1\nHost: x\n\n", b"404"),
+        (b'{"type": "join", "room": "r"}', b"400"),  # JSON before any handshake
+        (b"GET /ws HTTP/1.1 \r\n", b"400"),  # a request line that cannot be valid
+        (b"GET /ws HTTP/1.1\r\nHost: \x00\r\n", b"400"),  # a NUL: the head is not done yet
+    ],
+)
+async def test_a_head_is_answered_as_soon_as_its_fate_is_known(head: bytes, status: bytes):
+    async with running_worker(handshake_timeout=60) as (_, url):
+        answer = await http_get(port_of(url), head)  # bounded far below the handshake timeout
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+
+
+# ---- connection limits --------------------------------------------------------------------
+
+
+async def test_past_max_connections_an_upgrade_gets_503_and_healthz_still_answers():
+    async with (
+        running_worker(max_connections=3) as (worker, url),
+        open_client(url) as first,
+        open_client(url) as second,
+    ):
+        port = port_of(url)
+        third_leaves = trio.Event()
+        third_left = trio.Event()
+
+        async def third_client() -> None:
+            async with open_client(url) as third:
+                await third.join("room")
+                await third_leaves.wait()
+            third_left.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third_client)
+            for client in (first, second):
+                await client.join("room")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while len(worker.connections) < 3 or len(worker.rooms) < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+            refused = await http_get(port, UPGRADE)
+            head, _, body = refused.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), head
+            assert b"\r\nRetry-After: 5" in head
+            assert b"limit of 3 connections" in body
+            health = await healthz(port)
+            assert (health["connections"], health["handshakes"]) == (3, 1)  # this request
+            # The three keep being served.
+            await publish_from_outside(worker, "room", "still here")
+            assert await receive_data(first, 1) == ["still here"]
+            assert await receive_data(second, 1) == ["still here"]
+
+            third_leaves.set()
+            await third_left.wait()
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while len(worker.connections) > 2:  # noqa: ASYNC110 - no event for it
+                    await trio.sleep(0.01)
+        async with open_client(url) as newcomer:
+            await newcomer.join("room")
+            await publish_from_outside(worker, "room", "welcome")
+            for client in (first, second, newcomer):
+                assert await receive_data(client, 1) == ["welcome"]
+
+
+async def test_past_max_handshakes_new_connections_are_closed_at_once():
+    async with running_worker(max_handshakes=2, handshake_timeout=60) as (worker, url):
+        port = port_of(url)
+        # Two connections that never send a byte hold the two handshake slots.
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker.handshakes < 2:  # noqa: ASYNC110 - no event for "accepted"
+                await trio.sleep(0.01)
+        # A third is closed at once (not after the 60 s handshake timeout), unanswered.
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(HEALTHZ)
+            assert await receive_until_closed(stream) == b""
+        assert worker.handshakes == 2
+        # One slot frees: /healthz answers again, and a WebSocket opens.
+        await idle.pop().aclose()
+        await _handshakes_below(worker, 2)
+        assert (await healthz(port))["handshakes"] == 2  # the idle one and this request
+        async with open_client(url) as client:
+            await client.ping()
+        await idle.pop().aclose()
+
+
+async def _handshakes_below(worker, count: int) -> None:
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        while worker.handshakes >= count:  # noqa: ASYNC110 - no event for "task ended"
+            await trio.sleep(0.01)
