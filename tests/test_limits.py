@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, receive_data
-from tests.test_worker import running_worker
-from trio_fanout import connection, envelope, protocol
+from tests.test_worker import publish_from_outside, running_worker
+from trio_fanout import connection
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
 
@@ -248,12 +248,6 @@ async def test_a_burst_cuts_clients_that_do_not_read_and_reaches_the_one_that_do
             assert len(numbers) < BURST
             await client.stream.aclose()
         await reader.stream.aclose()
-
-
-async def publish_from_outside(worker, room: str, data: object) -> None:
-    topic = envelope.room_topic(room)
-    frame = protocol.message_frame(room, data)
-    await worker.backplane.publish(topic, envelope.Numberer().wrap(topic, frame))
 
 
 async def test_a_client_that_stops_reading_is_cut_by_the_bytes_bound_alone(monkeypatch):

@@ -141,8 +141,8 @@ class Connection:
 
     @property
     def queued_bytes(self) -> int:
-        """The bytes held for this client that it has not received yet (a socket's buffer
-        aside): what ``max_queued_bytes`` bounds."""
+        """The bytes waiting to be written to this client's socket: what ``max_queued_bytes``
+        bounds."""
         return self._queued_bytes
 
     def enqueue(self, frame: bytes) -> None:
