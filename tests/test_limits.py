@@ -348,6 +348,7 @@ async def test_a_tls_client_hello_on_the_plain_port_is_closed_at_once():
         (b'{"type": "join", "room": "r"}', b"400"),  # JSON before any handshake
         (b"GET /ws HTTP/1.1 \r\n", b"400"),  # a request line that cannot be valid
         (b"GET /ws HTTP/1.1\r\nHost: \x00\r\n", b"400"),  # a NUL: the head is not done yet
+        (b"GET /ws HTTP/1.1\r\nno colon\r\n", b"400"),  # a header line, and more to come
     ],
 )
 async def test_a_head_is_answered_as_soon_as_its_fate_is_known(head: bytes, status: bytes):

@@ -719,6 +719,9 @@ def test_a_tls_client_hello_is_recognised_at_its_first_byte() -> None:
         (b"SSH-2.0-OpenSSH_9.6\r\n", 20),  # another protocol's greeting: CR ends no method
         (b"PING\r\n", 5),  # a Redis inline command
         (b"GET /ws HTTP/2.0\n", 17),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nno colon\r\n", 37),  # a header line, once complete
+        (b"GET /ws HTTP/1.1\nHost: x\n folded: line\n", 39),
+        (b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n", 29),  # a bare CR
     ],
 )
 def test_a_head_that_cannot_be_valid_is_refused_as_soon_as_that_is_known(

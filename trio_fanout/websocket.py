@@ -154,13 +154,19 @@ def parse_request_head(head: bytes) -> Request:
     method, target = _parse_request_line(request_line)
     headers: dict[str, str] = {}
     for line in header_lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name) or b"\r" in value:
-            raise HandshakeError(400, "malformed header line")
+        name, value = _split_header_line(line)
         key = name.decode("ascii").lower()
         text = value.strip(b" \t").decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return Request(method, target, headers)
+
+
+def _split_header_line(line: bytes | bytearray) -> tuple[bytes | bytearray, bytes | bytearray]:
+    """The name and the raw value of a header line (its line ending removed)."""
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.fullmatch(name) or b"\r" in value:
+        raise HandshakeError(400, "malformed header line")
+    return name, value
 
 
 def _parse_request_line(line: bytes | bytearray) -> tuple[str, str]:
@@ -180,15 +186,16 @@ class RequestHeadReader:
 
     Refusals are :class:`HandshakeError` (answer with its status) or :class:`NotHTTP` (answer
     nothing, just close). What is checked as the bytes come: a TLS ClientHello as the first byte,
-    control characters, a method that is not a token, and the request line once it is complete.
+    control characters, a method that is not a token, and each line once it is complete. Each
+    byte is looked at a bounded number of times, however the head is split.
     """
 
-    __slots__ = ("_buffer", "_method_checked", "_request_line_checked")
+    __slots__ = ("_buffer", "_line_start", "_method_checked")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._line_start = 0  # where the line not yet complete begins
         self._method_checked = False
-        self._request_line_checked = False
 
     def feed(self, data: bytes) -> tuple[Request, bytes] | None:
         """Add the bytes that arrived; once the head is complete, return the request and the
@@ -202,21 +209,25 @@ class RequestHeadReader:
         head_so_far = len(buffer) if end < 0 else end
         if _FORBIDDEN_BYTE.search(buffer, searched, head_so_far):
             raise HandshakeError(400, "a control character in the request head")
-        if not self._request_line_checked:
-            self._check_request_line(searched, head_so_far)
+        self._check_lines(searched, head_so_far)
         if end < 0:
             return None
         return parse_request_head(bytes(buffer[:end])), bytes(buffer[end:])
 
-    def _check_request_line(self, searched: int, head_so_far: int) -> None:
+    def _check_lines(self, searched: int, head_so_far: int) -> None:
+        """Check the lines completed by the bytes from ``searched`` on, and while the request
+        line is not complete, that it starts with a method."""
         buffer = self._buffer
-        line_end = buffer.find(b"\n", searched, head_so_far)
-        if line_end >= 0:
-            self._request_line_checked = True
-            line = buffer[:line_end]
-            _parse_request_line(line[:-1] if line.endswith(b"\r") else line)
-            return
-        if self._method_checked:
+        while (line_end := buffer.find(b"\n", searched, head_so_far)) >= 0:
+            line = buffer[self._line_start : line_end]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._line_start == 0:
+                _parse_request_line(line)
+            elif line:  # not the empty line that ends the head
+                _split_header_line(line)
+            self._line_start = searched = line_end + 1
+        if self._line_start or self._method_checked:
             return
         space = buffer.find(b" ", searched, head_so_far)
         method_part = buffer[searched : head_so_far if space < 0 else space]
