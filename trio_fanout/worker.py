@@ -130,7 +130,8 @@ class Worker:
         return len(self._accepted) - len(self.connections)
 
     def at_connection_limit(self) -> bool:
-        """Whether ``max_connections`` WebSockets are open here; the caller refuses one more."""
+        """Whether ``max_connections`` WebSockets are open here. If so, the caller refuses one
+        more, and the refusal is counted for the log (see :meth:`_note_refusal`)."""
         if len(self.connections) < self.config.max_connections:
             return False
         self._note_refusal("max_connections", "WebSocket upgrades answered 503")
