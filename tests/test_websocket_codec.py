@@ -867,3 +867,99 @@ def test_unanswered_frames_before_a_violation_are_still_reported() -> None:
     assert parser.feed(data) == [Unanswered(2, 6)]
     with pytest.raises(ProtocolViolation):
         parser.feed(b"")
+
+
+# --- bare LF line endings (RFC 9112 section 2.2), and refusing a head as soon as it is bad ----
+
+
+def test_a_bare_lf_ends_lines_and_the_head() -> None:
+    head = b"GET /healthz HTTP/1.1\nHost: x\n\n"
+    assert websocket.find_request_head_end(head) == len(head)
+    assert websocket.find_request_head_end(b"\n\n") == 2
+    assert websocket.find_request_head_end(b"GET / HTTP/1.1\nHost: x\n") == -1
+    request = websocket.parse_request_head(head)
+    assert (request.method, request.path, request.headers) == ("GET", "/healthz", {"host": "x"})
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("blank", [b"\r\n", b"\n"])
+def test_an_upgrade_with_any_mix_of_line_endings_is_accepted(ending: bytes, blank: bytes) -> None:
+    head = upgrade_head().replace(b"\r\n", ending)[: -len(ending)] + blank
+    assert websocket.find_request_head_end(head) == len(head)
+    response = websocket.websocket_accept_response(websocket.parse_request_head(head))
+    assert response.startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n\r\n",  # a bare CR inside a line
+        b"GET /ws\r HTTP/1.1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHo st: x\r\n\r\n",  # a header name that is not a token
+        b"GET /ws HTTP/1.1\r\nHost: x\x00y\r\n\r\n",  # a control character
+        b"G\xc3\xa9T /ws HTTP/1.1\r\n\r\n",  # a method that is not a token
+    ],
+)
+def test_heads_no_http_1_1_server_may_accept_are_400(head: bytes) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        websocket.parse_request_head(head)
+    assert caught.value.status == 400
+
+
+def refused_after(data: bytes) -> tuple[HandshakeError, int]:
+    """Feed ``data`` to a reader a byte at a time: its refusal, and how many bytes it took."""
+    reader = websocket.RequestHeadReader()
+    for count in range(1, len(data) + 1):
+        try:
+            reader.feed(data[count - 1 : count])
+        except HandshakeError as refusal:
+            return refusal, count
+    raise AssertionError(f"{data!r} was not refused")
+
+
+def test_a_tls_client_hello_is_recognised_at_its_first_byte() -> None:
+    client_hello_start = bytes.fromhex("160301020001")  # record header of a ClientHello
+    refusal, count = refused_after(client_hello_start)
+    assert isinstance(refusal, websocket.NotHTTP)
+    assert count == 1
+
+
+@pytest.mark.parametrize(
+    ("garbage", "known_after"),
+    [
+        (b'{"type": "join"}', 1),  # JSON sent before any handshake: no method starts with {
+        (b" GET /ws HTTP/1.1\r\n", 1),  # no method before the space
+        (b"GE\x00T /ws HTTP/1.1\r\n", 3),  # a NUL
+        (b"GET /ws HTTP/1.1 \r\n", 19),  # the request line is complete, and wrong
+        (b"SSH-2.0-OpenSSH_9.6\r\n", 20),  # another protocol's greeting: CR ends no method
+        (b"PING\r\n", 5),  # a Redis inline command
+        (b"GET /ws HTTP/2.0\n", 17),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nno colon\r\n", 37),  # a header line, once complete
+        (b"GET /ws HTTP/1.1\nHost: x\n folded: line\n", 39),
+        (b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n", 29),  # a bare CR
+    ],
+)
+def test_a_head_that_cannot_be_valid_is_refused_as_soon_as_that_is_known(
+    garbage: bytes, known_after: int
+) -> None:
+    refusal, count = refused_after(garbage + b"more that never comes")
+    assert refusal.status == 400
+    assert not isinstance(refusal, websocket.NotHTTP)
+    assert count == known_after
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 17, 40])
+def test_the_reader_returns_the_request_and_what_followed_however_the_bytes_are_split(
+    cut: int,
+) -> None:
+    frame = raw_frame(websocket.OP_TEXT, b"\x00\x01 early frame, control bytes and all")
+    data = upgrade_head().replace(b"\r\n", b"\n") + frame
+    reader = websocket.RequestHeadReader()
+    for start in range(0, len(data), cut):
+        if (complete := reader.feed(data[start : start + cut])) is not None:
+            break
+    else:
+        raise AssertionError("the head was never complete")
+    request, leftover = complete
+    assert request.wants_websocket()
+    assert leftover + data[start + cut :] == frame

@@ -4,14 +4,14 @@ The send path (docs/architecture.md): the fan-out loop calls :meth:`Connection.e
 frame already encoded for everybody, which appends to this connection's list of pending frames and
 never awaits. The worker then calls :meth:`Connection.flush` once per batch, which writes every
 pending frame with one non-blocking ``send``. Only a connection whose socket is full gets a task
-that waits for it to drain; when ``max_queued_frames`` frames wait behind a full socket, the
-connection is closed with 1013, and nobody else waits for it.
+that waits for it to drain; when a frame would take what waits behind a full socket past
+``max_queued_frames`` frames or ``max_queued_bytes`` bytes, the connection is closed with 1013,
+and nobody else waits for it.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.resources
 import itertools
 import logging
 import math
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import protocol, websocket
+from trio_fanout import http, protocol, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -45,9 +45,6 @@ CLOSE_TIMEOUT = 2.0
 # milliseconds; a client that exceeds its rate by a little is cut within seconds.
 ABUSE_REFUSALS = 200
 ABUSE_QUIET_SECONDS = 1.0
-
-# The demo chat page every worker serves at "/", read once.
-CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
 
 _ids = itertools.count(1)
 
@@ -132,9 +129,11 @@ class Connection:
         "_dirty",
         "_dirty_list",
         "_limiter",
+        "_max_queued_bytes",
         "_max_queued_frames",
         "_nursery",
         "_pending",
+        "_queued_bytes",
         "_sock",
         "_unsent",
         "_writer_running",
@@ -156,11 +155,16 @@ class Connection:
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
+        # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
+        # append and send (never summed). The memory held can be up to twice as much, since
+        # the unsent view keeps its whole joined buffer alive until the view is sent.
+        self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
         self._max_queued_frames = worker.config.max_queued_frames
+        self._max_queued_bytes = worker.config.max_queued_bytes
         config = worker.config
         self._limiter = RateLimiter(
             config.rate_limit_per_second,
@@ -173,11 +177,23 @@ class Connection:
 
     # ---- the send path --------------------------------------------------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes waiting to be written to this client's socket: what ``max_queued_bytes``
+        bounds."""
+        return self._queued_bytes
+
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
         self._pending.append(frame)
+        self._queued_bytes += size
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -188,7 +204,15 @@ class Connection:
         if self._writer_running or not (self._pending or self._unsent):
             return
         self._send_now()
-        if (self._pending or self._unsent) and self._nursery is not None:
+        self._write_later()
+
+    def _write_later(self) -> None:
+        """Start the task that waits for a full socket to drain, if something waits for it."""
+        if (
+            (self._pending or self._unsent)
+            and not self._writer_running
+            and self._nursery is not None
+        ):
             self._writer_running = True
             self._nursery.start_soon(self._write_when_writable)
 
@@ -198,6 +222,7 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
+                self._queued_bytes -= sent
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
@@ -206,11 +231,12 @@ class Connection:
             if not pending:
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
+            pending.clear()  # their bytes, now in data, stay counted until sent
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
+            self._queued_bytes -= sent
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
@@ -233,6 +259,7 @@ class Connection:
         self._closing = True
         self._pending.clear()
         self._unsent = b""
+        self._queued_bytes = 0
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -246,13 +273,14 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        if drop_pending:
+        if drop_pending or self.id not in self.worker.connections:
+            # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
+            self._queued_bytes = len(self._unsent)
         if self.id in self.worker.connections:
-            self._pending.append(websocket.encode_close_frame(code, reason))
+            self._append(websocket.encode_close_frame(code, reason))
             self.flush()
-        else:
-            self._pending.clear()  # no WebSocket yet: nothing to say, just hang up
+        # else: no WebSocket yet, nothing to say: just hang up
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -263,28 +291,46 @@ class Connection:
     def _send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
-        self._pending.append(frame)
+        self._append(frame)
         self.flush()
 
-    def _room(self) -> bool:
-        """Whether one more frame may be queued: not when closing, nor when the queue is full
-        and stays full after a write (then the client is too slow and is closed with 1013).
-        A large batch can queue many frames for a healthy client too, hence the write first."""
+    def _append(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._queued_bytes += len(frame)
+
+    def _room(self, size: int) -> bool:
+        """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
+        would pass a limit and a write does not make room (the socket is full: the client is too
+        slow and is closed with 1013). A large batch can fill the queue of a healthy client
+        too, hence the write first, tried even while the writer task waits: a client that reads
+        may have made room since. A frame that finds nothing queued is taken, whatever its
+        size."""
         if self._closing:
             return False
-        self.flush()
+        self._send_now()
         if self._closing:  # the write found the client gone
             return False
-        if self._writer_running and len(self._pending) >= self._max_queued_frames:
-            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+        queued = self._queued_bytes
+        if queued and (
+            len(self._pending) >= self._max_queued_frames or queued + size > self._max_queued_bytes
+        ):
+            logger.info(
+                "connection %d (%s) is too slow: %d frames, %d bytes wait behind a full socket;"
+                " closing it 1013",
+                self.id, self.peer, len(self._pending), queued,
+            )  # fmt: skip
             self.close(
-                websocket.CLOSE_TRY_AGAIN_LATER,
-                "too slow: queued frames over the limit",
-                drop_pending=True,
+                websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
             return False
+        self._write_later()
         return True
 
     # ---- the connection's task ----------------------------------------------------------------
@@ -315,31 +361,37 @@ class Connection:
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
-        None when the request was plain HTTP (answered) or never completed."""
-        buffer = bytearray()
+        None when the request was plain HTTP (answered) or never completed.
+
+        ``handshake_timeout`` bounds all of it, however the bytes trickle in: a client that
+        sends its head a byte at a time holds its slot no longer than one that sends nothing.
+        """
+        head = websocket.RequestHeadReader()
         with trio.move_on_after(self.worker.config.handshake_timeout):
             try:
-                while (end := websocket.find_request_head_end(buffer)) < 0:
+                while True:
                     data = await self._receive()
                     if not data:
                         return None
-                    buffer += data
-                request = websocket.parse_request_head(bytes(buffer[:end]))
-                if request.path == "/healthz" and request.method == "GET":
-                    await self._respond(200, self.worker.health(), "application/json")
+                    if (complete := head.feed(data)) is not None:
+                        break
+                request, leftover = complete
+                response = http.plain_response(request, self.worker.health)
+                if response is not None:
+                    self._respond(response)
                     return None
-                if request.path == "/" and request.method == "GET":
-                    await self._respond(200, CHAT_PAGE, "text/html; charset=utf-8")
-                    return None
-                if request.path != "/ws":
-                    raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
                 accept = websocket.websocket_accept_response(request)
+                self._check_capacity()
                 await self._authenticate(request)
+                self._check_capacity()  # others may have come in while the hook ran
+            except websocket.NotHTTP as refusal:
+                logger.debug("connection %d (%s): %s: closed", self.id, self.peer, refusal)
+                return None
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
-                await self._respond(refusal.status, f"{refusal}\n".encode())
+                self._respond(http.refusal_response(refusal))
                 return None
-            self._pending.append(accept)
+            self._append(accept)
             self._reply(
                 protocol.welcome_frame(
                     self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
@@ -347,9 +399,18 @@ class Connection:
             )
             self.worker.register(self)
             logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
-            return bytes(buffer[end:])
+            return leftover
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
         return None
+
+    def _check_capacity(self) -> None:
+        """Refuse the upgrade with 503 while this worker holds ``max_connections`` WebSockets."""
+        if self.worker.at_connection_limit():
+            raise websocket.HandshakeError(
+                503,
+                f"this worker is at its limit of {self.worker.config.max_connections} "
+                "connections; try again later",
+            )
 
     async def _authenticate(self, request: websocket.Request) -> None:
         authenticate = self.worker.hooks.authenticate
@@ -377,8 +438,9 @@ class Connection:
         if not allowed:
             raise RequestError(protocol.FORBIDDEN, f"not allowed to {action}", request_id)
 
-    async def _respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
-        self._pending.append(websocket.http_response(status, body, content_type))
+    def _respond(self, response: bytes) -> None:
+        """Send a complete HTTP response; the connection closes after it."""
+        self._append(response)
         self.flush()
         self._closing = True
 

@@ -14,13 +14,31 @@ import base64
 import binascii
 import codecs
 import hashlib
+import re
 import struct
 import urllib.parse
+from collections.abc import Sequence
 
 import attrs
 
 # The largest HTTP request head we read before answering 431; browsers send well under 2 KiB.
 MAX_REQUEST_HEAD_BYTES = 8192
+
+# The first byte of a TLS ClientHello (a handshake record, RFC 8446 section 5.1): a client
+# that speaks wss:// to this plain port.
+TLS_HANDSHAKE_RECORD = b"\x16"
+
+# A token (RFC 9110 section 5.6.2): what methods and header names are made of.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The request line (RFC 9112 section 3): method SP request-target SP HTTP-version.
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])"
+)
+# The end of a line, and of a head (an empty line); a bare LF counts (RFC 9112 section 2.2).
+_LINE_END = re.compile(rb"\r?\n")
+_HEAD_END = re.compile(rb"\n\r?\n")
+# Control characters no request head may hold (HT, CR and LF have their places in it).
+_FORBIDDEN_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -50,6 +68,15 @@ class HandshakeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class NotHTTP(HandshakeError):
+    """The peer speaks another protocol that could not read an HTTP answer (TLS): close the
+    connection without one. A TLS client then reports a failed handshake at once, which is
+    what it would make of a plain-text 400 too, and nothing is sent that it would misparse."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
 
 
 class ProtocolViolation(Exception):
@@ -95,38 +122,117 @@ class Request:
         return "upgrade" in connection and self.headers.get("upgrade", "").lower() == "websocket"
 
 
-def find_request_head_end(buffer: bytes | bytearray) -> int:
-    """Index just past the blank line ending the head, or -1 if it has not fully arrived."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
+def find_request_head_end(buffer: bytes | bytearray, searched: int = 0) -> int:
+    """Index just past the empty line that ends the head, or -1 if it has not fully arrived.
+
+    ``searched`` is how many bytes of ``buffer`` an earlier call already searched (the
+    buffer's length then): the search resumes just before them, so that a head arriving byte
+    by byte costs linear time, not quadratic. A bare LF ends a line as CRLF does (RFC 9112
+    section 2.2 allows it, and h11 does it too), so ``\n\n`` ends a head.
+    """
+    found = _HEAD_END.search(buffer, max(0, searched - 2))
+    if found is None:
         # Up to three bytes of the terminator may already be here without being found.
         if len(buffer) > MAX_REQUEST_HEAD_BYTES + 3:
             raise HandshakeError(431, "request head too large")
         return -1
-    if end > MAX_REQUEST_HEAD_BYTES:
+    if found.end() > MAX_REQUEST_HEAD_BYTES + 4:
         raise HandshakeError(431, "request head too large")
-    return end + 4
+    return found.end()
 
 
 def parse_request_head(head: bytes) -> Request:
-    """Parse the bytes up to and including the blank line that ends an HTTP/1.1 request head."""
-    try:
-        text = head.decode("latin-1")
-        request_line, *header_lines = text[:-4].split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError:
-        raise HandshakeError(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
-        raise HandshakeError(400, f"unsupported HTTP version {version!r}")
+    """Parse the bytes up to and including the empty line that ends an HTTP/1.1 request head.
+
+    Lines may end in CRLF or a bare LF; a CR anywhere else is refused (RFC 9112 section 2.2),
+    as are control characters and header names that are not tokens.
+    """
+    if _FORBIDDEN_BYTE.search(head):
+        raise HandshakeError(400, "a control character in the request head")
+    request_line, *header_lines = _LINE_END.split(head)[:-2]
+    method, target = _parse_request_line(request_line)
     headers: dict[str, str] = {}
     for line in header_lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise HandshakeError(400, "malformed header line")
-        name = name.lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        name, value = _split_header_line(line)
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return Request(method, target, headers)
+
+
+def _split_header_line(line: bytes | bytearray) -> tuple[bytes | bytearray, bytes | bytearray]:
+    """The name and the raw value of a header line (its line ending removed)."""
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.fullmatch(name) or b"\r" in value:
+        raise HandshakeError(400, "malformed header line")
+    return name, value
+
+
+def _parse_request_line(line: bytes | bytearray) -> tuple[str, str]:
+    """The method and target of a complete request line (its line ending removed)."""
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise HandshakeError(400, "malformed request line")
+    method, target, version = match.groups()
+    if not version.startswith(b"HTTP/1."):
+        raise HandshakeError(400, f"unsupported HTTP version {version.decode('ascii')!r}")
+    return method.decode("ascii"), target.decode("latin-1")
+
+
+class RequestHeadReader:
+    """Gathers a request head as its bytes arrive, and refuses it as soon as they cannot begin a
+    valid HTTP/1.1 request, rather than when the head is complete (or the handshake times out).
+
+    Refusals are :class:`HandshakeError` (answer with its status) or :class:`NotHTTP` (answer
+    nothing, just close). What is checked as the bytes come: a TLS ClientHello as the first byte,
+    control characters, a method that is not a token, and each line once it is complete. Each
+    byte is looked at a bounded number of times, however the head is split.
+    """
+
+    __slots__ = ("_buffer", "_line_start", "_method_checked")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._line_start = 0  # where the line not yet complete begins
+        self._method_checked = False
+
+    def feed(self, data: bytes) -> tuple[Request, bytes] | None:
+        """Add the bytes that arrived; once the head is complete, return the request and the
+        bytes that came after it (the client's first WebSocket frames, if it did not wait)."""
+        buffer = self._buffer
+        searched = len(buffer)
+        buffer += data
+        if buffer[:1] == TLS_HANDSHAKE_RECORD:
+            raise NotHTTP("a TLS handshake on the plain (ws://) port")
+        end = find_request_head_end(buffer, searched)
+        head_so_far = len(buffer) if end < 0 else end
+        if _FORBIDDEN_BYTE.search(buffer, searched, head_so_far):
+            raise HandshakeError(400, "a control character in the request head")
+        self._check_lines(searched, head_so_far)
+        if end < 0:
+            return None
+        return parse_request_head(bytes(buffer[:end])), bytes(buffer[end:])
+
+    def _check_lines(self, searched: int, head_so_far: int) -> None:
+        """Check the lines completed by the bytes from ``searched`` on, and while the request
+        line is not complete, that it starts with a method."""
+        buffer = self._buffer
+        while (line_end := buffer.find(b"\n", searched, head_so_far)) >= 0:
+            line = buffer[self._line_start : line_end]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._line_start == 0:
+                _parse_request_line(line)
+            elif line:  # not the empty line that ends the head
+                _split_header_line(line)
+            self._line_start = searched = line_end + 1
+        if self._line_start or self._method_checked:
+            return
+        space = buffer.find(b" ", searched, head_so_far)
+        method_part = buffer[searched : head_so_far if space < 0 else space]
+        if space == 0 or (method_part and not _TOKEN.fullmatch(method_part)):
+            raise HandshakeError(400, "malformed request line: it does not start with a method")
+        self._method_checked = space > 0
 
 
 def accept_key(client_key: str) -> str:
@@ -167,14 +273,22 @@ _REASONS = {
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
 def http_response(
-    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> bytes:
-    """A complete HTTP/1.1 response after which the server closes the connection."""
-    extra = "Upgrade: websocket\r\n" if status == 426 else ""
+    """A complete HTTP/1.1 response after which the server closes the connection; ``headers``
+    are added to the usual ones."""
+    if status == 426:
+        headers = [*headers, ("Upgrade", "websocket")]
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     return (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         f"Content-Type: {content_type}\r\n"
