@@ -42,6 +42,8 @@ class Cluster:
         env.update(
             TRIO_FANOUT_RATE_LIMIT_PER_SECOND="1000000",
             TRIO_FANOUT_RATE_LIMIT_BURST="1000000",
+            TRIO_FANOUT_RATE_LIMIT_BYTES_PER_SECOND="1000000000",
+            TRIO_FANOUT_RATE_LIMIT_BYTES_BURST="1000000000",
             TRIO_FANOUT_MAX_ROOMS_PER_CONNECTION="100",
         )
         self.process = subprocess.Popen(

@@ -107,6 +107,16 @@ def test_a_bad_file_value_names_the_key_and_the_file(tmp_path: Path, toml: str, 
         ("TRIO_FANOUT_BACKPLANE", "redis", "backplane: 'redis' is not a URL"),
         ("TRIO_FANOUT_HANDSHAKE_TIMEOUT", "nan", "handshake_timeout: must be a finite number"),
         ("TRIO_FANOUT_RATE_LIMIT_PER_SECOND", "inf", "rate_limit_per_second: must be a finite"),
+        (
+            "TRIO_FANOUT_RATE_LIMIT_BYTES_PER_SECOND",
+            "0",
+            "rate_limit_bytes_per_second: must be greater than 0, not 0.0 (from environment",
+        ),
+        (
+            "TRIO_FANOUT_RATE_LIMIT_BYTES_BURST",
+            "1.5",
+            "rate_limit_bytes_burst: expected an integer",
+        ),
     ],
 )
 def test_a_bad_environment_value_names_the_variable(

@@ -7,6 +7,7 @@ produce (protocol violations) are built by hand with :func:`raw_frame`.
 
 from __future__ import annotations
 
+import random
 import struct
 
 import h11
@@ -33,6 +34,7 @@ from trio_fanout.websocket import (
     MessageTooBig,
     Ping,
     ProtocolViolation,
+    Unanswered,
 )
 
 MASK = b"\x37\xfa\x21\x3d"
@@ -71,6 +73,19 @@ def client() -> Connection:
     return Connection(ConnectionType.CLIENT)
 
 
+def merge_unanswered(events: list) -> list:
+    """Events with each run of :class:`Unanswered` summed into one, as one big read gives them."""
+    merged: list = []
+    for event in events:
+        if isinstance(event, Unanswered) and merged and isinstance(merged[-1], Unanswered):
+            previous = merged.pop()
+            event = Unanswered(
+                previous.frames + event.frames, previous.payload_bytes + event.payload_bytes
+            )
+        merged.append(event)
+    return merged
+
+
 def feed_whole_and_bytewise(data: bytes, max_message_bytes: int = 1 << 20) -> list:
     """Parse ``data`` in one piece and byte by byte; both must give the same events."""
     whole = FrameParser(max_message_bytes).feed(data)
@@ -78,7 +93,7 @@ def feed_whole_and_bytewise(data: bytes, max_message_bytes: int = 1 << 20) -> li
     bytewise = []
     for i in range(len(data)):
         bytewise += parser.feed(data[i : i + 1])
-    assert bytewise == whole
+    assert merge_unanswered(bytewise) == whole
     return whole
 
 
@@ -437,7 +452,10 @@ def test_fragmented_message_is_reassembled() -> None:
         + conn.send(TextMessage(data="w\u00f6rld", message_finished=True))
     )
     assert data[0] & 0x0F == websocket.OP_TEXT and not data[0] & 0x80  # really fragmented
-    assert feed_whole_and_bytewise(data) == [Message(True, "hello w\u00f6rld".encode())]
+    assert feed_whole_and_bytewise(data) == [
+        Unanswered(2, 0),  # the fragments before the last, for the caller to charge
+        Message(True, "hello w\u00f6rld".encode()),
+    ]
 
 
 def test_fragmented_binary_message_is_reassembled_as_binary() -> None:
@@ -445,7 +463,7 @@ def test_fragmented_binary_message_is_reassembled_as_binary() -> None:
     data = conn.send(BytesMessage(data=b"\x01", message_finished=False)) + conn.send(
         BytesMessage(data=b"\x02", message_finished=True)
     )
-    assert feed_whole_and_bytewise(data) == [Message(False, b"\x01\x02")]
+    assert feed_whole_and_bytewise(data) == [Unanswered(1, 0), Message(False, b"\x01\x02")]
 
 
 def test_ping_between_fragments_is_delivered_first() -> None:
@@ -455,17 +473,25 @@ def test_ping_between_fragments_is_delivered_first() -> None:
         + conn.send(WsPing(payload=b"p"))
         + conn.send(TextMessage(data="cd", message_finished=True))
     )
-    assert feed_whole_and_bytewise(data) == [Ping(b"p"), Message(True, b"abcd")]
+    assert feed_whole_and_bytewise(data) == [
+        Unanswered(1, 0),
+        Ping(b"p"),
+        Message(True, b"abcd"),
+    ]
 
 
-def test_ping_close_and_silent_pong() -> None:
+def test_ping_close_and_a_pong_reported_as_unanswered() -> None:
     conn = client()
     data = (
         conn.send(WsPing(payload=b"hello"))
         + conn.send(WsPong(payload=b"ignored"))
         + conn.send(CloseConnection(code=1001, reason="bye \u00e9"))
     )
-    assert feed_whole_and_bytewise(data) == [Ping(b"hello"), Close(1001, "bye \u00e9")]
+    assert feed_whole_and_bytewise(data) == [
+        Ping(b"hello"),
+        Unanswered(1, len(b"ignored")),
+        Close(1001, "bye \u00e9"),
+    ]
 
 
 def test_close_without_payload_has_no_code() -> None:
@@ -482,13 +508,6 @@ def test_close_reason_not_utf8_is_1007() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         FrameParser(1024).feed(raw_frame(websocket.OP_CLOSE, b"\x03\xe8\xc3"))
     assert caught.value.close_code == 1007
-
-
-def test_text_payload_is_not_checked_for_utf8_here() -> None:
-    # The protocol answers invalid UTF-8 with an error frame, so the codec must pass it through.
-    assert FrameParser(1024).feed(raw_frame(websocket.OP_TEXT, b"\xff\xfe")) == [
-        Message(True, b"\xff\xfe")
-    ]
 
 
 def test_incomplete_frame_yields_nothing_until_complete() -> None:
@@ -609,7 +628,7 @@ def test_too_big_across_fragments_is_raised_at_the_header_of_the_fragment_that_e
     first = conn.send(TextMessage(data="x" * 60, message_finished=False))
     second = conn.send(TextMessage(data="y" * 41, message_finished=True))
     parser = FrameParser(100)
-    assert parser.feed(first) == []
+    assert parser.feed(first) == [Unanswered(1, 0)]
     with pytest.raises(MessageTooBig):
         parser.feed(second[:2])  # just the second fragment's header
 
@@ -619,7 +638,10 @@ def test_fragments_adding_up_to_the_limit_are_accepted() -> None:
     data = conn.send(TextMessage(data="x" * 60, message_finished=False)) + conn.send(
         TextMessage(data="y" * 40, message_finished=True)
     )
-    assert feed_whole_and_bytewise(data, 100) == [Message(True, b"x" * 60 + b"y" * 40)]
+    assert feed_whole_and_bytewise(data, 100) == [
+        Unanswered(1, 0),
+        Message(True, b"x" * 60 + b"y" * 40),
+    ]
 
 
 def test_the_limit_applies_per_message_not_per_connection() -> None:
@@ -635,7 +657,11 @@ def test_control_frames_do_not_count_toward_the_limit() -> None:
         + conn.send(WsPing(payload=b"p" * 125))
         + conn.send(TextMessage(data="y" * 2, message_finished=True))
     )
-    assert feed_whole_and_bytewise(data, 10) == [Ping(b"p" * 125), Message(True, b"x" * 8 + b"yy")]
+    assert feed_whole_and_bytewise(data, 10) == [
+        Unanswered(1, 0),
+        Ping(b"p" * 125),
+        Message(True, b"x" * 8 + b"yy"),
+    ]
 
 
 # A valid message that arrives in the same read as a bad one is returned before the error.
@@ -652,3 +678,288 @@ def test_message_before_an_oversized_one_in_the_same_read_is_not_lost() -> None:
         assert events == [Message(True, text)]
         with pytest.raises(MessageTooBig):
             parser.feed(b"")
+
+
+# --- payloads that arrive over several reads -------------------------------------------------
+
+
+def split_randomly(data: bytes, rng: random.Random, pieces: int) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), min(pieces - 1, len(data) - 1)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_frames_split_anywhere_give_the_same_events(seed: int) -> None:
+    # Payload pieces are unmasked as they arrive: the mask's phase must carry over each cut.
+    rng = random.Random(seed)
+    conn = client()
+    text = "".join(rng.choice("ab\u00e9\u20ac\U0001f600") for _ in range(rng.randrange(1, 3000)))
+    blob = rng.randbytes(rng.randrange(0, 70000))
+    data = (
+        conn.send(TextMessage(data=text))
+        + conn.send(BytesMessage(data=blob))
+        + conn.send(TextMessage(data=text[:7], message_finished=False))
+        + conn.send(WsPing(payload=b"mid"))
+        + conn.send(TextMessage(data=text[7:], message_finished=True))
+    )
+    expected = [
+        Message(True, text.encode()),
+        Message(False, blob),
+        Unanswered(1, 0),
+        Ping(b"mid"),
+        Message(True, text.encode()),
+    ]
+    parser = FrameParser(1 << 20)
+    events = []
+    for piece in split_randomly(data, rng, rng.randrange(2, 60)):
+        events += parser.feed(piece)
+    assert merge_unanswered(events) == expected
+
+
+def test_a_partly_arrived_payload_is_consumed_not_kept_twice() -> None:
+    payload = bytes(range(256)) * 100
+    frame = raw_frame(websocket.OP_BINARY, payload)
+    parser = FrameParser(1 << 20)
+    cut = len(frame) - 500
+    for start in range(0, cut, 1000):
+        assert parser.feed(frame[start : min(start + 1000, cut)]) == []
+        assert len(parser._buffer) < 14  # at most a header waits; the payload has moved on
+    assert parser.feed(frame[cut:]) == [Message(False, payload)]
+
+
+# --- UTF-8 -----------------------------------------------------------------------------------
+
+
+def assert_invalid_utf8_at(data: bytes, failing_index: int) -> None:
+    """Fed byte by byte, ``data`` fails with 1007 exactly at byte ``failing_index``; fed whole,
+    it fails too."""
+    parser = FrameParser(1 << 20)
+    for index in range(failing_index):
+        parser.feed(data[index : index + 1])
+    with pytest.raises(ProtocolViolation) as caught:
+        parser.feed(data[failing_index : failing_index + 1])
+    assert caught.value.close_code == websocket.CLOSE_INVALID_DATA == 1007
+    with pytest.raises(ProtocolViolation) as caught:
+        feed_until_violation(FrameParser(1 << 20), data)
+    assert caught.value.close_code == 1007
+
+
+VALID_SEQUENCES = ["\u00e9", "\u07ff", "\u0800", "\u20ac", "\ud7ff", "\ue000", "\uffff",
+                   "\U00010000", "\U0001f600", "\U0010ffff"]  # fmt: skip
+
+
+@pytest.mark.parametrize("character", VALID_SEQUENCES)
+def test_invalid_utf8_fails_at_the_first_bad_byte_of_a_sequence(character: str) -> None:
+    sequence = character.encode()
+    header_size = 6
+    for position in range(len(sequence)):
+        # A lead byte replaced by a continuation byte, or a continuation byte by ASCII.
+        bad = b"\x80" if position == 0 else b"A"
+        broken = sequence[:position] + bad + sequence[position + 1 :]
+        payload = b"ok " + broken + b" and more text after it"
+        assert_invalid_utf8_at(raw_frame(websocket.OP_TEXT, payload), header_size + 3 + position)
+
+
+@pytest.mark.parametrize(
+    ("sequence", "bad_at"),
+    [
+        (b"\xc0\xaf", 0),  # overlong: C0 and C1 never start a character
+        (b"\xc1\xbf", 0),
+        (b"\xe0\x80\xaf", 1),  # overlong three-byte form
+        (b"\xf0\x8f\xbf\xbf", 1),  # overlong four-byte form
+        (b"\xed\xa0\x80", 1),  # a surrogate (U+D800): invalid from its second byte
+        (b"\xed\xbf\xbf", 1),  # U+DFFF
+        (b"\xf4\x90\x80\x80", 1),  # past U+10FFFF
+        (b"\xf5\x80\x80\x80", 0),  # F5 to FF never appear
+        (b"\xff", 0),
+        (b"\xfe", 0),
+    ],
+)
+def test_sequences_that_no_text_can_continue_fail_at_once(sequence: bytes, bad_at: int) -> None:
+    assert_invalid_utf8_at(raw_frame(websocket.OP_TEXT, b"abc" + sequence + b"xyz"), 6 + 3 + bad_at)
+
+
+@pytest.mark.parametrize("character", [c for c in VALID_SEQUENCES if len(c.encode()) > 1])
+def test_a_message_ending_inside_a_code_point_is_invalid(character: str) -> None:
+    sequence = character.encode()
+    for kept in range(1, len(sequence)):
+        frame = raw_frame(websocket.OP_TEXT, b"abc" + sequence[:kept])
+        assert_invalid_utf8_at(frame, len(frame) - 1)  # the frame's last byte tells
+        fragments = raw_frame(websocket.OP_TEXT, b"abc" + sequence[:kept], fin=False) + raw_frame(
+            websocket.OP_CONTINUATION, b""
+        )
+        assert_invalid_utf8_at(fragments, len(fragments) - 1)
+
+
+@pytest.mark.parametrize("character", VALID_SEQUENCES)
+def test_fragmented_text_split_inside_a_code_point_is_valid(character: str) -> None:
+    text = ("x" + character + "y").encode()
+    for first in range(1, len(text)):
+        for second in range(first, len(text)):
+            data = (
+                raw_frame(websocket.OP_TEXT, text[:first], fin=False)
+                + raw_frame(websocket.OP_CONTINUATION, text[first:second], fin=False)
+                + raw_frame(websocket.OP_CONTINUATION, text[second:])
+            )
+            assert feed_whole_and_bytewise(data) == [Unanswered(2, 0), Message(True, text)]
+
+
+def test_invalid_utf8_in_a_later_fragment_fails_when_it_arrives() -> None:
+    data = (
+        raw_frame(websocket.OP_TEXT, b"\xe2\x82", fin=False)
+        + raw_frame(websocket.OP_CONTINUATION, b"\xac fine", fin=False)
+        + raw_frame(websocket.OP_CONTINUATION, b"then \xed\xa0\x80 not")
+    )
+    third_start = len(data) - len(raw_frame(websocket.OP_CONTINUATION, b"then \xed\xa0\x80 not"))
+    assert_invalid_utf8_at(data, third_start + 6 + 6)  # at the A0 after ED
+
+
+def test_binary_messages_are_not_checked_for_utf8() -> None:
+    data = raw_frame(websocket.OP_BINARY, b"\xff\xfe\xed\xa0\x80", fin=False) + raw_frame(
+        websocket.OP_CONTINUATION, b"\xc3"
+    )
+    assert feed_whole_and_bytewise(data) == [
+        Unanswered(1, 0),
+        Message(False, b"\xff\xfe\xed\xa0\x80\xc3"),
+    ]
+
+
+def test_text_with_every_kind_of_character_is_accepted_whole_and_bytewise() -> None:
+    text = "".join(VALID_SEQUENCES) + "plain ascii \x00 \x7f"
+    data = client().send(TextMessage(data=text))
+    assert feed_whole_and_bytewise(data) == [Message(True, text.encode())]
+
+
+# --- many fragments --------------------------------------------------------------------------
+
+
+def test_a_message_in_thousands_of_tiny_fragments_is_reassembled() -> None:
+    # No cap on the number of fragments: the size limit bounds the memory, the caller's frame
+    # budget the work (each fragment is reported in Unanswered).
+    payload = bytes(range(256)) * 256  # 64 KiB
+    pieces = [payload[i : i + 16] for i in range(0, len(payload), 16)]
+    data = raw_frame(websocket.OP_BINARY, pieces[0], fin=False)
+    data += b"".join(raw_frame(websocket.OP_CONTINUATION, piece, fin=False) for piece in pieces[1:])
+    data += raw_frame(websocket.OP_CONTINUATION, b"")
+    parser = FrameParser(len(payload))
+    events = []
+    for start in range(0, len(data), 1000):
+        events += parser.feed(data[start : start + 1000])
+    assert merge_unanswered(events) == [Unanswered(len(pieces), 0), Message(False, payload)]
+
+
+def test_empty_fragments_without_end_are_reported_for_charging() -> None:
+    data = (
+        raw_frame(websocket.OP_TEXT, b"", fin=False)
+        + raw_frame(websocket.OP_CONTINUATION, b"", fin=False) * 9999
+    )
+    assert FrameParser(10).feed(data) == [Unanswered(10000, 0)]
+
+
+def test_pongs_are_counted_with_their_payload_bytes() -> None:
+    data = raw_frame(websocket.OP_PONG, b"") * 5 + raw_frame(websocket.OP_PONG, b"x" * 125) * 3
+    assert feed_whole_and_bytewise(data) == [Unanswered(8, 375)]
+
+
+def test_unanswered_frames_before_a_violation_are_still_reported() -> None:
+    parser = FrameParser(1024)
+    data = raw_frame(websocket.OP_PONG, b"abc") * 2 + raw_frame(0x3, b"")
+    assert parser.feed(data) == [Unanswered(2, 6)]
+    with pytest.raises(ProtocolViolation):
+        parser.feed(b"")
+
+
+# --- bare LF line endings (RFC 9112 section 2.2), and refusing a head as soon as it is bad ----
+
+
+def test_a_bare_lf_ends_lines_and_the_head() -> None:
+    head = b"GET /healthz HTTP/1.1\nHost: x\n\n"
+    assert websocket.find_request_head_end(head) == len(head)
+    assert websocket.find_request_head_end(b"\n\n") == 2
+    assert websocket.find_request_head_end(b"GET / HTTP/1.1\nHost: x\n") == -1
+    request = websocket.parse_request_head(head)
+    assert (request.method, request.path, request.headers) == ("GET", "/healthz", {"host": "x"})
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("blank", [b"\r\n", b"\n"])
+def test_an_upgrade_with_any_mix_of_line_endings_is_accepted(ending: bytes, blank: bytes) -> None:
+    head = upgrade_head().replace(b"\r\n", ending)[: -len(ending)] + blank
+    assert websocket.find_request_head_end(head) == len(head)
+    response = websocket.websocket_accept_response(websocket.parse_request_head(head))
+    assert response.startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n\r\n",  # a bare CR inside a line
+        b"GET /ws\r HTTP/1.1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHo st: x\r\n\r\n",  # a header name that is not a token
+        b"GET /ws HTTP/1.1\r\nHost: x\x00y\r\n\r\n",  # a control character
+        b"G\xc3\xa9T /ws HTTP/1.1\r\n\r\n",  # a method that is not a token
+    ],
+)
+def test_heads_no_http_1_1_server_may_accept_are_400(head: bytes) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        websocket.parse_request_head(head)
+    assert caught.value.status == 400
+
+
+def refused_after(data: bytes) -> tuple[HandshakeError, int]:
+    """Feed ``data`` to a reader a byte at a time: its refusal, and how many bytes it took."""
+    reader = websocket.RequestHeadReader()
+    for count in range(1, len(data) + 1):
+        try:
+            reader.feed(data[count - 1 : count])
+        except HandshakeError as refusal:
+            return refusal, count
+    raise AssertionError(f"{data!r} was not refused")
+
+
+def test_a_tls_client_hello_is_recognised_at_its_first_byte() -> None:
+    client_hello_start = bytes.fromhex("160301020001")  # record header of a ClientHello
+    refusal, count = refused_after(client_hello_start)
+    assert isinstance(refusal, websocket.NotHTTP)
+    assert count == 1
+
+
+@pytest.mark.parametrize(
+    ("garbage", "known_after"),
+    [
+        (b'{"type": "join"}', 1),  # JSON sent before any handshake: no method starts with {
+        (b" GET /ws HTTP/1.1\r\n", 1),  # no method before the space
+        (b"GE\x00T /ws HTTP/1.1\r\n", 3),  # a NUL
+        (b"GET /ws HTTP/1.1 \r\n", 19),  # the request line is complete, and wrong
+        (b"SSH-2.0-OpenSSH_9.6\r\n", 20),  # another protocol's greeting: CR ends no method
+        (b"PING\r\n", 5),  # a Redis inline command
+        (b"GET /ws HTTP/2.0\n", 17),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nno colon\r\n", 37),  # a header line, once complete
+        (b"GET /ws HTTP/1.1\nHost: x\n folded: line\n", 39),
+        (b"GET /ws HTTP/1.1\r\nHost: a\rb\r\n", 29),  # a bare CR
+    ],
+)
+def test_a_head_that_cannot_be_valid_is_refused_as_soon_as_that_is_known(
+    garbage: bytes, known_after: int
+) -> None:
+    refusal, count = refused_after(garbage + b"more that never comes")
+    assert refusal.status == 400
+    assert not isinstance(refusal, websocket.NotHTTP)
+    assert count == known_after
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 17, 40])
+def test_the_reader_returns_the_request_and_what_followed_however_the_bytes_are_split(
+    cut: int,
+) -> None:
+    frame = raw_frame(websocket.OP_TEXT, b"\x00\x01 early frame, control bytes and all")
+    data = upgrade_head().replace(b"\r\n", b"\n") + frame
+    reader = websocket.RequestHeadReader()
+    for start in range(0, len(data), cut):
+        if (complete := reader.feed(data[start : start + cut])) is not None:
+            break
+    else:
+        raise AssertionError("the head was never complete")
+    request, leftover = complete
+    assert request.wants_websocket()
+    assert leftover + data[start + cut :] == frame

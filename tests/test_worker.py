@@ -79,6 +79,10 @@ class RawClient:
         return data
 
     async def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        await self.stream.send_all(self.masked_frame(opcode, payload, fin=fin))
+
+    @staticmethod
+    def masked_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
         mask = os.urandom(4)
         length = len(payload)
         first = (0x80 if fin else 0) | opcode
@@ -89,7 +93,7 @@ class RawClient:
         else:
             header = struct.pack("!BBQ", first, 0x80 | 127, length)
         masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-        await self.stream.send_all(header + mask + masked)
+        return header + mask + masked
 
     async def receive_frame(self) -> tuple[int, bytes]:
         first, second = await self._read_exactly(2)
@@ -178,13 +182,9 @@ async def test_a_join_past_the_room_limit_is_refused():
         await client.join("d")
 
 
-async def test_invalid_utf8_and_fragmented_messages_over_a_raw_socket():
+async def test_a_fragmented_message_with_a_ping_inside_over_a_raw_socket():
     async with running_worker() as (_, url):
         raw = await RawClient.connect(url)
-        await raw.send_frame(0x1, b'{"type":"ping","id":1,"x":"\xff"}')
-        reply = await raw.receive_json()
-        assert (reply["type"], reply["code"]) == ("error", "bad_frame")
-        # A text message in three fragments, with a ping between two of them.
         await raw.send_frame(0x1, b'{"type":', fin=False)
         await raw.send_frame(0x9, b"are you there")
         await raw.send_frame(0x0, b'"ping",', fin=False)
@@ -192,6 +192,29 @@ async def test_invalid_utf8_and_fragmented_messages_over_a_raw_socket():
         assert await raw.receive_frame() == (0xA, b"are you there")
         assert await raw.receive_json() == {"type": "pong", "id": 2}
         await raw.stream.aclose()
+
+
+async def test_invalid_utf8_closes_1007_before_the_rest_of_the_frame_arrives():
+    async with running_worker() as (_, url):
+        # One text frame of 100 bytes whose first 9 arrive: a code point, then a byte that no
+        # valid UTF-8 can continue (F4 90 would be past U+10FFFF). RFC 6455 section 8.1: fail.
+        raw = await RawClient.connect(url)
+        frame = raw.masked_frame(0x1, "\u03ba\u1f79".encode() + b"\xf4\x90" + b"x" * 93)
+        await raw.stream.send_all(frame[: 6 + 9])
+        opcode, payload = await raw.receive_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1007)
+        await raw.stream.aclose()
+
+        # A message whose last fragment ends inside a code point is invalid too.
+        raw = await RawClient.connect(url)
+        await raw.send_frame(0x1, b'{"type":"ping","x":"', fin=False)
+        await raw.send_frame(0x0, b'\xc3\xa9"}\xe2\x82')
+        opcode, payload = await raw.receive_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1007)
+        await raw.stream.aclose()
+
+        async with open_client(url) as client:  # the worker is fine
+            await client.ping()
 
 
 async def test_pings_during_the_close_handshake_do_not_hurt_the_worker():

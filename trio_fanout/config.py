@@ -106,9 +106,26 @@ class Config:
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     rate_limit_per_second: float = attrs.field(default=200.0, validator=_positive)
     rate_limit_burst: int = attrs.field(default=1000, validator=_positive)
+    rate_limit_bytes_per_second: float = attrs.field(default=1024.0 * 1024, validator=_positive)
+    """Payload bytes a second a client may send on average (every frame's payload counts)."""
+    rate_limit_bytes_burst: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Payload bytes a client may send at once before its byte rate applies."""
     max_queued_frames: int = attrs.field(default=1000, validator=_positive)
+    max_queued_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Bytes a worker may hold for one client whose socket is full; past it the client is cut.
+
+    4 MiB: 64 of the largest messages clients may send, or 1,000 (max_queued_frames) of 4 KiB,
+    so that for common sizes the frame bound and this one cut at about the same point; and
+    about what Linux's own send buffer holds for a connection at most (tcp_wmem), so a client
+    is given as much again as the kernel already buffers for it.
+    """
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    """Open WebSockets per worker; past it an upgrade is answered 503 with Retry-After."""
+    max_handshakes: int = attrs.field(default=1000, validator=_positive)
+    """Connections per worker still in their handshake (plain HTTP requests included); past it
+    a new TCP connection is closed at once, before a byte of it is read."""
     liveness_interval: float = attrs.field(default=1.0, validator=_positive)
     """Seconds between the master's pings to each worker of `trio-fanout run`."""
     liveness_timeout: float = attrs.field(default=5.0, validator=_positive)

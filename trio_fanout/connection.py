@@ -4,14 +4,14 @@ The send path (docs/architecture.md): the fan-out loop calls :meth:`Connection.e
 frame already encoded for everybody, which appends to this connection's list of pending frames and
 never awaits. The worker then calls :meth:`Connection.flush` once per batch, which writes every
 pending frame with one non-blocking ``send``. Only a connection whose socket is full gets a task
-that waits for it to drain; when ``max_queued_frames`` frames wait behind a full socket, the
-connection is closed with 1013, and nobody else waits for it.
+that waits for it to drain; when a frame would take what waits behind a full socket past
+``max_queued_frames`` frames or ``max_queued_bytes`` bytes, the connection is closed with 1013,
+and nobody else waits for it.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.resources
 import itertools
 import logging
 import math
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import protocol, websocket
+from trio_fanout import http, protocol, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -38,14 +38,13 @@ RECEIVE_BYTES = 65536
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
 
-# A client refused for the rate limit this many times, without a pause of ABUSE_QUIET_SECONDS
-# between refusals, ignores its rate_limited errors: it is closed with 1008. A client that backs
-# off when told gets a clean slate after the pause.
+# A client refused for its budget this many times, without a pause of ABUSE_QUIET_SECONDS
+# between refusals, ignores its rate_limited errors (or floods frames that earn no reply): it is
+# closed with 1008. A client that backs off when told gets a clean slate after the pause. At full
+# speed on loopback a flood passes 200 refusals within one read of the socket, so it is cut in
+# milliseconds; a client that exceeds its rate by a little is cut within seconds.
 ABUSE_REFUSALS = 200
 ABUSE_QUIET_SECONDS = 1.0
-
-# The demo chat page every worker serves at "/", read once.
-CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
 
 _ids = itertools.count(1)
 
@@ -54,35 +53,67 @@ _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, Tim
 
 
 class RateLimiter:
-    """A token bucket: ``rate`` frames a second on average, ``burst`` at once.
+    """A client's budget: two token buckets, one of frames and one of payload bytes.
+
+    Every frame a client sends is charged against both, whether it carries a message, a ping,
+    a pong or a fragment. A charge is granted while the frame bucket holds a token per frame and
+    the byte bucket is not empty; the bytes are then taken even when that drives the byte bucket
+    below zero, so a frame larger than what is left passes once and the next frames wait until
+    the debt is refilled: no frame, however large, is refused for ever.
 
     It also tells persistent abuse from a burst: ``abusive`` becomes true once ``ABUSE_REFUSALS``
     frames have been refused with no pause of ``ABUSE_QUIET_SECONDS`` between two refusals,
-    i.e. the client keeps sending although it is told to slow down.
+    i.e. the client keeps sending although it is over its budget.
     """
 
-    __slots__ = ("_burst", "_last", "_last_refusal", "_rate", "_refusals", "_tokens")
+    __slots__ = (
+        "_byte_burst",
+        "_byte_rate",
+        "_bytes",
+        "_frame_burst",
+        "_frame_rate",
+        "_frames",
+        "_last",
+        "_last_refusal",
+        "_refusals",
+    )
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
+    def __init__(
+        self, frames_per_second: float, frame_burst: int, bytes_per_second: float, byte_burst: int
+    ) -> None:
+        self._frame_rate = frames_per_second
+        self._frame_burst = float(frame_burst)
+        self._frames = float(frame_burst)
+        self._byte_rate = bytes_per_second
+        self._byte_burst = float(byte_burst)
+        self._bytes = float(byte_burst)
         self._last = trio.current_time()
         self._refusals = 0
         self._last_refusal = -math.inf
 
-    def allow(self) -> bool:
+    def allow(self, payload_bytes: int) -> bool:
+        """Charge one frame that asks for an answer; whether it is within the budget."""
+        return self.charge(1, payload_bytes) == 0
+
+    def charge(self, frames: int, payload_bytes: int) -> int:
+        """Charge ``frames`` frames carrying ``payload_bytes`` together; return how many of them
+        were refused (counted towards :attr:`abusive`)."""
         now = trio.current_time()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        elapsed = now - self._last
         self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        if now - self._last_refusal > ABUSE_QUIET_SECONDS:
-            self._refusals = 0
-        self._refusals += 1
-        self._last_refusal = now
-        return False
+        self._frames = min(self._frame_burst, self._frames + elapsed * self._frame_rate)
+        self._bytes = min(self._byte_burst, self._bytes + elapsed * self._byte_rate)
+        granted = min(frames, int(self._frames)) if self._bytes > 0 else 0
+        if granted:
+            self._frames -= granted
+            self._bytes -= payload_bytes
+        refused = frames - granted
+        if refused:
+            if now - self._last_refusal > ABUSE_QUIET_SECONDS:
+                self._refusals = 0
+            self._refusals += refused
+            self._last_refusal = now
+        return refused
 
     @property
     def abusive(self) -> bool:
@@ -98,9 +129,11 @@ class Connection:
         "_dirty",
         "_dirty_list",
         "_limiter",
+        "_max_queued_bytes",
         "_max_queued_frames",
         "_nursery",
         "_pending",
+        "_queued_bytes",
         "_sock",
         "_unsent",
         "_writer_running",
@@ -122,24 +155,45 @@ class Connection:
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
+        # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
+        # append and send (never summed). The memory held can be up to twice as much, since
+        # the unsent view keeps its whole joined buffer alive until the view is sent.
+        self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
         self._max_queued_frames = worker.config.max_queued_frames
+        self._max_queued_bytes = worker.config.max_queued_bytes
+        config = worker.config
         self._limiter = RateLimiter(
-            worker.config.rate_limit_per_second, worker.config.rate_limit_burst
+            config.rate_limit_per_second,
+            config.rate_limit_burst,
+            config.rate_limit_bytes_per_second,
+            config.rate_limit_bytes_burst,
         )
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
 
     # ---- the send path --------------------------------------------------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes waiting to be written to this client's socket: what ``max_queued_bytes``
+        bounds."""
+        return self._queued_bytes
+
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame; the next :meth:`flush` writes it. Never blocks."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
         self._pending.append(frame)
+        self._queued_bytes += size
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -150,7 +204,15 @@ class Connection:
         if self._writer_running or not (self._pending or self._unsent):
             return
         self._send_now()
-        if (self._pending or self._unsent) and self._nursery is not None:
+        self._write_later()
+
+    def _write_later(self) -> None:
+        """Start the task that waits for a full socket to drain, if something waits for it."""
+        if (
+            (self._pending or self._unsent)
+            and not self._writer_running
+            and self._nursery is not None
+        ):
             self._writer_running = True
             self._nursery.start_soon(self._write_when_writable)
 
@@ -160,6 +222,7 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
+                self._queued_bytes -= sent
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
@@ -168,11 +231,12 @@ class Connection:
             if not pending:
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
+            pending.clear()  # their bytes, now in data, stay counted until sent
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
+            self._queued_bytes -= sent
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
@@ -195,6 +259,7 @@ class Connection:
         self._closing = True
         self._pending.clear()
         self._unsent = b""
+        self._queued_bytes = 0
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -208,13 +273,14 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        if drop_pending:
+        if drop_pending or self.id not in self.worker.connections:
+            # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
+            self._queued_bytes = len(self._unsent)
         if self.id in self.worker.connections:
-            self._pending.append(websocket.encode_close_frame(code, reason))
+            self._append(websocket.encode_close_frame(code, reason))
             self.flush()
-        else:
-            self._pending.clear()  # no WebSocket yet: nothing to say, just hang up
+        # else: no WebSocket yet, nothing to say: just hang up
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -225,28 +291,46 @@ class Connection:
     def _send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
-        if (self._closing or len(self._pending) >= self._max_queued_frames) and not self._room():
+        size = len(frame)
+        if (
+            self._closing
+            or len(self._pending) >= self._max_queued_frames
+            or self._queued_bytes + size > self._max_queued_bytes
+        ) and not self._room(size):
             return
-        self._pending.append(frame)
+        self._append(frame)
         self.flush()
 
-    def _room(self) -> bool:
-        """Whether one more frame may be queued: not when closing, nor when the queue is full
-        and stays full after a write (then the client is too slow and is closed with 1013).
-        A large batch can queue many frames for a healthy client too, hence the write first."""
+    def _append(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._queued_bytes += len(frame)
+
+    def _room(self, size: int) -> bool:
+        """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
+        would pass a limit and a write does not make room (the socket is full: the client is too
+        slow and is closed with 1013). A large batch can fill the queue of a healthy client
+        too, hence the write first, tried even while the writer task waits: a client that reads
+        may have made room since. A frame that finds nothing queued is taken, whatever its
+        size."""
         if self._closing:
             return False
-        self.flush()
+        self._send_now()
         if self._closing:  # the write found the client gone
             return False
-        if self._writer_running and len(self._pending) >= self._max_queued_frames:
-            logger.info("connection %d (%s) is too slow: closing it 1013", self.id, self.peer)
+        queued = self._queued_bytes
+        if queued and (
+            len(self._pending) >= self._max_queued_frames or queued + size > self._max_queued_bytes
+        ):
+            logger.info(
+                "connection %d (%s) is too slow: %d frames, %d bytes wait behind a full socket;"
+                " closing it 1013",
+                self.id, self.peer, len(self._pending), queued,
+            )  # fmt: skip
             self.close(
-                websocket.CLOSE_TRY_AGAIN_LATER,
-                "too slow: queued frames over the limit",
-                drop_pending=True,
+                websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
             return False
+        self._write_later()
         return True
 
     # ---- the connection's task ----------------------------------------------------------------
@@ -277,31 +361,37 @@ class Connection:
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
-        None when the request was plain HTTP (answered) or never completed."""
-        buffer = bytearray()
+        None when the request was plain HTTP (answered) or never completed.
+
+        ``handshake_timeout`` bounds all of it, however the bytes trickle in: a client that
+        sends its head a byte at a time holds its slot no longer than one that sends nothing.
+        """
+        head = websocket.RequestHeadReader()
         with trio.move_on_after(self.worker.config.handshake_timeout):
             try:
-                while (end := websocket.find_request_head_end(buffer)) < 0:
+                while True:
                     data = await self._receive()
                     if not data:
                         return None
-                    buffer += data
-                request = websocket.parse_request_head(bytes(buffer[:end]))
-                if request.path == "/healthz" and request.method == "GET":
-                    await self._respond(*self.worker.health(), "application/json")
+                    if (complete := head.feed(data)) is not None:
+                        break
+                request, leftover = complete
+                response = http.plain_response(request, self.worker.health)
+                if response is not None:
+                    self._respond(response)
                     return None
-                if request.path == "/" and request.method == "GET":
-                    await self._respond(200, CHAT_PAGE, "text/html; charset=utf-8")
-                    return None
-                if request.path != "/ws":
-                    raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
                 accept = websocket.websocket_accept_response(request)
+                self._check_capacity()
                 await self._authenticate(request)
+                self._check_capacity()  # others may have come in while the hook ran
+            except websocket.NotHTTP as refusal:
+                logger.debug("connection %d (%s): %s: closed", self.id, self.peer, refusal)
+                return None
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
-                await self._respond(refusal.status, f"{refusal}\n".encode())
+                self._respond(http.refusal_response(refusal))
                 return None
-            self._pending.append(accept)
+            self._append(accept)
             self._reply(
                 protocol.welcome_frame(
                     self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
@@ -309,9 +399,18 @@ class Connection:
             )
             self.worker.register(self)
             logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
-            return bytes(buffer[end:])
+            return leftover
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
         return None
+
+    def _check_capacity(self) -> None:
+        """Refuse the upgrade with 503 while this worker holds ``max_connections`` WebSockets."""
+        if self.worker.at_connection_limit():
+            raise websocket.HandshakeError(
+                503,
+                f"this worker is at its limit of {self.worker.config.max_connections} "
+                "connections; try again later",
+            )
 
     async def _authenticate(self, request: websocket.Request) -> None:
         authenticate = self.worker.hooks.authenticate
@@ -339,8 +438,9 @@ class Connection:
         if not allowed:
             raise RequestError(protocol.FORBIDDEN, f"not allowed to {action}", request_id)
 
-    async def _respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
-        self._pending.append(websocket.http_response(status, body, content_type))
+    def _respond(self, response: bytes) -> None:
+        """Send a complete HTTP response; the connection closes after it."""
+        self._append(response)
         self.flush()
         self._closing = True
 
@@ -361,7 +461,9 @@ class Connection:
             return data
 
     async def _read_frames(self, data: bytes) -> None:
+        """Parse the client's frames and act on each, charging every frame to its budget."""
         parser = websocket.FrameParser(self.worker.config.max_frame_bytes)
+        limiter = self._limiter
         while True:
             try:
                 events = parser.feed(data)
@@ -375,13 +477,19 @@ class Connection:
                 return
             for event in events:
                 if isinstance(event, websocket.Message):
-                    await self._handle_message(event)
+                    if limiter.allow(len(event.payload)):
+                        await self._handle_message(event)
+                    else:
+                        self._refuse(event)
+                elif isinstance(event, websocket.Unanswered):
+                    # Pongs and fragments earn no reply, but cost work all the same.
+                    if limiter.charge(event.frames, event.payload_bytes) and limiter.abusive:
+                        self._close_abusive()
                 elif isinstance(event, websocket.Ping):
-                    # Pings count against the rate like any frame: answering is work too.
-                    if self._limiter.allow():
+                    if limiter.allow(len(event.payload)):
                         self._send_frame(websocket.encode_frame(websocket.OP_PONG, event.payload))
-                    elif self._limiter.abusive:
-                        self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+                    elif limiter.abusive:
+                        self._close_abusive()
                 else:
                     self.close(event.code or websocket.CLOSE_NORMAL)
                     return
@@ -394,20 +502,28 @@ class Connection:
             if not data:
                 return
 
-    async def _handle_message(self, message: websocket.Message) -> None:
-        if not self._limiter.allow():
-            if self._limiter.abusive:
-                logger.info("connection %d ignores rate_limited: closing it 1008", self.id)
-                self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-                return
-            self._reply(
-                protocol.error_frame(
-                    protocol.RATE_LIMITED,
-                    "too many frames; slow down",
-                    protocol.readable_id(message.payload) if message.is_text else None,
-                )
-            )
+    def _refuse(self, message: websocket.Message) -> None:
+        """Answer a message over the budget with ``rate_limited``; close a client that ignores
+        those answers."""
+        if self._limiter.abusive:
+            self._close_abusive()
             return
+        self._reply(
+            protocol.error_frame(
+                protocol.RATE_LIMITED,
+                "too many frames; slow down",
+                protocol.readable_id(message.payload) if message.is_text else None,
+            )
+        )
+
+    def _close_abusive(self) -> None:
+        logger.info(
+            "connection %d (%s) keeps sending past its budget: closing it 1008", self.id, self.peer
+        )
+        self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+
+    async def _handle_message(self, message: websocket.Message) -> None:
+        """Act on a message within the budget: parse it as a request and answer it."""
         try:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
             await self._handle_request(request)

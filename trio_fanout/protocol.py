@@ -14,6 +14,10 @@ from typing import Any
 import attrs
 
 MAX_ROOM_LENGTH = 200
+
+# The largest integer a JavaScript number holds exactly (Number.MAX_SAFE_INTEGER): a browser
+# would read a larger id as a neighbouring one, and match our reply to the wrong request.
+MAX_SAFE_ID = 2**53 - 1
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # Error codes (docs/protocol.md, "Error codes"). Stable: clients branch on them.
@@ -80,22 +84,27 @@ def _finite_float(text: str) -> float:
 
 
 def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
-    """Decode one client message, or raise :class:`RequestError` with the code it earns."""
+    """Decode one client message, or raise :class:`RequestError` with the code it earns.
+
+    The payload of a text message is valid UTF-8: the WebSocket codec fails a connection that
+    sends anything else (close code 1007) before its message gets here.
+    """
     if not is_text:
         raise RequestError(BAD_FRAME, "binary frames are not accepted; send JSON in text frames")
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError(BAD_FRAME, "the frame is not valid UTF-8") from None
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(
+            payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (ValueError, RecursionError):
         raise RequestError(BAD_JSON, "the frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise RequestError(BAD_FRAME, "a frame must be a JSON object")
     request_id = obj.get("id")
-    if request_id is not None and (type(request_id) is not int):
-        raise RequestError(BAD_FRAME, "id must be an integer")
+    if request_id is not None and not _usable_id(request_id):
+        # No id in the error: a client that cannot read this id could not match it either.
+        raise RequestError(
+            BAD_FRAME, f"id must be an integer from -{MAX_SAFE_ID} to {MAX_SAFE_ID} (2**53 - 1)"
+        )
     kind = obj.get("type")
     if kind == "ping":
         return Ping(request_id)
@@ -140,7 +149,13 @@ def readable_id(payload: bytes) -> int | None:
     except (ValueError, RecursionError):
         return None
     request_id = obj.get("id") if isinstance(obj, dict) else None
-    return request_id if type(request_id) is int else None
+    return request_id if _usable_id(request_id) else None
+
+
+def _usable_id(request_id: object) -> bool:
+    """Whether ``request_id`` is an integer (``true`` and ``1.0`` are not) that every client,
+    a browser included, reads back exactly."""
+    return type(request_id) is int and -MAX_SAFE_ID <= request_id <= MAX_SAFE_ID
 
 
 def check_room(room: object, request_id: int | None = None) -> str:

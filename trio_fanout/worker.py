@@ -45,6 +45,10 @@ ACCEPT_SKIP_ERRNOS = {
 # How long shutdown waits for clients to answer their 1001 close before dropping them.
 DRAIN_TIMEOUT = 3.0
 
+# A worker refusing clients at a limit (max_connections, max_handshakes) says so in its log at
+# most this often, with the count since: under a flood, one line per refusal would be a flood too.
+REFUSAL_LOG_INTERVAL = 10.0
+
 # Invalid backplane messages are counted one by one but logged at most once in this many
 # seconds: whoever floods the backplane with them must not flood the log too.
 INVALID_WARNING_INTERVAL = 10.0
@@ -112,6 +116,9 @@ class Worker:
         # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
         self._accepted: set[Connection] = set()
         self._stop_requested = trio.Event()
+        # Refusals at a limit not yet logged, by limit, and when each was last logged.
+        self._refusals: dict[str, int] = {}
+        self._refusals_logged: dict[str, float] = {}
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -155,6 +162,34 @@ class Worker:
 
     # ---- connections ---------------------------------------------------------------------
 
+    @property
+    def handshakes(self) -> int:
+        """Connections accepted whose handshake has not ended yet (plain HTTP ones included):
+        every accepted connection is in ``_accepted`` until its task ends, and in
+        ``connections`` too once its WebSocket is open."""
+        return len(self._accepted) - len(self.connections)
+
+    def at_connection_limit(self) -> bool:
+        """Whether ``max_connections`` WebSockets are open here. If so, the caller refuses one
+        more, and the refusal is counted for the log (see :meth:`_note_refusal`)."""
+        if len(self.connections) < self.config.max_connections:
+            return False
+        self._note_refusal("max_connections", "WebSocket upgrades answered 503")
+        return True
+
+    def _note_refusal(self, limit: str, what: str) -> None:
+        """Count a refusal at ``limit`` and log the count now and then (see
+        ``REFUSAL_LOG_INTERVAL``)."""
+        self._refusals[limit] = self._refusals.get(limit, 0) + 1
+        now = trio.current_time()
+        if now - self._refusals_logged.get(limit, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            logger.warning(
+                "worker %d is at its %s (%d): %d %s since the last such line",
+                self.index, limit, getattr(self.config, limit), self._refusals[limit], what,
+            )  # fmt: skip
+            self._refusals_logged[limit] = now
+            self._refusals[limit] = 0
+
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
         self.connections[conn.id] = conn
@@ -184,6 +219,8 @@ class Worker:
             worker=self.index,
             pid=os.getpid(),
             connections=len(self.connections),
+            handshakes=self.handshakes,
+            queued_bytes=sum(conn.queued_bytes for conn in self.connections.values()),
             rooms=len(self.rooms),
             backplane_gaps=self.gaps.missed,
             dropped_invalid=self.dropped_invalid,
@@ -309,6 +346,12 @@ class Worker:
                     raise
                 logger.error("accept failed (%s); pausing %.1f s", error, ACCEPT_CAPACITY_PAUSE)
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
+                continue
+            if self.handshakes >= self.config.max_handshakes:
+                # Closed before a byte is read or a Connection is made: the cheapest answer to
+                # a flood of connections that never finish their handshake (slowloris).
+                sock.close()
+                self._note_refusal("max_handshakes", "new connections closed at once")
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
