@@ -341,6 +341,20 @@ def test_healthz_is_503_while_the_backplane_is_down_and_200_again_after(
         server.stop()
 
 
+async def test_a_worker_that_is_stopping_says_not_ready():
+    config = Config(port=0, heartbeat_interval=0, backplane=f"memory://stopping-{os.getpid()}")
+    with trio.fail_after(3 * RECEIVE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            worker: Worker = await nursery.start(serve, config)
+            assert worker.health()[0] == 200
+            async with open_client(f"ws://127.0.0.1:{worker.port}/ws"):
+                worker.stop()  # the client is closed with 1001 meanwhile: the drain is on
+                status, body = worker.health()
+            assert status == 503
+            assert json.loads(body)["status"] == "not_ready"
+            assert json.loads(body)["reason"] == "shutting down"
+
+
 # ---- relay only what a publisher of ours would send ---------------------------------------
 
 
