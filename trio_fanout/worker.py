@@ -47,8 +47,11 @@ DRAIN_TIMEOUT = 3.0
 
 @attrs.define(eq=False)
 class Room:
-    """A room with members on this worker; ``live`` is set once its subscription is live."""
+    """A room with members on this worker; ``live`` is set once its subscription is live.
 
+    Its backplane topic is a digest of ``name``; the name is kept for the log."""
+
+    name: str
     members: set[Connection] = attrs.field(factory=set)
     live: trio.Event = attrs.field(factory=trio.Event)
 
@@ -81,7 +84,7 @@ class Worker:
         while True:
             room = self.rooms.get(topic)
             if room is None:
-                room = self.rooms[topic] = Room()
+                room = self.rooms[topic] = Room(room_name)
                 try:
                     await self.backplane.subscribe(topic)
                 except BaseException:
@@ -111,7 +114,7 @@ class Worker:
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         await self.backplane.publish(topic, self._numberer.wrap(topic, frame, exclude))
-        logger.debug("published %d bytes on backplane topic %r", len(frame), topic)
+        logger.debug("published %d bytes to room %r", len(frame), request.room)
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -157,15 +160,8 @@ class Worker:
             except struct.error:
                 logger.warning("dropped a backplane message on %r without an envelope", topic)
                 continue
-            if self.gaps.observe(topic, origin, seq):
-                logger.warning(
-                    "backplane gap on %r: publisher %s skipped to seq %d",
-                    topic,
-                    origin.hex(),
-                    seq,
-                )
-            frame = websocket.encode_text_frame(payload[envelope.HEADER_SIZE :])
             recipients: Collection[Connection]
+            room_name: str | None = None  # None: the broadcast topic
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
             else:
@@ -173,11 +169,18 @@ class Worker:
                 if room is None:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
+                room_name = room.name
+            if self.gaps.observe(topic, origin, seq):
+                logger.warning(
+                    "backplane gap in room %r: publisher %s skipped to seq %d",
+                    room_name, origin.hex(), seq,
+                )  # fmt: skip
+            frame = websocket.encode_text_frame(payload[envelope.HEADER_SIZE :])
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
             if debug:
                 logger.debug(
-                    "delivering seq %d of %s on %r to %d connections",
-                    seq, origin.hex(), topic, len(recipients),
+                    "delivering seq %d of %s in room %r to %d connections",
+                    seq, origin.hex(), room_name, len(recipients),
                 )  # fmt: skip
             for conn in recipients:
                 if conn is not excluded:
