@@ -13,12 +13,14 @@ commands). ``subscribe`` returns once the proxy has registered the topic, which 
 :class:`BackplaneUnavailable`: a message is never dropped without its publisher being told.
 
 The socket only queues to a completed connection (``ZMQ_IMMEDIATE``) and has no high-water mark,
-so a send that ZeroMQ refuses means one thing: there is no connection to the proxy. Requests
-already sent then lose their answers, and fail at once.
+so a send that ZeroMQ refuses means one thing: there is no connection to the proxy. A monitor of
+the socket reports the connection's end as it happens: requests already sent lose their answers
+with it, and fail at once, and publish refuses until the proxy answers again.
 
-The backplane pings the proxy every ``PING_INTERVAL``. The answer names the proxy's instance and
-how many of our topics it holds; when that is not what we hold (the proxy restarted, or forgot us
-while we were silent) we send it our whole set again, so subscriptions come back by themselves.
+The backplane pings the proxy every ``PING_INTERVAL``, and at once whenever ZeroMQ (re)connects.
+The answer names the proxy's instance and how many of our topics it holds; when that is not what
+we hold (the proxy restarted, or forgot us while we were silent) we send it our whole set again,
+so subscriptions come back by themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from contextlib import asynccontextmanager, suppress
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from trio_fanout.backplane._interface import (
     Backplane,
@@ -115,6 +118,11 @@ class ZmqBackplane(Backplane):
         self._socket.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         self._socket.connect(zmq_endpoint(host, port))
         self._fd = file_descriptor(self._socket)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self._monitor_fd = file_descriptor(self._monitor)
+        self._ping_now = trio.Event()
         # The reader never pauses (answers arrive behind messages); the proxy's credit bound
         # is what bounds this queue, so its own high-water mark is never reached.
         self._queue = MessageQueue(high_water=1 << 62)
@@ -266,15 +274,35 @@ class ZmqBackplane(Backplane):
             logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
 
     async def keep_in_touch(self) -> None:
-        """Ping every PING_INTERVAL; while the proxy does not answer, publish refuses at once."""
+        """Ping every PING_INTERVAL, and as soon as ZeroMQ has connected again; while the proxy
+        does not answer, publish refuses at once."""
         while True:
-            await trio.sleep(PING_INTERVAL)
+            with trio.move_on_after(PING_INTERVAL):
+                await self._ping_now.wait()
+            self._ping_now = trio.Event()
             try:
                 await self.ping(PING_TIMEOUT)
             except BackplaneUnavailable as error:
                 if self._proxy_answers:
                     logger.warning("%s", error)
                 self._proxy_answers = False
+
+    async def watch_connection(self) -> None:
+        """Follow the socket's monitor: a lost connection fails what waits for an answer, a new
+        one is pinged at once (to find out whether the proxy still holds our topics)."""
+        while True:
+            while True:
+                try:
+                    frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                event = parse_monitor_message(frames)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._connection_lost()
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._ping_now.set()
+            if not events(self._monitor) & zmq.POLLIN:
+                await trio.lowlevel.wait_readable(self._monitor_fd)
 
     async def connect(self) -> None:
         """Wait until the proxy answers, for at most CONNECT_TIMEOUT."""
@@ -294,6 +322,9 @@ class ZmqBackplane(Backplane):
     def close(self) -> None:
         with suppress(BackplaneUnavailable):
             self._send([BYE])
+        trio.lowlevel.notify_closing(self._monitor_fd)
+        self._socket.disable_monitor()
+        self._monitor.close()
         trio.lowlevel.notify_closing(self._fd)
         self._socket.close()
 
@@ -306,6 +337,7 @@ async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane
         with unwrap_single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backplane.run_reader)
+                nursery.start_soon(backplane.watch_connection)
                 await backplane.connect()
                 nursery.start_soon(backplane.keep_in_touch)
                 logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
