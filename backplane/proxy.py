@@ -30,6 +30,7 @@ import os
 import trio
 import zmq
 
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
@@ -69,11 +70,12 @@ RECEIVE_HIGH_WATER_MARK = 10_000
 class _Peer:
     """One connected client: its topics and its flow-control account."""
 
-    __slots__ = ("dropped", "identity", "last_heard", "topics", "unacknowledged")
+    __slots__ = ("dropped", "identity", "last_heard", "topics", "topics_shrink", "unacknowledged")
 
     def __init__(self, identity: bytes, now: float) -> None:
         self.identity = identity
         self.topics: set[bytes] = set()
+        self.topics_shrink = ShrinkWatch()
         self.unacknowledged = 0  # bytes sent that its consumer has not yet taken
         self.dropped = 0  # messages dropped in the current stall; 0 while not stalled
         self.last_heard = now
@@ -87,6 +89,7 @@ class ZmqProxy:
         self.port = port
         self.instance = os.urandom(8)  # changes with every start: clients notice a restart
         self.subscribers: dict[bytes, set[_Peer]] = {}
+        self._subscribers_shrink = ShrinkWatch()
         self.peers: dict[bytes, _Peer] = {}
         self.dropped_total = 0
         self._now = 0.0
@@ -238,11 +241,17 @@ class ZmqProxy:
 
     def _unsubscribe(self, peer: _Peer, topic: bytes) -> None:
         peer.topics.discard(topic)
+        if peer.topics_shrink.should_rebuild(len(peer.topics)):
+            peer.topics = set(peer.topics)
+            give_back_freed_memory()
         subscribers = self.subscribers.get(topic)
         if subscribers is not None:
             subscribers.discard(peer)
             if not subscribers:
                 del self.subscribers[topic]
+                if self._subscribers_shrink.should_rebuild(len(self.subscribers)):
+                    self.subscribers = dict(self.subscribers)
+                    give_back_freed_memory()
 
     def _forget(self, peer: _Peer) -> None:
         for topic in list(peer.topics):

@@ -42,6 +42,7 @@ from trio_fanout.backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
+from trio_fanout.backplane._shrink import ShrinkWatch
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
@@ -127,6 +128,7 @@ class ZmqBackplane(Backplane):
         # is what bounds this queue, so its own high-water mark is never reached.
         self._queue = MessageQueue(high_water=1 << 62)
         self._subscriptions: Counter[bytes] = Counter()
+        self._subscriptions_shrink = ShrinkWatch()
         self._requests: dict[bytes, _Request] = {}
         self._request_ids = itertools.count(1)
         self._taken_bytes = 0  # taken by our consumer, not yet returned to the proxy as credit
@@ -158,6 +160,8 @@ class ZmqBackplane(Backplane):
             self._subscriptions[topic] = count
             return
         del self._subscriptions[topic]
+        if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
+            self._subscriptions = Counter(self._subscriptions)
         # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
         with suppress(BackplaneUnavailable):
             self._send([UNSUBSCRIBE, topic])

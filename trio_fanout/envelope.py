@@ -15,6 +15,8 @@ import struct
 
 import attrs
 
+from trio_fanout.backplane._shrink import ShrinkWatch
+
 _HEADER = struct.Struct(">8sQQ")
 HEADER_SIZE = _HEADER.size
 
@@ -74,6 +76,7 @@ class GapCounter:
 
     missed: int = 0
     _last_seq: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
+    _shrink: ShrinkWatch = attrs.field(factory=ShrinkWatch)
 
     def observe(self, topic: bytes, origin: bytes, seq: int) -> int:
         """Record a message; return how many of this publisher's messages were skipped."""
@@ -89,3 +92,5 @@ class GapCounter:
     def forget(self, topic: bytes) -> None:
         """Stop tracking ``topic`` (we unsubscribed: later gaps would be our own doing)."""
         self._last_seq.pop(topic, None)
+        if self._shrink.should_rebuild(len(self._last_seq)):
+            self._last_seq = dict(self._last_seq)

@@ -22,6 +22,7 @@ import trio
 
 from trio_fanout import envelope, protocol, websocket
 from trio_fanout.backplane import Backplane
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
@@ -69,6 +70,7 @@ class Worker:
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
         self.rooms: dict[bytes, Room] = {}
+        self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
@@ -108,6 +110,9 @@ class Worker:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
             self.gaps.forget(topic)
+            if self._rooms_shrink.should_rebuild(len(self.rooms)):
+                self.rooms = dict(self.rooms)
+                give_back_freed_memory()
 
     async def publish(self, conn: Connection, request: protocol.Publish) -> None:
         topic = envelope.room_topic(request.room)
