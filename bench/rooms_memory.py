@@ -194,6 +194,48 @@ async def load(port: int, args: argparse.Namespace, connected: trio.Event, join:
         joined.set()
 
 
+async def one_round(
+    processes: Processes,
+    args: argparse.Namespace,
+    number: int,
+    phases: dict[str, dict[str, int]],
+    redis_memory: dict[str, int | None],
+) -> None:
+    """Connect, join, read RSS, leave (close every connection), read RSS."""
+    connected, join, joined, leave = (trio.Event() for _ in range(4))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load, processes.port, args, connected, join, joined, leave)
+        await connected.wait()
+        await trio.sleep(SETTLE_SECONDS)
+        phases[f"connected {number}"] = processes.rss()
+        join.set()
+        await joined.wait()
+        await trio.sleep(SETTLE_SECONDS)
+        phases[f"joined {number}"] = processes.rss()
+        redis_memory[f"joined {number}"] = processes.redis_used_memory()
+        rooms_seen = {}
+        for _ in range(50):
+            health = await trio.to_thread.run_sync(healthz, processes.port)
+            rooms_seen[health["worker"]] = health["rooms"]
+            if len(rooms_seen) == 2:
+                break
+        print(f"rooms per worker (from /healthz): {rooms_seen}", flush=True)
+        leave.set()
+    # Every worker must report no rooms before the reading counts as "left".
+    with trio.fail_after(60):
+        emptied: set[object] = set()
+        while len(emptied) < 2:
+            health = await trio.to_thread.run_sync(healthz, processes.port)
+            if health["rooms"] == 0 and health["connections"] == 0:
+                emptied.add(health["worker"])
+            else:
+                emptied.discard(health["worker"])
+                await trio.sleep(0.5)
+    await trio.sleep(SETTLE_SECONDS)
+    phases[f"left {number}"] = processes.rss()
+    redis_memory[f"left {number}"] = processes.redis_used_memory()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backplane", choices=["zmq", "redis"], default="zmq")
@@ -201,6 +243,10 @@ def main() -> None:
     parser.add_argument("--rooms-per-connection", type=int, default=100)
     parser.add_argument("--name-length", type=int, default=200)
     parser.add_argument("--publish", action="store_true")
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="join and leave this many times (a second round shows whether memory is reused)",
+    )  # fmt: skip
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the workers inherit it
@@ -213,54 +259,26 @@ def main() -> None:
             time.sleep(SETTLE_SECONDS)
             phases = {"start": processes.rss()}
             redis_memory = {"start": processes.redis_used_memory()}
-            connected, join, joined, leave = (trio.Event() for _ in range(4))
-
-            async def run() -> None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(load, processes.port, args, connected, join, joined, leave)
-                    await connected.wait()
-                    await trio.sleep(SETTLE_SECONDS)
-                    phases["connected"] = processes.rss()
-                    join.set()
-                    await joined.wait()
-                    await trio.sleep(SETTLE_SECONDS)
-                    phases["joined"] = processes.rss()
-                    redis_memory["joined"] = processes.redis_used_memory()
-                    rooms_seen = {}
-                    for _ in range(50):
-                        health = await trio.to_thread.run_sync(healthz, processes.port)
-                        rooms_seen[health["worker"]] = health["rooms"]
-                        if len(rooms_seen) == 2:
-                            break
-                    print(f"rooms per worker (from /healthz): {rooms_seen}", flush=True)
-                    leave.set()
-
-            trio.run(run)
-            time.sleep(SETTLE_SECONDS)
-            for _ in range(20):
-                health = healthz(processes.port)
-                print(f"after leaving, worker {health['worker']}: {health['connections']} "
-                      f"connections, {health['rooms']} rooms", flush=True)  # fmt: skip
-            phases["left"] = processes.rss()
-            redis_memory["left"] = processes.redis_used_memory()
+            for round_number in range(1, args.rounds + 1):
+                trio.run(one_round, processes, args, round_number, phases, redis_memory)
         finally:
             processes.stop()
     print(f"\n{args.backplane}: {rooms:,} rooms ({args.connections} connections x "
           f"{args.rooms_per_connection}), names of {args.name_length} characters"
-          f"{', one message each' if args.publish else ''}")  # fmt: skip
-    print(f"{'process':<20}{'start MiB':>10}{'connected':>10}{'joined':>10}{'left':>10}"
-          f"{'KiB/room':>10}{'left/start':>12}")  # fmt: skip
+          f"{', one message each' if args.publish else ''}; RSS in MiB")  # fmt: skip
+    columns = list(phases)
+    print(f"{'process':<20}" + "".join(f"{column:>13}" for column in columns)
+          + f"{'KiB/room':>10}{'left/start':>11}")  # fmt: skip
     for name, start in phases["start"].items():
-        connected_kib = phases["connected"][name]
-        joined_kib, left_kib = phases["joined"][name], phases["left"][name]
-        per_room = (joined_kib - connected_kib) / rooms
-        print(f"{name:<20}{start / 1024:>10.1f}{connected_kib / 1024:>10.1f}"
-              f"{joined_kib / 1024:>10.1f}{left_kib / 1024:>10.1f}"
-              f"{per_room:>10.2f}{left_kib / start:>12.2f}")  # fmt: skip
+        per_room = (phases["joined 1"][name] - phases["connected 1"][name]) / rooms
+        last_left = phases[f"left {args.rounds}"][name]
+        print(f"{name:<20}" + "".join(f"{phases[column][name] / 1024:>13.1f}" for column in columns)
+              + f"{per_room:>10.2f}{last_left / start:>11.2f}")  # fmt: skip
     if redis_memory["start"] is not None:
-        redis_per_room = (redis_memory["joined"] - redis_memory["start"]) / rooms  # type: ignore[operator]
-        print(f"redis used_memory: {redis_per_room:.0f} bytes per room; after leaving "
-              f"{redis_memory['left']:,} bytes (start {redis_memory['start']:,})")  # fmt: skip
+        used = {phase: value or 0 for phase, value in redis_memory.items()}
+        print(f"redis used_memory: {(used['joined 1'] - used['start']) / rooms:.0f} bytes per "
+              f"room; after leaving {used[f'left {args.rounds}']:,} bytes "
+              f"(start {used['start']:,})")  # fmt: skip
 
 
 if __name__ == "__main__":
