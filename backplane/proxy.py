@@ -45,6 +45,8 @@ from trio_fanout.backplane._zmq_wire import (
     events,
     file_descriptor,
     message_cost,
+    receive_frames,
+    send_frames,
     zmq_endpoint,
 )
 
@@ -135,7 +137,7 @@ class ZmqProxy:
             self._now = trio.current_time()
             for _ in range(BATCH):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = receive_frames(sock)
                 except zmq.Again:
                     break
                 self._handle(sock, frames)
@@ -193,7 +195,7 @@ class ZmqProxy:
                 self._drop(peer)
                 continue
             try:
-                sock.send_multipart([peer.identity, MESSAGE, topic, payload], zmq.NOBLOCK)
+                send_frames(sock, [peer.identity, MESSAGE, topic, payload])
             except zmq.ZMQError as error:
                 if error.errno != errno.EHOSTUNREACH:
                     raise
@@ -206,7 +208,7 @@ class ZmqProxy:
 
     def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
         try:
-            sock.send_multipart([peer.identity, REPLY, *frames], zmq.NOBLOCK)
+            send_frames(sock, [peer.identity, REPLY, *frames])
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
                 raise

@@ -57,6 +57,8 @@ from trio_fanout.backplane._zmq_wire import (
     events,
     file_descriptor,
     message_cost,
+    receive_frames,
+    send_frames,
     zmq_endpoint,
 )
 
@@ -202,7 +204,7 @@ class ZmqBackplane(Backplane):
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._socket, frames)
         except zmq.Again:
             self._connection_lost()
             raise BackplaneUnavailable(
@@ -242,7 +244,7 @@ class ZmqBackplane(Backplane):
         sock, queue, requests = self._socket, self._queue, self._requests
         for _ in range(RECEIVE_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = receive_frames(sock)
             except zmq.Again:
                 return
             kind = frames[0]

@@ -31,6 +31,8 @@ from trio_fanout.backplane._zmq_wire import (
     PUBLISH,
     SUBSCRIBE,
     message_cost,
+    receive_frames,
+    send_frames,
 )
 
 TOPIC = b"t"
@@ -75,7 +77,12 @@ def subscribe(kind: str, port: int, seconds: float) -> None:
     deadline = start + seconds
     while time.perf_counter() < deadline:
         for _ in range(1000):
-            frames = sock.recv_multipart()
+            try:
+                frames = receive_frames(sock)
+            except zmq.Again:
+                if sock.poll(2000):
+                    continue
+                break
             received += 1
             if kind == "router" and frames[0] == MESSAGE:
                 taken += message_cost(frames[1], frames[2])
@@ -95,12 +102,15 @@ def publish(kind: str, port: int, seconds: float) -> None:
         while time.perf_counter() < deadline:
             while outstanding < WINDOW:
                 request += 1
-                sock.send_multipart([PUBLISH, NUMBER.pack(request), TOPIC, PAYLOAD])
+                send_frames(sock, [PUBLISH, NUMBER.pack(request), TOPIC, PAYLOAD])
                 outstanding += 1
-            sock.recv_multipart()
+            sock.recv_multipart()  # blocks for the first answer; the others are taken below
             outstanding -= 1
-            while sock.poll(0):
-                sock.recv_multipart()
+            while True:
+                try:
+                    receive_frames(sock)
+                except zmq.Again:
+                    break
                 outstanding -= 1
     else:
         sock = context.socket(zmq.PUB)
@@ -108,7 +118,7 @@ def publish(kind: str, port: int, seconds: float) -> None:
         time.sleep(0.5)
         while time.perf_counter() < deadline:
             for _ in range(1000):
-                sock.send_multipart([TOPIC, PAYLOAD])
+                send_frames(sock, [TOPIC, PAYLOAD])
 
 
 def one_run(kind: str, seconds: float) -> list[float]:
