@@ -1,29 +1,30 @@
 """What the ZeroMQ backplane's clients and its proxy say to each other, and the Trio glue both use.
 
 Every client (a worker, an emitter, the heartbeat) has one DEALER socket connected to the
-proxy's one ROUTER socket. A message is a list of frames; the first frame names the command.
+proxy's one ROUTER socket. A message is a list of frames. The first frame is the head: one
+command byte, then the request id (8 bytes) if the command is answered, then the command's
+fixed fields. Every frame costs a Python call or two on each side, and the proxy handles every
+message of the cluster, so fields share the head where they can. Below, ``|`` separates frames.
 
 Client to proxy:
 
-- ``SUBSCRIBE request-id topic``: add the topic; answered once the proxy routes it to us.
-- ``UNSUBSCRIBE topic``: remove the topic; not answered.
-- ``SYNC request-id topic...``: our subscriptions are exactly these (after the proxy restarted or
-  forgot us); answered.
-- ``PUBLISH request-id topic payload``: route the payload to the topic's subscribers; answered
-  once routed.
-- ``PING request-id count``: are you there, and do you hold ``count`` topics for us? answered
-  with the proxy's instance id and its count.
-- ``CREDIT bytes``: our consumer has taken this many more bytes of messages; not answered.
-- ``BYE``: forget us; not answered.
+- ``S request-id topic``: SUBSCRIBE; answered once the proxy routes the topic to us.
+- ``U topic``: UNSUBSCRIBE; not answered.
+- ``Y request-id | topic | topic...``: SYNC, our subscriptions are exactly these (after the
+  proxy restarted or forgot us); answered.
+- ``P request-id topic | payload``: PUBLISH to the topic's subscribers; answered once routed.
+- ``? request-id count``: PING, are you there, and do you hold ``count`` topics for us?
+  answered with the proxy's instance id and its count.
+- ``C bytes``: CREDIT, our consumer has taken this many more bytes of messages; not answered.
+- ``B``: BYE, forget us; not answered.
 
 Proxy to client:
 
-- ``REPLY request-id [more frames]``: the answer to a request (a PING's carries two frames).
-- ``MESSAGE topic payload``: a message on a topic we subscribed to.
+- ``R request-id [| field...]``: REPLY, the answer to a request (a PING's carries two fields).
+- ``M topic | payload``: MESSAGE on a topic we subscribed to.
 
-Commands that carry a payload keep it in the last frame, so that a later field (a per-room
-sequence number in a publish's reply and in a message, say) is one more frame before it and
-nothing else changes.
+A payload is always the last frame, so a later field (a per-room sequence number in a
+publish's reply and in a message, say) is one more frame before it and nothing else changes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ MESSAGE = b"M"
 
 # Request ids, counts and credits: one unsigned 64-bit integer each.
 NUMBER = struct.Struct(">Q")
+# Where a head's request id ends and what follows it begins.
+ID_END = 1 + NUMBER.size
 
 # What one message costs the flow control beyond its topic and payload: ZeroMQ's message
 # structures on both sides and the Python objects that hold it in the client, roughly. It keeps

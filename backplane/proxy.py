@@ -34,6 +34,7 @@ from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
+    ID_END,
     MESSAGE,
     NUMBER,
     PING,
@@ -154,34 +155,35 @@ class ZmqProxy:
             peer = self.peers[identity] = _Peer(identity, self._now)
         else:
             peer.last_heard = self._now
-        command = frames[1] if len(frames) > 1 else b""
-        if command == PUBLISH and len(frames) == 5:
-            self._route(sock, frames[3], frames[4])
-            self._reply(sock, peer, [frames[2]])
-        elif command == CREDIT and len(frames) == 3:
-            self._credit(peer, NUMBER.unpack(frames[2])[0])
-        elif command == SUBSCRIBE and len(frames) == 4:
-            self._subscribe(peer, frames[3])
-            self._reply(sock, peer, [frames[2]])
-        elif command == UNSUBSCRIBE and len(frames) == 3:
-            self._unsubscribe(peer, frames[2])
-        elif command == PING and len(frames) == 4:
+        head = frames[1] if len(frames) > 1 else b""
+        command, request_id = head[:1], head[1:ID_END]
+        if command == PUBLISH and len(frames) == 3 and len(head) > ID_END:
+            self._route(sock, head[ID_END:], frames[2])
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == CREDIT and len(frames) == 2 and len(head) == ID_END:
+            self._credit(peer, NUMBER.unpack_from(head, 1)[0])
+        elif command == SUBSCRIBE and len(frames) == 2 and len(head) > ID_END:
+            self._subscribe(peer, head[ID_END:])
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == UNSUBSCRIBE and len(frames) == 2 and len(head) > 1:
+            self._unsubscribe(peer, head[1:])
+        elif command == PING and len(frames) == 2 and len(head) == ID_END + NUMBER.size:
             count = NUMBER.pack(len(peer.topics))
-            self._reply(sock, peer, [frames[2], self.instance, count])
-        elif command == SYNC and len(frames) >= 3:
-            wanted = set(frames[3:])
+            self._reply(sock, peer, [REPLY + request_id, self.instance, count])
+        elif command == SYNC and len(head) == ID_END:
+            wanted = set(frames[2:])
             for topic in peer.topics - wanted:
                 self._unsubscribe(peer, topic)
             for topic in wanted - peer.topics:
                 self._subscribe(peer, topic)
             logger.info("peer %s: %d subscriptions restored", identity.hex(), len(wanted))
-            self._reply(sock, peer, [frames[2]])
-        elif command == BYE and len(frames) == 2:
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == BYE and len(frames) == 2 and len(head) == 1:
             self._forget(peer)
         else:
             logger.warning(
                 "peer %s: ignored a malformed command %r of %d frames",
-                identity.hex(), command[:16], len(frames),
+                identity.hex(), head[:16], len(frames),
             )  # fmt: skip
 
     def _route(self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes) -> None:
@@ -189,13 +191,14 @@ class ZmqProxy:
         if not subscribers:
             return
         cost = message_cost(topic, payload)
+        head = MESSAGE + topic
         gone: list[_Peer] = []
         for peer in subscribers:
             if peer.unacknowledged >= SUBSCRIBER_BACKLOG_LIMIT_BYTES:
                 self._drop(peer)
                 continue
             try:
-                send_frames(sock, [peer.identity, MESSAGE, topic, payload])
+                send_frames(sock, [peer.identity, head, payload])
             except zmq.ZMQError as error:
                 if error.errno != errno.EHOSTUNREACH:
                     raise
@@ -208,7 +211,7 @@ class ZmqProxy:
 
     def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
         try:
-            send_frames(sock, [peer.identity, REPLY, *frames])
+            send_frames(sock, [peer.identity, *frames])
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
                 raise

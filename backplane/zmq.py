@@ -46,6 +46,7 @@ from trio_fanout.backplane._shrink import ShrinkWatch
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
+    ID_END,
     MESSAGE,
     NUMBER,
     PING,
@@ -145,13 +146,13 @@ class ZmqBackplane(Backplane):
         await trio.lowlevel.checkpoint()
         if not self._proxy_answers:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
-        await self._request(PUBLISH, [topic, payload], PUBLISH_TIMEOUT)
+        await self._request(PUBLISH, topic, [payload], PUBLISH_TIMEOUT)
 
     async def subscribe(self, topic: bytes) -> None:
         check_topic(topic)
         self._subscriptions[topic] += 1
         try:
-            await self._request(SUBSCRIBE, [topic], SUBSCRIBE_TIMEOUT)
+            await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
         except BaseException:
             self.unsubscribe(topic)
             raise
@@ -166,30 +167,31 @@ class ZmqBackplane(Backplane):
             self._subscriptions = Counter(self._subscriptions)
         # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
         with suppress(BackplaneUnavailable):
-            self._send([UNSUBSCRIBE, topic])
+            self._send([UNSUBSCRIBE + topic])
 
     async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
         batch = await self._queue.take(max_messages)
         self._taken_bytes += sum(message_cost(topic, payload) for topic, payload in batch)
         if self._taken_bytes >= CREDIT_STEP_BYTES:
             with suppress(BackplaneUnavailable):  # a new proxy starts our account at zero
-                self._send([CREDIT, NUMBER.pack(self._taken_bytes)])
+                self._send([CREDIT + NUMBER.pack(self._taken_bytes)])
             self._taken_bytes = 0
         return batch
 
     # ---- requests and their answers -----------------------------------------------------
 
     async def _request(
-        self, command: bytes, frames: list[bytes], give_up_after: float
+        self, command: bytes, fields: bytes, frames: list[bytes], give_up_after: float
     ) -> list[bytes]:
-        """Send a request and return its answer's frames (after the request id), or raise
+        """Send a request (its head: ``command``, a request id and ``fields``; then ``frames``)
+        and return its answer's frames after the head, or raise
         :class:`BackplaneUnavailable`."""
         if len(self._requests) >= MAX_OUTSTANDING_REQUESTS:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} is not keeping up")
         request_id = NUMBER.pack(next(self._request_ids))
         request = self._requests[request_id] = _Request()
         try:
-            self._send([command, request_id, *frames])
+            self._send([command + request_id + fields, *frames])
             with trio.move_on_after(give_up_after):
                 await request.done.wait()
         finally:
@@ -247,13 +249,14 @@ class ZmqBackplane(Backplane):
                 frames = receive_frames(sock)
             except zmq.Again:
                 return
-            kind = frames[0]
-            if kind == MESSAGE and len(frames) == 3:
-                queue.put(frames[1], frames[2])
-            elif kind == REPLY and len(frames) >= 2:
-                request = requests.get(frames[1])
+            head = frames[0]
+            kind = head[:1]
+            if kind == MESSAGE and len(frames) == 2:
+                queue.put(head[1:], frames[1])
+            elif kind == REPLY:
+                request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
-                    request.answer = frames[2:]
+                    request.answer = frames[1:]
                     request.done.set()
             else:
                 logger.warning("ignored a message of %d frames from the proxy", len(frames))
@@ -264,7 +267,7 @@ class ZmqBackplane(Backplane):
         """Ask the proxy whether it is there and holds our topics; send it our whole set when
         it does not (it restarted, or forgot us). Raises :class:`BackplaneUnavailable`."""
         held = len(self._subscriptions)
-        instance, count = await self._request(PING, [NUMBER.pack(held)], give_up_after)
+        instance, count = await self._request(PING, NUMBER.pack(held), [], give_up_after)
         if not self._proxy_answers:
             logger.log(
                 logging.WARNING if self._proxy_instance else logging.DEBUG,
@@ -276,7 +279,7 @@ class ZmqBackplane(Backplane):
         self._proxy_answers = True
         if NUMBER.unpack(count)[0] != held:
             topics = list(self._subscriptions)
-            await self._request(SYNC, topics, SUBSCRIBE_TIMEOUT)
+            await self._request(SYNC, b"", topics, SUBSCRIBE_TIMEOUT)
             logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
 
     async def keep_in_touch(self) -> None:

@@ -63,7 +63,7 @@ def subscribe(kind: str, port: int, seconds: float) -> None:
     if kind == "router":
         sock = context.socket(zmq.DEALER)
         sock.connect(f"tcp://127.0.0.1:{port}")
-        sock.send_multipart([SUBSCRIBE, NUMBER.pack(1), TOPIC])
+        sock.send_multipart([SUBSCRIBE + NUMBER.pack(1) + TOPIC])
         sock.recv_multipart()  # the answer: subscribed
     else:
         sock = context.socket(zmq.SUB)
@@ -84,10 +84,10 @@ def subscribe(kind: str, port: int, seconds: float) -> None:
                     continue
                 break
             received += 1
-            if kind == "router" and frames[0] == MESSAGE:
-                taken += message_cost(frames[1], frames[2])
+            if kind == "router" and frames[0][:1] == MESSAGE:
+                taken += message_cost(frames[0][1:], frames[1])
                 if taken >= CREDIT_STEP_BYTES:
-                    sock.send_multipart([CREDIT, NUMBER.pack(taken)])
+                    sock.send_multipart([CREDIT + NUMBER.pack(taken)])
                     taken = 0
     print(json.dumps({"per_second": received / (time.perf_counter() - start)}), flush=True)
 
@@ -102,7 +102,7 @@ def publish(kind: str, port: int, seconds: float) -> None:
         while time.perf_counter() < deadline:
             while outstanding < WINDOW:
                 request += 1
-                send_frames(sock, [PUBLISH, NUMBER.pack(request), TOPIC, PAYLOAD])
+                send_frames(sock, [PUBLISH + NUMBER.pack(request) + TOPIC, PAYLOAD])
                 outstanding += 1
             sock.recv_multipart()  # blocks for the first answer; the others are taken below
             outstanding -= 1

@@ -304,7 +304,7 @@ async def test_malformed_commands_are_ignored_and_logged(
     rogue.setsockopt(zmq.LINGER, 0)
     try:
         rogue.connect(f"tcp://127.0.0.1:{running.port}")
-        rogue.send_multipart([b"P", b"too few frames"])
+        rogue.send_multipart([b"P" + bytes(8) + b"topic"])  # no payload
         rogue.send_multipart([b"nonsense"])
         async with open_backplane(running.url) as instance:
             await instance.subscribe(b"room")
