@@ -97,6 +97,7 @@ def publish(kind: str, port: int, seconds: float) -> None:
     deadline = time.perf_counter() + seconds
     if kind == "router":
         sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 0)  # the window bounds what is queued, as in the backplane
         sock.connect(f"tcp://127.0.0.1:{port}")
         outstanding, request = 0, 0
         while time.perf_counter() < deadline:
