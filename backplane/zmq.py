@@ -267,7 +267,10 @@ class ZmqBackplane(Backplane):
         """Ask the proxy whether it is there and holds our topics; send it our whole set when
         it does not (it restarted, or forgot us). Raises :class:`BackplaneUnavailable`."""
         held = len(self._subscriptions)
-        instance, count = await self._request(PING, NUMBER.pack(held), [], give_up_after)
+        answer = await self._request(PING, NUMBER.pack(held), [], give_up_after)
+        if len(answer) != 2 or len(answer[1]) != NUMBER.size:
+            raise BackplaneUnavailable(f"{self.endpoint} answered a ping with {answer!r}")
+        instance, count = answer
         if not self._proxy_answers:
             logger.log(
                 logging.WARNING if self._proxy_instance else logging.DEBUG,
