@@ -23,7 +23,12 @@ import trio
 from trio_fanout import envelope, protocol
 from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout.config import Config
-from trio_fanout.runner import CONTROL_RECEIVE_BYTES, WORKER_CONFIG_VARIABLE, open_listener
+from trio_fanout.runner import (
+    CONTROL_RECEIVE_BYTES,
+    WORKER_CONFIG_VARIABLE,
+    give_back_memory_forever,
+    open_listener,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +229,7 @@ async def run_master(
                     )
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
+                nursery.start_soon(give_back_memory_forever)
                 host, port = listener.getsockname()[:2]
                 logger.info(
                     "listening on ws://%s:%d/ws with %d workers, backplane %s",
@@ -252,6 +258,7 @@ async def run_proxy(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            nursery.start_soon(give_back_memory_forever)
             if config.heartbeat_interval > 0:
                 config = attrs.evolve(config, proxy_port=port, backplane=None)
                 nursery.start_soon(
