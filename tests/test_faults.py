@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -187,6 +188,41 @@ async def test_a_worker_stuck_in_a_busy_hook_is_killed_and_replaced(
         f"worker 1 (pid {first_pid}) was killed by SIGKILL" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_master_whose_own_loop_stalls_kills_no_worker(caplog: pytest.LogCaptureFixture):
+    """The master's loop blocked for 2.5 liveness timeouts (a long batch in the embedded
+    proxy, a swapped-out process): the worker answered all along, so it is not blamed."""
+    caplog.set_level(logging.INFO, logger="trio_fanout.master")
+    config = Config(
+        workers=1,
+        heartbeat_interval=0,
+        backplane=f"memory://stall-{os.getpid()}",
+        liveness_interval=0.2,
+        liveness_timeout=1.0,
+    )
+    listener = open_listener("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+    supervisor = Supervisor(config, listener)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.keep_running, 1)
+            async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+                first_pid = client.pid
+            # Several stalls: which of the master's tasks runs first after one is up to Trio.
+            for _ in range(3):
+                # The master's loop stalls, on purpose: the very fault under test.
+                time.sleep(2.5 * config.liveness_timeout)  # noqa: ASYNC251
+                # Long enough for the check to run several times after each stall.
+                await trio.sleep(1.5 * config.liveness_timeout)
+            async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+                assert client.pid == first_pid
+                await client.ping()
+            await supervisor.stop_all()
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    assert not [r for r in caplog.records if "answered no ping" in r.getMessage()]
 
 
 # ---- a killed master ----------------------------------------------------------------------
