@@ -433,6 +433,41 @@ async def test_past_max_handshakes_new_connections_are_closed_at_once():
         await idle.pop().aclose()
 
 
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+async def test_answered_http_requests_whose_clients_never_close_hold_at_most_max_handshakes():
+    """Plain HTTP answers whose clients neither read nor close: each answered connection keeps
+    its slot among max_handshakes until its socket is closed, after a short linger, so that
+    such a flood cannot take the worker's descriptors (and /healthz) with it."""
+    requests, limit = 300, 20
+    async with running_worker(max_handshakes=limit) as (worker, url):
+        port = port_of(url)
+        before = open_descriptors()
+        clients: list[trio.SocketStream] = []
+        most_held = 0
+        try:
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                for _ in range(requests):
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    clients.append(stream)
+                    await stream.send_all(b"GET /nope HTTP/1.1\r\nHost: test\r\n\r\n")
+                    # The worker accepts and answers as they come.
+                    await trio.lowlevel.checkpoint()
+                    # The worker's sockets: every descriptor but ours.
+                    most_held = max(most_held, open_descriptors() - before - len(clients))
+            # The first client never read: its answer was written before the close.
+            assert (await receive_until_closed(clients[0])).startswith(b"HTTP/1.1 404 ")
+            await _handshakes_below(worker, 1)
+            assert (await healthz(port))["handshakes"] == 1  # this request alone
+        finally:
+            for stream in clients:
+                await stream.aclose()
+    assert most_held <= limit + 2  # the slots, and the socket refused in between
+
+
 async def _handshakes_below(worker, count: int) -> None:
     with trio.fail_after(RECEIVE_TIMEOUT):
         while worker.handshakes >= count:  # noqa: ASYNC110 - no event for "task ended"

@@ -116,8 +116,9 @@ class Config:
     max_connections: int = attrs.field(default=10_000, validator=_positive)
     """Open WebSockets per worker; past it an upgrade is answered 503 with Retry-After."""
     max_handshakes: int = attrs.field(default=1000, validator=_positive)
-    """Connections per worker still in their handshake (plain HTTP requests included); past it
-    a new TCP connection is closed at once, before a byte of it is read."""
+    """Connections per worker that are not open WebSockets: in their handshake (plain HTTP
+    requests included) or closing, until their socket is closed; past it a new TCP connection
+    is closed at once, before a byte of it is read."""
     liveness_interval: float = attrs.field(default=1.0, validator=_positive)
     """Seconds between the master's pings to each worker of `trio-fanout run`."""
     liveness_timeout: float = attrs.field(default=5.0, validator=_positive)

@@ -38,6 +38,13 @@ RECEIVE_BYTES = 65536
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
 
+# After a plain HTTP answer (404, /healthz, a refused upgrade), how long the connection waits
+# for the client to close its side before closing ours. Enough for a client on the same
+# network to read the answer and hang up; short, because until the socket is closed the
+# connection holds a descriptor and a slot among max_handshakes, and a client that never
+# reads or closes must not make those pile up.
+HTTP_ANSWER_LINGER = 0.2
+
 # A client refused for its budget this many times, without a pause of ABUSE_QUIET_SECONDS
 # between refusals, ignores its rate_limited errors (or floods frames that earn no reply): it is
 # closed with 1008. A client that backs off when told gets a clean slate after the pause. At full
@@ -125,6 +132,7 @@ class Connection:
 
     __slots__ = (
         "_cancel_scope",
+        "_close_timeout",
         "_closing",
         "_dirty",
         "_dirty_list",
@@ -163,6 +171,7 @@ class Connection:
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
+        self._close_timeout = CLOSE_TIMEOUT
         self._max_queued_frames = worker.config.max_queued_frames
         self._max_queued_bytes = worker.config.max_queued_bytes
         config = worker.config
@@ -350,14 +359,18 @@ class Connection:
             logger.exception("connection %d (%s): internal error", self.id, self.peer)
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self.worker.forget(self)
-            if self._closing:
+            try:
+                # Shielded, and bounded: by max_rooms_per_connection and by the close timeout.
                 with trio.CancelScope(shield=True):
-                    await self._finish_close()
-            else:
-                # The peer went away, or we are cancelled from outside: no handshake to finish.
-                trio.lowlevel.notify_closing(self._sock)
-                self._sock.close()
+                    await self.worker.forget(self)
+                    if self._closing:
+                        await self._finish_close()
+                    else:
+                        # The peer went away, or we are cancelled from outside: nothing to say.
+                        trio.lowlevel.notify_closing(self._sock)
+                        self._sock.close()
+            finally:
+                self.worker.release(self)
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
@@ -443,6 +456,7 @@ class Connection:
         self._append(response)
         self.flush()
         self._closing = True
+        self._close_timeout = HTTP_ANSWER_LINGER
 
     async def _receive(self) -> bytes:
         """The next bytes from the client; b"" at end of stream (or when it reset)."""
@@ -579,9 +593,10 @@ class Connection:
             self._reply(protocol.pong_frame(request.id))
 
     async def _finish_close(self) -> None:
-        """Write what is still pending (the close frame), then wait for the client to close."""
+        """Write what is still pending (the close frame or the HTTP answer), then wait for the
+        client to close, for up to ``CLOSE_TIMEOUT`` (``HTTP_ANSWER_LINGER`` after HTTP)."""
         sock = self._sock
-        with trio.move_on_after(CLOSE_TIMEOUT):
+        with trio.move_on_after(self._close_timeout):
             try:
                 while self._pending or self._unsent:
                     await trio.lowlevel.wait_writable(sock)
