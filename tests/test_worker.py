@@ -182,6 +182,28 @@ async def test_a_join_past_the_room_limit_is_refused():
         await client.join("d")
 
 
+async def test_a_join_past_the_worker_room_limit_is_refused_unless_the_room_exists(caplog):
+    async with (
+        running_worker(max_rooms_per_worker=3) as (worker, url),
+        open_client(url) as first,
+        open_client(url) as second,
+    ):
+        for room in ("a", "b"):
+            await first.join(room)
+        await second.join("c")
+        with pytest.raises(ServerError) as refused:
+            await second.join("d")
+        assert refused.value.code == "too_many_rooms"
+        assert "this worker is at its limit of 3 rooms" in str(refused.value)
+        await second.join("a")  # a room the worker has costs nothing more
+        assert len(worker.rooms) == 3
+        await first.leave("b")
+        await second.join("d")
+    assert any(
+        "max_rooms_per_worker (3): 1 joins refused" in r.getMessage() for r in caplog.records
+    )
+
+
 async def test_a_fragmented_message_with_a_ping_inside_over_a_raw_socket():
     async with running_worker() as (_, url):
         raw = await RawClient.connect(url)

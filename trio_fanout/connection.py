@@ -575,6 +575,16 @@ class Connection:
                     f"join room {request.room!r}",
                     request.room,
                 )
+                # Checked after the hook, with no await before the join creates the room: the
+                # limit is exact however many joins run at once.
+                if self.worker.at_room_limit(request.room):
+                    raise RequestError(
+                        protocol.TOO_MANY_ROOMS,
+                        f"this worker is at its limit of {self.worker.config.max_rooms_per_worker}"
+                        " rooms (max_rooms_per_worker); try a room that already has members here,"
+                        " or again later",
+                        request.id,
+                    )
                 try:
                     await self.worker.join(self, request.room)
                 except BackplaneUnavailable as error:

@@ -56,7 +56,7 @@ DRAIN_TIMEOUT = 3.0
 REFUSAL_LOG_INTERVAL = 10.0
 
 # The limits whose refusals are counted for the log.
-REFUSAL_LIMITS = ("max_connections", "max_handshakes")
+REFUSAL_LIMITS = ("max_connections", "max_handshakes", "max_rooms_per_worker")
 
 # Invalid backplane messages are counted one by one but logged at most once in this many
 # seconds: whoever floods the backplane with them must not flood the log too.
@@ -179,6 +179,17 @@ class Worker:
             await room.live.wait()
         room.members.add(conn)
         conn.rooms.add(room_name)
+
+    def at_room_limit(self, room_name: str) -> bool:
+        """Whether joining ``room_name`` would take this worker past ``max_rooms_per_worker``
+        rooms (a room it already has costs nothing more). If so, the caller refuses the join,
+        and the refusal is counted for the log."""
+        if len(self.rooms) < self.config.max_rooms_per_worker:
+            return False
+        if envelope.room_topic(room_name) in self.rooms:
+            return False
+        self._note_refusal("max_rooms_per_worker", "joins refused with too_many_rooms")
+        return True
 
     def leave(self, conn: Connection, room_name: str) -> None:
         topic = envelope.room_topic(room_name)
