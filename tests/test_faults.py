@@ -490,6 +490,30 @@ async def test_a_flood_of_invalid_messages_is_one_log_line_and_the_count(
     assert len(warnings) == 1
 
 
+async def test_a_flood_of_gaps_is_one_log_line_and_the_count(caplog: pytest.LogCaptureFixture):
+    """A publisher on the backplane whose numbers always skip (or who forges a new origin per
+    message): every gap is counted, and the log gets a line now and then, not one per gap."""
+    with trio.fail_after(3 * RECEIVE_TIMEOUT):
+        async with (
+            worker_on("memory", None) as (ws_url, backplane_url),
+            open_client(ws_url) as member,
+            open_backplane(backplane_url) as raw,
+        ):
+            room = fresh_room()
+            topic = envelope.room_topic(room)
+            await member.join(room)
+            numberer = envelope.Numberer()
+            for _ in range(2_000):
+                # Every other number is never published: each message after the first skips one.
+                numberer.wrap(topic, b"")
+                await raw.publish(topic, message_payload(numberer, topic, room, "skipping"))
+            assert len(await receive_data(member, 2_000)) == 2_000
+            port = int(ws_url.rsplit(":", 1)[1].split("/")[0])
+            assert (await healthz(port))[1]["backplane_gaps"] == 1_999
+    warnings = [r for r in caplog.records if "backplane gap" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 def test_the_relay_check_is_strict_json_objects_in_utf8():
     assert relay_problem(protocol.message_frame("room", {"a": [1, "é", None]})) is None
     assert relay_problem(protocol.heartbeat_frame(1, 2.5)) is None

@@ -58,8 +58,9 @@ REFUSAL_LOG_INTERVAL = 10.0
 # The limits whose refusals are counted for the log.
 REFUSAL_LIMITS = ("max_connections", "max_handshakes", "max_rooms_per_worker")
 
-# Invalid backplane messages are counted one by one but logged at most once in this many
-# seconds: whoever floods the backplane with them must not flood the log too.
+# Invalid backplane messages, and gaps in a publisher's numbering, are counted one by one but
+# logged at most once in this many seconds: whoever floods the backplane with them (forged
+# messages, numbers that skip) must not flood the log too.
 INVALID_WARNING_INTERVAL = 10.0
 
 
@@ -148,6 +149,7 @@ class Worker:
         # Backplane messages not relayed because they were invalid (see relay_problem).
         self.dropped_invalid = 0
         self._invalid_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
+        self._gap_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
         # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
@@ -318,10 +320,13 @@ class Worker:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
                 room_name = room.name
-            if self.gaps.observe(topic, origin, seq):
+            if self.gaps.observe(topic, origin, seq) and (count := self._gap_warnings.note()):
                 logger.warning(
-                    "backplane gap in room %r: publisher %s skipped to seq %d",
-                    room_name, origin.hex(), seq,
+                    "backplane gap in room %r: publisher %s skipped to seq %d; %d gaps since "
+                    "the last such line, %d messages missed since the start (in /healthz), "
+                    "and at most one such line per %.0f s",
+                    room_name, origin.hex(), seq, count, self.gaps.missed,
+                    INVALID_WARNING_INTERVAL,
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
