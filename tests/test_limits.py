@@ -288,6 +288,33 @@ async def test_a_client_that_stops_reading_is_cut_by_the_bytes_bound_alone(monke
         await slow.stream.aclose()
 
 
+async def test_healthz_queued_bytes_is_the_total_queued_for_slow_clients():
+    async with running_worker(max_queued_bytes=1 << 20, max_queued_frames=10**6) as (worker, url):
+        port = port_of(url)
+        slow = [
+            await RawClient.connect(port, receive_buffer=SMALL_RECEIVE_BUFFER) for _ in range(3)
+        ]
+        for client in slow:
+            await client.join("news")
+        # Until the slow clients are cut (1013), each time the count moved: it is the sum.
+        totals = []
+        for number in range(300):
+            await publish_from_outside(worker, "news", [number, "z" * 16_000])
+            if number % 20 == 19:
+                health = await healthz(port)
+                in_queues = sum(conn.queued_bytes for conn in worker._accepted)
+                assert health["queued_bytes"] == in_queues
+                totals.append(in_queues)
+        assert max(totals) > 1 << 20  # more than one client's bound: they were all queued
+        for client in slow:
+            await client.stream.aclose()
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker._accepted:  # noqa: ASYNC110 - no event for "socket closed"
+                await trio.sleep(0.01)
+        assert worker.queued_bytes == 0
+        assert (await healthz(port))["queued_bytes"] == 0
+
+
 # ---- handshakes ---------------------------------------------------------------------------
 
 

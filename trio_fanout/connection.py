@@ -164,8 +164,9 @@ class Connection:
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
         # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
-        # append and send (never summed). The memory held can be up to twice as much, since
-        # the unsent view keeps its whole joined buffer alive until the view is sent.
+        # append and send (never summed), and added to the worker's total at each change
+        # (_count_queued). The memory held can be up to twice as much, since the unsent view
+        # keeps its whole joined buffer alive until the view is sent.
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
@@ -203,6 +204,7 @@ class Connection:
             return
         self._pending.append(frame)
         self._queued_bytes += size
+        self.worker.queued_bytes += size  # _count_queued, inline on the fan-out's path
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -231,7 +233,7 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
-                self._queued_bytes -= sent
+                self._count_queued(-sent)
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
@@ -245,7 +247,7 @@ class Connection:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
-            self._queued_bytes -= sent
+            self._count_queued(-sent)
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
@@ -266,9 +268,7 @@ class Connection:
         if not isinstance(error, _PEER_GONE) and error.errno not in (errno.EPIPE, errno.ECONNRESET):
             logger.warning("connection %d: send failed: %s", self.id, error)
         self._closing = True
-        self._pending.clear()
-        self._unsent = b""
-        self._queued_bytes = 0
+        self._drop_queued()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -285,7 +285,7 @@ class Connection:
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
-            self._queued_bytes = len(self._unsent)
+            self._count_queued(len(self._unsent) - self._queued_bytes)
         if self.id in self.worker.connections:
             self._append(websocket.encode_close_frame(code, reason))
             self.flush()
@@ -312,7 +312,18 @@ class Connection:
 
     def _append(self, frame: bytes) -> None:
         self._pending.append(frame)
-        self._queued_bytes += len(frame)
+        self._count_queued(len(frame))
+
+    def _count_queued(self, change: int) -> None:
+        """Change the bytes queued here, and the worker's total (``/healthz``) with them."""
+        self._queued_bytes += change
+        self.worker.queued_bytes += change
+
+    def _drop_queued(self) -> None:
+        """Forget whatever is still queued: the client is gone, or its socket is closed."""
+        self._pending.clear()
+        self._unsent = b""
+        self._count_queued(-self._queued_bytes)
 
     def _room(self, size: int) -> bool:
         """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
@@ -370,6 +381,7 @@ class Connection:
                         trio.lowlevel.notify_closing(self._sock)
                         self._sock.close()
             finally:
+                self._drop_queued()  # what the close could not send is dropped with the socket
                 self.worker.release(self)
 
     async def _handshake(self) -> bytes | None:
