@@ -189,6 +189,8 @@ class Supervisor:
             for process in list(self.processes.values()):
                 await process.wait()
         for index, process in list(self.processes.items()):
+            if process.returncode is not None:
+                continue  # it exited in time; its keep_running task has not yet noted it
             logger.warning(
                 "worker %d (pid %d) did not stop in time: killing it", index, process.pid
             )
