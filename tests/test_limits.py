@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import struct
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,11 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, receive_data
+from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, LoggedProcess, receive_data
 from tests.test_worker import publish_from_outside, running_worker
 from trio_fanout import connection
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
+from trio_fanout.worker import ACCEPT_CAPACITY_PAUSE
 
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -493,6 +496,36 @@ async def test_answered_http_requests_whose_clients_never_close_hold_at_most_max
             for stream in clients:
                 await stream.aclose()
     assert most_held <= limit + 2  # the slots, and the socket refused in between
+
+
+# Runs `python -m trio_fanout ARGS` with at most 64 descriptors (as `ulimit -n 64` would).
+FEW_DESCRIPTORS = (
+    "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+    "sys.argv[0] = 'trio-fanout'; runpy.run_module('trio_fanout', run_name='__main__')"
+)
+
+
+def test_a_worker_out_of_descriptors_logs_it_once_not_at_every_pause():
+    worker = LoggedProcess(
+        [sys.executable, "-c", FEW_DESCRIPTORS, "worker", "--port", "0",
+         "--backplane", f"memory://few-descriptors-{os.getpid()}"]
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        port = int(worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws").group(1))
+        # Connections that never send a byte: each accepted one holds a descriptor for the
+        # handshake timeout (10 s), and the worker runs out of them well before 100.
+        for _ in range(100):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=RECEIVE_TIMEOUT))
+        worker.wait_for_log(r"accept failed 1 times since the last such line \(\[Errno 24\]")
+        # Fifteen pauses of ACCEPT_CAPACITY_PAUSE: without the rate limit, as many lines.
+        time.sleep(15 * ACCEPT_CAPACITY_PAUSE)
+        assert worker.process.poll() is None  # still serving what it has
+    finally:
+        for client in clients:
+            client.close()
+        worker.stop()
+    assert worker.log().count("accept failed") == 1
 
 
 async def _handshakes_below(worker, count: int) -> None:
