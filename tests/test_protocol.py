@@ -150,6 +150,17 @@ def test_id_beyond_javascripts_safe_integers_is_bad_frame_without_id(
     assert protocol.readable_id(frame(obj)) is None
 
 
+def test_a_refused_frame_is_read_for_its_id_only_when_small() -> None:
+    small = frame({"type": "publish", "room": "r", "id": 7, "data": "x"})
+    assert protocol.readable_id(small) == 7
+    padding = protocol.READABLE_ID_MAX_BYTES - len(small)
+    at_limit = frame({"type": "publish", "room": "r", "id": 7, "data": "x" * (1 + padding)})
+    assert len(at_limit) == protocol.READABLE_ID_MAX_BYTES
+    assert protocol.readable_id(at_limit) == 7
+    past_limit = frame({"type": "publish", "room": "r", "id": 7, "data": "x" * (2 + padding)})
+    assert protocol.readable_id(past_limit) is None  # not parsed at all
+
+
 @pytest.mark.parametrize("request_id", [2**53 - 1, -(2**53 - 1), 0, -1])
 def test_ids_within_javascripts_safe_integers_are_echoed(request_id: int) -> None:
     assert parse_request(frame({"type": "ping", "id": request_id})) == Ping(request_id)

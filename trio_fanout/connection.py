@@ -38,6 +38,13 @@ RECEIVE_BYTES = 65536
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
 
+# After a plain HTTP answer (404, /healthz, a refused upgrade), how long the connection waits
+# for the client to close its side before closing ours. Enough for a client on the same
+# network to read the answer and hang up; short, because until the socket is closed the
+# connection holds a descriptor and a slot among max_handshakes, and a client that never
+# reads or closes must not make those pile up.
+HTTP_ANSWER_LINGER = 0.2
+
 # A client refused for its budget this many times, without a pause of ABUSE_QUIET_SECONDS
 # between refusals, ignores its rate_limited errors (or floods frames that earn no reply): it is
 # closed with 1008. A client that backs off when told gets a clean slate after the pause. At full
@@ -125,6 +132,7 @@ class Connection:
 
     __slots__ = (
         "_cancel_scope",
+        "_close_timeout",
         "_closing",
         "_dirty",
         "_dirty_list",
@@ -156,13 +164,15 @@ class Connection:
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
         # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
-        # append and send (never summed). The memory held can be up to twice as much, since
-        # the unsent view keeps its whole joined buffer alive until the view is sent.
+        # append and send (never summed), and added to the worker's total at each change
+        # (_count_queued). The memory held can be up to twice as much, since the unsent view
+        # keeps its whole joined buffer alive until the view is sent.
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
+        self._close_timeout = CLOSE_TIMEOUT
         self._max_queued_frames = worker.config.max_queued_frames
         self._max_queued_bytes = worker.config.max_queued_bytes
         config = worker.config
@@ -194,6 +204,7 @@ class Connection:
             return
         self._pending.append(frame)
         self._queued_bytes += size
+        self.worker.queued_bytes += size  # _count_queued, inline on the fan-out's path
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -222,7 +233,7 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
-                self._queued_bytes -= sent
+                self._count_queued(-sent)
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
@@ -236,7 +247,7 @@ class Connection:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
-            self._queued_bytes -= sent
+            self._count_queued(-sent)
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
@@ -257,9 +268,7 @@ class Connection:
         if not isinstance(error, _PEER_GONE) and error.errno not in (errno.EPIPE, errno.ECONNRESET):
             logger.warning("connection %d: send failed: %s", self.id, error)
         self._closing = True
-        self._pending.clear()
-        self._unsent = b""
-        self._queued_bytes = 0
+        self._drop_queued()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -276,7 +285,7 @@ class Connection:
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
-            self._queued_bytes = len(self._unsent)
+            self._count_queued(len(self._unsent) - self._queued_bytes)
         if self.id in self.worker.connections:
             self._append(websocket.encode_close_frame(code, reason))
             self.flush()
@@ -303,7 +312,18 @@ class Connection:
 
     def _append(self, frame: bytes) -> None:
         self._pending.append(frame)
-        self._queued_bytes += len(frame)
+        self._count_queued(len(frame))
+
+    def _count_queued(self, change: int) -> None:
+        """Change the bytes queued here, and the worker's total (``/healthz``) with them."""
+        self._queued_bytes += change
+        self.worker.queued_bytes += change
+
+    def _drop_queued(self) -> None:
+        """Forget whatever is still queued: the client is gone, or its socket is closed."""
+        self._pending.clear()
+        self._unsent = b""
+        self._count_queued(-self._queued_bytes)
 
     def _room(self, size: int) -> bool:
         """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
@@ -350,14 +370,19 @@ class Connection:
             logger.exception("connection %d (%s): internal error", self.id, self.peer)
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self.worker.forget(self)
-            if self._closing:
+            try:
+                # Shielded, and bounded: by max_rooms_per_connection and by the close timeout.
                 with trio.CancelScope(shield=True):
-                    await self._finish_close()
-            else:
-                # The peer went away, or we are cancelled from outside: no handshake to finish.
-                trio.lowlevel.notify_closing(self._sock)
-                self._sock.close()
+                    await self.worker.forget(self)
+                    if self._closing:
+                        await self._finish_close()
+                    else:
+                        # The peer went away, or we are cancelled from outside: nothing to say.
+                        trio.lowlevel.notify_closing(self._sock)
+                        self._sock.close()
+            finally:
+                self._drop_queued()  # what the close could not send is dropped with the socket
+                self.worker.release(self)
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
@@ -443,6 +468,7 @@ class Connection:
         self._append(response)
         self.flush()
         self._closing = True
+        self._close_timeout = HTTP_ANSWER_LINGER
 
     async def _receive(self) -> bytes:
         """The next bytes from the client; b"" at end of stream (or when it reset)."""
@@ -561,6 +587,16 @@ class Connection:
                     f"join room {request.room!r}",
                     request.room,
                 )
+                # Checked after the hook, with no await before the join creates the room: the
+                # limit is exact however many joins run at once.
+                if self.worker.at_room_limit(request.room):
+                    raise RequestError(
+                        protocol.TOO_MANY_ROOMS,
+                        f"this worker is at its limit of {self.worker.config.max_rooms_per_worker}"
+                        " rooms (max_rooms_per_worker); try a room that already has members here,"
+                        " or again later",
+                        request.id,
+                    )
                 try:
                     await self.worker.join(self, request.room)
                 except BackplaneUnavailable as error:
@@ -579,9 +615,10 @@ class Connection:
             self._reply(protocol.pong_frame(request.id))
 
     async def _finish_close(self) -> None:
-        """Write what is still pending (the close frame), then wait for the client to close."""
+        """Write what is still pending (the close frame or the HTTP answer), then wait for the
+        client to close, for up to ``CLOSE_TIMEOUT`` (``HTTP_ANSWER_LINGER`` after HTTP)."""
         sock = self._sock
-        with trio.move_on_after(CLOSE_TIMEOUT):
+        with trio.move_on_after(self._close_timeout):
             try:
                 while self._pending or self._unsent:
                     await trio.lowlevel.wait_writable(sock)

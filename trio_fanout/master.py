@@ -105,7 +105,7 @@ class Supervisor:
                 self.processes[index] = process
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
-                    watching.start_soon(self._kill_when_silent, index, process, control)
+                    watching.start_soon(self._kill_when_silent, index, process, control, master_end)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
             del self.processes[index]
@@ -122,12 +122,30 @@ class Supervisor:
             await trio.sleep(pause)
 
     async def _kill_when_silent(
-        self, index: int, process: trio.Process, control: trio.socket.SocketType
+        self,
+        index: int,
+        process: trio.Process,
+        control: trio.socket.SocketType,
+        control_stdlib: socket.socket,
     ) -> None:
         """Ping the worker on its control channel; SIGKILL it once it has answered nothing for
-        ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer)."""
+        ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer).
+
+        Silence is judged only against the master's own clock running: answers already waiting
+        in the socket are read before judging, and when the master's own sleep overshot by more
+        than the interval (its loop was stalled, not the worker's), the silence clock starts
+        again instead of blaming the worker for time the master did not see pass.
+        ``control_stdlib`` is the same socket as ``control`` (non-blocking), read without
+        waiting."""
         started = trio.current_time()
         last_answer: float | None = None
+
+        def note_waiting_answers() -> None:
+            """Take every answer already in the socket, without waiting for more."""
+            nonlocal last_answer
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while control_stdlib.recv(CONTROL_RECEIVE_BYTES):
+                    last_answer = trio.current_time()
 
         async def take_answers() -> None:
             nonlocal last_answer
@@ -141,11 +159,20 @@ class Supervisor:
             try:
                 while True:
                     await control.send(PING)
+                    asleep = trio.current_time()
                     await trio.sleep(interval)
+                    now = trio.current_time()
+                    if now - asleep > 2 * interval:
+                        # This loop was stalled: the worker's silence was not observed.
+                        started = now
+                        if last_answer is not None:
+                            last_answer = now
+                        continue
+                    note_waiting_answers()
                     if last_answer is None:
-                        silent, limit = trio.current_time() - started, FIRST_ANSWER_TIMEOUT
+                        silent, limit = now - started, FIRST_ANSWER_TIMEOUT
                     else:
-                        silent, limit = trio.current_time() - last_answer, timeout
+                        silent, limit = now - last_answer, timeout
                     if silent >= limit:
                         logger.error(
                             "worker %d (pid %d) has answered no ping for %.1f s: killing it",
@@ -167,6 +194,8 @@ class Supervisor:
             for process in list(self.processes.values()):
                 await process.wait()
         for index, process in list(self.processes.items()):
+            if process.returncode is not None:
+                continue  # it exited in time; its keep_running task has not yet noted it
             logger.warning(
                 "worker %d (pid %d) did not stop in time: killing it", index, process.pid
             )

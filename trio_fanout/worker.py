@@ -12,10 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import struct
-import time
 from collections.abc import Collection
 
 import attrs
@@ -43,6 +43,11 @@ ACCEPT_SKIP_ERRNOS = {
     errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 }  # fmt: skip
 
+# A closing connection leaves its rooms this many at a time, with a checkpoint between: a leave
+# costs up to ~50 µs (the backplane's unsubscribe), so a turn stays under a millisecond and the
+# loop keeps answering (the master's liveness ping, other clients) when thousands close at once.
+ROOMS_LEFT_PER_TURN = 10
+
 # How long shutdown waits for clients to answer their 1001 close before dropping them.
 DRAIN_TIMEOUT = 3.0
 
@@ -50,8 +55,12 @@ DRAIN_TIMEOUT = 3.0
 # most this often, with the count since: under a flood, one line per refusal would be a flood too.
 REFUSAL_LOG_INTERVAL = 10.0
 
-# Invalid backplane messages are counted one by one but logged at most once in this many
-# seconds: whoever floods the backplane with them must not flood the log too.
+# The limits whose refusals are counted for the log.
+REFUSAL_LIMITS = ("max_connections", "max_handshakes", "max_rooms_per_worker")
+
+# Invalid backplane messages, and gaps in a publisher's numbering, are counted one by one but
+# logged at most once in this many seconds: whoever floods the backplane with them (forged
+# messages, numbers that skip) must not flood the log too.
 INVALID_WARNING_INTERVAL = 10.0
 
 
@@ -87,6 +96,30 @@ def relay_problem(frame: bytes) -> str | None:
     return None
 
 
+class LogThrottle:
+    """Counts events of one kind and says when to log them: at most once per ``interval``
+    seconds (Trio's clock), with the count since the last line. Whoever causes the events (a
+    flood of connections, forged backplane messages) must not flood the log too."""
+
+    __slots__ = ("_count", "_interval", "_logged")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._count = 0
+        self._logged = -math.inf
+
+    def note(self) -> int:
+        """Count one event; return how many to report in a line now (this one included), or 0
+        while the last line is too recent."""
+        self._count += 1
+        now = trio.current_time()
+        if now - self._logged < self._interval:
+            return 0
+        self._logged = now
+        count, self._count = self._count, 0
+        return count
+
+
 @attrs.define(eq=False)
 class Room:
     """A room with members on this worker; ``live`` is set once its subscription is live.
@@ -115,15 +148,19 @@ class Worker:
         self.gaps = envelope.GapCounter()
         # Backplane messages not relayed because they were invalid (see relay_problem).
         self.dropped_invalid = 0
-        self._next_invalid_warning = 0.0
+        self._invalid_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
+        self._gap_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
+        # The bytes queued for all this worker's clients, kept up to date by each connection
+        # at every change (Connection._count_queued): /healthz reads it in O(1).
+        self.queued_bytes = 0
         # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
         self._accepted: set[Connection] = set()
         self._stop_requested = trio.Event()
-        # Refusals at a limit not yet logged, by limit, and when each was last logged.
-        self._refusals: dict[str, int] = {}
-        self._refusals_logged: dict[str, float] = {}
+        # Refusals at a limit, by limit, for the log.
+        self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
+        self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -147,6 +184,17 @@ class Worker:
             await room.live.wait()
         room.members.add(conn)
         conn.rooms.add(room_name)
+
+    def at_room_limit(self, room_name: str) -> bool:
+        """Whether joining ``room_name`` would take this worker past ``max_rooms_per_worker``
+        rooms (a room it already has costs nothing more). If so, the caller refuses the join,
+        and the refusal is counted for the log."""
+        if len(self.rooms) < self.config.max_rooms_per_worker:
+            return False
+        if envelope.room_topic(room_name) in self.rooms:
+            return False
+        self._note_refusal("max_rooms_per_worker", "joins refused with too_many_rooms")
+        return True
 
     def leave(self, conn: Connection, room_name: str) -> None:
         topic = envelope.room_topic(room_name)
@@ -172,9 +220,11 @@ class Worker:
 
     @property
     def handshakes(self) -> int:
-        """Connections accepted whose handshake has not ended yet (plain HTTP ones included):
-        every accepted connection is in ``_accepted`` until its task ends, and in
-        ``connections`` too once its WebSocket is open."""
+        """Connections accepted that are not open WebSockets: in their handshake (plain HTTP
+        ones included) or closing. Every accepted connection is in ``_accepted`` until its
+        socket is closed, and in ``connections`` only while its WebSocket is open; so this
+        counts every descriptor that ``max_connections`` does not, and ``max_handshakes``
+        bounds them all."""
         return len(self._accepted) - len(self.connections)
 
     def at_connection_limit(self) -> bool:
@@ -188,26 +238,30 @@ class Worker:
     def _note_refusal(self, limit: str, what: str) -> None:
         """Count a refusal at ``limit`` and log the count now and then (see
         ``REFUSAL_LOG_INTERVAL``)."""
-        self._refusals[limit] = self._refusals.get(limit, 0) + 1
-        now = trio.current_time()
-        if now - self._refusals_logged.get(limit, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+        if count := self._refusals[limit].note():
             logger.warning(
                 "worker %d is at its %s (%d): %d %s since the last such line",
-                self.index, limit, getattr(self.config, limit), self._refusals[limit], what,
+                self.index, limit, getattr(self.config, limit), count, what,
             )  # fmt: skip
-            self._refusals_logged[limit] = now
-            self._refusals[limit] = 0
 
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
         self.connections[conn.id] = conn
 
-    def forget(self, conn: Connection) -> None:
-        """Called when ``conn``'s task ends: it leaves every room."""
-        self._accepted.discard(conn)
+    async def forget(self, conn: Connection) -> None:
+        """Called when ``conn``'s task ends: no more broadcasts reach it, and it leaves every
+        room, ``ROOMS_LEFT_PER_TURN`` at a time with a checkpoint between, so that thousands of
+        connections closing at once never hold the loop for long. It still counts among the
+        handshakes until :meth:`release`."""
         self.connections.pop(conn.id, None)
-        for room_name in list(conn.rooms):
+        for count, room_name in enumerate(list(conn.rooms), 1):
             self.leave(conn, room_name)
+            if count % ROOMS_LEFT_PER_TURN == 0:
+                await trio.lowlevel.checkpoint()
+
+    def release(self, conn: Connection) -> None:
+        """Called once ``conn``'s socket is closed: its slot among the handshakes is free."""
+        self._accepted.discard(conn)
 
     def health(self) -> tuple[int, bytes]:
         """The HTTP status and JSON body of ``/healthz``.
@@ -228,7 +282,7 @@ class Worker:
             pid=os.getpid(),
             connections=len(self.connections),
             handshakes=self.handshakes,
-            queued_bytes=sum(conn.queued_bytes for conn in self.connections.values()),
+            queued_bytes=self.queued_bytes,
             rooms=len(self.rooms),
             backplane_gaps=self.gaps.missed,
             dropped_invalid=self.dropped_invalid,
@@ -269,10 +323,13 @@ class Worker:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
                 room_name = room.name
-            if self.gaps.observe(topic, origin, seq):
+            if self.gaps.observe(topic, origin, seq) and (count := self._gap_warnings.note()):
                 logger.warning(
-                    "backplane gap in room %r: publisher %s skipped to seq %d",
-                    room_name, origin.hex(), seq,
+                    "backplane gap in room %r: publisher %s skipped to seq %d; %d gaps since "
+                    "the last such line, %d messages missed since the start (in /healthz), "
+                    "and at most one such line per %.0f s",
+                    room_name, origin.hex(), seq, count, self.gaps.missed,
+                    INVALID_WARNING_INTERVAL,
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
@@ -290,9 +347,7 @@ class Worker:
 
     def _drop_invalid(self, topic: bytes, problem: str) -> None:
         self.dropped_invalid += 1
-        now = time.monotonic()
-        if now >= self._next_invalid_warning:
-            self._next_invalid_warning = now + INVALID_WARNING_INTERVAL
+        if self._invalid_warnings.note():
             logger.warning(
                 "dropped an invalid backplane message on %r (%s); %d dropped since the start, "
                 "counted in /healthz, and no more of these lines for %.0f s",
@@ -352,7 +407,12 @@ class Worker:
                     continue
                 if error.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                logger.error("accept failed (%s); pausing %.1f s", error, ACCEPT_CAPACITY_PAUSE)
+                if count := self._accept_failures.note():
+                    logger.error(
+                        "accept failed %d times since the last such line (%s); pausing %.1f s "
+                        "each time; at most one such line per %.0f s",
+                        count, error, ACCEPT_CAPACITY_PAUSE, REFUSAL_LOG_INTERVAL,
+                    )  # fmt: skip
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
             if self.handshakes >= self.config.max_handshakes:
