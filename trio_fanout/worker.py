@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from trio_fanout import envelope, protocol, websocket
-from trio_fanout.backplane import Backplane
+from trio_fanout.backplane import Backplane, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
@@ -243,12 +243,12 @@ class Worker:
         while True:
             self.fan_out(await self.backplane.receive_batch())
 
-    def fan_out(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def fan_out(self, batch: list[Received]) -> None:
         """Queue each message's frame, encoded once, for each recipient; then flush each
         recipient once. Awaits nothing: no client can slow this loop down."""
         own_origin = self._numberer.origin
         debug = logger.isEnabledFor(logging.DEBUG)
-        for topic, payload in batch:
+        for topic, payload, _position in batch:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
             except struct.error:
