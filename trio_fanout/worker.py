@@ -353,7 +353,9 @@ class Worker:
         ``HISTORY_ANSWER_MAX_BYTES`` of their data, the oldest of them with ``since`` (so that
         the next page starts after the last), the newest without."""
         topic = envelope.room_topic(request.room)
-        since = request.since and Position(request.since.epoch, request.since.offset)
+        since = None
+        if request.since is not None:
+            since = Position(request.since.epoch, request.since.offset)
         history = await self.backplane.history(topic, since, request.limit)
         prefix = protocol.message_prefix(request.room)
         messages = [
