@@ -238,7 +238,7 @@ async def test_a_since_beyond_the_history_or_of_another_epoch_is_not_recovered(
     async with member(server.url) as publisher, member(server.url) as alice:
         epoch = (await publisher.request({"type": "history", "room": room, "limit": 0}))["epoch"]
         for number in range(HISTORY_SIZE + 10):
-            await publisher.publish(room, number)
+            latest = await publisher.publish(room, number)
         for since in (
             {"epoch": epoch, "offset": 1},  # messages 2 to 10 are no longer kept
             {"epoch": "0123456789abcdef", "offset": 5},  # an epoch the room never had
@@ -247,16 +247,17 @@ async def test_a_since_beyond_the_history_or_of_another_epoch_is_not_recovered(
             async with member(server.url) as late:
                 joined = await late.join(room, since)
                 assert joined["recovered"] is False
-                assert (joined["epoch"], joined["offset"]) == (epoch, HISTORY_SIZE + 10)
+                assert (joined["epoch"], joined["offset"]) == (epoch, latest)
                 # Nothing old follows: the next message is the next one published.
-                await alice.publish(room, "new")
-                assert (await late.messages(1))[0][1] == "new"
+                latest = await alice.publish(room, "new")
+                assert await late.messages(1) == [(latest, "new")]
         # The oldest kept message can still be recovered from.
         async with member(server.url) as late:
-            joined = await late.join(room, {"epoch": epoch, "offset": 10})
+            oldest_kept = latest - HISTORY_SIZE + 1
+            joined = await late.join(room, {"epoch": epoch, "offset": oldest_kept - 1})
             assert joined["recovered"] is True
-            got = await late.messages(HISTORY_SIZE + 3)
-            assert [offset for offset, _ in got] == list(range(11, HISTORY_SIZE + 14))
+            got = await late.messages(HISTORY_SIZE)
+            assert [offset for offset, _ in got] == list(range(oldest_kept, latest + 1))
 
 
 async def test_history_with_and_without_since_and_limit(server: Server) -> None:
