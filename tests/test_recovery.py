@@ -20,8 +20,11 @@ from tests.helpers import (
     LoggedProcess,
     trio_fanout_command,
 )
+from trio_fanout import Config, Emitter, Worker
+from trio_fanout.backplane import Backplane, HistoryPolicy, open_backplane
 from trio_fanout.client import Client, Frame, open_client
 from trio_fanout.emitter import open_emitter
+from trio_fanout.runner import open_listener
 
 _rooms = itertools.count()
 
@@ -292,7 +295,7 @@ async def test_history_with_and_without_since_and_limit(server: Server) -> None:
 
 async def test_emitter_publishes_get_offsets(server: Server) -> None:
     if server.backplane_url is None:
-        pytest.skip("the memory backplane lives inside the worker process: see test_worker.py")
+        pytest.skip("the memory backplane lives inside the worker process: tested below")
     room = fresh_room()
     async with member(server.url) as alice, open_emitter(server.backplane_url) as emitter:
         await alice.join(room)
@@ -303,3 +306,57 @@ async def test_emitter_publishes_get_offsets(server: Server) -> None:
         await emitter.broadcast("to all")
         frame = await alice.next_frame()
         assert frame == {"type": "message", "data": "to all"}  # no room, no offset
+
+
+@asynccontextmanager
+async def worker_in_process(history: HistoryPolicy) -> AsyncIterator[tuple[str, Backplane]]:
+    """A worker in this process on a memory backplane of its own, keeping ``history``; its
+    URL and the backplane."""
+    listener = open_listener("127.0.0.1", 0)
+    url = f"memory://recovery-in-process-{os.getpid()}-{next(_rooms)}"
+    async with open_backplane(url, history=history) as backplane, trio.open_nursery() as nursery:
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws", backplane
+        worker.stop()
+    listener.close()
+
+
+async def test_members_are_told_when_the_room_starts_a_new_epoch() -> None:
+    # The room's history expires after 0.2 s without a message; its numbering starts again.
+    ttl = 0.2
+    room = fresh_room()
+    async with (
+        worker_in_process(HistoryPolicy(ttl=ttl)) as (url, _),
+        member(url) as alice,
+        member(url) as bob,
+    ):
+        first = await alice.join(room)
+        await bob.publish(room, "old")
+        assert await alice.messages(1) == [(1, "old")]
+        await trio.sleep(ttl * 2)  # idle past the ttl: the sequencer forgets the room
+        assert await bob.publish(room, "new") == 1
+        notice = await alice.next_frame()
+        assert notice["type"] == "joined" and "id" not in notice
+        assert notice["epoch"] != first["epoch"]
+        assert (notice["offset"], notice["recovered"]) == (0, False)
+        assert await alice.messages(1) == [(1, "new")]
+        # A since of the old epoch recovers nothing, and says where the room is now.
+        async with member(url) as late:
+            old = {"epoch": first["epoch"], "offset": 1}
+            joined = await late.join(room, old)
+            assert (joined["epoch"], joined["offset"]) == (notice["epoch"], 1)
+            assert joined["recovered"] is False
+            history = await late.request({"type": "history", "room": room, "since": old})
+            assert (history["epoch"], history["messages"]) == (notice["epoch"], [])
+
+
+async def test_emitter_publishes_on_the_memory_backplane_get_offsets() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, backplane), member(url) as alice:
+        await alice.join(room)
+        emitter = Emitter(backplane)
+        assert await emitter.publish(room, "one") == 1
+        assert await alice.publish(room, "two") == 2
+        assert await emitter.publish(room, "three") == 3
+        assert await alice.messages(3) == [(1, "one"), (2, "two"), (3, "three")]
