@@ -21,7 +21,14 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from trio_fanout import Config, Emitter, Worker
-from trio_fanout.backplane import Backplane, HistoryPolicy, open_backplane
+from trio_fanout.backplane import (
+    Backplane,
+    History,
+    HistoryPolicy,
+    Position,
+    Received,
+    open_backplane,
+)
 from trio_fanout.client import Client, Frame, open_client
 from trio_fanout.emitter import open_emitter
 from trio_fanout.runner import open_listener
@@ -360,3 +367,90 @@ async def test_emitter_publishes_on_the_memory_backplane_get_offsets() -> None:
         assert await alice.publish(room, "two") == 2
         assert await emitter.publish(room, "three") == 3
         assert await alice.messages(3) == [(1, "one"), (2, "two"), (3, "three")]
+
+
+class HeldHistory(Backplane):
+    """A memory backplane whose ``history`` reads wait, once ``gate`` is set, until the test
+    opens it.
+
+    The memory backend answers a history read at once, so the real one cannot show what
+    happens to live messages that arrive during a slow read (a busy Redis, a distant proxy);
+    this wrapper holds the read, and everything else is the real backend.
+    """
+
+    def __init__(self, inner: Backplane) -> None:
+        self.inner = inner
+        self.gate: trio.Event | None = None
+        self.reading = trio.Event()
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return await self.inner.history(topic, since, limit)
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        await self.inner.publish(topic, payload)
+
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        return await self.inner.append(topic, payload)
+
+    async def subscribe(self, topic: bytes) -> None:
+        await self.inner.subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.inner.unsubscribe(topic)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
+        return await self.inner.receive_batch(max_messages)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self.inner.unavailable_reason
+
+
+@pytest.mark.parametrize(("published_during_read", "recovered"), [(20, True), (50, False)])
+async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
+    published_during_read: int, recovered: bool
+) -> None:
+    room, bound = fresh_room(), 30  # max_queued_frames: what the joiner may have held back
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(f"memory://held-{os.getpid()}-{next(_rooms)}") as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = HeldHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0, max_queued_frames=bound), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as watcher, member(url) as joiner:
+            epoch = (await watcher.join(room))["epoch"]
+            for number in range(1, 6):
+                await emitter.publish(room, number)
+            assert len(await watcher.messages(5)) == 5
+            backplane.gate = gate = trio.Event()
+            since = {"epoch": epoch, "offset": 2}
+            await joiner.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            latest = 5 + published_during_read
+            for number in range(6, latest + 1):
+                await emitter.publish(room, number)
+            # Through the worker's fan-out: held back for the joiner by now.
+            assert len(await watcher.messages(published_during_read)) == published_during_read
+            gate.set()
+            joined = await joiner.next_frame()
+            assert (joined["type"], joined["recovered"]) == ("joined", recovered), joined
+            if recovered:
+                # Everything after offset 2, once, in order: from the history, then held back.
+                assert await joiner.messages(latest - 2) == [(n, n) for n in range(3, latest + 1)]
+            else:
+                # Past the bound: nothing old, and the live messages after the last held one.
+                assert joined["offset"] == latest
+            assert await emitter.publish(room, "next") == latest + 1
+            assert await joiner.messages(1) == [(latest + 1, "next")]
+        worker.stop()
+    listener.close()
