@@ -305,7 +305,7 @@ async def test_bad_topics_are_refused(url: str, topic: object) -> None:
 
 # The backends whose sequencer keeps numbering and history; SEQUENCED_BOUNDED_BACKENDS also
 # enforce max_bytes themselves (on Redis, Redis's maxmemory does).
-SEQUENCED_BACKENDS = ["memory", "zmq"]
+SEQUENCED_BACKENDS = ["memory", "zmq", "redis"]
 SEQUENCED_BOUNDED_BACKENDS = ["memory", "zmq"]
 
 _topic_numbers = itertools.count()
