@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections import deque
@@ -18,11 +19,14 @@ from tests.helpers import (
     START_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
+    free_port,
     trio_fanout_command,
 )
+from tests.test_proxy_restart import start_proxy
 from trio_fanout import Config, Emitter, Worker
 from trio_fanout.backplane import (
     Backplane,
+    BackplaneUnavailable,
     History,
     HistoryPolicy,
     Position,
@@ -454,3 +458,49 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
             assert await joiner.messages(1) == [(latest + 1, "next")]
         worker.stop()
     listener.close()
+
+
+async def test_a_restarted_proxy_starts_new_epochs_that_members_and_rejoins_are_told_of() -> None:
+    port = free_port()
+    proxy = start_proxy(port)
+    worker = LoggedProcess(
+        trio_fanout_command("worker", "--port", "0", "--backplane", f"zmq://127.0.0.1:{port}")
+    )
+    try:
+        match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+        url = f"ws://127.0.0.1:{match.group(1)}/ws"
+        room = fresh_room()
+        async with (
+            member(url) as alice,
+            open_emitter(f"zmq://127.0.0.1:{port}") as emitter,
+        ):
+            old = await alice.join(room)
+            for number in range(3):
+                await emitter.publish(room, number)
+            assert [offset for offset, _ in await alice.messages(3)] == [1, 2, 3]
+
+            proxy.stop()  # SIGTERM; its numbering and history are gone with it
+            proxy = start_proxy(port)
+
+            async def keep_publishing() -> None:
+                for number in range(10_000):
+                    with contextlib.suppress(BackplaneUnavailable):
+                        await emitter.publish(room, ["after", number])
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_publishing)
+                notice = await alice.next_frame()  # within RECEIVE_TIMEOUT of the restart
+                assert notice["type"] == "joined" and "id" not in notice, notice
+                assert notice["epoch"] != old["epoch"] and notice["recovered"] is False
+                ((offset, data),) = await alice.messages(1)
+                assert offset == notice["offset"] + 1 and data[0] == "after"
+                async with member(url) as bob:
+                    since = {"epoch": old["epoch"], "offset": 3}
+                    joined = await bob.join(room, since)
+                    assert joined["recovered"] is False
+                    assert joined["epoch"] == notice["epoch"]
+                nursery.cancel_scope.cancel()
+    finally:
+        worker.stop()
+        proxy.stop()
