@@ -9,6 +9,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import pytest
@@ -19,6 +20,7 @@ from tests.helpers import (
     START_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
+    RedisServer,
     free_port,
     trio_fanout_command,
 )
@@ -460,27 +462,44 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
     listener.close()
 
 
-async def test_a_restarted_proxy_starts_new_epochs_that_members_and_rejoins_are_told_of() -> None:
-    port = free_port()
-    proxy = start_proxy(port)
+class Sequencer:
+    """A backplane server this test may restart: a `trio-fanout proxy`, or a redis-server that
+    keeps nothing on disk; either way its rooms' numbering and history die with it."""
+
+    def __init__(self, kind: str, directory: str) -> None:
+        self.kind, self.directory, self.port = kind, directory, free_port()
+        self.process = self._start()
+        self.url = f"{kind}://127.0.0.1:{self.port}"
+
+    def _start(self) -> LoggedProcess:
+        if self.kind == "zmq":
+            return start_proxy(self.port)
+        return RedisServer(self.directory, port=self.port)
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.process = self._start()
+
+
+@pytest.mark.parametrize("kind", ["zmq", "redis"])
+async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_are_told_of(
+    kind: str, tmp_path: Path
+) -> None:
+    sequencer = Sequencer(kind, str(tmp_path))
     worker = LoggedProcess(
-        trio_fanout_command("worker", "--port", "0", "--backplane", f"zmq://127.0.0.1:{port}")
+        trio_fanout_command("worker", "--port", "0", "--backplane", sequencer.url)
     )
     try:
         match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
         url = f"ws://127.0.0.1:{match.group(1)}/ws"
         room = fresh_room()
-        async with (
-            member(url) as alice,
-            open_emitter(f"zmq://127.0.0.1:{port}") as emitter,
-        ):
+        async with member(url) as alice, open_emitter(sequencer.url) as emitter:
             old = await alice.join(room)
             for number in range(3):
                 await emitter.publish(room, number)
             assert [offset for offset, _ in await alice.messages(3)] == [1, 2, 3]
 
-            proxy.stop()  # SIGTERM; its numbering and history are gone with it
-            proxy = start_proxy(port)
+            sequencer.restart()
 
             async def keep_publishing() -> None:
                 for number in range(10_000):
@@ -503,4 +522,4 @@ async def test_a_restarted_proxy_starts_new_epochs_that_members_and_rejoins_are_
                 nursery.cancel_scope.cancel()
     finally:
         worker.stop()
-        proxy.stop()
+        sequencer.process.stop()
