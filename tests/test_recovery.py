@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from collections import deque
@@ -25,7 +26,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_proxy_restart import start_proxy
-from trio_fanout import Config, Emitter, Worker
+from trio_fanout import Config, Emitter, Hooks, Worker, serve
 from trio_fanout.backplane import (
     Backplane,
     BackplaneUnavailable,
@@ -38,6 +39,7 @@ from trio_fanout.backplane import (
 from trio_fanout.client import Client, Frame, open_client
 from trio_fanout.emitter import open_emitter
 from trio_fanout.runner import open_listener
+from trio_fanout.worker import HISTORY_ANSWER_MAX_BYTES
 
 _rooms = itertools.count()
 
@@ -523,3 +525,61 @@ async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_
     finally:
         worker.stop()
         sequencer.process.stop()
+
+
+async def test_a_join_of_a_room_already_joined_sends_nothing_old() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        first = await alice.join(room)
+        await alice.publish(room, "one")
+        await alice.publish(room, "two")
+        assert await alice.messages(2) == [(1, "one"), (2, "two")]
+        where = {"epoch": first["epoch"], "offset": 2}
+        again = await alice.join(room, where)
+        assert (again["offset"], again["recovered"]) == (2, True)
+        behind = await alice.join(room, {"epoch": first["epoch"], "offset": 0})
+        assert (behind["offset"], behind["recovered"]) == (2, False)
+        await alice.publish(room, "three")
+        assert await alice.messages(1) == [(3, "three")]  # still a member, once
+
+
+async def test_history_is_subject_to_the_authorize_join_hook() -> None:
+    async def authorize_join(identity: object, room: str) -> bool:
+        return not room.startswith("secret")
+
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=0,
+        backplane=f"memory://hooks-{os.getpid()}",
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(
+            functools.partial(serve, config, hooks=Hooks(authorize_join=authorize_join))
+        )
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with member(url) as alice:
+            refused = await alice.request({"type": "history", "room": "secret-1"})
+            assert (refused["type"], refused["code"]) == ("error", "forbidden")
+            allowed = await alice.request({"type": "history", "room": "open-1"})
+            assert allowed["type"] == "history"
+        worker.stop()
+
+
+async def test_a_history_answer_is_bounded_in_bytes_and_pages_with_since() -> None:
+    room, big = fresh_room(), "x" * 60_000  # 20 of these are 1.2 MB: more than one answer
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        for number in range(20):
+            await alice.publish(room, [number, big])
+        newest = await alice.request({"type": "history", "room": room})
+        kept = [m["offset"] for m in newest["messages"]]
+        assert len(kept) * 60_000 <= HISTORY_ANSWER_MAX_BYTES < (len(kept) + 1) * 60_000
+        assert kept == list(range(21 - len(kept), 21))  # the newest, oldest first
+        since = {"epoch": newest["epoch"], "offset": 0}
+        pages: list[int] = []
+        while len(pages) < 20:
+            page = await alice.request({"type": "history", "room": room, "since": since})
+            assert page["messages"], page["offset"]
+            pages += [m["offset"] for m in page["messages"]]
+            since = {"epoch": page["epoch"], "offset": pages[-1]}
+        assert pages == list(range(1, 21))
