@@ -25,7 +25,8 @@ Client to proxy:
 Proxy to client:
 
 - ``R request-id [| field...]``: REPLY, the answer to a request (a PING's carries two fields,
-  an APPEND's a position, a HISTORY's a history head and then one frame per kept payload).
+  a HISTORY's a history head and then one frame per kept payload).
+- ``R request-id position``: the REPLY to an APPEND, its position in the head.
 - ``M topic | payload``: MESSAGE on a topic we subscribed to, sent with PUBLISH.
 - ``N position topic | payload``: NUMBERED message, sent with APPEND, with its position.
 

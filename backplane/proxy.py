@@ -190,7 +190,7 @@ class ZmqProxy:
             series = self.sequencer.append(topic, payload, self._now)
             position = pack_position(series.offset, series.epoch_bytes)
             self._route(sock, topic, payload, NUMBERED + position + topic)
-            self._reply(sock, peer, [REPLY + request_id, position])
+            self._reply(sock, peer, [REPLY + request_id + position])
         elif command == HISTORY and len(frames) == 4 and len(head) > ID_END:
             self._answer_history(sock, peer, head, frames[2], frames[3])
         elif command == CREDIT and len(frames) == 2 and len(head) == ID_END:

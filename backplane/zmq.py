@@ -318,7 +318,10 @@ class ZmqBackplane(Backplane):
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
+                    # A field in the head after the request id is the answer's first.
                     request.answer = frames[1:]
+                    if len(head) > ID_END:
+                        request.answer.insert(0, head[ID_END:])
                     request.done.set()
             else:
                 logger.warning("ignored a message of %d frames from the proxy", len(frames))
