@@ -1,0 +1,334 @@
+"""The reconnecting client: backoff, positions and deduplication (pure), then real servers that
+go away: a worker embedded here and stopped, and `trio-fanout run` workers killed with SIGKILL
+or frozen with SIGSTOP."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    START_TIMEOUT,
+    ClusterProcess,
+    free_port,
+)
+from trio_fanout import Config, Hooks, serve
+from trio_fanout.reconnecting import (
+    Connected,
+    Disconnected,
+    Item,
+    NotConnected,
+    ReconnectingClient,
+    Recovered,
+    ServerError,
+    Unrecovered,
+    open_reconnecting_client,
+)
+from trio_fanout.resume import Rejoin, RoomPositions, backoff_delay
+
+_names = itertools.count()
+
+
+def fresh_room() -> str:
+    return f"reconnecting-{os.getpid()}-{next(_names)}"
+
+
+# ---- backoff, pure --------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_up_to_the_cap_with_full_jitter():
+    rng = random.Random(1234)
+    for attempt in range(12):
+        ceiling = min(20.0, 0.5 * 2**attempt)
+        draws = [backoff_delay(attempt, base=0.5, cap=20.0, rng=rng) for _ in range(200)]
+        assert all(0.0 <= delay <= ceiling for delay in draws)
+        # Full jitter: spread over the whole range, not clustered at its top.
+        assert min(draws) < 0.1 * ceiling and max(draws) > 0.9 * ceiling
+    assert backoff_delay(5000, base=0.5, cap=20.0, rng=rng) <= 20.0
+
+
+def test_backoff_is_repeatable_with_a_seeded_rng_and_different_between_clients():
+    def delays(seed: int) -> list[float]:
+        rng = random.Random(seed)
+        return [backoff_delay(attempt, base=0.5, cap=20.0, rng=rng) for attempt in range(8)]
+
+    assert delays(7) == delays(7)
+    assert delays(7) != delays(8)
+    with pytest.raises(ValueError, match="attempt"):
+        backoff_delay(-1, base=0.5, cap=20.0, rng=random.Random(0))
+
+
+# ---- positions, pure ------------------------------------------------------------------------
+
+
+def message(room: str, offset: int | None, data: object = None) -> dict:
+    frame: dict = {"type": "message", "room": room, "data": data}
+    if offset is not None:
+        frame["offset"] = offset
+    return frame
+
+
+def test_positions_give_since_and_let_no_offset_through_twice():
+    positions = RoomPositions()
+    positions.joined({"type": "joined", "room": "r", "epoch": "e1", "offset": 4})
+    assert positions.since("r") == {"epoch": "e1", "offset": 4}
+    assert [positions.deliver(message("r", n)) for n in (4, 5, 6, 5, 7)] == [
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert positions.since("r") == {"epoch": "e1", "offset": 7}
+
+
+def test_a_recovered_rejoin_keeps_the_position_so_the_missed_messages_pass_once():
+    positions = RoomPositions()
+    positions.joined({"type": "joined", "room": "r", "epoch": "e1", "offset": 0})
+    assert positions.deliver(message("r", 1))
+    rejoined = {"type": "joined", "room": "r", "epoch": "e1", "offset": 3, "recovered": True}
+    assert positions.rejoined(rejoined) is Rejoin.RECOVERED
+    assert [positions.deliver(message("r", n)) for n in (1, 2, 3, 4)] == [False, True, True, True]
+
+
+def test_an_unrecovered_rejoin_starts_again_from_the_servers_position():
+    positions = RoomPositions()
+    positions.joined({"type": "joined", "room": "r", "epoch": "e1", "offset": 9})
+    rejoined = {"type": "joined", "room": "r", "epoch": "e2", "offset": 2, "recovered": False}
+    assert positions.rejoined(rejoined) is Rejoin.UNRECOVERED
+    assert positions.since("r") == {"epoch": "e2", "offset": 2}
+    assert [positions.deliver(message("r", n)) for n in (2, 3)] == [False, True]
+
+
+def test_against_a_version_1_server_nothing_is_filtered_and_nothing_recovered():
+    positions = RoomPositions()
+    positions.joined({"type": "joined", "room": "r", "id": 1})
+    assert positions.since("r") is None
+    assert all(positions.deliver(message("r", None, n)) for n in range(3))
+    assert positions.rejoined({"type": "joined", "room": "r", "id": 2}) is Rejoin.UNRECOVERED
+    positions.left("r")
+    assert positions.rooms == []
+
+
+# ---- a worker embedded here, stopped and started again ---------------------------------------
+
+
+@asynccontextmanager
+async def embedded_worker(port: int, hooks: Hooks | None = None) -> AsyncIterator[trio.Nursery]:
+    """A worker on ``port`` (no heartbeat) until the block ends or its nursery is cancelled."""
+    config = Config(
+        port=port, heartbeat_interval=0, backplane=f"memory://reconnecting-{next(_names)}"
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve, config, hooks=hooks))
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def next_item(client: ReconnectingClient) -> Item:
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        return await client.receive()
+
+
+async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms():
+    port = free_port()
+    room = fresh_room()
+    # Short backoff: the server is down for one attempt or two at most.
+    async with (
+        embedded_worker(port) as first_server,
+        open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2
+        ) as client,
+    ):
+        assert isinstance(await next_item(client), Connected)
+        await client.join(room)
+        first_server.cancel_scope.cancel()  # sockets closed at once, no close frame
+        disconnected = await next_item(client)
+        assert isinstance(disconnected, Disconnected), disconnected
+        assert not client.connected
+        # While disconnected, requests fail at once rather than wait.
+        with trio.fail_after(0.5):
+            with pytest.raises(NotConnected):
+                await client.publish(room, "too early", ack=True)
+            with pytest.raises(NotConnected):
+                await client.publish(room, "too early")
+            with pytest.raises(NotConnected):
+                await client.join("another")
+        async with embedded_worker(port):
+            assert isinstance(await next_item(client), Connected)
+            # A version 1.1 server keeps no history: the rejoin cannot recover.
+            unrecovered = await next_item(client)
+            assert isinstance(unrecovered, Unrecovered) and unrecovered.room == room
+            assert client.rooms == [room]
+            await client.publish(room, "after", ack=True)
+            item = await next_item(client)
+            assert isinstance(item, dict) and item["data"] == "after", item
+
+
+async def test_publish_with_ack_raises_server_error_and_times_out():
+    never = trio.Event()
+
+    async def stall_publish(user: object, room: str, data: object) -> bool:
+        if data == "stall":
+            await never.wait()  # the worker never hands this one on: no ack ever comes
+        return True
+
+    port = free_port()
+    async with (
+        embedded_worker(port, Hooks(authorize_publish=stall_publish)),
+        open_reconnecting_client(f"ws://127.0.0.1:{port}/ws", request_timeout=0.5) as client,
+    ):
+        await client.join("acked")
+        assert await client.publish("acked", "fine", ack=True) is None  # version 1.1: no offset
+        with pytest.raises(ServerError) as refused:
+            await client.publish("", "no room", ack=True)
+        assert refused.value.code == "bad_room"
+        with pytest.raises(ServerError) as unknown:
+            await client.history("acked")  # version 1.1 has no history request
+        assert unknown.value.code == "unknown_type"
+        # Last: the stalled hook holds up this connection's later frames too.
+        with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(trio.TooSlowError):
+            await client.publish("acked", "stall", ack=True)
+        never.set()
+
+
+async def test_the_first_connection_failing_raises_as_from_open_client():
+    with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(OSError):
+        async with open_reconnecting_client(f"ws://127.0.0.1:{free_port()}/ws"):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="ws://"):
+        async with open_reconnecting_client("http://127.0.0.1:1/ws"):
+            pass  # pragma: no cover
+
+
+# ---- real workers killed and frozen ----------------------------------------------------------
+
+
+async def reconnecting_on_worker(
+    stack: AsyncExitStack, url: str, worker: int, attempts: int = 100, **options: object
+) -> ReconnectingClient:
+    """A reconnecting client that landed on worker ``worker``; the others are closed.
+
+    Workers share one listening socket, so which one accepts is not ours to choose: open
+    clients a few at a time (so that the idle winner is busy with one when the next arrives)
+    until one lands there. Each lives in a task of its own, which holds its nursery, until
+    ``stack`` closes.
+    """
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    release = trio.Event()
+    stack.callback(release.set)  # runs before the nursery's exit: the kept client then closes
+    opened_in, opened_out = trio.open_memory_channel[tuple[ReconnectingClient, trio.Event, list]](
+        attempts
+    )
+
+    async def hold_one() -> None:
+        async with open_reconnecting_client(url, **options) as client:  # type: ignore[arg-type]
+            decided: trio.Event = trio.Event()
+            keep: list[bool] = []
+            await opened_in.send((client, decided, keep))
+            await decided.wait()
+            if keep:
+                await release.wait()
+
+    batch = 4
+    for _ in range(0, attempts, batch):
+        for _ in range(batch):
+            nursery.start_soon(hold_one)
+        chosen = None
+        for _ in range(batch):
+            with trio.fail_after(START_TIMEOUT):
+                client, decided, keep = await opened_out.receive()
+            welcome = client.welcome
+            if chosen is None and welcome is not None and welcome["worker"] == worker:
+                chosen = client
+                keep.append(True)
+            decided.set()
+        if chosen is not None:
+            return chosen
+    raise AssertionError(f"no client landed on worker {worker}")
+
+
+async def until(client: ReconnectingClient, kind: type) -> tuple[Item, list[Item]]:
+    """The next item of type ``kind``, and those received before it."""
+    before: list[Item] = []
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        while True:
+            item = await client.receive()
+            if isinstance(item, kind):
+                return item, before
+            before.append(item)
+
+
+async def test_a_client_of_a_killed_worker_reconnects_to_the_other_and_keeps_receiving(
+    cluster: ClusterProcess,
+):
+    room = fresh_room()
+    async with AsyncExitStack() as stack:
+        client = await reconnecting_on_worker(stack, cluster.url, 1, backoff_cap=1.0)
+        witness = await reconnecting_on_worker(stack, cluster.url, 2)
+        await client.join(room)
+        await witness.join(room)
+        assert client.welcome is not None
+        victim = client.welcome["pid"]
+        os.kill(victim, signal.SIGKILL)
+        await until(client, Disconnected)
+        connected, _ = await until(client, Connected)
+        assert isinstance(connected, Connected) and connected.pid != victim
+        rejoin, _ = await until(client, (Recovered, Unrecovered))  # type: ignore[arg-type]
+        assert rejoin.room == room  # type: ignore[union-attr]
+        await witness.publish(room, "after the kill", ack=True)
+        received, skipped = await until(client, dict)
+        assert received["data"] == "after the kill", (received, skipped)  # type: ignore[index]
+        # The master restarts the killed worker; later tests of this module use both.
+        await trio.to_thread.run_sync(
+            functools.partial(cluster.wait_for_log, rf"worker 1 \(pid (?!{victim}\))\d+\) serving")
+        )
+
+
+def test_a_frozen_worker_is_noticed_by_missing_heartbeats_and_left_for_the_other():
+    # Heartbeats every 0.2 s, so silence is noticed after the 1 s floor; the master's own
+    # liveness check is set far longer, so that it is the client, not the master, that acts.
+    cluster = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", "0.2",
+        "--liveness-interval", "5", "--liveness-timeout", "60",
+    )  # fmt: skip
+    frozen: list[int] = []
+    try:
+        cluster.wait_for_workers(2)
+
+        async def scenario() -> None:
+            room = fresh_room()
+            async with AsyncExitStack() as stack:
+                client = await reconnecting_on_worker(stack, cluster.url, 1, backoff_cap=0.5)
+                witness = await reconnecting_on_worker(stack, cluster.url, 2)
+                await client.join(room)
+                await witness.join(room)
+                assert client.welcome is not None
+                frozen.append(client.welcome["pid"])
+                os.kill(frozen[0], signal.SIGSTOP)
+                started = trio.current_time()
+                disconnected, _ = await until(client, Disconnected)
+                assert "no frame from the server" in disconnected.reason  # type: ignore[union-attr]
+                # Noticed after the floor of 1 s, well before the master would have acted.
+                assert 0.9 <= trio.current_time() - started < 5.0
+                connected, _ = await until(client, Connected)
+                assert connected.worker == 2  # type: ignore[union-attr]
+                await until(client, Unrecovered)  # version 1.1: nothing kept to recover
+                await witness.publish(room, "while frozen", ack=True)
+                received, _ = await until(client, dict)
+                assert received["data"] == "while frozen"  # type: ignore[index]
+
+        trio.run(scenario)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        cluster.stop()
