@@ -187,8 +187,23 @@ async def test_publish_with_ack_raises_server_error_and_times_out():
         embedded_worker(port, Hooks(authorize_publish=stall_publish)),
         open_reconnecting_client(f"ws://127.0.0.1:{port}/ws", request_timeout=0.5) as client,
     ):
+        assert isinstance(await next_item(client), Connected)
         await client.join("acked")
         assert await client.publish("acked", "fine", ack=True) is None  # version 1.1: no offset
+        # Requests from several tasks at once each get their own reply.
+        acked: list[int | None] = []
+
+        async def publish_one(number: int) -> None:
+            acked.append(await client.publish("acked", number, ack=True))
+
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for number in range(5):
+                    nursery.start_soon(publish_one, number)
+        assert len(acked) == 5
+        received = [await next_item(client) for _ in range(6)]
+        data = [item["data"] for item in received]  # type: ignore[index]
+        assert data[0] == "fine" and sorted(data[1:]) == [0, 1, 2, 3, 4]
         with pytest.raises(ServerError) as refused:
             await client.publish("", "no room", ack=True)
         assert refused.value.code == "bad_room"
