@@ -73,7 +73,7 @@ STABLE_CONNECTION = 10.0
 # never sooner than the floor, so that a very short interval or a garbage-collection pause on
 # either side is not mistaken for a dead server.
 MISSED_HEARTBEATS = 3
-SILENCE_FLOOR = 1.0
+SILENCE_FLOOR = 2.0
 # A close handshake is one round trip; a peer that has not answered in this time is gone (a
 # stopped worker never answers), and waiting longer only delays the reconnection.
 CLOSE_TIMEOUT = 2.0
@@ -91,6 +91,15 @@ _CONNECTION_ERRORS = (
     ServerError,
     ValueError,  # a first frame that is not JSON
 )
+
+
+# Refusals of a rejoin that say "not now" rather than "no": the client drops the connection and
+# tries again after a backoff, keeping the room and its position.
+_PASSING_REFUSALS = frozenset({"backplane_unavailable", "rate_limited"})
+
+
+class _RejoinLater(Exception):
+    """A rejoin was refused for a passing reason: end this connection and try another."""
 
 
 class NotConnected(Exception):
@@ -351,6 +360,8 @@ class ReconnectingClient:
         except trio_websocket.ConnectionClosed as closed:
             code = None if closed.reason is None else closed.reason.code
             return f"connection closed: {closed.reason}", code
+        except _RejoinLater as later:
+            return str(later), None
         finally:
             self._connection = None
             for pending in self._pending.values():
@@ -399,6 +410,8 @@ class ReconnectingClient:
         pending.done.set()
 
     async def _settle_rejoin(self, room: str, reply: Frame) -> None:
+        if reply["type"] == "error" and reply.get("code") in _PASSING_REFUSALS:
+            raise _RejoinLater(f"rejoin of {room!r} refused for now: {reply.get('code')}")
         if reply["type"] == "error":
             self._positions.left(room)
             logger.warning("could not rejoin room %r: %s", room, reply)
