@@ -4,8 +4,7 @@ Open one by URL with :func:`open_backplane`; the scheme picks the backend, so sw
 is a configuration change, not a code change:
 
 - ``memory://NAME``: in one process (tests, embedding);
-- ``zmq://HOST:PORT``: a ZeroMQ XPUB/XSUB proxy (see :func:`serve_proxy`) whose publisher side
-  listens on PORT and subscriber side on PORT+1;
+- ``zmq://HOST:PORT``: the ZeroMQ proxy (see :func:`serve_proxy`) listening on PORT;
 - ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` and ``rediss://…`` (TLS, with an optional
   ``?ssl_ca_certs=PATH``): Redis pub/sub, one channel per topic.
 """

@@ -48,12 +48,12 @@ def parse_backplane_url(url: str) -> BackplaneAddress:
             port = DEFAULT_ZMQ_PORT if parts.port is None else parts.port
         except ValueError:
             raise BadBackplaneURL(
-                f"{url!r} has a port that is not a number from 1 to 65534"
+                f"{url!r} has a port that is not a number from 1 to 65535"
             ) from None
         if not parts.hostname:
             raise BadBackplaneURL(f"{url!r} names no host (zmq://HOST:PORT)")
-        if not 1 <= port <= 65534:
-            raise BadBackplaneURL(f"{url!r}: the proxy needs PORT and PORT+1, from 1 to 65534")
+        if not 1 <= port <= 65535:
+            raise BadBackplaneURL(f"{url!r}: the port must be from 1 to 65535")
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise BadBackplaneURL(f"{url!r}: a zmq URL is only zmq://HOST:PORT")
         return BackplaneAddress("zmq", host=parts.hostname, port=port)

@@ -37,6 +37,7 @@ from trio_fanout.backplane._interface import (
     unwrap_single_errors,
 )
 from trio_fanout.backplane._open import BackplaneAddress
+from trio_fanout.backplane._shrink import ShrinkWatch
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ class RedisBackplane(Backplane):
         # answers in order), and the latest one sent for each topic.
         self._in_flight: deque[_Subscribe] = deque()
         self._latest: dict[bytes, _Subscribe] = {}
+        self._topics_shrink = ShrinkWatch()  # both tables above hold one entry per topic
         # Set while the subscriber link is up; a new, unset one after each loss.
         self._link_up = trio.Event()
         self._publisher = _Link(
@@ -411,6 +413,8 @@ class RedisBackplane(Backplane):
             return
         self._counts.pop(topic, None)
         self._latest.pop(topic, None)
+        if self._topics_shrink.should_rebuild(len(self._counts)):
+            self._counts, self._latest = Counter(self._counts), dict(self._latest)
         if self._subscriber.connected:
             # If it cannot be sent, messages that still come for the topic are dropped on arrival.
             with contextlib.suppress(BackplaneUnavailable):

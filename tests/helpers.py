@@ -153,15 +153,6 @@ def free_port() -> int:
     raise AssertionError("no free port")
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P+1 were both free a moment ago (for a ZeroMQ proxy)."""
-    for _ in range(1000):
-        port = random.choice(TEST_PORTS)
-        if _bindable(port) and _bindable(port + 1):
-            return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)

@@ -76,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--proxy-port",
         type=int,
-        help="port of the embedded ZeroMQ proxy's publisher side; the subscriber side uses the "
-        "next one; 0 picks two free ones (default: 5559)",
+        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
     )
     run.add_argument(
         "--backplane",
@@ -118,13 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the ZeroMQ proxy alone, for workers on several hosts",
         description=(
             "Run the ZeroMQ proxy that workers and emitters meet at, and publish the heartbeat "
-            "through it. Publishers connect to PORT, subscribers to PORT+1; point workers at "
-            "zmq://HOST:PORT."
+            "through it. Workers and emitters connect to PORT: point them at zmq://HOST:PORT."
         ),
     )
     proxy.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     proxy.add_argument(
-        "--port", type=int, help="publisher-side port; subscribers use the next one (default: 5559)"
+        "--port", type=int, help="port to listen on; 0 picks a free one (default: 5559)"
     )
     proxy.add_argument(
         "--heartbeat-interval",

@@ -62,14 +62,6 @@ def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None
         )
 
 
-def _proxy_port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if not 0 <= value <= 65534:
-        raise InvalidSetting(
-            attribute.name,
-            f"must be from 0 to 65534 (the proxy also uses the next port), not {value!r}",
-        )
-
-
 def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
         try:
@@ -97,8 +89,8 @@ class Config:
     """Seconds between heartbeats; 0 turns the heartbeat off."""
     proxy_host: str = "127.0.0.1"
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
-    proxy_port: int = attrs.field(default=5559, validator=_proxy_port)
-    """Publisher-side port of the ZeroMQ proxy; subscribers use the next one."""
+    proxy_port: int = attrs.field(default=5559, validator=_port)
+    """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
     backplane: str | None = attrs.field(default=None, validator=_backplane_url)
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
     log_level: str = attrs.field(default="info", validator=_log_level)

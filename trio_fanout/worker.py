@@ -23,6 +23,7 @@ import trio
 
 from trio_fanout import envelope, protocol, websocket
 from trio_fanout.backplane import Backplane
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
@@ -88,8 +89,11 @@ def relay_problem(frame: bytes) -> str | None:
 
 @attrs.define(eq=False)
 class Room:
-    """A room with members on this worker; ``live`` is set once its subscription is live."""
+    """A room with members on this worker; ``live`` is set once its subscription is live.
 
+    Its backplane topic is a digest of ``name``; the name is kept for the log."""
+
+    name: str
     members: set[Connection] = attrs.field(factory=set)
     live: trio.Event = attrs.field(factory=trio.Event)
 
@@ -107,6 +111,7 @@ class Worker:
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
         self.rooms: dict[bytes, Room] = {}
+        self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
         # Backplane messages not relayed because they were invalid (see relay_problem).
         self.dropped_invalid = 0
@@ -128,7 +133,7 @@ class Worker:
         while True:
             room = self.rooms.get(topic)
             if room is None:
-                room = self.rooms[topic] = Room()
+                room = self.rooms[topic] = Room(room_name)
                 try:
                     await self.backplane.subscribe(topic)
                 except BaseException:
@@ -152,13 +157,16 @@ class Worker:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
             self.gaps.forget(topic)
+            if self._rooms_shrink.should_rebuild(len(self.rooms)):
+                self.rooms = dict(self.rooms)
+                give_back_freed_memory()
 
     async def publish(self, conn: Connection, request: protocol.Publish) -> None:
         topic = envelope.room_topic(request.room)
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         await self.backplane.publish(topic, self._numberer.wrap(topic, frame, exclude))
-        logger.debug("published %d bytes on backplane topic %r", len(frame), topic)
+        logger.debug("published %d bytes to room %r", len(frame), request.room)
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -251,15 +259,8 @@ class Worker:
             if problem is not None:
                 self._drop_invalid(topic, problem)
                 continue
-            if self.gaps.observe(topic, origin, seq):
-                logger.warning(
-                    "backplane gap on %r: publisher %s skipped to seq %d",
-                    topic,
-                    origin.hex(),
-                    seq,
-                )
-            frame = websocket.encode_text_frame(body)
             recipients: Collection[Connection]
+            room_name: str | None = None  # None: the broadcast topic
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
             else:
@@ -267,11 +268,18 @@ class Worker:
                 if room is None:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
+                room_name = room.name
+            if self.gaps.observe(topic, origin, seq):
+                logger.warning(
+                    "backplane gap in room %r: publisher %s skipped to seq %d",
+                    room_name, origin.hex(), seq,
+                )  # fmt: skip
+            frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
             if debug:
                 logger.debug(
-                    "delivering seq %d of %s on %r to %d connections",
-                    seq, origin.hex(), topic, len(recipients),
+                    "delivering seq %d of %s in room %r to %d connections",
+                    seq, origin.hex(), room_name, len(recipients),
                 )  # fmt: skip
             for conn in recipients:
                 if conn is not excluded:
