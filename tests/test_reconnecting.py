@@ -263,19 +263,20 @@ async def test_the_first_connection_failing_raises_as_from_open_client():
 # ---- real workers killed and frozen ----------------------------------------------------------
 
 
-async def reconnecting_on_worker(
-    stack: AsyncExitStack, url: str, worker: int, attempts: int = 100, **options: object
-) -> ReconnectingClient:
-    """A reconnecting client that landed on worker ``worker``; the others are closed.
+async def reconnecting_on_workers(
+    stack: AsyncExitStack, url: str, wanted: dict[int, int], attempts: int = 400, **options: object
+) -> dict[int, list[ReconnectingClient]]:
+    """Reconnecting clients, ``wanted[w]`` of them on worker ``w``; extra ones are closed.
 
     Workers share one listening socket, so which one accepts is not ours to choose: open
     clients a few at a time (so that the idle winner is busy with one when the next arrives)
-    until one lands there. Each lives in a task of its own, which holds its nursery, until
-    ``stack`` closes.
+    until each worker holds its share. Each lives in a task of its own, which holds its
+    nursery, until ``stack`` closes.
     """
+    by_worker: dict[int, list[ReconnectingClient]] = {worker: [] for worker in wanted}
     nursery = await stack.enter_async_context(trio.open_nursery())
     release = trio.Event()
-    stack.callback(release.set)  # runs before the nursery's exit: the kept client then closes
+    stack.callback(release.set)  # runs before the nursery's exit: the kept clients then close
     opened_in, opened_out = trio.open_memory_channel[tuple[ReconnectingClient, trio.Event, list]](
         attempts
     )
@@ -293,18 +294,25 @@ async def reconnecting_on_worker(
     for _ in range(0, attempts, batch):
         for _ in range(batch):
             nursery.start_soon(hold_one)
-        chosen = None
         for _ in range(batch):
             with trio.fail_after(START_TIMEOUT):
                 client, decided, keep = await opened_out.receive()
             welcome = client.welcome
-            if chosen is None and welcome is not None and welcome["worker"] == worker:
-                chosen = client
+            worker = None if welcome is None else welcome["worker"]
+            if worker in by_worker and len(by_worker[worker]) < wanted[worker]:
+                by_worker[worker].append(client)
                 keep.append(True)
             decided.set()
-        if chosen is not None:
-            return chosen
-    raise AssertionError(f"no client landed on worker {worker}")
+        if all(len(by_worker[worker]) == count for worker, count in wanted.items()):
+            return by_worker
+    raise AssertionError(f"could not place clients on the workers as wanted: {wanted}")
+
+
+async def reconnecting_on_worker(
+    stack: AsyncExitStack, url: str, worker: int, **options: object
+) -> ReconnectingClient:
+    """One reconnecting client that landed on worker ``worker``."""
+    return (await reconnecting_on_workers(stack, url, {worker: 1}, **options))[worker][0]
 
 
 async def until(client: ReconnectingClient, kind: type) -> tuple[Item, list[Item]]:
