@@ -326,7 +326,9 @@ class ReconnectingClient:
                 if not started:
                     raise
                 reason = f"{type(error).__name__}: {error}"
-            if up_since is not None:
+            if up_since is None:
+                logger.info("could not connect to %s: %s", self.url, reason)
+            else:
                 if trio.current_time() - up_since >= STABLE_CONNECTION:
                     attempt = 0
                 logger.info("disconnected from %s: %s", self.url, reason)
