@@ -109,6 +109,17 @@ def test_an_unrecovered_rejoin_starts_again_from_the_servers_position():
     assert [positions.deliver(message("r", n)) for n in (2, 3)] == [False, True]
 
 
+def test_a_new_epoch_announced_mid_connection_lets_its_offsets_through():
+    positions = RoomPositions()
+    positions.joined({"type": "joined", "room": "r", "epoch": "e1", "offset": 0})
+    assert all(positions.deliver(message("r", n)) for n in (1, 2, 3))
+    positions.renumbered(
+        {"type": "joined", "room": "r", "epoch": "e2", "offset": 0, "recovered": False}
+    )
+    assert positions.since("r") == {"epoch": "e2", "offset": 0}
+    assert [positions.deliver(message("r", n)) for n in (1, 2)] == [True, True]
+
+
 def test_against_a_version_1_server_nothing_is_filtered_and_nothing_recovered():
     positions = RoomPositions()
     positions.joined({"type": "joined", "room": "r", "id": 1})

@@ -390,6 +390,11 @@ class ReconnectingClient:
         elif kind == "message":
             if self._positions.deliver(frame):
                 await self._items_in.send(frame)
+        elif kind == "joined" and "id" not in frame and frame.get("room") in self._positions.rooms:
+            # Version 2: the room's numbering started again (its sequencer restarted, or its
+            # history expired); messages of the old epoch may be lost, the new ones follow.
+            self._positions.renumbered(frame)
+            await self._items_in.send(Unrecovered(frame["room"], frame))
         elif kind == "error":
             # The error of a publish without ack, which nobody waits for.
             logger.warning("the server refused a request: %s", frame)

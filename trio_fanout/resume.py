@@ -84,6 +84,12 @@ class RoomPositions:
         self._positions[room] = _position_of(frame)
         return Rejoin.UNRECOVERED
 
+    def renumbered(self, frame: Frame) -> None:
+        """The server says a room's numbering started again (a ``joined`` without ``id``):
+        the position becomes the one it gives, so that the new epoch's offsets, which start
+        again from 1, are not mistaken for repeats."""
+        self._positions[frame["room"]] = _position_of(frame)
+
     def left(self, room: str) -> None:
         self._positions.pop(room, None)
 
