@@ -32,7 +32,10 @@ from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
+    History,
     MessageQueue,
+    Position,
+    Received,
     check_topic,
     unwrap_single_errors,
 )
@@ -464,7 +467,15 @@ class RedisBackplane(Backplane):
             command = self._in_flight.popleft()
             command.done.set()
 
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        raise NotImplementedError("numbered messages are not implemented on this backend yet")
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        raise NotImplementedError("history is not implemented on this backend yet")
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         return await self._queue.take(max_messages)
 
     def last_connect_error(self) -> str:

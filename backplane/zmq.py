@@ -38,7 +38,10 @@ from zmq.utils.monitor import parse_monitor_message
 from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneUnavailable,
+    History,
     MessageQueue,
+    Position,
+    Received,
     check_topic,
     unwrap_single_errors,
 )
@@ -176,9 +179,17 @@ class ZmqBackplane(Backplane):
         with suppress(BackplaneUnavailable):
             self._send([UNSUBSCRIBE + topic])
 
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        raise NotImplementedError("numbered messages are not implemented on this backend yet")
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        raise NotImplementedError("history is not implemented on this backend yet")
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         batch = await self._queue.take(max_messages)
-        self._taken_bytes += sum(message_cost(topic, payload) for topic, payload in batch)
+        self._taken_bytes += sum(message_cost(topic, payload) for topic, payload, _ in batch)
         if self._taken_bytes >= CREDIT_STEP_BYTES:
             with suppress(BackplaneUnavailable):  # a new proxy starts our account at zero
                 self._send([CREDIT + NUMBER.pack(self._taken_bytes)])

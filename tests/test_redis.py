@@ -25,6 +25,7 @@ from trio_fanout.backplane import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
+    Received,
     open_backplane,
 )
 from trio_fanout.backplane import redis as redis_backend
@@ -45,7 +46,7 @@ async def round_trip(url: str) -> None:
         await subscriber.subscribe(b"topic")
         await publisher.publish(b"topic", b"payload")
         with trio.fail_after(RECEIVE_TIMEOUT):
-            assert await subscriber.receive_batch() == [(b"topic", b"payload")]
+            assert await subscriber.receive_batch() == [Received(b"topic", b"payload", None)]
 
 
 async def test_a_password_protected_redis(tmp_path: Path, short_connect_timeout: None):
@@ -166,7 +167,7 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             await subscriber.subscribe(b"kept")
             await publisher.publish(b"kept", b"before")
             with trio.fail_after(RECEIVE_TIMEOUT):
-                assert await subscriber.receive_batch() == [(b"kept", b"before")]
+                assert await subscriber.receive_batch() == [Received(b"kept", b"before", None)]
             server.stop()
             with pytest.raises(BackplaneUnavailable):
                 await publisher.publish(b"kept", b"during")
@@ -178,14 +179,14 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             with trio.fail_after(RECOVERY_TIMEOUT):
                 for attempt in itertools.count(1):
                     with trio.move_on_after(0.2):
-                        received += [payload for _, payload in await subscriber.receive_batch()]
+                        received += [payload for _, payload, _ in await subscriber.receive_batch()]
                     if received:
                         break
                     await publish_until_accepted(publisher, b"kept", b"after-%d" % attempt)
             await publisher.publish(b"kept", b"sentinel")
             with trio.fail_after(RECEIVE_TIMEOUT):
                 while received[-1] != b"sentinel":
-                    received += [payload for _, payload in await subscriber.receive_batch()]
+                    received += [payload for _, payload, _ in await subscriber.receive_batch()]
             assert b"during" not in received
             assert len(set(received)) == len(received)  # nothing twice
             numbers = [int(payload.split(b"-")[1]) for payload in received[:-1]]
@@ -266,7 +267,9 @@ async def test_a_refused_subscription_is_that_topic_s_alone(tmp_path: Path):
             await subscriber.subscribe(b"public-news")
             await publisher.publish(b"public-news", b"still working")
             with trio.fail_after(RECEIVE_TIMEOUT):
-                assert await subscriber.receive_batch() == [(b"public-news", b"still working")]
+                assert await subscriber.receive_batch() == [
+                    Received(b"public-news", b"still working", None)
+                ]
     finally:
         server.stop()
 
@@ -295,7 +298,7 @@ async def test_a_publish_redis_does_not_answer_is_refused_and_the_link_recovers(
             received: list[bytes] = []
             with trio.fail_after(RECEIVE_TIMEOUT):
                 while b"accepted" not in received:
-                    received += [payload for _, payload in await subscriber.receive_batch()]
+                    received += [payload for _, payload, _ in await subscriber.receive_batch()]
             assert received in ([b"accepted"], [b"refused", b"accepted"])
     finally:
         server.stop()
@@ -327,6 +330,6 @@ async def test_resubscribing_is_not_held_to_the_command_queue_bound(
                     for topic in set(topics) - received:
                         await publisher.publish(topic, b"again")
                     with trio.move_on_after(0.2):
-                        received |= {topic for topic, _ in await subscriber.receive_batch()}
+                        received |= {topic for topic, _, _ in await subscriber.receive_batch()}
     finally:
         server.stop()

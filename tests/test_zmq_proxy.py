@@ -238,7 +238,7 @@ async def test_a_stalled_subscriber_costs_the_proxy_a_bounded_number_of_bytes(
         healthy_received: list[int] = []
 
         async def consume_healthy() -> None:
-            async for _, payload in healthy:
+            async for _, payload, _ in healthy:
                 healthy_received.append(envelope.unpack_header(payload)[1])
 
         nursery.start_soon(consume_healthy)
@@ -261,7 +261,7 @@ async def test_a_stalled_subscriber_costs_the_proxy_a_bounded_number_of_bytes(
 
             async def consume_stalled() -> None:
                 nonlocal received
-                async for received_topic, payload in stalled:
+                async for received_topic, payload, _ in stalled:
                     origin, seq, _ = envelope.unpack_header(payload)
                     gaps.observe(received_topic, origin, seq)
                     received += 1
