@@ -21,7 +21,8 @@ from tests.helpers import (
     ClusterProcess,
     free_port,
 )
-from trio_fanout import Config, Hooks, serve
+from trio_fanout import Config, Emitter, Hooks, serve
+from trio_fanout.backplane import HistoryPolicy, open_backplane
 from trio_fanout.reconnecting import (
     Connected,
     Disconnected,
@@ -401,3 +402,109 @@ def test_a_frozen_worker_is_noticed_by_missing_heartbeats_and_left_for_the_other
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
         cluster.stop()
+
+
+# ---- version 2 on a worker embedded here, its sequencer in this process ----------------------
+#
+# The memory backplane's sequencer lives as long as one backplane of its name is open: a
+# backplane the test holds keeps it (and the room's numbering) alive while the worker is away,
+# and closing every one of them restarts the numbering in a new epoch.
+
+
+@asynccontextmanager
+async def worker_on(port: int, backplane_url: str) -> AsyncIterator[trio.CancelScope]:
+    """A worker on ``port`` and ``backplane_url`` until the block ends or the scope is cancelled."""
+    config = Config(port=port, heartbeat_interval=0, backplane=backplane_url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, config)
+        yield nursery.cancel_scope
+        nursery.cancel_scope.cancel()
+
+
+async def test_version_2_messages_published_while_away_are_recovered_once_in_order():
+    port, room, count = free_port(), fresh_room(), 5
+    backplane_url = f"memory://reconnecting-{next(_names)}"
+    async with (
+        open_backplane(backplane_url) as keeps_the_sequencer,
+        worker_on(port, backplane_url) as first_run,
+        open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2
+        ) as client,
+    ):
+        emitter = Emitter(keeps_the_sequencer)
+        assert isinstance(await next_item(client), Connected)
+        joined = await client.join(room)
+        assert joined["offset"] == 0
+        assert await client.publish(room, "before", ack=True) == 1
+        assert await next_item(client) == {
+            "type": "message", "room": room, "data": "before", "offset": 1
+        }  # fmt: skip
+        first_run.cancel()
+        assert isinstance(await next_item(client), Disconnected)
+        for number in range(count):
+            await emitter.publish(room, number)  # numbered 2, 3, … with no worker up
+        async with worker_on(port, backplane_url):
+            assert isinstance(await next_item(client), Connected)
+            recovered = await next_item(client)
+            assert isinstance(recovered, Recovered) and recovered.room == room, recovered
+            assert await client.publish(room, "later", ack=True) == count + 2
+            received = [await next_item(client) for _ in range(count + 1)]
+            assert received == [
+                {"type": "message", "room": room, "data": data, "offset": offset}
+                for data, offset in [
+                    *zip(range(count), range(2, count + 2), strict=True),
+                    ("later", count + 2),
+                ]
+            ]
+
+
+async def test_version_2_an_unknown_epoch_is_unrecovered_and_the_new_numbering_gets_through():
+    port, room = free_port(), fresh_room()
+    backplane_url = f"memory://reconnecting-{next(_names)}"
+    async with (
+        worker_on(port, backplane_url) as first_run,
+        open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2
+        ) as client,
+    ):
+        assert isinstance(await next_item(client), Connected)
+        old_epoch = (await client.join(room))["epoch"]
+        assert await client.publish(room, "old epoch", ack=True) == 1
+        assert (await next_item(client))["offset"] == 1  # type: ignore[index]
+        first_run.cancel()  # its backplane was the last of its name: the sequencer ends
+        assert isinstance(await next_item(client), Disconnected)
+        async with worker_on(port, backplane_url):
+            assert isinstance(await next_item(client), Connected)
+            unrecovered = await next_item(client)
+            assert isinstance(unrecovered, Unrecovered) and unrecovered.room == room
+            assert unrecovered.joined["recovered"] is False
+            assert unrecovered.joined["epoch"] != old_epoch
+            # Offset 1 again, in the new epoch: not taken for a repeat.
+            assert await client.publish(room, "new epoch", ack=True) == 1
+            assert await next_item(client) == {
+                "type": "message", "room": room, "data": "new epoch", "offset": 1
+            }  # fmt: skip
+
+
+async def test_version_2_a_new_epoch_while_connected_is_reported_and_its_messages_get_through():
+    port, room = free_port(), fresh_room()
+    backplane_url = f"memory://reconnecting-{next(_names)}"
+    # The first backplane of a name sets its sequencer's policy: numbering forgotten after
+    # 0.2 s without a message in the room.
+    async with (
+        open_backplane(backplane_url, history=HistoryPolicy(ttl=0.2)),
+        worker_on(port, backplane_url),
+        open_reconnecting_client(f"ws://127.0.0.1:{port}/ws") as client,
+    ):
+        assert isinstance(await next_item(client), Connected)
+        await client.join(room)
+        for number in (1, 2):
+            assert await client.publish(room, number, ack=True) == number
+            assert (await next_item(client))["offset"] == number  # type: ignore[index]
+        await trio.sleep(0.5)  # past the room's ttl: its next message starts a new epoch
+        assert await client.publish(room, "again", ack=True) == 1
+        notice = await next_item(client)
+        assert isinstance(notice, Unrecovered) and notice.room == room, notice
+        assert await next_item(client) == {
+            "type": "message", "room": room, "data": "again", "offset": 1
+        }  # fmt: skip
