@@ -182,7 +182,8 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
                 await client.join("another")
         async with embedded_worker(port):
             assert isinstance(await next_item(client), Connected)
-            # A version 1.1 server keeps no history: the rejoin cannot recover.
+            # A new worker on a new memory backplane: a new sequencer, so the rejoin's
+            # epoch is unknown to it and nothing can be recovered.
             unrecovered = await next_item(client)
             assert isinstance(unrecovered, Unrecovered) and unrecovered.room == room
             assert client.rooms == [room]
@@ -235,28 +236,33 @@ async def test_publish_with_ack_raises_server_error_and_times_out():
         open_reconnecting_client(f"ws://127.0.0.1:{port}/ws", request_timeout=0.5) as client,
     ):
         assert isinstance(await next_item(client), Connected)
-        await client.join("acked")
-        assert await client.publish("acked", "fine", ack=True) is None  # version 1.1: no offset
+        epoch = (await client.join("acked"))["epoch"]
+        assert await client.publish("acked", "fine", ack=True) == 1  # the room's first offset
         # Requests from several tasks at once each get their own reply.
-        acked: list[int | None] = []
+        acked: dict[int, int | None] = {}
 
         async def publish_one(number: int) -> None:
-            acked.append(await client.publish("acked", number, ack=True))
+            acked[number] = await client.publish("acked", number, ack=True)
 
         with trio.fail_after(RECEIVE_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for number in range(5):
                     nursery.start_soon(publish_one, number)
-        assert len(acked) == 5
+        assert sorted(acked.values()) == [2, 3, 4, 5, 6]  # type: ignore[type-var]
         received = [await next_item(client) for _ in range(6)]
-        data = [item["data"] for item in received]  # type: ignore[index]
-        assert data[0] == "fine" and sorted(data[1:]) == [0, 1, 2, 3, 4]
+        assert received[0] == {"type": "message", "room": "acked", "data": "fine", "offset": 1}
+        # Each ack's offset is the one its message arrived with, and they arrive in that order.
+        assert [item["offset"] for item in received] == [1, 2, 3, 4, 5, 6]  # type: ignore[index]
+        assert all(acked[item["data"]] == item["offset"] for item in received[1:])  # type: ignore[index]
         with pytest.raises(ServerError) as refused:
             await client.publish("", "no room", ack=True)
         assert refused.value.code == "bad_room"
-        with pytest.raises(ServerError) as unknown:
-            await client.history("acked")  # version 1.1 has no history request
-        assert unknown.value.code == "unknown_type"
+        history = await client.history("acked", since={"epoch": epoch, "offset": 1}, limit=2)
+        assert (history["epoch"], history["offset"]) == (epoch, 6)
+        assert [kept["offset"] for kept in history["messages"]] == [2, 3]
+        with pytest.raises(ServerError) as refused:
+            await client.history("acked", limit=-1)
+        assert refused.value.code == "bad_frame"
         # Last: the stalled hook holds up this connection's later frames too.
         with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(trio.TooSlowError):
             await client.publish("acked", "stall", ack=True)
