@@ -517,8 +517,8 @@ class Worker:
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
             if debug:
                 logger.debug(
-                    "delivering seq %d of %s in room %r at %s to %d connections",
-                    seq, origin.hex(), room_name, position, len(recipients),
+                    "delivering seq %d of %s in room %r to %d connections, at %s",
+                    seq, origin.hex(), room_name, len(recipients), position,
                 )  # fmt: skip
             held_back: set[Connection] | None = None
             if room is not None and position is not None:
