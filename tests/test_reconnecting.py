@@ -34,7 +34,7 @@ from trio_fanout.reconnecting import (
     Unrecovered,
     open_reconnecting_client,
 )
-from trio_fanout.resume import Rejoin, RoomPositions, backoff_delay
+from trio_fanout.resume import Backoff, Rejoin, RoomPositions, backoff_delay
 
 _names = itertools.count()
 
@@ -66,6 +66,19 @@ def test_backoff_is_repeatable_with_a_seeded_rng_and_different_between_clients()
     assert delays(7) != delays(8)
     with pytest.raises(ValueError, match="attempt"):
         backoff_delay(-1, base=0.5, cap=20.0, rng=random.Random(0))
+
+
+def test_backoff_starts_again_only_after_a_connection_that_stayed_up():
+    backoff = Backoff(base=0.5, cap=20.0, stable_after=10.0, rng=random.Random(3))
+    ceilings = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0]
+    assert all(backoff.next_delay() <= ceiling for ceiling in ceilings)
+    # Short-lived connections (accepted, then closed at once) keep the waits at the cap...
+    backoff.connection_ended(lasted=9.9)
+    draws = [backoff.next_delay() for _ in range(50)]
+    assert max(draws) > 0.5 and max(draws) <= 20.0
+    # ...and one that stayed up starts them again from the first step.
+    backoff.connection_ended(lasted=10.0)
+    assert backoff.next_delay() <= 0.5
 
 
 # ---- positions, pure ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import trio_websocket
 
 from trio_fanout.backplane._interface import unwrap_single_errors
 from trio_fanout.client import Client, ServerError, open_client
-from trio_fanout.resume import Rejoin, RoomPositions, backoff_delay
+from trio_fanout.resume import Backoff, Rejoin, RoomPositions
 
 __all__ = [
     "Connected",
@@ -309,7 +309,12 @@ class ReconnectingClient:
         a refused handshake raises from ``open_reconnecting_client``. Later failures are retried.
         """
         started = False
-        attempt = 0
+        backoff = Backoff(
+            base=self._backoff_base,
+            cap=self._backoff_cap,
+            stable_after=STABLE_CONNECTION,
+            rng=self._rng,
+        )
         while True:
             up_since: float | None = None
             code: int | None = None
@@ -329,15 +334,11 @@ class ReconnectingClient:
             if up_since is None:
                 logger.info("could not connect to %s: %s", self.url, reason)
             else:
-                if trio.current_time() - up_since >= STABLE_CONNECTION:
-                    attempt = 0
+                backoff.connection_ended(trio.current_time() - up_since)
                 logger.info("disconnected from %s: %s", self.url, reason)
                 await self._items_in.send(Disconnected(reason, code))
-            delay = backoff_delay(
-                attempt, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng
-            )
-            attempt += 1
-            logger.debug("reconnecting to %s in %.3f s (attempt %d)", self.url, delay, attempt)
+            delay = backoff.next_delay()
+            logger.debug("reconnecting to %s in %.3f s", self.url, delay)
             await trio.sleep(delay)
 
     async def _serve(self, connection: Client) -> tuple[str, int | None]:

@@ -3,7 +3,7 @@
 Two small pieces the reconnecting client (:mod:`trio_fanout.reconnecting`) drives, kept pure so
 that tests can drive them without sockets or clocks:
 
-- :func:`backoff_delay`, the wait before the next connection attempt;
+- :func:`backoff_delay` and :class:`Backoff`, the waits before the next connection attempts;
 - :class:`RoomPositions`, each joined room's epoch and last delivered offset (protocol version
   2): the ``since`` of a rejoin, and the filter that never lets a message through twice.
 """
@@ -30,6 +30,31 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
     # 2**attempt overflows a float past about attempt 1023; the cap is reached long before.
     ceiling = cap if attempt >= 64 else min(cap, base * 2**attempt)
     return rng.uniform(0.0, ceiling)
+
+
+class Backoff:
+    """The waits between connection attempts, one after another, with :func:`backoff_delay`.
+
+    A connection that lasted ``stable_after`` seconds or more was a real one: the next wait
+    starts again from the first step. A shorter one (a server that accepts and then closes at
+    once) keeps the waits growing, so that it is not hammered.
+    """
+
+    def __init__(self, *, base: float, cap: float, stable_after: float, rng: random.Random) -> None:
+        self.base = base
+        self.cap = cap
+        self.stable_after = stable_after
+        self._rng = rng
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        delay = backoff_delay(self._attempt, base=self.base, cap=self.cap, rng=self._rng)
+        self._attempt += 1
+        return delay
+
+    def connection_ended(self, lasted: float) -> None:
+        if lasted >= self.stable_after:
+            self._attempt = 0
 
 
 class Rejoin(enum.Enum):
