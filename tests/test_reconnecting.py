@@ -527,3 +527,45 @@ async def test_version_2_a_new_epoch_while_connected_is_reported_and_its_message
         assert await next_item(client) == {
             "type": "message", "room": room, "data": "again", "offset": 1
         }  # fmt: skip
+
+
+async def test_version_2_an_application_too_slow_to_read_is_closed_and_recovers_everything():
+    port, room, count = free_port(), fresh_room(), 3000
+    backplane_url = f"memory://reconnecting-{next(_names)}"
+    config = Config(
+        port=port,
+        heartbeat_interval=0,
+        backplane=backplane_url,
+        max_queued_frames=50,
+        max_queued_bytes=256 * 1024,
+    )
+    # More than the client's buffer (1,000 messages), the loopback socket's buffers (a few MB)
+    # and the worker's queue for the client (256 KiB) hold: the worker closes the connection
+    # 1013. The room keeps them all, so that the rejoin can recover what had not reached the
+    # client.
+    padding = "x" * 8000
+    async with (
+        open_backplane(backplane_url, history=HistoryPolicy(size=count)) as backplane,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(serve, config)
+        async with open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2
+        ) as client:
+            assert isinstance(await next_item(client), Connected)
+            await client.join(room)
+            emitter = Emitter(backplane)
+            for number in range(count):
+                await emitter.publish(room, {"n": number, "padding": padding})
+            items = []
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while len(messages := [i for i in items if isinstance(i, dict)]) < count:
+                    items.append(await client.receive())
+            events = [item for item in items if not isinstance(item, dict)]
+            # Each rejoin recovers what the worker's small queue lets through before it is
+            # full again; whatever the number of rounds, each ends recovered.
+            kinds = [type(event) for event in events]
+            assert kinds and kinds == [Disconnected, Connected, Recovered] * (len(kinds) // 3)
+            assert all(event.code == 1013 for event in events[::3])  # type: ignore[union-attr]
+            assert [message["offset"] for message in messages] == list(range(1, count + 1))
+        nursery.cancel_scope.cancel()
