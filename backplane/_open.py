@@ -124,5 +124,5 @@ async def open_backplane(
     else:
         from trio_fanout.backplane.redis import open_redis_backplane
 
-        async with open_redis_backplane(address) as redis_backplane:
+        async with open_redis_backplane(address, history) as redis_backplane:
             yield redis_backplane

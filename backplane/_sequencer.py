@@ -121,8 +121,9 @@ class Sequencer:
             if series.last_append > deadline:
                 break  # ordered by last append: the rest are younger
             expired += 1
-        for topic in list(itertools.islice(self.series, expired)):
-            self._forget(topic)
+        if expired:
+            for topic in list(itertools.islice(self.series, expired)):
+                self._forget(topic)
         return expired
 
     def _drop_oldest(self, series: Series) -> None:

@@ -11,6 +11,9 @@ their requests by id, so many may be outstanding at once (``backplane._zmq_wire`
 commands). ``subscribe`` returns once the proxy has registered the topic, which makes it exact;
 ``publish`` returns once the proxy has routed the message, or raises
 :class:`BackplaneUnavailable`: a message is never dropped without its publisher being told.
+``append`` is the same with the proxy as the topics' sequencer: its answer is the message's
+position, and ``history`` is answered from the proxy's memory. The ``history`` policy given to
+``open_backplane`` does not apply here: the proxy's own does.
 
 The socket only queues to a completed connection (``ZMQ_IMMEDIATE``) and has no high-water mark,
 so a send that ZeroMQ refuses means one thing: there is no connection to the proxy. A monitor of
@@ -42,13 +45,17 @@ from trio_fanout.backplane._interface import (
     MessageQueue,
     Position,
     Received,
+    check_history_query,
     check_topic,
     unwrap_single_errors,
 )
 from trio_fanout.backplane._shrink import ShrinkWatch
 from trio_fanout.backplane._zmq_wire import (
+    APPEND,
     BYE,
     CREDIT,
+    HISTORY,
+    HISTORY_HEAD,
     ID_END,
     MESSAGE,
     NUMBER,
@@ -61,8 +68,10 @@ from trio_fanout.backplane._zmq_wire import (
     events,
     file_descriptor,
     message_cost,
+    pack_position,
     receive_frames,
     send_frames,
+    unpack_position,
     zmq_endpoint,
 )
 
@@ -141,6 +150,8 @@ class ZmqBackplane(Backplane):
         self._wait_scope: trio.CancelScope | None = None
         self._proxy_answers = False
         self._proxy_instance: bytes | None = None
+        self._last_epoch_bytes = b""
+        self._last_epoch = ""
 
     # ---- the Backplane interface ---------------------------------------------------------
 
@@ -180,12 +191,38 @@ class ZmqBackplane(Backplane):
             self._send([UNSUBSCRIBE + topic])
 
     async def append(self, topic: bytes, payload: bytes) -> Position:
-        raise NotImplementedError("numbered messages are not implemented on this backend yet")
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        answer = await self._request(APPEND, topic, [payload], PUBLISH_TIMEOUT)
+        try:
+            (frame,) = answer
+            return Position(*unpack_position(frame))
+        except ValueError:
+            raise BackplaneUnavailable(
+                f"{self.endpoint} answered an append with {answer!r}"
+            ) from None
 
     async def history(
         self, topic: bytes, since: Position | None = None, limit: int | None = None
     ) -> History:
-        raise NotImplementedError("history is not implemented on this backend yet")
+        check_topic(topic)
+        check_history_query(since, limit)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        query = [
+            b"" if since is None else pack_position(since.offset, since.epoch),
+            b"" if limit is None else NUMBER.pack(limit),
+        ]
+        answer = await self._request(HISTORY, topic, query, PUBLISH_TIMEOUT)
+        if not answer or len(answer[0]) <= HISTORY_HEAD.size:
+            raise BackplaneUnavailable(f"{self.endpoint} answered a history with {answer!r}")
+        latest, first, complete = HISTORY_HEAD.unpack_from(answer[0])
+        epoch = answer[0][HISTORY_HEAD.size :].decode("ascii")
+        messages = list(zip(itertools.count(first), answer[1:], strict=False))
+        return History(epoch, latest, messages, complete)
 
     async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         batch = await self._queue.take(max_messages)
@@ -271,6 +308,8 @@ class ZmqBackplane(Backplane):
             kind = head[:1]
             if kind == MESSAGE and len(frames) == 2:
                 queue.put(head[1:], frames[1])
+            elif kind == MESSAGE and len(frames) == 3 and len(frames[1]) > NUMBER.size:
+                queue.put(head[1:], frames[2], self._position(frames[1]))
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
@@ -278,6 +317,14 @@ class ZmqBackplane(Backplane):
                     request.done.set()
             else:
                 logger.warning("ignored a message of %d frames from the proxy", len(frames))
+
+    def _position(self, frame: bytes) -> Position:
+        """The position a message came with; the epoch's text is decoded once per epoch."""
+        epoch_bytes = frame[NUMBER.size :]
+        if epoch_bytes != self._last_epoch_bytes:
+            self._last_epoch_bytes = epoch_bytes
+            self._last_epoch = epoch_bytes.decode("ascii", "replace")
+        return Position(self._last_epoch, NUMBER.unpack_from(frame)[0])
 
     # ---- keeping in touch with the proxy --------------------------------------------------
 

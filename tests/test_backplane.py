@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.helpers import redis_call
 from trio_fanout import backplane
 from trio_fanout.backplane import (
     Backplane,
@@ -33,6 +34,7 @@ from trio_fanout.backplane import (
 )
 from trio_fanout.backplane import memory as memory_backend
 from trio_fanout.backplane._sequencer import Sequencer
+from trio_fanout.backplane.proxy import ZmqProxy
 
 # Generous for loopback; only a hang or a lost message ever gets near it.
 TIMEOUT = 10
@@ -303,8 +305,8 @@ async def test_bad_topics_are_refused(url: str, topic: object) -> None:
 
 # The backends whose sequencer keeps numbering and history; SEQUENCED_BOUNDED_BACKENDS also
 # enforce max_bytes themselves (on Redis, Redis's maxmemory does).
-SEQUENCED_BACKENDS = ["memory"]
-SEQUENCED_BOUNDED_BACKENDS = ["memory"]
+SEQUENCED_BACKENDS = ["memory", "zmq", "redis"]
+SEQUENCED_BOUNDED_BACKENDS = ["memory", "zmq"]
 
 _topic_numbers = itertools.count()
 
@@ -319,11 +321,34 @@ class Sequenced:
         self.request = request
         self.policy = HistoryPolicy()
         self.url = ""
+        self.proxy: ZmqProxy | None = None
+        self._proxy_scope = trio.CancelScope()
+        self._proxy_stopped = trio.Event()
 
     async def start(self, policy: HistoryPolicy | None = None) -> None:
         self.policy = policy or HistoryPolicy()
         if self.kind == "memory":
             self.url = f"memory://sequenced-{os.getpid()}-{next(_memory_names)}"
+        elif self.kind == "zmq":
+            port = await self._start_proxy(0)
+            self.url = f"zmq://127.0.0.1:{port}"
+        else:
+            self.url = self.request.getfixturevalue("redis_server").url
+
+    async def _start_proxy(self, port: int) -> int:
+        proxy = self.proxy = ZmqProxy("127.0.0.1", port, history=self.policy)
+        scope = self._proxy_scope = trio.CancelScope()
+        stopped = self._proxy_stopped = trio.Event()
+
+        async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+            try:
+                with scope:
+                    await proxy.serve(task_status=task_status)
+            finally:
+                stopped.set()
+
+        bound: int = await self.nursery.start(serve)
+        return bound
 
     def open(self) -> AbstractAsyncContextManager[Backplane]:
         return open_backplane(self.url, history=self.policy)
@@ -336,9 +361,18 @@ class Sequenced:
         """Start the sequencer again; every backplane of the test must be closed."""
         if self.kind == "memory":
             assert self.url.removeprefix("memory://") not in memory_backend._hubs
+        elif self.kind == "zmq":
+            self._proxy_scope.cancel()
+            with trio.fail_after(TIMEOUT):
+                await self._proxy_stopped.wait()
+            await self._start_proxy(parse_backplane_url(self.url).port)
+        else:  # Redis forgets every topic's numbering as a restarted one would
+            assert await redis_call(parse_backplane_url(self.url).port, b"FLUSHALL") == b"OK"
 
     def sequencer(self, backplane: Backplane) -> Sequencer:
         """The sequencer's own state (memory and zmq)."""
+        if self.proxy is not None:
+            return self.proxy.sequencer
         assert isinstance(backplane, memory_backend.MemoryBackplane)
         return backplane.sequencer
 

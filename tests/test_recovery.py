@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections import deque
@@ -18,10 +19,23 @@ from tests.helpers import (
     START_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
+    free_port,
     trio_fanout_command,
+)
+from tests.test_proxy_restart import start_proxy
+from trio_fanout import Config, Emitter, Worker
+from trio_fanout.backplane import (
+    Backplane,
+    BackplaneUnavailable,
+    History,
+    HistoryPolicy,
+    Position,
+    Received,
+    open_backplane,
 )
 from trio_fanout.client import Client, Frame, open_client
 from trio_fanout.emitter import open_emitter
+from trio_fanout.runner import open_listener
 
 _rooms = itertools.count()
 
@@ -292,7 +306,7 @@ async def test_history_with_and_without_since_and_limit(server: Server) -> None:
 
 async def test_emitter_publishes_get_offsets(server: Server) -> None:
     if server.backplane_url is None:
-        pytest.skip("the memory backplane lives inside the worker process: see test_worker.py")
+        pytest.skip("the memory backplane lives inside the worker process: tested below")
     room = fresh_room()
     async with member(server.url) as alice, open_emitter(server.backplane_url) as emitter:
         await alice.join(room)
@@ -303,3 +317,190 @@ async def test_emitter_publishes_get_offsets(server: Server) -> None:
         await emitter.broadcast("to all")
         frame = await alice.next_frame()
         assert frame == {"type": "message", "data": "to all"}  # no room, no offset
+
+
+@asynccontextmanager
+async def worker_in_process(history: HistoryPolicy) -> AsyncIterator[tuple[str, Backplane]]:
+    """A worker in this process on a memory backplane of its own, keeping ``history``; its
+    URL and the backplane."""
+    listener = open_listener("127.0.0.1", 0)
+    url = f"memory://recovery-in-process-{os.getpid()}-{next(_rooms)}"
+    async with open_backplane(url, history=history) as backplane, trio.open_nursery() as nursery:
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws", backplane
+        worker.stop()
+    listener.close()
+
+
+async def test_members_are_told_when_the_room_starts_a_new_epoch() -> None:
+    # The room's history expires after 0.2 s without a message; its numbering starts again.
+    ttl = 0.2
+    room = fresh_room()
+    async with (
+        worker_in_process(HistoryPolicy(ttl=ttl)) as (url, _),
+        member(url) as alice,
+        member(url) as bob,
+    ):
+        first = await alice.join(room)
+        await bob.publish(room, "old")
+        assert await alice.messages(1) == [(1, "old")]
+        await trio.sleep(ttl * 2)  # idle past the ttl: the sequencer forgets the room
+        assert await bob.publish(room, "new") == 1
+        notice = await alice.next_frame()
+        assert notice["type"] == "joined" and "id" not in notice
+        assert notice["epoch"] != first["epoch"]
+        assert (notice["offset"], notice["recovered"]) == (0, False)
+        assert await alice.messages(1) == [(1, "new")]
+        # A since of the old epoch recovers nothing, and says where the room is now.
+        async with member(url) as late:
+            old = {"epoch": first["epoch"], "offset": 1}
+            joined = await late.join(room, old)
+            assert (joined["epoch"], joined["offset"]) == (notice["epoch"], 1)
+            assert joined["recovered"] is False
+            history = await late.request({"type": "history", "room": room, "since": old})
+            assert (history["epoch"], history["messages"]) == (notice["epoch"], [])
+
+
+async def test_emitter_publishes_on_the_memory_backplane_get_offsets() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, backplane), member(url) as alice:
+        await alice.join(room)
+        emitter = Emitter(backplane)
+        assert await emitter.publish(room, "one") == 1
+        assert await alice.publish(room, "two") == 2
+        assert await emitter.publish(room, "three") == 3
+        assert await alice.messages(3) == [(1, "one"), (2, "two"), (3, "three")]
+
+
+class HeldHistory(Backplane):
+    """A memory backplane whose ``history`` reads wait, once ``gate`` is set, until the test
+    opens it.
+
+    The memory backend answers a history read at once, so the real one cannot show what
+    happens to live messages that arrive during a slow read (a busy Redis, a distant proxy);
+    this wrapper holds the read, and everything else is the real backend.
+    """
+
+    def __init__(self, inner: Backplane) -> None:
+        self.inner = inner
+        self.gate: trio.Event | None = None
+        self.reading = trio.Event()
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return await self.inner.history(topic, since, limit)
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        await self.inner.publish(topic, payload)
+
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        return await self.inner.append(topic, payload)
+
+    async def subscribe(self, topic: bytes) -> None:
+        await self.inner.subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.inner.unsubscribe(topic)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
+        return await self.inner.receive_batch(max_messages)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self.inner.unavailable_reason
+
+
+@pytest.mark.parametrize(("published_during_read", "recovered"), [(20, True), (50, False)])
+async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
+    published_during_read: int, recovered: bool
+) -> None:
+    room, bound = fresh_room(), 30  # max_queued_frames: what the joiner may have held back
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(f"memory://held-{os.getpid()}-{next(_rooms)}") as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = HeldHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0, max_queued_frames=bound), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as watcher, member(url) as joiner:
+            epoch = (await watcher.join(room))["epoch"]
+            for number in range(1, 6):
+                await emitter.publish(room, number)
+            assert len(await watcher.messages(5)) == 5
+            backplane.gate = gate = trio.Event()
+            since = {"epoch": epoch, "offset": 2}
+            await joiner.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            latest = 5 + published_during_read
+            for number in range(6, latest + 1):
+                await emitter.publish(room, number)
+            # Through the worker's fan-out: held back for the joiner by now.
+            assert len(await watcher.messages(published_during_read)) == published_during_read
+            gate.set()
+            joined = await joiner.next_frame()
+            assert (joined["type"], joined["recovered"]) == ("joined", recovered), joined
+            if recovered:
+                # Everything after offset 2, once, in order: from the history, then held back.
+                assert await joiner.messages(latest - 2) == [(n, n) for n in range(3, latest + 1)]
+            else:
+                # Past the bound: nothing old, and the live messages after the last held one.
+                assert joined["offset"] == latest
+            assert await emitter.publish(room, "next") == latest + 1
+            assert await joiner.messages(1) == [(latest + 1, "next")]
+        worker.stop()
+    listener.close()
+
+
+async def test_a_restarted_proxy_starts_new_epochs_that_members_and_rejoins_are_told_of() -> None:
+    port = free_port()
+    proxy = start_proxy(port)
+    worker = LoggedProcess(
+        trio_fanout_command("worker", "--port", "0", "--backplane", f"zmq://127.0.0.1:{port}")
+    )
+    try:
+        match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+        url = f"ws://127.0.0.1:{match.group(1)}/ws"
+        room = fresh_room()
+        async with (
+            member(url) as alice,
+            open_emitter(f"zmq://127.0.0.1:{port}") as emitter,
+        ):
+            old = await alice.join(room)
+            for number in range(3):
+                await emitter.publish(room, number)
+            assert [offset for offset, _ in await alice.messages(3)] == [1, 2, 3]
+
+            proxy.stop()  # SIGTERM; its numbering and history are gone with it
+            proxy = start_proxy(port)
+
+            async def keep_publishing() -> None:
+                for number in range(10_000):
+                    with contextlib.suppress(BackplaneUnavailable):
+                        await emitter.publish(room, ["after", number])
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_publishing)
+                notice = await alice.next_frame()  # within RECEIVE_TIMEOUT of the restart
+                assert notice["type"] == "joined" and "id" not in notice, notice
+                assert notice["epoch"] != old["epoch"] and notice["recovered"] is False
+                ((offset, data),) = await alice.messages(1)
+                assert offset == notice["offset"] + 1 and data[0] == "after"
+                async with member(url) as bob:
+                    since = {"epoch": old["epoch"], "offset": 3}
+                    joined = await bob.join(room, since)
+                    assert joined["recovered"] is False
+                    assert joined["epoch"] == notice["epoch"]
+                nursery.cancel_scope.cancel()
+    finally:
+        worker.stop()
+        proxy.stop()

@@ -306,13 +306,18 @@ async def test_malformed_commands_are_ignored_and_logged(
         rogue.connect(f"tcp://127.0.0.1:{running.port}")
         rogue.send_multipart([b"P" + bytes(8) + b"topic"])  # no payload
         rogue.send_multipart([b"nonsense"])
+        rogue.send_multipart([b"A" + bytes(8) + b"topic"])  # an append without its payload
+        rogue.send_multipart([b"H" + bytes(8) + b"topic", b"short", b""])  # a bad since
+        rogue.send_multipart([b"H" + bytes(8) + b"topic", b"", b"not 8 bytes"])  # a bad limit
         async with open_backplane(running.url) as instance:
             await instance.subscribe(b"room")
             await instance.publish(b"room", b"fine")
             assert await Inbox(instance).next() == (b"room", b"fine")
+            assert (await instance.append(b"room", b"numbered")).offset == 1
         await wait_until(
-            lambda: sum("malformed" in r.getMessage() for r in caplog.records) == 2,
-            "the two warnings",
+            lambda: sum("malformed" in r.getMessage() for r in caplog.records) == 5,
+            "the five warnings",
         )
+        assert list(running.proxy.sequencer.series) == [b"room"]  # nothing numbered for rogue
     finally:
         rogue.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from trio_fanout.backplane import BadBackplaneURL, parse_backplane_url
+from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplane_url
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
@@ -122,6 +122,14 @@ class Config:
     """Seconds between the master's pings to each worker of `trio-fanout run`."""
     liveness_timeout: float = attrs.field(default=5.0, validator=_positive)
     """Seconds without an answer after which the master kills a worker as hung."""
+    history_size: int = attrs.field(default=100, validator=_not_negative)
+    """Messages kept per room for clients that reconnect (0: none kept, still numbered)."""
+    history_ttl: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds a room's history and numbering live after its last message: long enough that a
+    client reconnecting after a few minutes recovers what it missed."""
+    history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
+    """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
+    ``maxmemory`` is the bound)."""
 
     def __attrs_post_init__(self) -> None:
         if self.liveness_timeout <= self.liveness_interval:
@@ -138,6 +146,13 @@ class Config:
             return self.backplane
         host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
         return f"zmq://{host}:{self.proxy_port}"
+
+    @property
+    def history_policy(self) -> HistoryPolicy:
+        """What the rooms' sequencer keeps, as the backplane takes it."""
+        return HistoryPolicy(
+            size=self.history_size, ttl=self.history_ttl, max_bytes=self.history_max_bytes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
