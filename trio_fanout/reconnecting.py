@@ -220,9 +220,13 @@ class ReconnectingClient:
         """The next ``message`` frame or event, in arrival order."""
         return await self._items_out.receive()
 
-    async def __aiter__(self) -> AsyncIterator[Item]:
-        while True:
-            yield await self.receive()
+    # An iterator rather than an async generator: leaving an ``async for`` early then leaves
+    # nothing to finalise (Trio warns about async generators left unfinished).
+    def __aiter__(self) -> ReconnectingClient:
+        return self
+
+    async def __anext__(self) -> Item:
+        return await self.receive()
 
     async def join(self, room: str) -> Frame:
         """Join ``room``, now and after every reconnection; returns the ``joined`` frame."""
