@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 
 import trio
 
-from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess
+from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, free_port
 from tests.test_reconnecting import fresh_room, reconnecting_on_workers, until
 from trio_fanout.reconnecting import (
     Connected,
@@ -22,6 +22,8 @@ from trio_fanout.reconnecting import (
     NotConnected,
     ReconnectingClient,
     Recovered,
+    Unrecovered,
+    open_reconnecting_client,
 )
 
 # Short backoff, so that the clients of the killed worker come back within a second.
@@ -163,3 +165,39 @@ async def test_headline_a_killed_worker_costs_its_clients_nothing(cluster: Clust
             assert all(isinstance(item, dict) for item in received[id(member)])
         assert len(acked) > 50  # the publishers did publish steadily throughout
     await wait_for_restart(cluster, victim)
+
+
+def test_a_whole_new_cluster_is_a_new_epoch_and_its_clients_are_told_unrecovered():
+    # The same ports, so that the client finds the new cluster by itself; its ZeroMQ proxy,
+    # the rooms' sequencer, knows nothing of the old epochs.
+    ports = ["--port", str(free_port()), "--proxy-port", str(free_port())]
+    command = ["--workers", "1", "--heartbeat-interval", "0.2", *ports]
+    clusters = [ClusterProcess(*command)]
+    try:
+        clusters[0].wait_for_workers(1)
+
+        async def scenario() -> None:
+            room = fresh_room()
+            async with open_reconnecting_client(clusters[0].url, **FAST_BACKOFF) as client:
+                await next_connected(client)
+                old_epoch = (await client.join(room))["epoch"]
+                assert await client.publish(room, "old", ack=True) == 1
+                item, _ = await until(client, dict)
+                assert item["offset"] == 1  # type: ignore[index]
+                await trio.to_thread.run_sync(clusters[0].stop)
+                await until(client, Disconnected)
+                clusters.append(await trio.to_thread.run_sync(ClusterProcess, *command))
+                await trio.to_thread.run_sync(clusters[1].wait_for_workers, 1)
+                await until(client, Connected)
+                unrecovered, _ = await until(client, Unrecovered)
+                joined = unrecovered.joined  # type: ignore[union-attr]
+                assert joined["recovered"] is False and joined["epoch"] != old_epoch
+                # The new epoch's offset 1 is a new message, not a repeat of the old one's.
+                assert await client.publish(room, "new", ack=True) == 1
+                item, _ = await until(client, dict)
+                assert item == {"type": "message", "room": room, "data": "new", "offset": 1}
+
+        trio.run(scenario)
+    finally:
+        for cluster in clusters:
+            cluster.stop()
