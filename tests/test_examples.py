@@ -197,6 +197,6 @@ async def test_the_reconnecting_client_example_lives_through_a_server_restart():
         "connected to worker 1",
         "disconnected; reconnecting",
         "connected to worker 1",
-        "rejoined lobby but missed messages are lost: reload its state",
-        "message: back again",
+        "rejoined lobby and recovered what was missed",
+        "message 1 sent while the client was away",
     ]
