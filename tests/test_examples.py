@@ -187,3 +187,18 @@ def test_the_chat_page_opened_from_disk_points_at_the_default_port():
     assert '"ws://127.0.0.1:8765/ws"' in page
     # One page, two places: examples/chat.html is the page the workers serve, not a copy.
     assert (EXAMPLES / "chat.html").resolve() == CHAT_PAGE_SOURCE
+
+
+async def test_the_reconnecting_client_example_lives_through_a_server_restart():
+    with trio.fail_after(PROCESS_TIMEOUT):
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLES / "reconnecting_client.py")],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+    assert result.stdout.decode().splitlines() == [
+        "connected to worker 1",
+        "disconnected; reconnecting",
+        "connected to worker 1",
+        "rejoined lobby and recovered what was missed",
+        "message 1 sent while the client was away",
+    ]
