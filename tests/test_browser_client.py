@@ -1,0 +1,194 @@
+"""The browser client (/client.js) in a real headless Chromium, against a real cluster: it joins,
+receives, publishes with a promise, and reconnects and rejoins by itself when its worker dies or
+stops answering."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests import browser
+from tests.helpers import ClusterProcess, connect_on_each_worker, receive_data
+from trio_fanout.client import Client
+
+pytestmark = pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+
+STATIC = Path(__file__).parent.parent / "trio_fanout" / "static"
+
+# The heartbeat of the test cluster, in seconds: short, so that a dead connection shows soon.
+HEARTBEAT_INTERVAL = 0.2
+
+# Options of the client under test, in ms: a stopped worker is judged dead after the floor of
+# one second without any frame (five missed heartbeats), a connection that lands on it again
+# is given up after one second, and retries start within a tenth of a second. The defaults
+# (docs/browser-client.md) are slower on purpose; the logic is the same.
+CLIENT_OPTIONS = {
+    "heartbeatFloorMs": 1000,
+    "connectTimeoutMs": 1000,
+    "backoffBaseMs": 100,
+    "backoffCapMs": 1000,
+}
+
+# Bound on anything the page waits for, in ms: each takes well under a few seconds when healthy.
+PAGE_TIMEOUT_MS = 15_000
+
+# Installed in the page: the client under test, a record of everything it reports, and
+# `until(condition)`, a bounded wait for a condition on that record (checked whenever something
+# is recorded), which answers true, or a description of the record if the time ran out.
+PAGE_SETUP = """
+(async () => {
+  const { FanoutClient } = await import(ORIGIN + "/client.js");
+  window.events = [];
+  window.received = {};
+  let wake = () => {};
+  const record = (item) => { events.push(item); wake(); };
+  window.client = new FanoutClient(ORIGIN.replace("http", "ws") + "/ws", OPTIONS);
+  for (const name of ["connected", "disconnected", "reconnecting", "joined", "recovered",
+                      "unrecovered", "error"]) {
+    client.on(name, (detail) => record([name, detail]));
+  }
+  window.joinRoom = (room) => client.join(room, (data, meta) => {
+    (received[room] ??= []).push(data);
+    record(["message", { room, offset: meta.offset }]);
+  });
+  window.until = (condition, timeoutMs) => new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      wake = () => {};
+      resolve(JSON.stringify({ state: client.state, received, events }));
+    }, timeoutMs);
+    wake = () => {
+      if (condition()) { clearTimeout(timer); wake = () => {}; resolve(true); }
+    };
+    wake();
+  });
+  await new Promise((resolve) => client.on("connected", resolve));
+  return client.welcome;
+})().catch((error) => `the page could not set up the client: ${error.stack}`)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterProcess]:
+    """`trio-fanout run --workers 2` on the embedded ZeroMQ proxy: the client sees only the
+    WebSocket, so the backplane makes no difference to it (test_cluster runs both)."""
+    process = ClusterProcess("--workers", "2", "--heartbeat-interval", str(HEARTBEAT_INTERVAL))
+    try:
+        process.wait_for_workers(2)
+        yield process
+    finally:
+        process.stop()
+
+
+class ClientPage:
+    """A blank page that imports the client from the cluster, across origins as another site's
+    page would, set up by ``PAGE_SETUP``."""
+
+    def __init__(self, page: browser.Page, welcome: dict[str, Any]) -> None:
+        self.page = page
+        self.welcome = welcome
+
+    async def evaluate(self, expression: str) -> Any:
+        return await self.page.evaluate(expression)
+
+    async def until(self, condition: str) -> None:
+        """Wait until the JavaScript ``condition`` holds in the page."""
+        outcome = await self.page.evaluate(f"until(() => {condition}, {PAGE_TIMEOUT_MS})")
+        assert outcome is True, f"not {condition} in {PAGE_TIMEOUT_MS} ms: {outcome}"
+
+    async def received(self, room: str) -> list[Any]:
+        return await self.page.evaluate(f"received[{json.dumps(room)}] ?? []")  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def open_client_page(cluster: ClusterProcess) -> AsyncIterator[ClientPage]:
+    origin = f"http://127.0.0.1:{cluster.port}"
+    setup = PAGE_SETUP.replace("OPTIONS", json.dumps(CLIENT_OPTIONS)).replace(
+        "ORIGIN", json.dumps(origin)
+    )
+    async with browser.open_page("about:blank") as page:
+        with trio.fail_after(PAGE_TIMEOUT_MS / 1000):
+            welcome = await page.evaluate(setup)
+        assert isinstance(welcome, dict), welcome
+        yield ClientPage(page, welcome)
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process ``pid`` stopped (SIGSTOP) for the block, as a hung worker would be; continued
+    afterwards, unless the master killed it as hung meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def the_other_worker(stack: AsyncExitStack, cluster: ClusterProcess, worker: int) -> Client:
+    """A Python client on the worker other than ``worker`` (to publish while that one is down)."""
+    by_worker = await connect_on_each_worker(stack, cluster.url)
+    return by_worker[2 if worker == 1 else 1][0]
+
+
+async def test_the_client_joins_receives_and_publishes_with_promises(cluster: ClusterProcess):
+    async with AsyncExitStack() as stack:
+        by_worker = await connect_on_each_worker(stack, cluster.url)
+        python_client = by_worker[1][0]
+        await python_client.join("lobby")
+        async with open_client_page(cluster) as page:
+            assert page.welcome.get("heartbeatInterval") == HEARTBEAT_INTERVAL, page.welcome
+            joined = await page.evaluate('joinRoom("lobby")')
+            assert joined["room"] == "lobby"
+            for text in ("one", "two", "three"):
+                await by_worker[2][0].publish("lobby", text)
+            await page.until("received.lobby?.length === 3")
+            assert await page.received("lobby") == ["one", "two", "three"]
+
+            # A publish resolves on its ack; the Python client receives it.
+            ack = await page.evaluate('client.publish("lobby", {text: "from the page"})')
+            assert set(ack) == {"offset"}
+            assert await receive_data(python_client, 4) == [
+                "one", "two", "three", {"text": "from the page"}
+            ]  # fmt: skip
+
+            # Refusals reject with the server's code; nothing reaches the room.
+            refused = await page.evaluate(
+                'client.publish("", "x").then(() => "resolved", (e) => [e.name, e.code])'
+            )
+            assert refused == ["FanoutError", "bad_room"]
+            refused_join = await page.evaluate(
+                'joinRoom("bad\\u0001room").then(() => "resolved", (e) => e.code)'
+            )
+            assert refused_join == "bad_room"
+
+            # After leave, the room's callback gets nothing more: a later message of the same
+            # publisher to another room arrives, the one to the room left does not.
+            await page.evaluate('joinRoom("other")')
+            await page.evaluate('client.leave("lobby")')
+            await by_worker[2][0].publish("lobby", "after leave")
+            await by_worker[2][0].publish("other", "marker")
+            await page.until("received.other?.length === 1")
+            assert await page.received("lobby") == [
+                "one",
+                "two",
+                "three",
+                {"text": "from the page"},
+            ]
+
+            # Closed, the client refuses everything and never reconnects.
+            closed = await page.evaluate(
+                'client.close(), client.publish("lobby", "x").then(() => "resolved", (e) => e.code)'
+            )
+            assert closed == "closed"
+            assert await page.evaluate("client.state") == "closed"
