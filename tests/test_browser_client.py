@@ -192,3 +192,51 @@ async def test_the_client_joins_receives_and_publishes_with_promises(cluster: Cl
             )
             assert closed == "closed"
             assert await page.evaluate("client.state") == "closed"
+
+
+async def test_the_client_reconnects_by_itself_after_its_worker_is_killed(
+    cluster: ClusterProcess,
+):
+    async with open_client_page(cluster) as page, AsyncExitStack() as stack:
+        await page.evaluate('joinRoom("survivors")')
+        publisher = await the_other_worker(stack, cluster, page.welcome["worker"])
+        await publisher.publish("survivors", "before")
+        await page.until("received.survivors?.length === 1")
+
+        os.kill(page.welcome["pid"], signal.SIGKILL)
+        # The client notices the close, reconnects (to the other worker, or to the restarted
+        # one) and rejoins the room, with no code of the page's.
+        await page.until(
+            'events.some(([name, d]) => name === "joined" && d.room === "survivors" && d.rejoin)'
+        )
+        assert await page.evaluate("client.welcome.pid") != page.welcome["pid"]
+        disconnected = await page.evaluate(
+            'events.filter(([name]) => name === "disconnected").map(([, d]) => d.code)'
+        )
+        assert disconnected == [1006]  # closed without a closing handshake
+        await publisher.publish("survivors", "after")
+        await page.until("received.survivors?.length === 2")
+        assert await page.received("survivors") == ["before", "after"]
+
+
+async def test_the_client_gives_up_a_silent_connection_and_reconnects(cluster: ClusterProcess):
+    async with open_client_page(cluster) as page, AsyncExitStack() as stack:
+        await page.evaluate('joinRoom("patient")')
+        publisher = await the_other_worker(stack, cluster, page.welcome["worker"])
+        with stopped(page.welcome["pid"]):
+            # A stopped worker neither closes nor answers: only the missing heartbeats tell.
+            started = trio.current_time()
+            await page.until('events.some(([name]) => name === "disconnected")')
+            waited = trio.current_time() - started
+            await page.until(
+                'events.some(([name, d]) => name === "joined" && d.room === "patient" && d.rejoin)'
+            )
+            assert await page.evaluate("client.welcome.worker") != page.welcome["worker"]
+            await publisher.publish("patient", "to the survivor")
+            await page.until("received.patient?.length === 1")
+        disconnected = await page.evaluate('events.find(([name]) => name === "disconnected")[1]')
+        assert disconnected["code"] is None
+        assert disconnected["reason"] == "missed heartbeats"
+        # Judged dead after the floor of one second without a frame, not much later.
+        assert 0.9 < waited < 5
+        assert await page.received("patient") == ["to the survivor"]

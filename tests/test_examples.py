@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -177,6 +179,62 @@ async def test_the_chat_page_chats_in_a_real_browser(cluster: ClusterProcess):
                 log = await page.wait_for_text("log", "bob: hi ann")
             assert "joined lobby" in log
             assert "ann: hello from ann" in log
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_opened_from_disk_loads_the_client_from_the_server(
+    cluster: ClusterProcess,
+):
+    # From disk, the page imports /client.js from the chat server's origin (the module is
+    # served to any origin); ?server= stands in for the default port here.
+    page_url = f"{CHAT_PAGE_SOURCE.as_uri()}?server={cluster.url}&room=disk&name=dee&say=hi"
+    async with open_client(cluster.url) as python_client:
+        await python_client.join("disk")
+        async with browser.open_page(page_url) as page:
+            assert await receive_message(python_client) == {
+                "type": "message",
+                "room": "disk",
+                "data": {"name": "dee", "text": "hi"},
+            }
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                status = await page.wait_for_text("status", "connected to worker")
+            assert status.startswith("connected to worker")
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_shows_a_reconnect_and_keeps_chatting(cluster: ClusterProcess):
+    page_url = f"http://127.0.0.1:{cluster.port}/?room=phoenix&name=ann"
+    async with browser.open_page(page_url) as page, AsyncExitStack() as stack:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "joined phoenix")
+        status = await page.evaluate('document.getElementById("status").innerText')
+        match = re.fullmatch(r"connected to worker (\d) \(pid (\d+)\)", status)
+        assert match, status
+        # A member on the other worker, which stays up.
+        by_worker = await connect_on_each_worker(stack, cluster.url)
+        python_client = by_worker[2 if match.group(1) == "1" else 1][0]
+        await python_client.join("phoenix")
+        # The page's worker dies; the client reconnects and rejoins, and the page says so.
+        os.kill(int(match.group(2)), signal.SIGKILL)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "disconnected (1006)")
+            await page.wait_for_text("status", "reconnected to worker")
+            await page.wait_for_text("log", "rejoined phoenix")
+        await python_client.publish("phoenix", {"name": "bob", "text": "still here?"})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "bob: still here?")
+        await page.evaluate(
+            'document.getElementById("text").value = "yes";'
+            'document.getElementById("say").requestSubmit()'
+        )
+        assert await receive_data(python_client, 2) == [
+            {"name": "bob", "text": "still here?"},
+            {"name": "ann", "text": "yes"},
+        ]
 
 
 def test_the_chat_page_opened_from_disk_points_at_the_default_port():
