@@ -217,6 +217,17 @@ async def test_the_client_reconnects_by_itself_after_its_worker_is_killed(
         await publisher.publish("survivors", "after")
         await page.until("received.survivors?.length === 2")
         assert await page.received("survivors") == ["before", "after"]
+        # This server speaks protocol 1.1 (no offsets, no epochs): the client rejoined without
+        # `since` and claims no recovery either way.
+        rejoined = await page.evaluate(
+            'events.find(([name, d]) => name === "joined" && d.rejoin)[1]'
+        )
+        assert rejoined == {
+            "room": "survivors", "epoch": None, "offset": None, "rejoin": True, "recovered": None
+        }  # fmt: skip
+        assert not await page.evaluate(
+            'events.some(([name]) => name === "recovered" || name === "unrecovered")'
+        )
 
 
 async def test_the_client_gives_up_a_silent_connection_and_reconnects(cluster: ClusterProcess):

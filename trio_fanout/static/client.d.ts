@@ -89,7 +89,9 @@ export interface FanoutEvents {
   /** A rejoin with `since` got every missed message, delivered before any newer one. */
   recovered: RoomPosition;
   /** A rejoin with `since` could not recover what was missed (the room's numbering restarted or
-   * the gap is older than the server keeps): the application should reload its state. */
+   * the gap is older than the server keeps), or the server said unasked that the room's
+   * numbering started again: messages may be missing, the application should reload its
+   * state. */
   unrecovered: RoomPosition;
   /** A message to every connection (without a room). */
   broadcast: { data: unknown };

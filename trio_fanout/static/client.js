@@ -262,6 +262,8 @@ export class FanoutClient {
       case "message":
         return this._onMessage(frame);
       case "joined":
+        if (frame.id === undefined || frame.id === null) return this._onNewEpoch(frame);
+        return this._settle(frame.id, (pending) => pending.resolve(frame));
       case "ack":
       case "left":
       case "pong":
@@ -322,6 +324,16 @@ export class FanoutClient {
     this._emit("joined", { room, epoch, offset, rejoin, recovered });
     if (recovered === true) this._emit("recovered", { room, epoch, offset });
     if (recovered === false) this._emit("unrecovered", { room, epoch, offset });
+  }
+
+  /** The server's unasked `joined` (version 2): the room's numbering started again (its
+   * sequencer restarted, or its history expired), so messages may have been lost. */
+  _onNewEpoch(frame) {
+    const state = this._rooms.get(frame.room);
+    if (!state || typeof frame.epoch !== "string" || typeof frame.offset !== "number") return;
+    state.epoch = frame.epoch;
+    state.offset = frame.offset;
+    this._emit("unrecovered", { room: frame.room, epoch: frame.epoch, offset: frame.offset });
   }
 
   _onJoinRefused(room, state, error) {
