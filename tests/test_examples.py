@@ -160,6 +160,27 @@ async def test_every_worker_serves_the_chat_page(cluster: ClusterProcess):
     assert body == (EXAMPLES / "chat.html").read_bytes()
 
 
+async def test_every_worker_serves_the_browser_client_to_any_origin(cluster: ClusterProcess):
+    for path, content_type in [
+        ("/client.js", "text/javascript; charset=utf-8"),
+        ("/client.d.ts", "application/typescript; charset=utf-8"),
+    ]:
+        stream = await trio.open_tcp_stream("127.0.0.1", cluster.port)
+        async with stream:
+            request = f"GET {path} HTTP/1.1\r\nHost: test\r\nOrigin: null\r\n\r\n"
+            await stream.send_all(request.encode())
+            response = b""
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while chunk := await stream.receive_some():
+                    response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK"
+        assert f"Content-Type: {content_type}" in lines
+        assert "Access-Control-Allow-Origin: *" in lines
+        assert body == (CHAT_PAGE_SOURCE.parent / path.lstrip("/")).read_bytes()
+
+
 @pytest.mark.skipif(
     browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
 )
