@@ -4,8 +4,7 @@ Open one by URL with :func:`open_backplane`; the scheme picks the backend, so sw
 is a configuration change, not a code change:
 
 - ``memory://NAME``: in one process (tests, embedding);
-- ``zmq://HOST:PORT``: a ZeroMQ XPUB/XSUB proxy (see :func:`serve_proxy`) whose publisher side
-  listens on PORT and subscriber side on PORT+1;
+- ``zmq://HOST:PORT``: the ZeroMQ proxy (see :func:`serve_proxy`) listening on PORT;
 - ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` and ``rediss://…`` (TLS, with an optional
   ``?ssl_ca_certs=PATH``): Redis pub/sub, one channel per topic.
 """
@@ -15,6 +14,10 @@ from trio_fanout.backplane._interface import (
     BackplaneError,
     BackplaneUnavailable,
     BadBackplaneURL,
+    History,
+    HistoryPolicy,
+    Position,
+    Received,
 )
 from trio_fanout.backplane._open import open_backplane, parse_backplane_url
 from trio_fanout.backplane.proxy import serve_proxy
@@ -24,6 +27,10 @@ __all__ = [
     "BackplaneError",
     "BackplaneUnavailable",
     "BadBackplaneURL",
+    "History",
+    "HistoryPolicy",
+    "Position",
+    "Received",
     "open_backplane",
     "parse_backplane_url",
     "serve_proxy",

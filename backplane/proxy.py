@@ -1,102 +1,358 @@
-"""The ZeroMQ XSUB/XPUB proxy that publishers and subscribers meet at.
+"""The ZeroMQ proxy that every client of a ``zmq://`` backplane meets at: a router on Trio.
 
-Publishers connect to the XSUB side (PORT), subscribers to the XPUB side (PORT+1). The proxy
-subscribes upstream to everything and filters only at its XPUB side: a subscriber's subscription
-then takes effect at one place, the proxy, which is what lets ``subscribe`` prove it live with one
-round trip (see backplane.zmq).
+One ROUTER socket on one port; each client connects one DEALER socket to it and speaks the
+commands of ``backplane._zmq_wire``. The proxy keeps, per topic, the set of peers subscribed to
+it, and routes each published message to those peers only: a process without members in a room
+pays nothing for it, and a topic costs the proxy the same whatever the room's name.
 
-``zmq.proxy_steerable`` is a blocking C loop, so it runs in a thread (the one thread of the
-project), and is stopped through its control socket when the calling Trio task is cancelled.
+Being one loop is what makes the clients' guarantees exact. The proxy answers a SUBSCRIBE after
+it has registered it, so everything it routes afterwards reaches the subscriber; it answers each
+PUBLISH after routing it, so a publish is acknowledged or refused, never dropped in silence.
+
+A subscriber that stops reading is bounded in bytes, not in messages: the proxy counts, per
+peer, the bytes it has sent and the peer's consumer has not yet taken (each message's topic and
+payload plus ``MESSAGE_OVERHEAD_BYTES``); the client returns credit as its consumer takes
+messages. Past ``SUBSCRIBER_BACKLOG_LIMIT_BYTES`` the proxy drops that peer's messages (counted,
+logged once per stall) until credit comes back; the subscriber sees the gap in the publishers'
+sequence numbers. ZeroMQ's own high-water marks are off on the proxy's side so that this bound,
+not a silent ZeroMQ drop, is what limits.
+
+The proxy is also the topics' one sequencer: it sees every message, so an APPEND is numbered
+where it is routed, kept in the topic's history (``backplane._sequencer``, bounded by the
+``HistoryPolicy`` the proxy was started with), and sent to each subscriber with its position. A
+HISTORY is answered from that memory. A restarted proxy has forgotten it all: every topic's
+next numbering is a new epoch. The per-message work is a dict move, a deque append and one
+more frame per subscriber (docs/performance.md has its cost).
+
+It runs in Trio with the same FD integration as the client (``backplane.zmq``): drain in
+batches until ``zmq.Again``, re-check ``zmq.EVENTS`` before sleeping.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
+import errno
 import logging
+import os
 
 import trio
 import zmq
 
-from trio_fanout.backplane.zmq import HIGH_WATER_MARK, zmq_endpoint
+from trio_fanout.backplane._interface import HistoryPolicy, Position
+from trio_fanout.backplane._sequencer import Sequencer
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
+from trio_fanout.backplane._zmq_wire import (
+    APPEND,
+    BYE,
+    CREDIT,
+    HISTORY,
+    HISTORY_HEAD,
+    ID_END,
+    MESSAGE,
+    NUMBER,
+    PING,
+    PUBLISH,
+    REPLY,
+    SUBSCRIBE,
+    SYNC,
+    UNSUBSCRIBE,
+    events,
+    file_descriptor,
+    message_cost,
+    pack_position,
+    receive_frames,
+    send_frames,
+    unpack_position,
+    zmq_endpoint,
+)
 
 logger = logging.getLogger(__name__)
 
-# With port 0, how many random port pairs to try before giving up on finding PORT and PORT+1 free.
-FREE_PAIR_ATTEMPTS = 50
+# What a subscriber that does not take its messages may cost the proxy (and itself): a few
+# seconds of a busy worker's traffic, so that a garbage collection or a burst never drops,
+# while a hung worker holds at most this much of the proxy's memory.
+SUBSCRIBER_BACKLOG_LIMIT_BYTES = 64 * 1024 * 1024
 
-_control_ids = itertools.count()
+# A peer not heard from for this long is forgotten with its subscriptions (clients ping every
+# second; a client that comes back finds out from its next ping and subscribes again).
+PEER_TIMEOUT = 10.0
+
+# Commands handled per wake-up before other tasks get a turn.
+BATCH = 500
+
+# How often topics idle for longer than the history's ttl are forgotten when no append comes
+# to do it (each append forgets the expired ones first): cheap, as only expired ones are looked
+# at, and often enough that their memory is back within a second of their expiry.
+EXPIRY_SWEEP_INTERVAL = 1.0
+
+# Messages from one peer queued in the proxy before ZeroMQ stops reading from that peer: a
+# client's publishes wait for their answers, so this only bounds an unusually eager peer.
+RECEIVE_HIGH_WATER_MARK = 10_000
 
 
-def _bind_pair(xsub: zmq.Socket[bytes], xpub: zmq.Socket[bytes], host: str, port: int) -> int:
-    """Bind XSUB to ``port`` and XPUB to ``port + 1``; port 0 picks a free pair."""
-    if port:
-        xsub.bind(zmq_endpoint(host, port))
-        xpub.bind(zmq_endpoint(host, port + 1))
-        return port
-    for _ in range(FREE_PAIR_ATTEMPTS):
-        address_without_port = zmq_endpoint(host, 0).rsplit(":", 1)[0]
-        candidate = xsub.bind_to_random_port(address_without_port, max_port=65_000)
+class _Peer:
+    """One connected client: its topics and its flow-control account."""
+
+    __slots__ = ("dropped", "identity", "last_heard", "topics", "topics_shrink", "unacknowledged")
+
+    def __init__(self, identity: bytes, now: float) -> None:
+        self.identity = identity
+        self.topics: set[bytes] = set()
+        self.topics_shrink = ShrinkWatch()
+        self.unacknowledged = 0  # bytes sent that its consumer has not yet taken
+        self.dropped = 0  # messages dropped in the current stall; 0 while not stalled
+        self.last_heard = now
+
+
+class ZmqProxy:
+    """The routing table and the loop; :func:`serve_proxy` runs one."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 5559, *, history: HistoryPolicy | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.sequencer = Sequencer(history or HistoryPolicy())
+        self.instance = os.urandom(8)  # changes with every start: clients notice a restart
+        self.subscribers: dict[bytes, set[_Peer]] = {}
+        self._subscribers_shrink = ShrinkWatch()
+        self.peers: dict[bytes, _Peer] = {}
+        self.dropped_total = 0
+        self._now = 0.0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Route until cancelled; ``started`` reports the bound port.
+
+        Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
+        """
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         try:
-            xpub.bind(zmq_endpoint(host, candidate + 1))
-        except zmq.ZMQError:
-            xsub.unbind(zmq_endpoint(host, candidate))
-            continue
-        return candidate
-    raise OSError(f"found no two free consecutive ports on {host}")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # no limit: the credit bound limits instead
+            sock.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
+            # Refuse (EHOSTUNREACH) instead of dropping in silence a message for a peer that
+            # is gone: that is how the proxy learns of it.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            try:
+                if self.port:
+                    sock.bind(zmq_endpoint(self.host, self.port))
+                    bound = self.port
+                else:
+                    bound = sock.bind_to_random_port(zmq_endpoint(self.host, 0).rsplit(":", 1)[0])
+            except zmq.ZMQError as error:
+                raise OSError(
+                    f"cannot bind the ZeroMQ proxy to {self.host} port {self.port}: {error}"
+                ) from None
+            self._now = trio.current_time()
+            logger.info("ZeroMQ proxy: clients connect to %s", zmq_endpoint(self.host, bound))
+            task_status.started(bound)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forget_silent_peers)
+                nursery.start_soon(self._expire_idle_topics)
+                await self._route_forever(sock)
+        finally:
+            fd = file_descriptor(sock)
+            trio.lowlevel.notify_closing(fd)
+            sock.close()
+            logger.info("ZeroMQ proxy stopped")
+
+    async def _route_forever(self, sock: zmq.Socket[bytes]) -> None:
+        fd = file_descriptor(sock)
+        while True:
+            self._now = trio.current_time()
+            for _ in range(BATCH):
+                try:
+                    frames = receive_frames(sock)
+                except zmq.Again:
+                    break
+                self._handle(sock, frames)
+            # Our own sends consume the FD's edge too: look before sleeping.
+            if events(sock) & zmq.POLLIN:
+                await trio.lowlevel.checkpoint()
+                continue
+            await trio.lowlevel.wait_readable(fd)
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        identity = frames[0]
+        peer = self.peers.get(identity)
+        if peer is None:
+            peer = self.peers[identity] = _Peer(identity, self._now)
+        else:
+            peer.last_heard = self._now
+        head = frames[1] if len(frames) > 1 else b""
+        command, request_id = head[:1], head[1:ID_END]
+        if command == PUBLISH and len(frames) == 3 and len(head) > ID_END:
+            self._route(sock, head[ID_END:], frames[2], None)
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == APPEND and len(frames) == 3 and len(head) > ID_END:
+            topic, payload = head[ID_END:], frames[2]
+            series = self.sequencer.append(topic, payload, self._now)
+            position = pack_position(series.offset, series.epoch)
+            self._route(sock, topic, payload, position)
+            self._reply(sock, peer, [REPLY + request_id, position])
+        elif command == HISTORY and len(frames) == 4 and len(head) > ID_END:
+            self._answer_history(sock, peer, head, frames[2], frames[3])
+        elif command == CREDIT and len(frames) == 2 and len(head) == ID_END:
+            self._credit(peer, NUMBER.unpack_from(head, 1)[0])
+        elif command == SUBSCRIBE and len(frames) == 2 and len(head) > ID_END:
+            self._subscribe(peer, head[ID_END:])
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == UNSUBSCRIBE and len(frames) == 2 and len(head) > 1:
+            self._unsubscribe(peer, head[1:])
+        elif command == PING and len(frames) == 2 and len(head) == ID_END + NUMBER.size:
+            count = NUMBER.pack(len(peer.topics))
+            self._reply(sock, peer, [REPLY + request_id, self.instance, count])
+        elif command == SYNC and len(head) == ID_END:
+            wanted = set(frames[2:])
+            for topic in peer.topics - wanted:
+                self._unsubscribe(peer, topic)
+            for topic in wanted - peer.topics:
+                self._subscribe(peer, topic)
+            logger.info("peer %s: %d subscriptions restored", identity.hex(), len(wanted))
+            self._reply(sock, peer, [REPLY + request_id])
+        elif command == BYE and len(frames) == 2 and len(head) == 1:
+            self._forget(peer)
+        else:
+            logger.warning(
+                "peer %s: ignored a malformed command %r of %d frames",
+                identity.hex(), head[:16], len(frames),
+            )  # fmt: skip
+
+    def _route(
+        self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes, position: bytes | None
+    ) -> None:
+        subscribers = self.subscribers.get(topic)
+        if not subscribers:
+            return
+        cost = message_cost(topic, payload)
+        head = MESSAGE + topic
+        gone: list[_Peer] = []
+        for peer in subscribers:
+            if peer.unacknowledged >= SUBSCRIBER_BACKLOG_LIMIT_BYTES:
+                self._drop(peer)
+                continue
+            try:
+                if position is None:
+                    send_frames(sock, [peer.identity, head, payload])
+                else:
+                    send_frames(sock, [peer.identity, head, position, payload])
+            except zmq.ZMQError as error:
+                if error.errno != errno.EHOSTUNREACH:
+                    raise
+                gone.append(peer)
+                continue
+            peer.unacknowledged += cost
+        for peer in gone:
+            logger.info("peer %s disconnected", peer.identity.hex())
+            self._forget(peer)
+
+    def _answer_history(
+        self,
+        sock: zmq.Socket[bytes],
+        peer: _Peer,
+        head: bytes,
+        since_frame: bytes,
+        limit_frame: bytes,
+    ) -> None:
+        try:
+            since = Position(*unpack_position(since_frame)) if since_frame else None
+            if limit_frame and len(limit_frame) != NUMBER.size:
+                raise ValueError(f"not a limit: {limit_frame!r}")
+        except ValueError as error:
+            logger.warning("peer %s: ignored a malformed HISTORY (%s)", peer.identity.hex(), error)
+            return
+        limit = NUMBER.unpack(limit_frame)[0] if limit_frame else None
+        history = self.sequencer.history(head[ID_END:], since, limit, self._now)
+        first = history.messages[0][0] if history.messages else history.offset + 1
+        summary = HISTORY_HEAD.pack(history.offset, first, history.complete)
+        payloads = [payload for _, payload in history.messages]
+        self._reply(
+            sock, peer, [REPLY + head[1:ID_END], summary + history.epoch.encode(), *payloads]
+        )
+
+    def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
+        try:
+            send_frames(sock, [peer.identity, *frames])
+        except zmq.ZMQError as error:
+            if error.errno != errno.EHOSTUNREACH:
+                raise
+            self._forget(peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        if not peer.dropped:
+            logger.warning(
+                "peer %s has %d bytes it has not taken: dropping its messages until it does",
+                peer.identity.hex(), peer.unacknowledged,
+            )  # fmt: skip
+        peer.dropped += 1
+        self.dropped_total += 1
+
+    def _credit(self, peer: _Peer, taken: int) -> None:
+        # Credit for messages sent by an earlier instance of the proxy may arrive: never below 0.
+        peer.unacknowledged = max(0, peer.unacknowledged - taken)
+        if peer.dropped and peer.unacknowledged < SUBSCRIBER_BACKLOG_LIMIT_BYTES:
+            logger.warning(
+                "peer %s takes its messages again; %d were dropped for it",
+                peer.identity.hex(), peer.dropped,
+            )  # fmt: skip
+            peer.dropped = 0
+
+    def _subscribe(self, peer: _Peer, topic: bytes) -> None:
+        peer.topics.add(topic)
+        subscribers = self.subscribers.get(topic)
+        if subscribers is None:
+            self.subscribers[topic] = {peer}
+        else:
+            subscribers.add(peer)
+
+    def _unsubscribe(self, peer: _Peer, topic: bytes) -> None:
+        peer.topics.discard(topic)
+        if peer.topics_shrink.should_rebuild(len(peer.topics)):
+            peer.topics = set(peer.topics)
+            give_back_freed_memory()
+        subscribers = self.subscribers.get(topic)
+        if subscribers is not None:
+            subscribers.discard(peer)
+            if not subscribers:
+                del self.subscribers[topic]
+                if self._subscribers_shrink.should_rebuild(len(self.subscribers)):
+                    self.subscribers = dict(self.subscribers)
+                    give_back_freed_memory()
+
+    def _forget(self, peer: _Peer) -> None:
+        for topic in list(peer.topics):
+            self._unsubscribe(peer, topic)
+        self.peers.pop(peer.identity, None)
+
+    async def _expire_idle_topics(self) -> None:
+        while True:
+            await trio.sleep(EXPIRY_SWEEP_INTERVAL)
+            expired = self.sequencer.expire(trio.current_time())
+            if expired:
+                logger.debug("forgot the history of %d idle topics", expired)
+
+    async def _forget_silent_peers(self) -> None:
+        while True:
+            await trio.sleep(PEER_TIMEOUT / 2)
+            deadline = trio.current_time() - PEER_TIMEOUT
+            for peer in [peer for peer in self.peers.values() if peer.last_heard < deadline]:
+                logger.warning(
+                    "peer %s silent for %.0f s: forgetting its %d subscriptions",
+                    peer.identity.hex(), PEER_TIMEOUT, len(peer.topics),
+                )  # fmt: skip
+                self._forget(peer)
 
 
 async def serve_proxy(
     host: str = "127.0.0.1",
     port: int = 5559,
     *,
+    history: HistoryPolicy | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the proxy until cancelled; ``task_status.started`` reports the publisher-side port.
+    """Run the proxy on ``host:port`` until cancelled; ``task_status.started`` reports the port
+    (port 0 picks a free one). ``history`` bounds what it keeps of appended messages (default:
+    ``HistoryPolicy()``).
 
     Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
     """
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    xsub = context.socket(zmq.XSUB)
-    xpub = context.socket(zmq.XPUB)
-    control_address = f"inproc://trio-fanout-proxy-control-{next(_control_ids)}"
-    control = context.socket(zmq.PAIR)
-    proxy_control = context.socket(zmq.PAIR)
-    sockets = (xsub, xpub, control, proxy_control)
-    try:
-        for sock in sockets:
-            sock.setsockopt(zmq.LINGER, 0)
-        for sock in (xsub, xpub):
-            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-            sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        try:
-            bound_port = _bind_pair(xsub, xpub, host, port)
-        except zmq.ZMQError as error:
-            raise OSError(
-                f"cannot bind the ZeroMQ proxy to {host} ports {port} and {port + 1}: {error}"
-            ) from None
-        control.bind(control_address)
-        proxy_control.connect(control_address)
-        xsub.send(b"\x01")  # subscribe upstream to every topic
-        logger.info(
-            "ZeroMQ proxy: publishers connect to %s, subscribers to %s",
-            zmq_endpoint(host, bound_port),
-            zmq_endpoint(host, bound_port + 1),
-        )
-        task_status.started(bound_port)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_terminate_when_cancelled, control)
-            await trio.to_thread.run_sync(zmq.proxy_steerable, xsub, xpub, None, proxy_control)
-            nursery.cancel_scope.cancel()
-    finally:
-        for sock in sockets:
-            sock.close()
-    logger.info("ZeroMQ proxy stopped")
-
-
-async def _terminate_when_cancelled(control: zmq.Socket[bytes]) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        with contextlib.suppress(zmq.ZMQError):  # the proxy has already stopped
-            control.send(b"TERMINATE", zmq.NOBLOCK)
+    await ZmqProxy(host, port, history=history).serve(task_status=task_status)

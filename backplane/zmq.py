@@ -1,106 +1,159 @@
-"""The ZeroMQ backend (``zmq://HOST:PORT``): a PUB socket to the proxy's XSUB side (PORT) and a
-SUB socket to its XPUB side (PORT+1), driven by Trio's event loop.
+"""The ZeroMQ backend (``zmq://HOST:PORT``): one DEALER socket to the proxy's ROUTER, driven by
+Trio's event loop.
 
 pyzmq has no Trio integration, so this module owns the one delicate part: ZeroMQ signals
 readiness through ``zmq.FD``, which is edge-triggered and also consumed by any other operation on
-the socket (a ``setsockopt`` included). The reader therefore drains until ``zmq.Again``, re-checks
-``zmq.EVENTS`` before it sleeps, and is woken by hand after every subscription change.
+the socket (a send included). The reader therefore drains until ``zmq.Again``, re-checks
+``zmq.EVENTS`` before it sleeps, and is woken by hand after every send.
 
-Two facts shape ``subscribe``: ZeroMQ subscriptions are prefix matches, and they travel to the
-proxy asynchronously. Topics go on the wire behind their length, so one topic is never a prefix of
-another's wire form; and ``subscribe`` returns only after a probe message it published on the
-topic has come back through the proxy, which proves the proxy forwards that topic to us.
+Every request to the proxy (subscribe, publish, ping) is answered, and the answers are matched to
+their requests by id, so many may be outstanding at once (``backplane._zmq_wire`` has the
+commands). ``subscribe`` returns once the proxy has registered the topic, which makes it exact;
+``publish`` returns once the proxy has routed the message, or raises
+:class:`BackplaneUnavailable`: a message is never dropped without its publisher being told.
+``append`` is the same with the proxy as the topics' sequencer: its answer is the message's
+position, and ``history`` is answered from the proxy's memory. The ``history`` policy given to
+``open_backplane`` does not apply here: the proxy's own does.
+
+The socket only queues to a completed connection (``ZMQ_IMMEDIATE``) and has no high-water mark,
+so a send that ZeroMQ refuses means one thing: there is no connection to the proxy. A monitor of
+the socket reports the connection's end as it happens: requests already sent lose their answers
+with it, and fail at once, and publish refuses until the proxy answers again.
+
+The backplane pings the proxy every ``PING_INTERVAL``, and at once whenever ZeroMQ (re)connects.
+The answer names the proxy's instance and how many of our topics it holds; when that is not what
+we hold (the proxy restarted, or forgot us while we were silent) we send it our whole set again,
+so subscriptions come back by themselves.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
-import struct
+from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import cast
+from contextlib import asynccontextmanager, suppress
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneUnavailable,
+    History,
     MessageQueue,
+    Position,
+    Received,
+    check_history_query,
     check_topic,
     unwrap_single_errors,
+)
+from trio_fanout.backplane._shrink import ShrinkWatch
+from trio_fanout.backplane._zmq_wire import (
+    APPEND,
+    BYE,
+    CREDIT,
+    HISTORY,
+    HISTORY_HEAD,
+    ID_END,
+    MESSAGE,
+    NUMBER,
+    PING,
+    PUBLISH,
+    REPLY,
+    SUBSCRIBE,
+    SYNC,
+    UNSUBSCRIBE,
+    events,
+    file_descriptor,
+    message_cost,
+    pack_position,
+    receive_frames,
+    send_frames,
+    unpack_position,
+    zmq_endpoint,
 )
 
 logger = logging.getLogger(__name__)
 
-# ZeroMQ's default high-water mark (1,000 messages a pipe) drops messages in ordinary bursts of a
-# fan-out server; memory is the cheaper resource here.
-HIGH_WATER_MARK = 200_000
-
-# How many received messages wait for the consumer before the reader stops reading; past that
-# ZeroMQ's own queues (and then the proxy) hold them.
-RECEIVE_QUEUE_HIGH_WATER = 50_000
-
-# How long a subscription (or the connection at open) may take to be proven live before the
-# backplane is reported unavailable.
+# How long opening may wait for the proxy's first answer, and each subscription for its answer.
+CONNECT_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 5.0
 
-# How often a backplane checks that the proxy still answers, and how long an answer may take.
-PROXY_CHECK_INTERVAL = 1.0
-PROXY_CHECK_TIMEOUT = 1.0
+# How long a publish waits for the proxy's answer before it is refused. The proxy answers in
+# well under a millisecond when it is there; this bounds how long a message lost with a proxy
+# that stopped answering (without closing its connection) goes unnoticed.
+PUBLISH_TIMEOUT = 2.0
 
-# Probes are repeated until one comes back: the first is usually sent before the proxy has
-# learnt of the subscription and is dropped there.
-FIRST_PROBE_DELAY = 0.001
-MAX_PROBE_DELAY = 0.1
+# How often the backplane pings the proxy, and how long an answer may take. While a ping goes
+# unanswered, publish refuses at once instead of waiting PUBLISH_TIMEOUT for each message.
+PING_INTERVAL = 1.0
+PING_TIMEOUT = 1.0
 
-# Published messages still queued when a backplane closes get this long to reach the proxy, so
-# that a short-lived publisher (a script, the emitter) does not lose its last messages; closing
-# waits at most CLOSE_FLUSH_TIMEOUT for the proof that they have.
-CLOSE_LINGER_MS = 2_000
-CLOSE_FLUSH_TIMEOUT = 1.0
+# Requests waiting for their answers before further ones are refused: a proxy that does not
+# keep up must not make us queue without end.
+MAX_OUTSTANDING_REQUESTS = 100_000
 
-_LENGTH = struct.Struct(">I")
+# Bytes of messages our consumer takes before we return them to the proxy as credit: small
+# against the proxy's backlog limit (64 MiB), large enough that credit costs little.
+CREDIT_STEP_BYTES = 256 * 1024
+
+# Messages received per wake-up before other tasks get a turn.
+RECEIVE_BATCH = 500
+
+# Opening retries its first ping from this delay up to the longest, while ZeroMQ connects.
+FIRST_CONNECT_RETRY = 0.001
+LONGEST_CONNECT_RETRY = 0.1
+
+# Commands still queued when a backplane closes (its BYE, unsubscriptions, credit) get this
+# long to reach the proxy. Publishes are not among them: each was answered before it returned.
+CLOSE_LINGER_MS = 1_000
 
 
-def wire_topic(topic: bytes) -> bytes:
-    """The topic as sent over ZeroMQ: its length first, so prefix matching becomes exact."""
-    return _LENGTH.pack(len(topic)) + topic
+class _Request:
+    """One request sent: its answer's frames, or the error that ended the wait."""
 
+    __slots__ = ("answer", "done", "error")
 
-def _events(sock: zmq.Socket[bytes]) -> int:
-    """The socket's ``zmq.EVENTS`` bits (pyzmq types every option's value as int, bytes or str)."""
-    return cast(int, sock.getsockopt(zmq.EVENTS))
-
-
-def zmq_endpoint(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"tcp://{host}:{port}"
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: list[bytes] = []
+        self.error: BackplaneUnavailable | None = None
 
 
 class ZmqBackplane(Backplane):
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], host: str, port: int) -> None:
-        self._pub = context.socket(zmq.PUB)
-        self._sub = context.socket(zmq.SUB)
-        for sock in (self._pub, self._sub):
-            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-            sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-            sock.setsockopt(zmq.LINGER, 0)
-        self._pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
-        self._pub.connect(zmq_endpoint(host, port))
-        self._sub.connect(zmq_endpoint(host, port + 1))
-        self._sub_fd = cast(int, self._sub.getsockopt(zmq.FD))
-        self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
-        self._probes: dict[bytes, trio.Event] = {}
-        self._probe_ids = itertools.count()
-        self._probe_prefix = os.urandom(8)
-        self._wait_scope: trio.CancelScope | None = None
-        self._proxy_answers = True
-        self._received = 0  # messages read from the proxy so far (the liveness check uses it)
         self.endpoint = f"zmq://{host}:{port}"
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # no connection: sends fail instead of queue
+        # No high-water marks: outgoing requests are bounded by MAX_OUTSTANDING_REQUESTS, and
+        # incoming messages by the proxy's credit limit, in bytes.
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        self._socket.connect(zmq_endpoint(host, port))
+        self._fd = file_descriptor(self._socket)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self._monitor_fd = file_descriptor(self._monitor)
+        self._ping_now = trio.Event()
+        # The reader never pauses (answers arrive behind messages); the proxy's credit bound
+        # is what bounds this queue, so its own high-water mark is never reached.
+        self._queue = MessageQueue(high_water=1 << 62)
+        self._subscriptions: Counter[bytes] = Counter()
+        self._subscriptions_shrink = ShrinkWatch()
+        self._requests: dict[bytes, _Request] = {}
+        self._request_ids = itertools.count(1)
+        self._taken_bytes = 0  # taken by our consumer, not yet returned to the proxy as credit
+        self._wait_scope: trio.CancelScope | None = None
+        self._proxy_answers = False
+        self._proxy_instance: bytes | None = None
+        self._last_epoch_bytes = b""
+        self._last_epoch = ""
+
+    # ---- the Backplane interface ---------------------------------------------------------
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -114,142 +167,258 @@ class ZmqBackplane(Backplane):
         await trio.lowlevel.checkpoint()
         if not self._proxy_answers:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
-        self._send([wire_topic(topic), payload])
-
-    async def watch_proxy(self, own_topic: bytes) -> None:
-        """Probe the proxy every PROXY_CHECK_INTERVAL. A PUB socket never refuses a message:
-        it drops what it cannot deliver, silently. So while the proxy does not answer, publish
-        refuses instead (messages sent before the probe notices are still lost)."""
-        wire = wire_topic(own_topic)
-        while True:
-            await trio.sleep(PROXY_CHECK_INTERVAL)
-            received_before = self._received
-            try:
-                await self._prove_live(wire, PROXY_CHECK_TIMEOUT)
-            except BackplaneUnavailable:
-                # The probe comes back behind the messages already queued for us: while our
-                # consumer is behind, it is late, not lost. Messages still arriving, or a
-                # reader paused for its consumer, mean the proxy is there.
-                if self._received != received_before or len(self._queue) >= self._queue.high_water:
-                    continue
-                if self._proxy_answers:
-                    logger.warning("the ZeroMQ proxy at %s does not answer", self.endpoint)
-                self._proxy_answers = False
-            else:
-                if not self._proxy_answers:
-                    logger.warning("the ZeroMQ proxy at %s answers again", self.endpoint)
-                self._proxy_answers = True
+        await self._request(PUBLISH, topic, [payload], PUBLISH_TIMEOUT)
 
     async def subscribe(self, topic: bytes) -> None:
         check_topic(topic)
-        wire = wire_topic(topic)
-        self._sub.setsockopt(zmq.SUBSCRIBE, wire)
-        self._wake_reader()
+        self._subscriptions[topic] += 1
         try:
-            await self._prove_live(wire)
+            await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
         except BaseException:
-            self._sub.setsockopt(zmq.UNSUBSCRIBE, wire)
-            self._wake_reader()
+            self.unsubscribe(topic)
             raise
 
     def unsubscribe(self, topic: bytes) -> None:
-        self._sub.setsockopt(zmq.UNSUBSCRIBE, wire_topic(topic))
-        self._wake_reader()
+        count = self._subscriptions[topic] - 1
+        if count > 0:
+            self._subscriptions[topic] = count
+            return
+        del self._subscriptions[topic]
+        if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
+            self._subscriptions = Counter(self._subscriptions)
+        # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
+        with suppress(BackplaneUnavailable):
+            self._send([UNSUBSCRIBE + topic])
 
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
-        return await self._queue.take(max_messages)
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        answer = await self._request(APPEND, topic, [payload], PUBLISH_TIMEOUT)
+        try:
+            (frame,) = answer
+            return Position(*unpack_position(frame))
+        except ValueError:
+            raise BackplaneUnavailable(
+                f"{self.endpoint} answered an append with {answer!r}"
+            ) from None
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        check_topic(topic)
+        check_history_query(since, limit)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        query = [
+            b"" if since is None else pack_position(since.offset, since.epoch),
+            b"" if limit is None else NUMBER.pack(limit),
+        ]
+        answer = await self._request(HISTORY, topic, query, PUBLISH_TIMEOUT)
+        if not answer or len(answer[0]) <= HISTORY_HEAD.size:
+            raise BackplaneUnavailable(f"{self.endpoint} answered a history with {answer!r}")
+        latest, first, complete = HISTORY_HEAD.unpack_from(answer[0])
+        epoch = answer[0][HISTORY_HEAD.size :].decode("ascii")
+        messages = list(zip(itertools.count(first), answer[1:], strict=False))
+        return History(epoch, latest, messages, complete)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
+        batch = await self._queue.take(max_messages)
+        self._taken_bytes += sum(message_cost(topic, payload) for topic, payload, _ in batch)
+        if self._taken_bytes >= CREDIT_STEP_BYTES:
+            with suppress(BackplaneUnavailable):  # a new proxy starts our account at zero
+                self._send([CREDIT + NUMBER.pack(self._taken_bytes)])
+            self._taken_bytes = 0
+        return batch
+
+    # ---- requests and their answers -----------------------------------------------------
+
+    async def _request(
+        self, command: bytes, fields: bytes, frames: list[bytes], give_up_after: float
+    ) -> list[bytes]:
+        """Send a request (its head: ``command``, a request id and ``fields``; then ``frames``)
+        and return its answer's frames after the head, or raise
+        :class:`BackplaneUnavailable`."""
+        if len(self._requests) >= MAX_OUTSTANDING_REQUESTS:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} is not keeping up")
+        request_id = NUMBER.pack(next(self._request_ids))
+        request = self._requests[request_id] = _Request()
+        try:
+            self._send([command + request_id + fields, *frames])
+            with trio.move_on_after(give_up_after):
+                await request.done.wait()
+        finally:
+            del self._requests[request_id]
+        if request.error is not None:
+            raise request.error
+        if not request.done.is_set():
+            raise BackplaneUnavailable(
+                f"no answer from the ZeroMQ proxy at {self.endpoint} within {give_up_after} s"
+            )
+        return request.answer
 
     def _send(self, frames: list[bytes]) -> None:
-        # A PUB socket never blocks and never refuses: past its high-water mark it drops.
-        self._pub.send_multipart(frames, zmq.NOBLOCK)
-
-    async def _prove_live(self, wire: bytes, give_up_after: float | None = None) -> None:
-        """Publish a probe on ``wire`` until our own subscriber receives one; raise
-        :class:`BackplaneUnavailable` after ``give_up_after`` seconds (``SUBSCRIBE_TIMEOUT``
-        by default)."""
-        timeout = SUBSCRIBE_TIMEOUT if give_up_after is None else give_up_after
-        probe_id = self._probe_prefix + str(next(self._probe_ids)).encode()
-        arrived = self._probes[probe_id] = trio.Event()
-        delay = FIRST_PROBE_DELAY
         try:
-            with trio.move_on_after(timeout):
-                while not arrived.is_set():
-                    self._send([wire, b"", probe_id])
-                    with trio.move_on_after(delay):
-                        await arrived.wait()
-                    delay = min(delay * 2, MAX_PROBE_DELAY)
-        finally:
-            del self._probes[probe_id]
-        if not arrived.is_set():
+            send_frames(self._socket, frames)
+        except zmq.Again:
+            self._connection_lost()
             raise BackplaneUnavailable(
-                f"no answer from the ZeroMQ proxy at {self.endpoint} within {timeout} s"
-            )
-
-    def _wake_reader(self) -> None:
-        """Wake the reader if an operation on the SUB socket consumed the FD's edge."""
-        if self._wait_scope is not None and _events(self._sub) & zmq.POLLIN:
+                f"no connection to the ZeroMQ proxy at {self.endpoint}"
+            ) from None
+        # The send may have consumed the edge that was to wake the reader.
+        if self._wait_scope is not None and events(self._socket) & zmq.POLLIN:
             self._wait_scope.cancel()
 
+    def _connection_lost(self) -> None:
+        """The connection that carried our outstanding requests is gone, and their answers
+        with it: fail them all now rather than at their timeouts."""
+        if self._proxy_answers:
+            logger.warning("lost the connection to the ZeroMQ proxy at %s", self.endpoint)
+        self._proxy_answers = False
+        error = BackplaneUnavailable(
+            f"the connection to the ZeroMQ proxy at {self.endpoint} was lost"
+        )
+        for request in self._requests.values():
+            if not request.done.is_set():
+                request.error = error
+                request.done.set()
+
     async def run_reader(self) -> None:
-        """Move messages from the SUB socket into the queue; the one task that reads the socket."""
+        """Move messages and answers off the socket; the one task that reads it."""
+        sock = self._socket
         while True:
-            await self._queue.wait_not_full()
             self._drain()
-            if _events(self._sub) & zmq.POLLIN:
+            if events(sock) & zmq.POLLIN:
                 await trio.lowlevel.checkpoint()
                 continue
             with trio.CancelScope() as self._wait_scope:
-                await trio.lowlevel.wait_readable(self._sub_fd)
+                await trio.lowlevel.wait_readable(self._fd)
             self._wait_scope = None
 
     def _drain(self) -> None:
-        queue = self._queue
-        while len(queue) < queue.high_water:
+        sock, queue, requests = self._socket, self._queue, self._requests
+        for _ in range(RECEIVE_BATCH):
             try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                frames = receive_frames(sock)
             except zmq.Again:
                 return
-            self._received += 1
-            if len(frames) == 2:
-                wire, payload = frames
-                queue.put(wire[_LENGTH.size :], payload)
-            elif len(frames) == 3:
-                arrived = self._probes.get(frames[2])
-                if arrived is not None:
-                    arrived.set()
+            head = frames[0]
+            kind = head[:1]
+            if kind == MESSAGE and len(frames) == 2:
+                queue.put(head[1:], frames[1])
+            elif kind == MESSAGE and len(frames) == 3 and len(frames[1]) > NUMBER.size:
+                queue.put(head[1:], frames[2], self._position(frames[1]))
+            elif kind == REPLY:
+                request = requests.get(head[1:ID_END])
+                if request is not None:  # else it timed out: nobody waits for it any more
+                    request.answer = frames[1:]
+                    request.done.set()
             else:
-                logger.warning("dropped a message of %d frames from the proxy", len(frames))
+                logger.warning("ignored a message of %d frames from the proxy", len(frames))
+
+    def _position(self, frame: bytes) -> Position:
+        """The position a message came with; the epoch's text is decoded once per epoch."""
+        epoch_bytes = frame[NUMBER.size :]
+        if epoch_bytes != self._last_epoch_bytes:
+            self._last_epoch_bytes = epoch_bytes
+            self._last_epoch = epoch_bytes.decode("ascii", "replace")
+        return Position(self._last_epoch, NUMBER.unpack_from(frame)[0])
+
+    # ---- keeping in touch with the proxy --------------------------------------------------
+
+    async def ping(self, give_up_after: float) -> None:
+        """Ask the proxy whether it is there and holds our topics; send it our whole set when
+        it does not (it restarted, or forgot us). Raises :class:`BackplaneUnavailable`."""
+        held = len(self._subscriptions)
+        answer = await self._request(PING, NUMBER.pack(held), [], give_up_after)
+        if len(answer) != 2 or len(answer[1]) != NUMBER.size:
+            raise BackplaneUnavailable(f"{self.endpoint} answered a ping with {answer!r}")
+        instance, count = answer
+        if not self._proxy_answers:
+            logger.log(
+                logging.WARNING if self._proxy_instance else logging.DEBUG,
+                "the ZeroMQ proxy at %s answers", self.endpoint,
+            )  # fmt: skip
+        if self._proxy_instance not in (None, instance):
+            logger.warning("the ZeroMQ proxy at %s restarted", self.endpoint)
+        self._proxy_instance = instance
+        self._proxy_answers = True
+        if NUMBER.unpack(count)[0] != held:
+            topics = list(self._subscriptions)
+            await self._request(SYNC, b"", topics, SUBSCRIBE_TIMEOUT)
+            logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
+
+    async def keep_in_touch(self) -> None:
+        """Ping every PING_INTERVAL, and as soon as ZeroMQ has connected again; while the proxy
+        does not answer, publish refuses at once."""
+        while True:
+            with trio.move_on_after(PING_INTERVAL):
+                await self._ping_now.wait()
+            self._ping_now = trio.Event()
+            try:
+                await self.ping(PING_TIMEOUT)
+            except BackplaneUnavailable as error:
+                if self._proxy_answers:
+                    logger.warning("%s", error)
+                self._proxy_answers = False
+
+    async def watch_connection(self) -> None:
+        """Follow the socket's monitor: a lost connection fails what waits for an answer, a new
+        one is pinged at once (to find out whether the proxy still holds our topics)."""
+        while True:
+            while True:
+                try:
+                    frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                event = parse_monitor_message(frames)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._connection_lost()
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._ping_now.set()
+            if not events(self._monitor) & zmq.POLLIN:
+                await trio.lowlevel.wait_readable(self._monitor_fd)
+
+    async def connect(self) -> None:
+        """Wait until the proxy answers, for at most CONNECT_TIMEOUT."""
+        delay = FIRST_CONNECT_RETRY
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            while True:
+                try:
+                    await self.ping(CONNECT_TIMEOUT)
+                    return
+                except BackplaneUnavailable:  # not connected yet: ZeroMQ keeps trying
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, LONGEST_CONNECT_RETRY)
+        raise BackplaneUnavailable(
+            f"no answer from the ZeroMQ proxy at {self.endpoint} within {CONNECT_TIMEOUT} s"
+        )
 
     def close(self) -> None:
-        trio.lowlevel.notify_closing(self._sub_fd)
-        self._sub.close()
-        self._pub.close()
+        with suppress(BackplaneUnavailable):
+            self._send([BYE])
+        trio.lowlevel.notify_closing(self._monitor_fd)
+        self._socket.disable_monitor()
+        self._monitor.close()
+        trio.lowlevel.notify_closing(self._fd)
+        self._socket.close()
 
 
 @asynccontextmanager
 async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane]:
-    """Connect to the proxy at ``host:port`` and return once messages flow both ways."""
+    """Connect to the proxy at ``host:port`` and return once it answers."""
     backplane = ZmqBackplane(zmq.Context.instance(), host, port)
     try:
         with unwrap_single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backplane.run_reader)
-                # Round-trip a probe on a topic of our own: proves that our publisher reaches the
-                # proxy, so that a publish right after open is not dropped by ZeroMQ.
-                own_topic = b"\x00trio-fanout-own:" + os.urandom(8)
-                await backplane.subscribe(own_topic)
-                nursery.start_soon(backplane.watch_proxy, own_topic)
+                nursery.start_soon(backplane.watch_connection)
+                await backplane.connect()
+                nursery.start_soon(backplane.keep_in_touch)
                 logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
                 yield backplane
-                # One more round trip before closing: ZeroMQ keeps order on our one connection to
-                # the proxy, so when the probe is back, everything we published has passed it.
-                try:
-                    await backplane._prove_live(wire_topic(own_topic), CLOSE_FLUSH_TIMEOUT)
-                except BackplaneUnavailable:
-                    logger.warning(
-                        "closing without proof that the last messages reached %s",
-                        backplane.endpoint,
-                    )
                 nursery.cancel_scope.cancel()
     finally:
         backplane.close()

@@ -53,9 +53,9 @@ def test_a_port_in_use_gets_one_line_and_exit_code_2(which: str):
 
 
 def test_a_proxy_flag_is_named_as_it_was_given():
-    result = trio_fanout("proxy", "--port", "65535")
+    result = trio_fanout("proxy", "--port", "65536")
     assert result.returncode == 2
-    assert "proxy_port: must be from 0 to 65534" in result.stderr
+    assert "proxy_port: must be a port number from 0 to 65535" in result.stderr
     assert "(from flag --port)" in result.stderr
 
 

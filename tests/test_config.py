@@ -74,7 +74,7 @@ def test_environment_values_are_converted_to_the_key_type(tmp_path: Path):
         ("host = 5", "host: expected a string, got 5 (from file"),
         ("wrokers = 2", "wrokers: unknown setting (from file"),
         ("port = 70000", "port: must be a port number from 0 to 65535, not 70000 (from file"),
-        ("proxy_port = 65535", "proxy_port: must be from 0 to 65534"),
+        ("proxy_port = 65536", "proxy_port: must be a port number from 0 to 65535"),
         ("max_queued_frames = 0", "max_queued_frames: must be greater than 0"),
         ("log_level = 'loud'", "log_level: must be one of debug, info, warning, error"),
         ("backplane = 'http://x'", "backplane: 'http://x' has an unknown scheme 'http'"),

@@ -55,9 +55,24 @@ def test_unpack_header_refuses_a_short_payload() -> None:
         envelope.unpack_header(b"\x00" * (envelope.HEADER_SIZE - 1))
 
 
+LOBBY_DIGEST = "dbbcde567e11a0561b54c65a94dc0d10"
+
+
 def test_room_topic_is_prefixed_and_cannot_be_the_broadcast_topic() -> None:
-    assert envelope.room_topic("caf\u00e9") == b"r:caf\xc3\xa9"
+    assert envelope.room_topic("caf\u00e9").startswith(b"r:")
     assert envelope.room_topic("*") != envelope.BROADCAST_TOPIC
+
+
+def test_room_topics_have_one_size_whatever_the_name() -> None:
+    names = ["a", "caf\u00e9", "x" * 200, "y" * 800]
+    topics = [envelope.room_topic(name) for name in names]
+    assert {len(topic) for topic in topics} == {2 + envelope.ROOM_DIGEST_SIZE}
+    assert len(set(topics)) == len(names)
+
+
+def test_a_room_has_the_same_topic_in_every_process() -> None:
+    # A fixed value, not one computed here: every worker, emitter and version must agree on it.
+    assert envelope.room_topic("lobby") == b"r:" + bytes.fromhex(LOBBY_DIGEST)
 
 
 def test_numbering_restarts_from_1_past_the_topic_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,7 +80,8 @@ class RawClient:
 
     async def join(self, room: str) -> None:
         await self.send_json({"type": "join", "room": room})
-        assert await self.receive_json() == {"type": "joined", "room": room}
+        joined = await self.receive_json()
+        assert (joined["type"], joined["room"]) == ("joined", room), joined
 
     def _take_frame(self) -> tuple[int, bytes] | None:
         buffer, start = self._buffer, self._position

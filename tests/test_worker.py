@@ -278,8 +278,8 @@ async def test_debug_logging_shows_the_path_of_a_message(caplog: pytest.LogCaptu
     path = [record.getMessage() for record in caplog.records]
     steps = [
         "Publish(room='traced', data='hello'",
-        "published 49 bytes on backplane topic b'r:traced'",
-        "on b'r:traced' to 1 connections",
+        "published 49 bytes to room 'traced'",
+        "in room 'traced' to 1 connections",
     ]
     positions = [next(i for i, line in enumerate(path) if step in line) for step in steps]
     assert positions == sorted(positions)

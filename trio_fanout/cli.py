@@ -46,6 +46,28 @@ def _listening(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _history(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--history-size",
+        type=int,
+        metavar="MESSAGES",
+        help="messages kept per room for clients that reconnect; 0: none (default: 100)",
+    )
+    parser.add_argument(
+        "--history-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="seconds a room's history lives after its last message (default: 300)",
+    )
+    parser.add_argument(
+        "--history-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="bound on all rooms' kept messages together in the ZeroMQ proxy "
+        "(default: 67108864, 64 MiB)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -76,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--proxy-port",
         type=int,
-        help="port of the embedded ZeroMQ proxy's publisher side; the subscriber side uses the "
-        "next one; 0 picks two free ones (default: 5559)",
+        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
     )
     run.add_argument(
         "--backplane",
@@ -96,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
+    _history(run)
     _common(run)
 
     worker = commands.add_parser(
@@ -108,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--backplane", help=_BACKPLANE_HELP)
     _listening(worker, "the worker")
+    _history(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--index", "--listen-fd", "--control-fd"):
@@ -118,13 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the ZeroMQ proxy alone, for workers on several hosts",
         description=(
             "Run the ZeroMQ proxy that workers and emitters meet at, and publish the heartbeat "
-            "through it. Publishers connect to PORT, subscribers to PORT+1; point workers at "
-            "zmq://HOST:PORT."
+            "through it. Workers and emitters connect to PORT: point them at zmq://HOST:PORT."
         ),
     )
     proxy.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     proxy.add_argument(
-        "--port", type=int, help="publisher-side port; subscribers use the next one (default: 5559)"
+        "--port", type=int, help="port to listen on; 0 picks a free one (default: 5559)"
     )
     proxy.add_argument(
         "--heartbeat-interval",
@@ -132,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
+    _history(proxy)
     _common(proxy)
 
     publish = commands.add_parser(

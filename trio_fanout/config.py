@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from trio_fanout.backplane import BadBackplaneURL, parse_backplane_url
+from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplane_url
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
@@ -62,14 +62,6 @@ def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None
         )
 
 
-def _proxy_port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if not 0 <= value <= 65534:
-        raise InvalidSetting(
-            attribute.name,
-            f"must be from 0 to 65534 (the proxy also uses the next port), not {value!r}",
-        )
-
-
 def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
         try:
@@ -97,8 +89,8 @@ class Config:
     """Seconds between heartbeats; 0 turns the heartbeat off."""
     proxy_host: str = "127.0.0.1"
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
-    proxy_port: int = attrs.field(default=5559, validator=_proxy_port)
-    """Publisher-side port of the ZeroMQ proxy; subscribers use the next one."""
+    proxy_port: int = attrs.field(default=5559, validator=_port)
+    """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
     backplane: str | None = attrs.field(default=None, validator=_backplane_url)
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
     log_level: str = attrs.field(default="info", validator=_log_level)
@@ -130,6 +122,14 @@ class Config:
     """Seconds between the master's pings to each worker of `trio-fanout run`."""
     liveness_timeout: float = attrs.field(default=5.0, validator=_positive)
     """Seconds without an answer after which the master kills a worker as hung."""
+    history_size: int = attrs.field(default=100, validator=_not_negative)
+    """Messages kept per room for clients that reconnect (0: none kept, still numbered)."""
+    history_ttl: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds a room's history and numbering live after its last message: long enough that a
+    client reconnecting after a few minutes recovers what it missed."""
+    history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
+    """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
+    ``maxmemory`` is the bound)."""
 
     def __attrs_post_init__(self) -> None:
         if self.liveness_timeout <= self.liveness_interval:
@@ -146,6 +146,13 @@ class Config:
             return self.backplane
         host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
         return f"zmq://{host}:{self.proxy_port}"
+
+    @property
+    def history_policy(self) -> HistoryPolicy:
+        """What the rooms' sequencer keeps, as the backplane takes it."""
+        return HistoryPolicy(
+            size=self.history_size, ttl=self.history_ttl, max_bytes=self.history_max_bytes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

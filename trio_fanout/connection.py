@@ -11,12 +11,14 @@ and nobody else waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -284,11 +286,11 @@ class Connection:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    def _reply(self, frame: bytes) -> None:
+    def reply(self, frame: bytes) -> None:
         """Answer this client now with a JSON frame."""
-        self._send_frame(websocket.encode_text_frame(frame))
+        self.send_encoded(websocket.encode_text_frame(frame))
 
-    def _send_frame(self, frame: bytes) -> None:
+    def send_encoded(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
         size = len(frame)
@@ -299,6 +301,19 @@ class Connection:
         ) and not self._room(size):
             return
         self._append(frame)
+        self.flush()
+
+    def send_encoded_many(self, frames: list[bytes]) -> None:
+        """Queue encoded frames, under the same limits as one, and write them together."""
+        for frame in frames:
+            size = len(frame)
+            if (
+                self._closing
+                or len(self._pending) >= self._max_queued_frames
+                or self._queued_bytes + size > self._max_queued_bytes
+            ) and not self._room(size):
+                return
+            self._append(frame)
         self.flush()
 
     def _append(self, frame: bytes) -> None:
@@ -392,7 +407,7 @@ class Connection:
                 self._respond(http.refusal_response(refusal))
                 return None
             self._append(accept)
-            self._reply(
+            self.reply(
                 protocol.welcome_frame(
                     self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
                 )
@@ -468,7 +483,7 @@ class Connection:
             try:
                 events = parser.feed(data)
             except websocket.MessageTooBig as too_big:
-                self._reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
+                self.reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
                 self.close(too_big.close_code, "frame too large")
                 return
             except websocket.ProtocolViolation as violation:
@@ -487,7 +502,7 @@ class Connection:
                         self._close_abusive()
                 elif isinstance(event, websocket.Ping):
                     if limiter.allow(len(event.payload)):
-                        self._send_frame(websocket.encode_frame(websocket.OP_PONG, event.payload))
+                        self.send_encoded(websocket.encode_frame(websocket.OP_PONG, event.payload))
                     elif limiter.abusive:
                         self._close_abusive()
                 else:
@@ -508,7 +523,7 @@ class Connection:
         if self._limiter.abusive:
             self._close_abusive()
             return
-        self._reply(
+        self.reply(
             protocol.error_frame(
                 protocol.RATE_LIMITED,
                 "too many frames; slow down",
@@ -528,7 +543,7 @@ class Connection:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
             await self._handle_request(request)
         except RequestError as refusal:
-            self._reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
+            self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:
         logger.debug("connection %d: %r", self.id, request)
@@ -540,12 +555,10 @@ class Connection:
                 request.room,
                 request.data,
             )
-            try:
-                await self.worker.publish(self, request)
-            except BackplaneUnavailable as error:
-                raise RequestError(protocol.BACKPLANE_UNAVAILABLE, str(error), request.id) from None
+            with _unavailable_as_refusal(request.id):
+                position = await self.worker.publish(self, request)
             if request.id is not None:
-                self._reply(protocol.ack_frame(request.id))
+                self.reply(protocol.ack_frame(request.id, position.offset))
         elif isinstance(request, protocol.Join):
             if request.room not in self.rooms:
                 if len(self.rooms) >= self.worker.config.max_rooms_per_connection:
@@ -555,28 +568,28 @@ class Connection:
                         f"{self.worker.config.max_rooms_per_connection} rooms",
                         request.id,
                     )
-                await self._authorize(
-                    self.worker.hooks.authorize_join,
-                    request.id,
-                    f"join room {request.room!r}",
-                    request.room,
-                )
-                try:
-                    await self.worker.join(self, request.room)
-                except BackplaneUnavailable as error:
-                    raise RequestError(
-                        protocol.BACKPLANE_UNAVAILABLE, str(error), request.id
-                    ) from None
-            self._reply(protocol.joined_frame(request.room, request.id))
+                await self._authorize_join(request.room, request.id)
+            with _unavailable_as_refusal(request.id):
+                await self.worker.join(self, request.room, request.id, request.since)
+        elif isinstance(request, protocol.HistoryRequest):
+            await self._authorize_join(request.room, request.id)
+            with _unavailable_as_refusal(request.id):
+                self.reply(await self.worker.read_history(request))
         elif isinstance(request, protocol.Leave):
             if request.room not in self.rooms:
                 raise RequestError(
                     protocol.NOT_MEMBER, f"not a member of room {request.room!r}", request.id
                 )
             self.worker.leave(self, request.room)
-            self._reply(protocol.left_frame(request.room, request.id))
+            self.reply(protocol.left_frame(request.room, request.id))
         else:
-            self._reply(protocol.pong_frame(request.id))
+            self.reply(protocol.pong_frame(request.id))
+
+    async def _authorize_join(self, room: str, request_id: int | None) -> None:
+        """The ``authorize_join`` hook, which also decides who may read a room's history."""
+        await self._authorize(
+            self.worker.hooks.authorize_join, request_id, f"join room {room!r}", room
+        )
 
     async def _finish_close(self) -> None:
         """Write what is still pending (the close frame), then wait for the client to close."""
@@ -595,6 +608,15 @@ class Connection:
                 pass
         trio.lowlevel.notify_closing(sock)
         sock.close()
+
+
+@contextlib.contextmanager
+def _unavailable_as_refusal(request_id: int | None) -> Iterator[None]:
+    """Answer a request that the backplane cannot serve now with ``backplane_unavailable``."""
+    try:
+        yield
+    except BackplaneUnavailable as error:
+        raise RequestError(protocol.BACKPLANE_UNAVAILABLE, str(error), request_id) from None
 
 
 def _describe_peer(sock: socket.socket) -> str:

@@ -9,10 +9,13 @@ exclude (the origin's connection id to leave out, for ``echo: false``; 0 for nob
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 
 import attrs
+
+from trio_fanout.backplane._shrink import ShrinkWatch
 
 _HEADER = struct.Struct(">8sQQ")
 HEADER_SIZE = _HEADER.size
@@ -26,8 +29,20 @@ BROADCAST_TOPIC = b"*"
 MAX_NUMBERED_TOPICS = 100_000
 
 
+# Bytes of the digest that names a room on the backplane: 128 bits make a collision between two
+# room names as unlikely as a random UUID's.
+ROOM_DIGEST_SIZE = 16
+
+
 def room_topic(room: str) -> bytes:
-    return b"r:" + room.encode("utf-8")
+    """The backplane topic of ``room``: ``r:`` and a fixed-size digest of its name.
+
+    A fixed size keeps what a room costs on any backplane (the proxy's routing table, Redis's
+    channel dictionary, each worker's subscriptions) independent of the length of its name. The
+    name itself travels in the message frame, and each worker keeps it in its rooms.
+    """
+    digest = hashlib.blake2b(room.encode("utf-8"), digest_size=ROOM_DIGEST_SIZE).digest()
+    return b"r:" + digest
 
 
 def new_origin() -> bytes:
@@ -61,6 +76,7 @@ class GapCounter:
 
     missed: int = 0
     _last_seq: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
+    _shrink: ShrinkWatch = attrs.field(factory=ShrinkWatch)
 
     def observe(self, topic: bytes, origin: bytes, seq: int) -> int:
         """Record a message; return how many of this publisher's messages were skipped."""
@@ -76,3 +92,5 @@ class GapCounter:
     def forget(self, topic: bytes) -> None:
         """Stop tracking ``topic`` (we unsubscribed: later gaps would be our own doing)."""
         self._last_seq.pop(topic, None)
+        if self._shrink.should_rebuild(len(self._last_seq)):
+            self._last_seq = dict(self._last_seq)

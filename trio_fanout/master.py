@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 
 import attrs
 import trio
@@ -208,7 +209,9 @@ async def run_master(
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
-                        serve_proxy, config.proxy_host, config.proxy_port
+                        partial(serve_proxy, history=config.history_policy),
+                        config.proxy_host,
+                        config.proxy_port,
                     )
                     # Workers and the heartbeat meet at the port the proxy really bound.
                     config = attrs.evolve(config, proxy_port=proxy_port)
@@ -251,7 +254,11 @@ async def run_proxy(config: Config) -> None:
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            port = await nursery.start(
+                partial(serve_proxy, history=config.history_policy),
+                config.proxy_host,
+                config.proxy_port,
+            )
             if config.heartbeat_interval > 0:
                 config = attrs.evolve(config, proxy_port=port, backplane=None)
                 nursery.start_soon(

@@ -53,7 +53,7 @@ async def serve(
     """
     listener = open_listener(config.host, config.port)
     try:
-        async with open_backplane(config.backplane_url) as backplane:
+        async with open_backplane(config.backplane_url, history=config.history_policy) as backplane:
             worker = Worker(config, backplane, hooks=hooks)
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker.serve, listener)
@@ -81,7 +81,7 @@ async def run_worker_process(
     async with trio.open_nursery() as control:
         if control_fd is not None:
             control.start_soon(answer_master, socket.socket(fileno=control_fd), master_gone)
-        async with open_backplane(config.backplane_url) as backplane:
+        async with open_backplane(config.backplane_url, history=config.history_policy) as backplane:
             worker = Worker(config, backplane, index, hooks)
             worker.gc_pauses = GcPauses()
             worker.gc_pauses.install()
