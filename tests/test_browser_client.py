@@ -223,17 +223,10 @@ async def test_the_client_reconnects_by_itself_after_its_worker_is_killed(
         await publisher.publish("survivors", "after")
         await page.until("received.survivors?.length === 2")
         assert await page.received("survivors") == ["before", "after"]
-        # This server speaks protocol 1.1 (no offsets, no epochs): the client rejoined without
-        # `since` and claims no recovery either way.
-        rejoined = await page.evaluate(
-            'events.find(([name, d]) => name === "joined" && d.rejoin)[1]'
-        )
-        assert rejoined == {
-            "room": "survivors", "epoch": None, "offset": None, "rejoin": True, "recovered": None
-        }  # fmt: skip
-        assert not await page.evaluate(
-            'events.some(([name]) => name === "recovered" || name === "unrecovered")'
-        )
+        # It rejoined from where it was (the room's sequencer, in the master, lived on).
+        joined = await page.evaluate('events.filter(([name]) => name === "joined")')
+        first, again = joined[0][1], joined[1][1]
+        assert again == {**first, "offset": first["offset"] + 1, "rejoin": True, "recovered": True}
 
 
 async def test_the_client_gives_up_a_silent_connection_and_reconnects(cluster: ClusterProcess):
@@ -257,6 +250,38 @@ async def test_the_client_gives_up_a_silent_connection_and_reconnects(cluster: C
         # Judged dead after the floor of one second without a frame, not much later.
         assert 0.9 < waited < 5
         assert await page.received("patient") == ["to the survivor"]
+
+
+async def test_the_client_recovers_what_it_missed_exactly_once_in_order(cluster: ClusterProcess):
+    async with open_client_page(cluster) as page, AsyncExitStack() as stack:
+        joined = await page.evaluate('joinRoom("ledger")')
+        publisher = await the_other_worker(stack, cluster, page.welcome["worker"])
+        await publisher.publish("ledger", "before")
+        await page.until("received.ledger?.length === 1")
+        with stopped(page.welcome["pid"]):
+            # Published while the page's worker is stopped: the page cannot get them live.
+            for number in range(20):
+                await publisher.publish("ledger", number)
+            assert not await page.evaluate('events.some(([name]) => name === "disconnected")')
+            # The client gives the silent connection up, rejoins on the other worker with
+            # `since`, and gets the 20 before anything newer.
+            await page.until('events.some(([name]) => name === "recovered")')
+            await publisher.publish("ledger", "after")
+            await page.until('received.ledger?.includes("after")')
+        assert await page.received("ledger") == ["before", *range(20), "after"]
+        reported = await page.evaluate(
+            'events.filter(([name]) => name === "recovered" || name === "unrecovered")'
+        )
+        assert reported == [
+            [
+                "recovered",
+                {"room": "ledger", "epoch": joined["epoch"], "offset": joined["offset"] + 21},
+            ]
+        ]
+        offsets = await page.evaluate(
+            'events.filter(([name]) => name === "message").map(([, d]) => d.offset)'
+        )
+        assert offsets == list(range(joined["offset"] + 1, joined["offset"] + 23))
 
 
 # A server of protocol version 2, scripted: the cluster's backplanes do not number messages yet,
