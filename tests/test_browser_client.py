@@ -284,10 +284,11 @@ async def test_the_client_recovers_what_it_missed_exactly_once_in_order(cluster:
         assert offsets == list(range(joined["offset"] + 1, joined["offset"] + 23))
 
 
-# A server of protocol version 2, scripted: the cluster's backplanes do not number messages yet,
-# so no real server can play this part. It does what docs/protocol.md ("Offsets, history and
-# recovery") says a server does, with the duplicates it promises never to send thrown in, to
-# test the client's side: the `since` it sends, what it delivers and what it reports.
+# A server of protocol version 2, scripted, for what a real one cannot be made to do on demand:
+# send the duplicates it promises never to send, and change a room's epoch at a chosen moment
+# (once before a rejoin, once while connected). Otherwise it does what docs/protocol.md
+# ("Offsets, history and recovery") says a server does. It tests the client's side: the `since`
+# it sends, what it delivers and what it reports.
 Step = Callable[[trio_websocket.WebSocketConnection], Awaitable[None]]
 
 
