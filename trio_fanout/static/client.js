@@ -375,8 +375,15 @@ export class FanoutClient {
   /** Send `frame` with a fresh id; resolves with the reply frame, rejects with a FanoutError.
    * A `timeoutMs` of 0 waits as long as the connection lasts. */
   _request(frame, timeoutMs) {
+    const id = this._nextId++;
+    let text;
+    try {
+      text = JSON.stringify({ ...frame, id });
+    } catch (error) {
+      // Data that JSON cannot hold (a BigInt, a cycle): the application's mistake, not the server's.
+      return Promise.reject(error);
+    }
     return new Promise((resolve, reject) => {
-      const id = this._nextId++;
       const pending = { resolve, reject, timer: null };
       if (timeoutMs > 0) {
         pending.timer = setTimeout(() => {
@@ -385,7 +392,7 @@ export class FanoutClient {
         }, timeoutMs);
       }
       this._pending.set(id, pending);
-      this._socket.send(JSON.stringify({ ...frame, id }));
+      this._socket.send(text);
     });
   }
 
