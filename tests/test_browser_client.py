@@ -247,8 +247,9 @@ async def test_the_client_gives_up_a_silent_connection_and_reconnects(cluster: C
         disconnected = await page.evaluate('events.find(([name]) => name === "disconnected")[1]')
         assert disconnected["code"] is None
         assert disconnected["reason"] == "missed heartbeats"
-        # Judged dead after the floor of one second without a frame, not much later.
-        assert 0.9 < waited < 5
+        # Judged dead after the floor of one second without a frame (the last one came up to a
+        # heartbeat interval before the stop), not much later.
+        assert 1.0 - HEARTBEAT_INTERVAL - 0.05 < waited < 5
         assert await page.received("patient") == ["to the survivor"]
 
 
