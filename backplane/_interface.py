@@ -183,6 +183,12 @@ def check_topic(topic: bytes) -> None:
         raise ValueError(f"a topic is non-empty bytes, not {topic!r}")
 
 
+# Offsets and limits a backend sends on in a history query are capped here: beyond any offset a
+# sequencer will reach (2**53: exact as a Lua number in Redis, and within the ZeroMQ wire's
+# 64 bits), so the answer is the same as for the number asked for.
+QUERY_NUMBER_CAP = 2**53
+
+
 def check_history_query(since: Position | None, limit: int | None) -> None:
     """Refuse a history query that no backend could answer, the same way for every backend."""
     if since is not None and not isinstance(since, Position):

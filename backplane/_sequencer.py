@@ -15,6 +15,7 @@ knew the old one finds out that it cannot recover.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import deque
 
@@ -35,10 +36,11 @@ def new_epoch() -> str:
 class Series:
     """One topic's numbering and kept payloads."""
 
-    __slots__ = ("epoch", "kept_bytes", "last_append", "offset", "payloads")
+    __slots__ = ("epoch", "epoch_bytes", "kept_bytes", "last_append", "offset", "payloads")
 
     def __init__(self, now: float) -> None:
         self.epoch = new_epoch()
+        self.epoch_bytes = self.epoch.encode()  # what the ZeroMQ proxy sends, encoded once
         self.offset = 0
         self.payloads: deque[bytes] = deque()
         self.kept_bytes = 0
@@ -51,36 +53,50 @@ class Series:
 
 
 class Sequencer:
-    """The series of every topic one sequencer numbers, within ``policy``'s bounds."""
+    """The series of every topic one sequencer numbers, within ``policy``'s bounds.
+
+    :meth:`append` is on the path of every numbered message (in the ZeroMQ proxy, of the whole
+    cluster's), so it does as little as it can: expiry is looked at only once the oldest series
+    may be due.
+    """
 
     def __init__(self, policy: HistoryPolicy) -> None:
         self.policy = policy
         self.series: dict[bytes, Series] = {}
         self.bytes = 0
         """What the kept series cost, as counted against ``policy.max_bytes``."""
+        self._size = policy.size
+        self._max_bytes = policy.max_bytes
+        self._expiry_due = math.inf  # no series can have expired before this time
 
     def append(self, topic: bytes, payload: bytes, now: float) -> Series:
         """Number ``payload``, keep it, and return its topic's series (its ``epoch`` and
         ``offset`` are the message's position)."""
-        self.expire(now)
+        if now >= self._expiry_due:
+            self.expire(now)
         series = self.series.pop(topic, None)
         if series is None:
-            series = Series(now)
-            self.bytes += len(topic) + SERIES_OVERHEAD_BYTES
+            series = self._start(topic, now)
         self.series[topic] = series  # now the most recently appended
         series.last_append = now
         series.offset += 1
-        policy = self.policy
-        if policy.size:
+        if self._size:
+            payloads = series.payloads
+            payloads.append(payload)
             cost = len(payload) + MESSAGE_OVERHEAD_BYTES
-            series.payloads.append(payload)
             series.kept_bytes += cost
             self.bytes += cost
-            if len(series.payloads) > policy.size:
+            if len(payloads) > self._size:
                 self._drop_oldest(series)
-        if self.bytes > policy.max_bytes:
+        if self.bytes > self._max_bytes:
             self._evict(topic, series)
         return series
+
+    def _start(self, topic: bytes, now: float) -> Series:
+        """A new series for ``topic`` (the caller puts it in ``self.series``)."""
+        self.bytes += len(topic) + SERIES_OVERHEAD_BYTES
+        self._expiry_due = min(self._expiry_due, now + self.policy.ttl)
+        return Series(now)
 
     def history(
         self, topic: bytes, since: Position | None, limit: int | None, now: float
@@ -89,9 +105,8 @@ class Sequencer:
         self.expire(now)
         series = self.series.get(topic)
         if series is None:  # start the numbering, so that offset 0 of this epoch means something
-            series = self.series[topic] = Series(now)
-            self.bytes += len(topic) + SERIES_OVERHEAD_BYTES
-            if self.bytes > self.policy.max_bytes:
+            series = self.series[topic] = self._start(topic, now)
+            if self.bytes > self._max_bytes:
                 self._evict(topic, series)
         payloads, first = series.payloads, series.first_kept
         if since is None:
@@ -115,10 +130,12 @@ class Sequencer:
 
     def expire(self, now: float) -> int:
         """Forget the series not appended to for ``policy.ttl``; return how many."""
-        deadline = now - self.policy.ttl
+        ttl = self.policy.ttl
         expired = 0
+        self._expiry_due = math.inf
         for series in self.series.values():
-            if series.last_append > deadline:
+            if series.last_append + ttl > now:
+                self._expiry_due = series.last_append + ttl
                 break  # ordered by last append: the rest are younger
             expired += 1
         if expired:
@@ -134,12 +151,12 @@ class Sequencer:
     def _evict(self, topic: bytes, series: Series) -> None:
         """Back under max_bytes: forget the least recently appended other series first, then
         drop this one's oldest payloads (its numbering goes on)."""
-        while self.bytes > self.policy.max_bytes and len(self.series) > 1:
+        while self.bytes > self._max_bytes and len(self.series) > 1:
             oldest = next(iter(self.series))
             if oldest == topic:
                 break
             self._forget(oldest)
-        while self.bytes > self.policy.max_bytes and series.payloads:
+        while self.bytes > self._max_bytes and series.payloads:
             self._drop_oldest(series)
 
     def _forget(self, topic: bytes) -> None:

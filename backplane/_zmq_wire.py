@@ -27,11 +27,13 @@ Proxy to client:
 - ``R request-id [| field...]``: REPLY, the answer to a request (a PING's carries two fields,
   an APPEND's a position, a HISTORY's a history head and then one frame per kept payload).
 - ``M topic | payload``: MESSAGE on a topic we subscribed to, sent with PUBLISH.
-- ``M topic | position | payload``: MESSAGE sent with APPEND, with its position.
+- ``N position topic | payload``: NUMBERED message, sent with APPEND, with its position.
 
-A position is one frame: the offset (a NUMBER) then the epoch's ASCII characters. A history
-head is one frame too: the latest offset, the offset of the first payload that follows (NUMBERs),
-one byte (1: complete, 0: not), then the epoch's characters.
+A position is the offset (a NUMBER) then the epoch's 16 ASCII characters: fixed in size, so
+that a numbered message's position shares its head with the topic and costs the proxy nothing
+per subscriber (a frame more would, for each one). A history head is one frame: the latest
+offset, the offset of the first payload that follows (NUMBERs), one byte (1: complete, 0:
+not), then the epoch's characters.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ BYE = b"B"
 
 REPLY = b"R"
 MESSAGE = b"M"
+NUMBERED = b"N"
 
 # Request ids, counts and credits: one unsigned 64-bit integer each.
 NUMBER = struct.Struct(">Q")
@@ -62,13 +65,22 @@ ID_END = 1 + NUMBER.size
 HISTORY_HEAD = struct.Struct(">QQ?")
 
 
-def pack_position(offset: int, epoch: str) -> bytes:
-    return NUMBER.pack(offset) + epoch.encode("ascii")
+# Epochs are 16 hex characters (backplane._sequencer.new_epoch); a position is 24 bytes.
+EPOCH_SIZE = 16
+POSITION_SIZE = NUMBER.size + EPOCH_SIZE
+# An epoch no sequencer gives (not hex): what a history query sends for a foreign epoch.
+FOREIGN_EPOCH = b"-" * EPOCH_SIZE
+# Where a numbered message's position ends and its topic begins.
+POSITION_END = 1 + POSITION_SIZE
+
+
+def pack_position(offset: int, epoch: bytes) -> bytes:
+    return NUMBER.pack(offset) + epoch
 
 
 def unpack_position(frame: bytes) -> tuple[str, int]:
-    """``(epoch, offset)`` from a position frame; raises ``ValueError`` if it is not one."""
-    if len(frame) <= NUMBER.size:
+    """``(epoch, offset)`` from a position; raises ``ValueError`` if it is not one."""
+    if len(frame) != POSITION_SIZE:
         raise ValueError(f"not a position: {frame!r}")
     return frame[NUMBER.size :].decode("ascii"), NUMBER.unpack_from(frame)[0]
 

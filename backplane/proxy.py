@@ -21,8 +21,9 @@ The proxy is also the topics' one sequencer: it sees every message, so an APPEND
 where it is routed, kept in the topic's history (``backplane._sequencer``, bounded by the
 ``HistoryPolicy`` the proxy was started with), and sent to each subscriber with its position. A
 HISTORY is answered from that memory. A restarted proxy has forgotten it all: every topic's
-next numbering is a new epoch. The per-message work is a dict move, a deque append and one
-more frame per subscriber (docs/performance.md has its cost).
+next numbering is a new epoch. The per-message work is a dict move and a deque append; the position
+shares the message's first frame with the topic, so subscribers cost what they cost for a
+plain message (docs/performance.md has the figures).
 
 It runs in Trio with the same FD integration as the client (``backplane.zmq``): drain in
 batches until ``zmq.Again``, re-check ``zmq.EVENTS`` before sleeping.
@@ -49,6 +50,7 @@ from trio_fanout.backplane._zmq_wire import (
     ID_END,
     MESSAGE,
     NUMBER,
+    NUMBERED,
     PING,
     PUBLISH,
     REPLY,
@@ -186,8 +188,8 @@ class ZmqProxy:
         elif command == APPEND and len(frames) == 3 and len(head) > ID_END:
             topic, payload = head[ID_END:], frames[2]
             series = self.sequencer.append(topic, payload, self._now)
-            position = pack_position(series.offset, series.epoch)
-            self._route(sock, topic, payload, position)
+            position = pack_position(series.offset, series.epoch_bytes)
+            self._route(sock, topic, payload, NUMBERED + position + topic)
             self._reply(sock, peer, [REPLY + request_id, position])
         elif command == HISTORY and len(frames) == 4 and len(head) > ID_END:
             self._answer_history(sock, peer, head, frames[2], frames[3])
@@ -218,23 +220,23 @@ class ZmqProxy:
             )  # fmt: skip
 
     def _route(
-        self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes, position: bytes | None
+        self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes, head: bytes | None
     ) -> None:
+        """Send the message to the topic's subscribers with ``head`` (a plain message's if
+        None)."""
         subscribers = self.subscribers.get(topic)
         if not subscribers:
             return
         cost = message_cost(topic, payload)
-        head = MESSAGE + topic
+        if head is None:
+            head = MESSAGE + topic
         gone: list[_Peer] = []
         for peer in subscribers:
             if peer.unacknowledged >= SUBSCRIBER_BACKLOG_LIMIT_BYTES:
                 self._drop(peer)
                 continue
             try:
-                if position is None:
-                    send_frames(sock, [peer.identity, head, payload])
-                else:
-                    send_frames(sock, [peer.identity, head, position, payload])
+                send_frames(sock, [peer.identity, head, payload])
             except zmq.ZMQError as error:
                 if error.errno != errno.EHOSTUNREACH:
                     raise
@@ -264,10 +266,9 @@ class ZmqProxy:
         history = self.sequencer.history(head[ID_END:], since, limit, self._now)
         first = history.messages[0][0] if history.messages else history.offset + 1
         summary = HISTORY_HEAD.pack(history.offset, first, history.complete)
+        summary += history.epoch.encode()
         payloads = [payload for _, payload in history.messages]
-        self._reply(
-            sock, peer, [REPLY + head[1:ID_END], summary + history.epoch.encode(), *payloads]
-        )
+        self._reply(sock, peer, [REPLY + head[1:ID_END], summary, *payloads])
 
     def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
         try:

@@ -36,6 +36,7 @@ import hiredis
 import trio
 
 from trio_fanout.backplane._interface import (
+    QUERY_NUMBER_CAP,
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
@@ -399,9 +400,9 @@ class RedisBackplane(Backplane):
         check_topic(topic)
         check_history_query(since, limit)
         meta, stream = topic_keys(topic)
-        count = b"-1" if limit is None else b"%d" % limit
+        count = b"-1" if limit is None else b"%d" % min(limit, QUERY_NUMBER_CAP)
         mode = b"newest" if since is None else b"after"
-        since_offset = b"0" if since is None else b"%d" % since.offset
+        since_offset = b"0" if since is None else b"%d" % min(since.offset, QUERY_NUMBER_CAP)
         since_epoch = b"" if since is None else since.epoch.encode()
         arguments = (
             meta, stream, new_epoch().encode(), _milliseconds(self._history.ttl), mode, count,

@@ -39,6 +39,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from trio_fanout.backplane._interface import (
+    QUERY_NUMBER_CAP,
     Backplane,
     BackplaneUnavailable,
     History,
@@ -54,12 +55,16 @@ from trio_fanout.backplane._zmq_wire import (
     APPEND,
     BYE,
     CREDIT,
+    EPOCH_SIZE,
+    FOREIGN_EPOCH,
     HISTORY,
     HISTORY_HEAD,
     ID_END,
     MESSAGE,
     NUMBER,
+    NUMBERED,
     PING,
+    POSITION_END,
     PUBLISH,
     REPLY,
     SUBSCRIBE,
@@ -213,8 +218,8 @@ class ZmqBackplane(Backplane):
         if not self._proxy_answers:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
         query = [
-            b"" if since is None else pack_position(since.offset, since.epoch),
-            b"" if limit is None else NUMBER.pack(limit),
+            b"" if since is None else self._since(since),
+            b"" if limit is None else NUMBER.pack(min(limit, QUERY_NUMBER_CAP)),
         ]
         answer = await self._request(HISTORY, topic, query, PUBLISH_TIMEOUT)
         if not answer or len(answer[0]) <= HISTORY_HEAD.size:
@@ -308,8 +313,8 @@ class ZmqBackplane(Backplane):
             kind = head[:1]
             if kind == MESSAGE and len(frames) == 2:
                 queue.put(head[1:], frames[1])
-            elif kind == MESSAGE and len(frames) == 3 and len(frames[1]) > NUMBER.size:
-                queue.put(head[1:], frames[2], self._position(frames[1]))
+            elif kind == NUMBERED and len(frames) == 2 and len(head) > POSITION_END:
+                queue.put(head[POSITION_END:], frames[1], self._position(head))
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
@@ -318,13 +323,25 @@ class ZmqBackplane(Backplane):
             else:
                 logger.warning("ignored a message of %d frames from the proxy", len(frames))
 
-    def _position(self, frame: bytes) -> Position:
-        """The position a message came with; the epoch's text is decoded once per epoch."""
-        epoch_bytes = frame[NUMBER.size :]
+    @staticmethod
+    def _since(since: Position) -> bytes:
+        """``since`` as the proxy takes it. An epoch that is not 16 ASCII characters is no
+        epoch of the proxy's (a client may send anything): it is sent as one that never
+        matches, which gets the same answer."""
+        epoch = since.epoch
+        if len(epoch) == EPOCH_SIZE and epoch.isascii():
+            epoch_bytes = epoch.encode()
+        else:
+            epoch_bytes = FOREIGN_EPOCH
+        return pack_position(min(since.offset, QUERY_NUMBER_CAP), epoch_bytes)
+
+    def _position(self, head: bytes) -> Position:
+        """The position in a numbered message's head; the epoch is decoded once per epoch."""
+        epoch_bytes = head[1 + NUMBER.size : POSITION_END]
         if epoch_bytes != self._last_epoch_bytes:
             self._last_epoch_bytes = epoch_bytes
             self._last_epoch = epoch_bytes.decode("ascii", "replace")
-        return Position(self._last_epoch, NUMBER.unpack_from(frame)[0])
+        return Position(self._last_epoch, NUMBER.unpack_from(head, 1)[0])
 
     # ---- keeping in touch with the proxy --------------------------------------------------
 

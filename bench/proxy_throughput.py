@@ -32,6 +32,7 @@ from trio_fanout.backplane._zmq_wire import (
     CREDIT,
     MESSAGE,
     NUMBER,
+    POSITION_END,
     PUBLISH,
     SUBSCRIBE,
     message_cost,
@@ -88,8 +89,10 @@ def subscribe(kind: str, port: int, seconds: float) -> None:
                     continue
                 break
             received += 1
-            if kind == "router" and frames[0][:1] == MESSAGE:
-                taken += message_cost(frames[0][1:], frames[-1])
+            if kind == "router":
+                head = frames[0]
+                topic = head[1:] if head[:1] == MESSAGE else head[POSITION_END:]
+                taken += message_cost(topic, frames[1])
                 if taken >= CREDIT_STEP_BYTES:
                     sock.send_multipart([CREDIT + NUMBER.pack(taken)])
                     taken = 0

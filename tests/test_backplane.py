@@ -365,7 +365,14 @@ class Sequenced:
             self._proxy_scope.cancel()
             with trio.fail_after(TIMEOUT):
                 await self._proxy_stopped.wait()
-            await self._start_proxy(parse_backplane_url(self.url).port)
+            # ZeroMQ releases a closed socket's port in its own thread, a moment later.
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    try:
+                        await self._start_proxy(parse_backplane_url(self.url).port)
+                        break
+                    except OSError:
+                        await trio.sleep(0.01)
         else:  # Redis forgets every topic's numbering as a restarted one would
             assert await redis_call(parse_backplane_url(self.url).port, b"FLUSHALL") == b"OK"
 
@@ -482,8 +489,12 @@ async def test_history_since_a_position(sequenced: Sequenced) -> None:
         assert await since(2) == ([], False)  # offset 3 is no longer kept
         assert await since(0) == ([], False)
         assert await since(9) == ([], False)  # ahead of the sequencer: not this numbering
-        other = await backplane.history(topic, Position("0123456789abcdef", 5))
-        assert other == History(epoch, 8, [], False)
+        for other_epoch in ("0123456789abcdef", "", "not one of ours ✓", "x" * 100):
+            other = await backplane.history(topic, Position(other_epoch, 5))
+            assert other == History(epoch, 8, [], False)
+        huge = await backplane.history(topic, Position(epoch, 2**70), limit=2**70)
+        assert huge == History(epoch, 8, [], False)
+        assert await since(7, limit=2**70) == ([8], True)
 
 
 async def test_history_of_a_new_topic_starts_its_numbering(sequenced: Sequenced) -> None:

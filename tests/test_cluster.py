@@ -126,6 +126,7 @@ async def test_rooms_never_leak_into_each_other(cluster: ClusterProcess):
             "type": "message",
             "room": room,
             "data": "to the room",
+            "offset": 1,  # the room's first message: the others went to other rooms
         }
 
 

@@ -105,8 +105,12 @@ async def test_workers_resume_by_themselves_after_the_proxy_is_killed_and_restar
                     await trio.sleep(0.02)
 
             nursery.start_soon(keep_publishing)
-            # No join again: the workers' subscriptions come back by themselves.
+            # No join again: the workers' subscriptions come back by themselves. The restarted
+            # proxy numbers the room afresh: members are told of the new epoch first.
             for client in (on_a, on_b):
+                with trio.fail_after(RESUME_TIMEOUT):
+                    notice = await client.receive()
+                assert (notice["type"], notice["recovered"]) == ("joined", False), notice
                 with trio.fail_after(RESUME_TIMEOUT):
                     assert (await receive_message(client))["data"][0] == "after"
             resumed_after = trio.current_time() - restarted_at

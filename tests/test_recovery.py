@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import pytest
@@ -18,11 +21,15 @@ from tests.helpers import (
     START_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
+    RedisServer,
+    free_port,
     trio_fanout_command,
 )
-from trio_fanout import Config, Emitter, Worker
+from tests.test_proxy_restart import start_proxy
+from trio_fanout import Config, Emitter, Hooks, Worker, serve
 from trio_fanout.backplane import (
     Backplane,
+    BackplaneUnavailable,
     History,
     HistoryPolicy,
     Position,
@@ -32,6 +39,7 @@ from trio_fanout.backplane import (
 from trio_fanout.client import Client, Frame, open_client
 from trio_fanout.emitter import open_emitter
 from trio_fanout.runner import open_listener
+from trio_fanout.worker import HISTORY_ANSWER_MAX_BYTES
 
 _rooms = itertools.count()
 
@@ -454,3 +462,124 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
             assert await joiner.messages(1) == [(latest + 1, "next")]
         worker.stop()
     listener.close()
+
+
+class Sequencer:
+    """A backplane server this test may restart: a `trio-fanout proxy`, or a redis-server that
+    keeps nothing on disk; either way its rooms' numbering and history die with it."""
+
+    def __init__(self, kind: str, directory: str) -> None:
+        self.kind, self.directory, self.port = kind, directory, free_port()
+        self.process = self._start()
+        self.url = f"{kind}://127.0.0.1:{self.port}"
+
+    def _start(self) -> LoggedProcess:
+        if self.kind == "zmq":
+            return start_proxy(self.port)
+        return RedisServer(self.directory, port=self.port)
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.process = self._start()
+
+
+@pytest.mark.parametrize("kind", ["zmq", "redis"])
+async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_are_told_of(
+    kind: str, tmp_path: Path
+) -> None:
+    sequencer = Sequencer(kind, str(tmp_path))
+    worker = LoggedProcess(
+        trio_fanout_command("worker", "--port", "0", "--backplane", sequencer.url)
+    )
+    try:
+        match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+        url = f"ws://127.0.0.1:{match.group(1)}/ws"
+        room = fresh_room()
+        async with member(url) as alice, open_emitter(sequencer.url) as emitter:
+            old = await alice.join(room)
+            for number in range(3):
+                await emitter.publish(room, number)
+            assert [offset for offset, _ in await alice.messages(3)] == [1, 2, 3]
+
+            sequencer.restart()
+
+            async def keep_publishing() -> None:
+                for number in range(10_000):
+                    with contextlib.suppress(BackplaneUnavailable):
+                        await emitter.publish(room, ["after", number])
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_publishing)
+                notice = await alice.next_frame()  # within RECEIVE_TIMEOUT of the restart
+                assert notice["type"] == "joined" and "id" not in notice, notice
+                assert notice["epoch"] != old["epoch"] and notice["recovered"] is False
+                ((offset, data),) = await alice.messages(1)
+                assert offset == notice["offset"] + 1 and data[0] == "after"
+                async with member(url) as bob:
+                    since = {"epoch": old["epoch"], "offset": 3}
+                    joined = await bob.join(room, since)
+                    assert joined["recovered"] is False
+                    assert joined["epoch"] == notice["epoch"]
+                nursery.cancel_scope.cancel()
+    finally:
+        worker.stop()
+        sequencer.process.stop()
+
+
+async def test_a_join_of_a_room_already_joined_sends_nothing_old() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        first = await alice.join(room)
+        await alice.publish(room, "one")
+        await alice.publish(room, "two")
+        assert await alice.messages(2) == [(1, "one"), (2, "two")]
+        where = {"epoch": first["epoch"], "offset": 2}
+        again = await alice.join(room, where)
+        assert (again["offset"], again["recovered"]) == (2, True)
+        behind = await alice.join(room, {"epoch": first["epoch"], "offset": 0})
+        assert (behind["offset"], behind["recovered"]) == (2, False)
+        await alice.publish(room, "three")
+        assert await alice.messages(1) == [(3, "three")]  # still a member, once
+
+
+async def test_history_is_subject_to_the_authorize_join_hook() -> None:
+    async def authorize_join(identity: object, room: str) -> bool:
+        return not room.startswith("secret")
+
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=0,
+        backplane=f"memory://hooks-{os.getpid()}",
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(
+            functools.partial(serve, config, hooks=Hooks(authorize_join=authorize_join))
+        )
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with member(url) as alice:
+            refused = await alice.request({"type": "history", "room": "secret-1"})
+            assert (refused["type"], refused["code"]) == ("error", "forbidden")
+            allowed = await alice.request({"type": "history", "room": "open-1"})
+            assert allowed["type"] == "history"
+        worker.stop()
+
+
+async def test_a_history_answer_is_bounded_in_bytes_and_pages_with_since() -> None:
+    room, big = fresh_room(), "x" * 60_000  # 20 of these are 1.2 MB: more than one answer
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        for number in range(20):
+            await alice.publish(room, [number, big])
+        newest = await alice.request({"type": "history", "room": room})
+        kept = [m["offset"] for m in newest["messages"]]
+        assert len(kept) * 60_000 <= HISTORY_ANSWER_MAX_BYTES < (len(kept) + 1) * 60_000
+        assert kept == list(range(21 - len(kept), 21))  # the newest, oldest first
+        since = {"epoch": newest["epoch"], "offset": 0}
+        pages: list[int] = []
+        while len(pages) < 20:
+            page = await alice.request({"type": "history", "room": room, "since": since})
+            assert page["messages"], page["offset"]
+            pages += [m["offset"] for m in page["messages"]]
+            since = {"epoch": page["epoch"], "offset": pages[-1]}
+        assert pages == list(range(1, 21))

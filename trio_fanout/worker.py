@@ -194,7 +194,8 @@ class Worker:
         since: protocol.Since | None = None,
     ) -> None:
         """Make ``conn`` a member of ``room_name`` and answer ``joined``; with ``since``, the
-        messages after it follow at once, before any later one (docs/protocol.md, "Recovery").
+        messages after it follow at once, before any later one (docs/protocol.md, "Offsets,
+        history and recovery").
 
         The seam between history and live traffic: once the room's subscription is live, the
         live messages for ``conn`` are held back (a :class:`CatchUp`) while the history is
@@ -210,6 +211,9 @@ class Worker:
         conn.rooms.add(room_name)
         if since is None and room.position is not None:
             room.members.add(conn)
+            # The position may come from a history read, with older messages still on their
+            # way here: they are not this connection's.
+            room.floors[conn] = room.position
             conn.reply(
                 protocol.joined_frame(
                     room_name, request_id, room.position.epoch, room.position.offset
