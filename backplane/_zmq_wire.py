@@ -9,7 +9,9 @@ message of the cluster, so fields share the head where they can. Below, ``|`` se
 Client to proxy:
 
 - ``S request-id topic``: SUBSCRIBE; answered once the proxy routes the topic to us.
-- ``U topic``: UNSUBSCRIBE; not answered.
+- ``U | topic | topic...``: UNSUBSCRIBE from these topics; not answered. A client queues its
+  unsubscriptions and sends them together (a mass disconnect leaves thousands at once), in
+  order with its other commands.
 - ``Y request-id | topic | topic...``: SYNC, our subscriptions are exactly these (after the
   proxy restarted or forgot us); answered.
 - ``P request-id topic | payload``: PUBLISH to the topic's subscribers; answered once routed.

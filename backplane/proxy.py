@@ -165,8 +165,9 @@ class ZmqProxy:
         elif command == SUBSCRIBE and len(frames) == 2 and len(head) > ID_END:
             self._subscribe(peer, head[ID_END:])
             self._reply(sock, peer, [REPLY + request_id])
-        elif command == UNSUBSCRIBE and len(frames) == 2 and len(head) > 1:
-            self._unsubscribe(peer, head[1:])
+        elif command == UNSUBSCRIBE and len(frames) > 2 and len(head) == 1:
+            for topic in frames[2:]:
+                self._unsubscribe(peer, topic)
         elif command == PING and len(frames) == 2 and len(head) == ID_END + NUMBER.size:
             count = NUMBER.pack(len(peer.topics))
             self._reply(sock, peer, [REPLY + request_id, self.instance, count])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -42,7 +43,7 @@ from trio_fanout.backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
-from trio_fanout.backplane._shrink import ShrinkWatch
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
@@ -87,8 +88,19 @@ MAX_OUTSTANDING_REQUESTS = 100_000
 # against the proxy's backlog limit (64 MiB), large enough that credit costs little.
 CREDIT_STEP_BYTES = 256 * 1024
 
+# The reader never pauses (answers arrive behind messages): the proxy's credit bound is what
+# bounds our queue of messages, so the queue's own high-water mark is one it never reaches.
+QUEUE_NEVER_FULL = sys.maxsize
+
 # Messages received per wake-up before other tasks get a turn.
 RECEIVE_BATCH = 500
+
+# Topics per UNSUBSCRIBE or SYNC message. A mass disconnect leaves thousands of rooms in one
+# wake-up; one send per topic cost ~50 µs each and held the loop for seconds, so unsubscriptions
+# are queued and sent together, this many to a message: the proxy's work per message stays
+# small (it handles a bounded number of topics per wake-up) and a message stays far below its
+# size limit (``proxy.MAX_MESSAGE_BYTES``).
+TOPICS_PER_MESSAGE = 1_000
 
 # Opening retries its first ping from this delay up to the longest, while ZeroMQ connects.
 FIRST_CONNECT_RETRY = 0.001
@@ -127,11 +139,14 @@ class ZmqBackplane(Backplane):
         )
         self._monitor_fd = file_descriptor(self._monitor)
         self._ping_now = trio.Event()
-        # The reader never pauses (answers arrive behind messages); the proxy's credit bound
-        # is what bounds this queue, so its own high-water mark is never reached.
-        self._queue = MessageQueue(high_water=1 << 62)
+        self._queue = MessageQueue(high_water=QUEUE_NEVER_FULL)
         self._subscriptions: Counter[bytes] = Counter()
         self._subscriptions_shrink = ShrinkWatch()
+        # Topics left but not yet unsubscribed at the proxy: sent by _send_unsubscriptions,
+        # woken by _unsubscriptions_queued, and before any other send (so that a SUBSCRIBE
+        # that follows an UNSUBSCRIBE of its topic reaches the proxy after it).
+        self._unsubscriptions: list[bytes] = []
+        self._unsubscriptions_queued = trio.Event()
         self._requests: dict[bytes, _Request] = {}
         self._request_ids = itertools.count(1)
         self._taken_bytes = 0  # taken by our consumer, not yet returned to the proxy as credit
@@ -172,9 +187,9 @@ class ZmqBackplane(Backplane):
         del self._subscriptions[topic]
         if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
             self._subscriptions = Counter(self._subscriptions)
-        # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
-        with suppress(BackplaneUnavailable):
-            self._send([UNSUBSCRIBE + topic])
+            give_back_freed_memory()
+        self._unsubscriptions.append(topic)
+        self._unsubscriptions_queued.set()
 
     async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
         batch = await self._queue.take(max_messages)
@@ -211,9 +226,14 @@ class ZmqBackplane(Backplane):
             )
         return request.answer
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes] | None) -> None:
+        """Send the queued unsubscriptions, then one message (none if ``frames`` is None), or
+        raise :class:`BackplaneUnavailable`."""
         try:
-            send_frames(self._socket, frames)
+            if self._unsubscriptions:
+                self._send_unsubscriptions()
+            if frames is not None:
+                send_frames(self._socket, frames)
         except zmq.Again:
             self._connection_lost()
             raise BackplaneUnavailable(
@@ -222,6 +242,24 @@ class ZmqBackplane(Backplane):
         # The send may have consumed the edge that was to wake the reader.
         if self._wait_scope is not None and events(self._socket) & zmq.POLLIN:
             self._wait_scope.cancel()
+
+    def _send_unsubscriptions(self) -> None:
+        """Send the queued unsubscriptions, TOPICS_PER_MESSAGE to a message. Raises
+        ``zmq.Again`` when there is no connection: they are dropped then, and our next ping
+        finds the proxy's count wrong and sends it our whole set."""
+        topics, self._unsubscriptions = self._unsubscriptions, []
+        for start in range(0, len(topics), TOPICS_PER_MESSAGE):
+            send_frames(self._socket, [UNSUBSCRIBE, *topics[start : start + TOPICS_PER_MESSAGE]])
+
+    async def send_unsubscriptions(self) -> None:
+        """Send queued unsubscriptions once per wake-up of their queue: however many rooms a
+        batch of closing connections leaves, the cost is a few sends, not one per topic."""
+        while True:
+            await self._unsubscriptions_queued.wait()
+            self._unsubscriptions_queued = trio.Event()
+            if self._unsubscriptions:
+                with suppress(BackplaneUnavailable):
+                    self._send(None)
 
     def _connection_lost(self) -> None:
         """The connection that carried our outstanding requests is gone, and their answers
@@ -357,6 +395,7 @@ async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backplane.run_reader)
                 nursery.start_soon(backplane.watch_connection)
+                nursery.start_soon(backplane.send_unsubscriptions)
                 await backplane.connect()
                 nursery.start_soon(backplane.keep_in_touch)
                 logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)
