@@ -48,6 +48,7 @@ from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
     ID_END,
+    MAX_TOPICS_PER_MESSAGE,
     MESSAGE,
     NUMBER,
     PING,
@@ -55,6 +56,8 @@ from trio_fanout.backplane._zmq_wire import (
     REPLY,
     SUBSCRIBE,
     SYNC,
+    SYNC_FIRST,
+    SYNC_LAST,
     UNSUBSCRIBE,
     events,
     file_descriptor,
@@ -94,13 +97,6 @@ QUEUE_NEVER_FULL = sys.maxsize
 
 # Messages received per wake-up before other tasks get a turn.
 RECEIVE_BATCH = 500
-
-# Topics per UNSUBSCRIBE or SYNC message. A mass disconnect leaves thousands of rooms in one
-# wake-up; one send per topic cost ~50 µs each and held the loop for seconds, so unsubscriptions
-# are queued and sent together, this many to a message: the proxy's work per message stays
-# small (it handles a bounded number of topics per wake-up) and a message stays far below its
-# size limit (``proxy.MAX_MESSAGE_BYTES``).
-TOPICS_PER_MESSAGE = 1_000
 
 # Opening retries its first ping from this delay up to the longest, while ZeroMQ connects.
 FIRST_CONNECT_RETRY = 0.001
@@ -153,6 +149,7 @@ class ZmqBackplane(Backplane):
         self._wait_scope: trio.CancelScope | None = None
         self._proxy_answers = False
         self._proxy_instance: bytes | None = None
+        self._syncing = False
 
     # ---- the Backplane interface ---------------------------------------------------------
 
@@ -174,10 +171,16 @@ class ZmqBackplane(Backplane):
         check_topic(topic)
         self._subscriptions[topic] += 1
         try:
-            await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
+            refused = await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
+            if refused:
+                raise BackplaneUnavailable(self._refusal(refused))
         except BaseException:
             self.unsubscribe(topic)
             raise
+
+    def _refusal(self, answer: list[bytes]) -> str:
+        reason = answer[0].decode("utf-8", "replace")
+        return f"the ZeroMQ proxy at {self.endpoint} refused: {reason}"
 
     def unsubscribe(self, topic: bytes) -> None:
         count = self._subscriptions[topic] - 1
@@ -188,6 +191,7 @@ class ZmqBackplane(Backplane):
         if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
             self._subscriptions = Counter(self._subscriptions)
             give_back_freed_memory()
+        # Messages that still come for the topic are dropped on arrival (see _drain).
         self._unsubscriptions.append(topic)
         self._unsubscriptions_queued.set()
 
@@ -244,12 +248,15 @@ class ZmqBackplane(Backplane):
             self._wait_scope.cancel()
 
     def _send_unsubscriptions(self) -> None:
-        """Send the queued unsubscriptions, TOPICS_PER_MESSAGE to a message. Raises
+        """Send the queued unsubscriptions, MAX_TOPICS_PER_MESSAGE to a message (a mass
+        disconnect leaves thousands of rooms in one turn of the loop, and one send per topic
+        cost ~50 µs, which held the loop for seconds). Raises
         ``zmq.Again`` when there is no connection: they are dropped then, and our next ping
         finds the proxy's count wrong and sends it our whole set."""
         topics, self._unsubscriptions = self._unsubscriptions, []
-        for start in range(0, len(topics), TOPICS_PER_MESSAGE):
-            send_frames(self._socket, [UNSUBSCRIBE, *topics[start : start + TOPICS_PER_MESSAGE]])
+        for start in range(0, len(topics), MAX_TOPICS_PER_MESSAGE):
+            part = topics[start : start + MAX_TOPICS_PER_MESSAGE]
+            send_frames(self._socket, [UNSUBSCRIBE, *part])
 
     async def send_unsubscriptions(self) -> None:
         """Send queued unsubscriptions once per wake-up of their queue: however many rooms a
@@ -289,6 +296,7 @@ class ZmqBackplane(Backplane):
 
     def _drain(self) -> None:
         sock, queue, requests = self._socket, self._queue, self._requests
+        subscriptions = self._subscriptions
         for _ in range(RECEIVE_BATCH):
             try:
                 frames = receive_frames(sock)
@@ -297,7 +305,11 @@ class ZmqBackplane(Backplane):
             head = frames[0]
             kind = head[:1]
             if kind == MESSAGE and len(frames) == 2:
-                queue.put(head[1:], frames[1])
+                topic = head[1:]
+                if topic in subscriptions:
+                    queue.put(topic, frames[1])
+                else:  # unsubscribed, its UNSUBSCRIBE queued or on its way: taken, as credit
+                    self._taken_bytes += message_cost(topic, frames[1])
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
@@ -325,10 +337,29 @@ class ZmqBackplane(Backplane):
             logger.warning("the ZeroMQ proxy at %s restarted", self.endpoint)
         self._proxy_instance = instance
         self._proxy_answers = True
-        if NUMBER.unpack(count)[0] != held:
-            topics = list(self._subscriptions)
-            await self._request(SYNC, b"", topics, SUBSCRIBE_TIMEOUT)
-            logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
+        # While a SYNC is under way the counts differ by design: one at a time.
+        if NUMBER.unpack(count)[0] != held and not self._syncing:
+            self._syncing = True
+            try:
+                await self._sync()
+            finally:
+                self._syncing = False
+
+    async def _sync(self) -> None:
+        """Send our whole set of topics, MAX_TOPICS_PER_MESSAGE to a part and one part at a
+        time, so that neither message nor the proxy's work on it grows with the set. Topics
+        subscribed or unsubscribed meanwhile reach the proxy in order with the parts; one
+        unsubscribed before its part is sent is left out of it."""
+        topics = list(self._subscriptions)
+        starts = range(0, max(len(topics), 1), MAX_TOPICS_PER_MESSAGE)  # one part at least
+        for start in starts:
+            stage = (SYNC_FIRST if start == 0 else 0) | (SYNC_LAST if start == starts[-1] else 0)
+            part = topics[start : start + MAX_TOPICS_PER_MESSAGE]
+            held = [topic for topic in part if topic in self._subscriptions]
+            refused = await self._request(SYNC, bytes([stage]), held, SUBSCRIBE_TIMEOUT)
+            if refused:
+                logger.warning("%s", self._refusal(refused))
+        logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
 
     async def keep_in_touch(self) -> None:
         """Ping every PING_INTERVAL, and as soon as ZeroMQ has connected again; while the proxy
