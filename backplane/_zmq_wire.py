@@ -106,18 +106,28 @@ def receive_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
 
 
 def receive_bounded_frames(sock: zmq.Socket[bytes], max_frames: int) -> tuple[list[bytes], bool]:
-    """Like :func:`receive_frames`, and whether the message was whole: the frames of a message
-    of more than ``max_frames`` are read to its end but dropped past the first ``max_frames``,
-    so that a hostile message never becomes a list of a million items."""
+    """Like :func:`receive_frames`, and whether the message was whole: of a message of more
+    than ``max_frames`` frames only the first ``max_frames`` are read, and the caller drops the
+    rest with :func:`drop_frames` (a hostile message never becomes a list of a million items,
+    and dropping it can be spread over several turns)."""
     recv, more = sock.recv, sock.get
     frames: list[bytes] = [recv(_NO_WAIT)]
     while more(_RECEIVE_MORE):
         if len(frames) == max_frames:
-            while more(_RECEIVE_MORE):
-                recv(_NO_WAIT, copy=False)
             return frames, False
         frames.append(recv(_NO_WAIT))
     return frames, True
+
+
+def drop_frames(sock: zmq.Socket[bytes], max_frames: int) -> tuple[int, bool]:
+    """Read and drop at most ``max_frames`` frames of the message being received; returns how
+    many, and whether the message has ended."""
+    recv, more = sock.recv, sock.get
+    for dropped in range(max_frames):
+        if not more(_RECEIVE_MORE):
+            return dropped, True
+        recv(_NO_WAIT)
+    return max_frames, not more(_RECEIVE_MORE)
 
 
 def zmq_endpoint(host: str, port: int) -> str:

@@ -47,6 +47,7 @@ from trio_fanout.backplane._zmq_wire import (
     SYNC_FIRST,
     SYNC_LAST,
     UNSUBSCRIBE,
+    drop_frames,
     events,
     file_descriptor,
     message_cost,
@@ -88,7 +89,8 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_TOPICS_PER_PEER = 500_000
 
 # Frames of one message, at most: a SYNC or UNSUBSCRIBE part (ROUTER's identity, the head and
-# its topics). A message with more is read and dropped frame by frame, counted as malformed.
+# its topics). A message with more is counted as malformed, and the rest of its frames are
+# read and dropped, at most FRAMES_PER_WAKEUP per wake-up like any other frames.
 MAX_FRAMES = 2 + MAX_TOPICS_PER_MESSAGE
 
 # Malformed commands of one peer are counted and logged at most once per this many seconds:
@@ -193,9 +195,16 @@ class ZmqProxy:
 
     async def _route_forever(self, sock: zmq.Socket[bytes]) -> None:
         fd = file_descriptor(sock)
+        dropping = False  # in the middle of a message of too many frames
         while True:
             frames_left = FRAMES_PER_WAKEUP
             for _ in range(BATCH):
+                if dropping:
+                    dropped, ended = drop_frames(sock, frames_left)
+                    frames_left -= dropped
+                    dropping = not ended
+                    if dropping:
+                        break
                 try:
                     frames, whole = receive_bounded_frames(sock, MAX_FRAMES)
                 except zmq.Again:
@@ -204,6 +213,7 @@ class ZmqProxy:
                     self._handle(sock, frames)
                 else:
                     self._malformed(self._heard_from(frames[0]), frames, "too many frames")
+                    dropping = True
                 frames_left -= len(frames)
                 if frames_left <= 0:
                     break
