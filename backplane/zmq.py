@@ -42,7 +42,7 @@ from trio_fanout.backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
-from trio_fanout.backplane._shrink import ShrinkWatch
+from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
 from trio_fanout.backplane._zmq_wire import (
     BYE,
     CREDIT,
@@ -171,7 +171,7 @@ class ZmqBackplane(Backplane):
             return
         del self._subscriptions[topic]
         if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
-            self._subscriptions = Counter(self._subscriptions)
+            rebuild_dict(self._subscriptions)
         # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
         with suppress(BackplaneUnavailable):
             self._send([UNSUBSCRIBE + topic])

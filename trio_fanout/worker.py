@@ -23,7 +23,7 @@ import trio
 
 from trio_fanout import envelope, protocol, websocket
 from trio_fanout.backplane import Backplane
-from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
@@ -163,7 +163,7 @@ class Worker:
             self.backplane.unsubscribe(topic)
             self.gaps.forget(topic)
             if self._rooms_shrink.should_rebuild(len(self.rooms)):
-                self.rooms = dict(self.rooms)
+                rebuild_dict(self.rooms)
                 give_back_freed_memory()
 
     async def publish(self, conn: Connection, request: protocol.Publish) -> None:
