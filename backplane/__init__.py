@@ -14,6 +14,10 @@ from trio_fanout.backplane._interface import (
     BackplaneError,
     BackplaneUnavailable,
     BadBackplaneURL,
+    History,
+    HistoryPolicy,
+    Position,
+    Received,
 )
 from trio_fanout.backplane._open import open_backplane, parse_backplane_url
 from trio_fanout.backplane.proxy import serve_proxy
@@ -23,6 +27,10 @@ __all__ = [
     "BackplaneError",
     "BackplaneUnavailable",
     "BadBackplaneURL",
+    "History",
+    "HistoryPolicy",
+    "Position",
+    "Received",
     "open_backplane",
     "parse_backplane_url",
     "serve_proxy",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import attrs
 import trio
 
 
@@ -21,6 +24,62 @@ class BackplaneUnavailable(BackplaneError):
     """The backplane cannot take this publish or subscription right now; nothing was sent."""
 
 
+@attrs.frozen
+class Position:
+    """Where a message stands in its topic's numbered series."""
+
+    epoch: str
+    """Opaque; changes whenever the topic's numbering starts again (first append, expiry,
+    eviction, a restart of the sequencer)."""
+    offset: int
+    """1, 2, 3 ... per topic and epoch; 0 means "nothing yet"."""
+
+
+class Received(NamedTuple):
+    """One message as a subscriber receives it."""
+
+    topic: bytes
+    payload: bytes
+    position: Position | None
+    """Its place in the topic's series; None for a message sent with ``publish`` (unnumbered)."""
+
+
+@attrs.frozen
+class History:
+    """A topic's state at its sequencer, and the messages it keeps (see ``Backplane.history``)."""
+
+    epoch: str
+    offset: int
+    """The topic's latest offset (0 if none)."""
+    messages: list[tuple[int, bytes]]
+    """``(offset, payload)``, oldest first."""
+    complete: bool
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be a whole number >= 0, not {value!r}")
+
+
+def _positive_seconds(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name} must be a number of seconds > 0, not {value!r}")
+
+
+@attrs.frozen
+class HistoryPolicy:
+    """What a topic's sequencer keeps. The defaults let a client that reconnects within a few
+    minutes recover what it missed, in a bounded amount of memory."""
+
+    size: int = attrs.field(default=100, validator=_non_negative)
+    """Messages kept per topic (0: no history, offsets still assigned)."""
+    ttl: float = attrs.field(default=300.0, validator=_positive_seconds)
+    """Seconds a topic's history (and numbering) lives after its last append."""
+    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_non_negative)
+    """Bound on all topics' kept payloads together (memory and zmq sequencers; on Redis,
+    Redis's own ``maxmemory`` governs)."""
+
+
 class Backplane(abc.ABC):
     """Topic-based publish/subscribe between processes.
 
@@ -28,12 +87,44 @@ class Backplane(abc.ABC):
     exactly: callers that need prefix safety on a prefix-matching transport (ZeroMQ) get it from
     the backend, not by convention.
 
-    Messages from one publisher on one topic arrive in the order they were published.
+    Messages from one publisher on one topic arrive in the order they were published. Messages
+    sent with :meth:`append` are numbered by the topic's one sequencer, so every subscriber
+    receives them in the same order, whoever appended them.
     """
 
     @abc.abstractmethod
     async def publish(self, topic: bytes, payload: bytes) -> None:
-        """Hand one message to the backplane, or raise :class:`BackplaneUnavailable`."""
+        """Hand one message to the backplane, or raise :class:`BackplaneUnavailable`.
+
+        The message is not numbered and not kept (broadcasts, heartbeats); see :meth:`append`.
+        """
+
+    @abc.abstractmethod
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        """Have the topic's sequencer number the message, keep it in the topic's history, and
+        deliver it to subscribers with its position; return that position.
+
+        Raises :class:`BackplaneUnavailable` like :meth:`publish`.
+        """
+
+    @abc.abstractmethod
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        """The topic's current epoch and latest offset, and its kept messages, read atomically
+        at the sequencer.
+
+        - Without ``since``: the kept messages (the newest ``limit`` if limited); complete.
+        - With ``since`` in the current epoch and within the kept history: the messages after
+          ``since.offset`` (the first ``limit`` of them if limited); ``complete`` tells whether
+          nothing after ``since.offset`` is missing from them.
+        - With ``since`` of another epoch, older than the kept history or ahead of the latest
+          offset: no messages, ``complete`` False.
+
+        ``limit=0`` returns no messages: a cheap "where are we" query. Reading a topic that has
+        no numbering yet starts one (a new epoch at offset 0), so that a reader who saw offset
+        0 can later recover what was appended after.
+        """
 
     @abc.abstractmethod
     async def subscribe(self, topic: bytes) -> None:
@@ -49,7 +140,7 @@ class Backplane(abc.ABC):
         """Undo one :meth:`subscribe`; never blocks (the backend sends it when it can)."""
 
     @abc.abstractmethod
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         """Wait for at least one message and return those that are ready (up to
         ``max_messages``), oldest first.
 
@@ -74,14 +165,14 @@ class Backplane(abc.ABC):
         return self.unavailable_reason is None
 
     def __aiter__(self) -> Backplane:
-        """Iterate ``(topic, payload)`` pairs one at a time while the backplane is open.
+        """Iterate :class:`Received` messages one at a time while the backplane is open.
 
         Each step takes one message, so leaving the loop early leaves the rest for later; and
         the backplane is its own iterator (not an async generator), so it needs no closing.
         """
         return self
 
-    async def __anext__(self) -> tuple[bytes, bytes]:
+    async def __anext__(self) -> Received:
         (message,) = await self.receive_batch(1)
         return message
 
@@ -90,6 +181,22 @@ def check_topic(topic: bytes) -> None:
     """Refuse topics that no backend can carry faithfully, the same way for every backend."""
     if not isinstance(topic, bytes) or not topic:
         raise ValueError(f"a topic is non-empty bytes, not {topic!r}")
+
+
+# Offsets and limits a backend sends on in a history query are capped here: beyond any offset a
+# sequencer will reach (2**53: exact as a Lua number in Redis, and within the ZeroMQ wire's
+# 64 bits), so the answer is the same as for the number asked for.
+QUERY_NUMBER_CAP = 2**53
+
+
+def check_history_query(since: Position | None, limit: int | None) -> None:
+    """Refuse a history query that no backend could answer, the same way for every backend."""
+    if since is not None and not isinstance(since, Position):
+        raise ValueError(f"since is a Position or None, not {since!r}")
+    if since is not None and since.offset < 0:
+        raise ValueError(f"since.offset is >= 0, not {since.offset}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit is an int >= 0 or None, not {limit!r}")
 
 
 class MessageQueue:
@@ -102,7 +209,7 @@ class MessageQueue:
 
     def __init__(self, high_water: int) -> None:
         self.high_water = high_water
-        self._messages: list[tuple[bytes, bytes]] = []
+        self._messages: list[Received] = []
         self._not_empty = trio.Event()
         self._not_full = trio.Event()
         self._not_full.set()
@@ -110,8 +217,8 @@ class MessageQueue:
     def __len__(self) -> int:
         return len(self._messages)
 
-    def put(self, topic: bytes, payload: bytes) -> None:
-        self._messages.append((topic, payload))
+    def put(self, topic: bytes, payload: bytes, position: Position | None = None) -> None:
+        self._messages.append(Received(topic, payload, position))
         self._not_empty.set()
         if len(self._messages) >= self.high_water:
             self._not_full = trio.Event()
@@ -119,7 +226,7 @@ class MessageQueue:
     async def wait_not_full(self) -> None:
         await self._not_full.wait()
 
-    async def take(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    async def take(self, max_messages: int | None = None) -> list[Received]:
         """Wait for a message; return all that are ready, or the oldest ``max_messages``."""
         while not self._messages:
             self._not_empty = trio.Event()

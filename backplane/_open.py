@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import attrs
 
-from trio_fanout.backplane._interface import Backplane, BadBackplaneURL
+from trio_fanout.backplane._interface import Backplane, BadBackplaneURL, HistoryPolicy
 
 SCHEMES = ("memory", "zmq", "redis", "rediss")
 DEFAULT_ZMQ_PORT = 5559
@@ -100,13 +100,21 @@ def _parse_redis_url(url: str, parts: urllib.parse.SplitResult) -> BackplaneAddr
 
 
 @asynccontextmanager
-async def open_backplane(url: str) -> AsyncIterator[Backplane]:
-    """Open the backend that ``url`` names; it is closed when the ``async with`` block ends."""
+async def open_backplane(
+    url: str, *, history: HistoryPolicy | None = None
+) -> AsyncIterator[Backplane]:
+    """Open the backend that ``url`` names; it is closed when the ``async with`` block ends.
+
+    ``history`` (default: ``HistoryPolicy()``) is what the topics' sequencer keeps for memory://
+    (the first backplane to open a name sets it) and redis:// (applied at each append). A zmq://
+    backplane ignores it: its sequencer is the proxy, which applies the policy it was started
+    with.
+    """
     address = parse_backplane_url(url)
     if address.scheme == "memory":
         from trio_fanout.backplane.memory import open_memory_backplane
 
-        async with open_memory_backplane(address.name) as memory_backplane:
+        async with open_memory_backplane(address.name, history) as memory_backplane:
             yield memory_backplane
     elif address.scheme == "zmq":
         from trio_fanout.backplane.zmq import open_zmq_backplane
@@ -116,5 +124,5 @@ async def open_backplane(url: str) -> AsyncIterator[Backplane]:
     else:
         from trio_fanout.backplane.redis import open_redis_backplane
 
-        async with open_redis_backplane(address) as redis_backplane:
+        async with open_redis_backplane(address, history) as redis_backplane:
             yield redis_backplane

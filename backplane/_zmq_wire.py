@@ -13,6 +13,10 @@ Client to proxy:
 - ``Y request-id | topic | topic...``: SYNC, our subscriptions are exactly these (after the
   proxy restarted or forgot us); answered.
 - ``P request-id topic | payload``: PUBLISH to the topic's subscribers; answered once routed.
+- ``A request-id topic | payload``: APPEND, number the message in the topic's series, keep it in
+  its history and deliver it to the subscribers; answered with its position once routed.
+- ``H request-id topic | since | limit``: HISTORY of the topic; ``since`` is a position or empty
+  (none), ``limit`` a count or empty (none). Answered with a history head and the payloads.
 - ``? request-id count``: PING, are you there, and do you hold ``count`` topics for us?
   answered with the proxy's instance id and its count.
 - ``C bytes``: CREDIT, our consumer has taken this many more bytes of messages; not answered.
@@ -20,11 +24,17 @@ Client to proxy:
 
 Proxy to client:
 
-- ``R request-id [| field...]``: REPLY, the answer to a request (a PING's carries two fields).
-- ``M topic | payload``: MESSAGE on a topic we subscribed to.
+- ``R request-id [| field...]``: REPLY, the answer to a request (a PING's carries two fields,
+  a HISTORY's a history head and then one frame per kept payload).
+- ``R request-id position``: the REPLY to an APPEND, its position in the head.
+- ``M topic | payload``: MESSAGE on a topic we subscribed to, sent with PUBLISH.
+- ``N position topic | payload``: NUMBERED message, sent with APPEND, with its position.
 
-A payload is always the last frame, so a later field (a per-room sequence number in a
-publish's reply and in a message, say) is one more frame before it and nothing else changes.
+A position is the offset (a NUMBER) then the epoch's 16 ASCII characters: fixed in size, so
+that a numbered message's position shares its head with the topic and costs the proxy nothing
+per subscriber (a frame more would, for each one). A history head is one frame: the latest
+offset, the offset of the first payload that follows (NUMBERs), one byte (1: complete, 0:
+not), then the epoch's characters.
 """
 
 from __future__ import annotations
@@ -38,17 +48,43 @@ SUBSCRIBE = b"S"
 UNSUBSCRIBE = b"U"
 SYNC = b"Y"
 PUBLISH = b"P"
+APPEND = b"A"
+HISTORY = b"H"
 PING = b"?"
 CREDIT = b"C"
 BYE = b"B"
 
 REPLY = b"R"
 MESSAGE = b"M"
+NUMBERED = b"N"
 
 # Request ids, counts and credits: one unsigned 64-bit integer each.
 NUMBER = struct.Struct(">Q")
 # Where a head's request id ends and what follows it begins.
 ID_END = 1 + NUMBER.size
+# A history head's fixed fields: latest offset, first offset, complete.
+HISTORY_HEAD = struct.Struct(">QQ?")
+
+
+# Epochs are 16 hex characters (backplane._sequencer.new_epoch); a position is 24 bytes.
+EPOCH_SIZE = 16
+POSITION_SIZE = NUMBER.size + EPOCH_SIZE
+# An epoch no sequencer gives (not hex): what a history query sends for a foreign epoch.
+FOREIGN_EPOCH = b"-" * EPOCH_SIZE
+# Where a numbered message's position ends and its topic begins.
+POSITION_END = 1 + POSITION_SIZE
+
+
+def pack_position(offset: int, epoch: bytes) -> bytes:
+    return NUMBER.pack(offset) + epoch
+
+
+def unpack_position(frame: bytes) -> tuple[str, int]:
+    """``(epoch, offset)`` from a position; raises ``ValueError`` if it is not one."""
+    if len(frame) != POSITION_SIZE:
+        raise ValueError(f"not a position: {frame!r}")
+    return frame[NUMBER.size :].decode("ascii"), NUMBER.unpack_from(frame)[0]
+
 
 # What one message costs the flow control beyond its topic and payload: ZeroMQ's message
 # structures on both sides and the Python objects that hold it in the client, roughly. It keeps

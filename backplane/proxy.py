@@ -17,6 +17,14 @@ logged once per stall) until credit comes back; the subscriber sees the gap in t
 sequence numbers. ZeroMQ's own high-water marks are off on the proxy's side so that this bound,
 not a silent ZeroMQ drop, is what limits.
 
+The proxy is also the topics' one sequencer: it sees every message, so an APPEND is numbered
+where it is routed, kept in the topic's history (``backplane._sequencer``, bounded by the
+``HistoryPolicy`` the proxy was started with), and sent to each subscriber with its position. A
+HISTORY is answered from that memory. A restarted proxy has forgotten it all: every topic's
+next numbering is a new epoch. The per-message work is a dict move and a deque append; the position
+shares the message's first frame with the topic, so subscribers cost what they cost for a
+plain message (docs/performance.md has the figures).
+
 It runs in Trio with the same FD integration as the client (``backplane.zmq``): drain in
 batches until ``zmq.Again``, re-check ``zmq.EVENTS`` before sleeping.
 """
@@ -30,6 +38,8 @@ import os
 import trio
 import zmq
 
+from trio_fanout.backplane._interface import HistoryPolicy, Position
+from trio_fanout.backplane._sequencer import Sequencer
 from trio_fanout.backplane._shrink import (
     ShrinkWatch,
     give_back_freed_memory,
@@ -37,11 +47,15 @@ from trio_fanout.backplane._shrink import (
     rebuild_set,
 )
 from trio_fanout.backplane._zmq_wire import (
+    APPEND,
     BYE,
     CREDIT,
+    HISTORY,
+    HISTORY_HEAD,
     ID_END,
     MESSAGE,
     NUMBER,
+    NUMBERED,
     PING,
     PUBLISH,
     REPLY,
@@ -51,8 +65,10 @@ from trio_fanout.backplane._zmq_wire import (
     events,
     file_descriptor,
     message_cost,
+    pack_position,
     receive_frames,
     send_frames,
+    unpack_position,
     zmq_endpoint,
 )
 
@@ -69,6 +85,11 @@ PEER_TIMEOUT = 10.0
 
 # Commands handled per wake-up before other tasks get a turn.
 BATCH = 500
+
+# How often topics idle for longer than the history's ttl are forgotten when no append comes
+# to do it (each append forgets the expired ones first): cheap, as only expired ones are looked
+# at, and often enough that their memory is back within a second of their expiry.
+EXPIRY_SWEEP_INTERVAL = 1.0
 
 # Messages from one peer queued in the proxy before ZeroMQ stops reading from that peer: a
 # client's publishes wait for their answers, so this only bounds an unusually eager peer.
@@ -92,9 +113,12 @@ class _Peer:
 class ZmqProxy:
     """The routing table and the loop; :func:`serve_proxy` runs one."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5559) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 5559, *, history: HistoryPolicy | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.sequencer = Sequencer(history or HistoryPolicy())
         self.instance = os.urandom(8)  # changes with every start: clients notice a restart
         self.subscribers: dict[bytes, set[_Peer]] = {}
         self._subscribers_shrink = ShrinkWatch()
@@ -130,6 +154,7 @@ class ZmqProxy:
             task_status.started(bound)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forget_silent_peers)
+                nursery.start_soon(self._expire_idle_topics)
                 await self._route_forever(sock)
         finally:
             fd = file_descriptor(sock)
@@ -163,8 +188,16 @@ class ZmqProxy:
         head = frames[1] if len(frames) > 1 else b""
         command, request_id = head[:1], head[1:ID_END]
         if command == PUBLISH and len(frames) == 3 and len(head) > ID_END:
-            self._route(sock, head[ID_END:], frames[2])
+            self._route(sock, head[ID_END:], frames[2], None)
             self._reply(sock, peer, [REPLY + request_id])
+        elif command == APPEND and len(frames) == 3 and len(head) > ID_END:
+            topic, payload = head[ID_END:], frames[2]
+            series = self.sequencer.append(topic, payload, self._now)
+            position = pack_position(series.offset, series.epoch_bytes)
+            self._route(sock, topic, payload, NUMBERED + position + topic)
+            self._reply(sock, peer, [REPLY + request_id + position])
+        elif command == HISTORY and len(frames) == 4 and len(head) > ID_END:
+            self._answer_history(sock, peer, head, frames[2], frames[3])
         elif command == CREDIT and len(frames) == 2 and len(head) == ID_END:
             self._credit(peer, NUMBER.unpack_from(head, 1)[0])
         elif command == SUBSCRIBE and len(frames) == 2 and len(head) > ID_END:
@@ -191,12 +224,17 @@ class ZmqProxy:
                 identity.hex(), head[:16], len(frames),
             )  # fmt: skip
 
-    def _route(self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes) -> None:
+    def _route(
+        self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes, head: bytes | None
+    ) -> None:
+        """Send the message to the topic's subscribers with ``head`` (a plain message's if
+        None)."""
         subscribers = self.subscribers.get(topic)
         if not subscribers:
             return
         cost = message_cost(topic, payload)
-        head = MESSAGE + topic
+        if head is None:
+            head = MESSAGE + topic
         gone: list[_Peer] = []
         for peer in subscribers:
             if peer.unacknowledged >= SUBSCRIBER_BACKLOG_LIMIT_BYTES:
@@ -213,6 +251,29 @@ class ZmqProxy:
         for peer in gone:
             logger.info("peer %s disconnected", peer.identity.hex())
             self._forget(peer)
+
+    def _answer_history(
+        self,
+        sock: zmq.Socket[bytes],
+        peer: _Peer,
+        head: bytes,
+        since_frame: bytes,
+        limit_frame: bytes,
+    ) -> None:
+        try:
+            since = Position(*unpack_position(since_frame)) if since_frame else None
+            if limit_frame and len(limit_frame) != NUMBER.size:
+                raise ValueError(f"not a limit: {limit_frame!r}")
+        except ValueError as error:
+            logger.warning("peer %s: ignored a malformed HISTORY (%s)", peer.identity.hex(), error)
+            return
+        limit = NUMBER.unpack(limit_frame)[0] if limit_frame else None
+        history = self.sequencer.history(head[ID_END:], since, limit, self._now)
+        first = history.messages[0][0] if history.messages else history.offset + 1
+        summary = HISTORY_HEAD.pack(history.offset, first, history.complete)
+        summary += history.epoch.encode()
+        payloads = [payload for _, payload in history.messages]
+        self._reply(sock, peer, [REPLY + head[1:ID_END], summary, *payloads])
 
     def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
         try:
@@ -268,6 +329,13 @@ class ZmqProxy:
             self._unsubscribe(peer, topic)
         self.peers.pop(peer.identity, None)
 
+    async def _expire_idle_topics(self) -> None:
+        while True:
+            await trio.sleep(EXPIRY_SWEEP_INTERVAL)
+            expired = self.sequencer.expire(trio.current_time())
+            if expired:
+                logger.debug("forgot the history of %d idle topics", expired)
+
     async def _forget_silent_peers(self) -> None:
         while True:
             await trio.sleep(PEER_TIMEOUT / 2)
@@ -284,11 +352,13 @@ async def serve_proxy(
     host: str = "127.0.0.1",
     port: int = 5559,
     *,
+    history: HistoryPolicy | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``host:port`` until cancelled; ``task_status.started`` reports the port
-    (port 0 picks a free one).
+    (port 0 picks a free one). ``history`` bounds what it keeps of appended messages (default:
+    ``HistoryPolicy()``).
 
     Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
     """
-    await ZmqProxy(host, port).serve(task_status=task_status)
+    await ZmqProxy(host, port, history=history).serve(task_status=task_status)

@@ -11,11 +11,18 @@ consumers keep receiving without doing anything. While the publisher link is dow
 raises :class:`BackplaneUnavailable` at once instead of queueing: a publish is never dropped
 silently. Commands are queued without waiting and written by one writer task per link, so
 concurrent publishes go out pipelined, many to a write.
+
+Redis is also the topics' sequencer: ``append`` and ``history`` each run one Lua script
+(``backplane._redis_scripts``) by its SHA1 with EVALSHA; the publisher link loads both scripts
+whenever it connects, and a NOSCRIPT (a Redis that restarted or flushed its scripts since)
+loads them again and retries once. Every message on a topic's channel starts with a kind byte,
+so that a subscriber can tell a numbered message (with its position) from a plain one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
@@ -29,14 +36,30 @@ import hiredis
 import trio
 
 from trio_fanout.backplane._interface import (
+    QUERY_NUMBER_CAP,
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
+    History,
+    HistoryPolicy,
     MessageQueue,
+    Position,
+    Received,
+    check_history_query,
     check_topic,
     unwrap_single_errors,
 )
 from trio_fanout.backplane._open import BackplaneAddress
+from trio_fanout.backplane._redis_scripts import (
+    APPEND,
+    APPEND_SHA,
+    HISTORY,
+    HISTORY_SHA,
+    NUMBERED,
+    PLAIN,
+    topic_keys,
+)
+from trio_fanout.backplane._sequencer import new_epoch
 from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
 
 logger = logging.getLogger(__name__)
@@ -65,6 +88,10 @@ KEEPALIVE_PROBES = 3
 RECEIVE_BYTES = 65536
 
 
+def _milliseconds(seconds: float) -> bytes:
+    return b"%d" % max(1, round(seconds * 1000))
+
+
 def encode_command(*args: bytes) -> bytes:
     """A command in RESP, the way every Redis client sends it (an array of bulk strings)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -76,13 +103,14 @@ def encode_command(*args: bytes) -> bytes:
 
 
 class _Reply:
-    """The reply to one PUBLISH, or the news that it will never come."""
+    """The reply to one command of the publisher link, or the news that it will never come."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: BackplaneError | None = None
+        self.value: Any = None
 
 
 class _Subscribe:
@@ -303,8 +331,10 @@ async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
 
 
 class RedisBackplane(Backplane):
-    def __init__(self, address: BackplaneAddress) -> None:
+    def __init__(self, address: BackplaneAddress, history: HistoryPolicy | None = None) -> None:
+        self._history = history or HistoryPolicy()
         self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
+        self._unknown_messages = 0
         self._replies: deque[_Reply] = deque()
         # How many times each topic is subscribed (the interface counts; Redis does not).
         self._counts: Counter[bytes] = Counter()
@@ -316,7 +346,11 @@ class RedisBackplane(Backplane):
         # Set while the subscriber link is up; a new, unset one after each loss.
         self._link_up = trio.Event()
         self._publisher = _Link(
-            address, "publisher", self._on_publish_reply, lambda: None, self._fail_replies
+            address,
+            "publisher",
+            self._on_publish_reply,
+            self._publisher_connected,
+            self._fail_replies,
         )
         self._subscriber = _Link(
             address,
@@ -341,8 +375,77 @@ class RedisBackplane(Backplane):
 
     async def publish(self, topic: bytes, payload: bytes) -> None:
         check_topic(topic)
+        reply = await self._call(encode_command(b"PUBLISH", topic, PLAIN + payload))
+        if isinstance(reply, hiredis.ReplyError):
+            raise BackplaneUnavailable(f"Redis refused PUBLISH: {reply}")
+
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        check_topic(topic)
+        policy = self._history
+        meta, stream = topic_keys(topic)
+        arguments = (
+            meta, stream, payload, b"%d" % policy.size, _milliseconds(policy.ttl), topic,
+            new_epoch().encode(),
+        )  # fmt: skip
+        reply = await self._run_script(APPEND_SHA, APPEND, arguments)
+        try:
+            epoch, offset = reply
+            return Position(epoch.decode("ascii"), int(offset))
+        except (TypeError, ValueError):
+            raise BackplaneUnavailable(f"Redis answered an append with {reply!r}") from None
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        check_topic(topic)
+        check_history_query(since, limit)
+        meta, stream = topic_keys(topic)
+        count = b"-1" if limit is None else b"%d" % min(limit, QUERY_NUMBER_CAP)
+        mode = b"newest" if since is None else b"after"
+        since_offset = b"0" if since is None else b"%d" % min(since.offset, QUERY_NUMBER_CAP)
+        since_epoch = b"" if since is None else since.epoch.encode()
+        arguments = (
+            meta, stream, new_epoch().encode(), _milliseconds(self._history.ttl), mode, count,
+            since_offset, since_epoch,
+        )  # fmt: skip
+        reply = await self._run_script(HISTORY_SHA, HISTORY, arguments)
+        try:
+            epoch_bytes, latest, first_kept, first, *payloads = reply
+            epoch = epoch_bytes.decode("ascii")
+        except (TypeError, ValueError):
+            raise BackplaneUnavailable(f"Redis answered a history with {reply!r}") from None
+        messages = list(zip(itertools.count(first), payloads, strict=False))
+        if since is None:
+            return History(epoch, latest, messages, True)
+        if since.epoch != epoch or not first_kept - 1 <= since.offset <= latest:
+            return History(epoch, latest, [], False)
+        return History(epoch, latest, messages, len(messages) == latest - since.offset)
+
+    async def _run_script(self, sha: bytes, script: bytes, arguments: tuple[bytes, ...]) -> Any:
+        """EVALSHA the script with its two keys and its arguments; load it again and retry
+        once if Redis no longer has it. Raises :class:`BackplaneUnavailable` on any error."""
+        command = encode_command(b"EVALSHA", sha, b"2", *arguments)
+        reply = await self._call(command)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            logger.warning("Redis at %s had lost our scripts: loading them again", self.endpoint)
+            self._load_scripts()
+            reply = await self._call(command)
+        if isinstance(reply, hiredis.ReplyError):
+            raise BackplaneUnavailable(f"Redis refused a script: {reply}")
+        return reply
+
+    def _load_scripts(self) -> None:
+        """Queue SCRIPT LOAD of both scripts; their answers are only logged if refused (the
+        EVALSHA that needs them reports a refusal itself)."""
+        for script in (APPEND, HISTORY):
+            self._publisher.send_nowait(encode_command(b"SCRIPT", b"LOAD", script), bounded=False)
+            self._replies.append(_Reply())
+
+    async def _call(self, command: bytes) -> Any:
+        """Send a command on the publisher link and return Redis's reply (an error reply
+        included), or raise :class:`BackplaneUnavailable` if none comes."""
         reply = _Reply()
-        self._publisher.send_nowait(encode_command(b"PUBLISH", topic, payload))
+        self._publisher.send_nowait(command)
         self._replies.append(reply)
         # A reply that never comes (a connection gone silent) must not hold the caller forever.
         with trio.move_on_after(PUBLISH_TIMEOUT):
@@ -355,12 +458,15 @@ class RedisBackplane(Backplane):
             raise BackplaneUnavailable(f"Redis at {self.endpoint} did not answer a publish")
         if reply.error is not None:
             raise reply.error
+        return reply.value
 
     def _on_publish_reply(self, reply: Any) -> None:
         waiter = self._replies.popleft()
-        if isinstance(reply, hiredis.ReplyError):
-            waiter.error = BackplaneUnavailable(f"Redis refused PUBLISH: {reply}")
+        waiter.value = reply
         waiter.done.set()
+
+    def _publisher_connected(self) -> None:
+        self._load_scripts()
 
     def _fail_replies(self) -> None:
         """The publisher link is lost: publishes still waiting for their reply are refused."""
@@ -460,12 +566,36 @@ class RedisBackplane(Backplane):
             # Redis may still send a few messages on a topic after we asked to unsubscribe;
             # like ZeroMQ's subscriber, drop them here, so that unsubscribe takes effect at once.
             if reply[1] in self._counts:
-                self._queue.put(reply[1], reply[2])
+                self._deliver(reply[1], reply[2])
         elif kind == b"subscribe":
             command = self._in_flight.popleft()
             command.done.set()
 
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    def _deliver(self, topic: bytes, data: bytes) -> None:
+        kind = data[:1]
+        if kind == PLAIN:
+            self._queue.put(topic, data[1:])
+            return
+        if kind == NUMBERED:
+            try:
+                offset_end = data.index(b":", 1)
+                epoch_end = data.index(b":", offset_end + 1)
+                position = Position(
+                    data[offset_end + 1 : epoch_end].decode("ascii"), int(data[1:offset_end])
+                )
+            except ValueError:
+                pass
+            else:
+                self._queue.put(topic, data[epoch_end + 1 :], position)
+                return
+        self._unknown_messages += 1
+        if self._unknown_messages == 1:
+            logger.warning(
+                "dropped a message on channel %r that no trio-fanout backplane sent (more are "
+                "dropped without a word): %r", topic, data[:32],
+            )  # fmt: skip
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         return await self._queue.take(max_messages)
 
     def last_connect_error(self) -> str:
@@ -480,9 +610,12 @@ class RedisBackplane(Backplane):
 
 
 @asynccontextmanager
-async def open_redis_backplane(address: BackplaneAddress) -> AsyncIterator[RedisBackplane]:
-    """Connect to Redis; return once both links are ready (or raise within CONNECT_TIMEOUT)."""
-    backplane = RedisBackplane(address)
+async def open_redis_backplane(
+    address: BackplaneAddress, history: HistoryPolicy | None = None
+) -> AsyncIterator[RedisBackplane]:
+    """Connect to Redis; return once both links are ready (or raise within CONNECT_TIMEOUT).
+    ``history`` is the policy this backplane's appends apply."""
+    backplane = RedisBackplane(address, history)
     with unwrap_single_errors():
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(CONNECT_TIMEOUT) as connecting:

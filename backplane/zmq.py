@@ -11,6 +11,9 @@ their requests by id, so many may be outstanding at once (``backplane._zmq_wire`
 commands). ``subscribe`` returns once the proxy has registered the topic, which makes it exact;
 ``publish`` returns once the proxy has routed the message, or raises
 :class:`BackplaneUnavailable`: a message is never dropped without its publisher being told.
+``append`` is the same with the proxy as the topics' sequencer: its answer is the message's
+position, and ``history`` is answered from the proxy's memory. The ``history`` policy given to
+``open_backplane`` does not apply here: the proxy's own does.
 
 The socket only queues to a completed connection (``ZMQ_IMMEDIATE``) and has no high-water mark,
 so a send that ZeroMQ refuses means one thing: there is no connection to the proxy. A monitor of
@@ -36,20 +39,32 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from trio_fanout.backplane._interface import (
+    QUERY_NUMBER_CAP,
     Backplane,
     BackplaneUnavailable,
+    History,
     MessageQueue,
+    Position,
+    Received,
+    check_history_query,
     check_topic,
     unwrap_single_errors,
 )
 from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
 from trio_fanout.backplane._zmq_wire import (
+    APPEND,
     BYE,
     CREDIT,
+    EPOCH_SIZE,
+    FOREIGN_EPOCH,
+    HISTORY,
+    HISTORY_HEAD,
     ID_END,
     MESSAGE,
     NUMBER,
+    NUMBERED,
     PING,
+    POSITION_END,
     PUBLISH,
     REPLY,
     SUBSCRIBE,
@@ -58,8 +73,10 @@ from trio_fanout.backplane._zmq_wire import (
     events,
     file_descriptor,
     message_cost,
+    pack_position,
     receive_frames,
     send_frames,
+    unpack_position,
     zmq_endpoint,
 )
 
@@ -138,6 +155,8 @@ class ZmqBackplane(Backplane):
         self._wait_scope: trio.CancelScope | None = None
         self._proxy_answers = False
         self._proxy_instance: bytes | None = None
+        self._last_epoch_bytes = b""
+        self._last_epoch = ""
 
     # ---- the Backplane interface ---------------------------------------------------------
 
@@ -176,9 +195,43 @@ class ZmqBackplane(Backplane):
         with suppress(BackplaneUnavailable):
             self._send([UNSUBSCRIBE + topic])
 
-    async def receive_batch(self, max_messages: int | None = None) -> list[tuple[bytes, bytes]]:
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        check_topic(topic)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        answer = await self._request(APPEND, topic, [payload], PUBLISH_TIMEOUT)
+        try:
+            (frame,) = answer
+            return Position(*unpack_position(frame))
+        except ValueError:
+            raise BackplaneUnavailable(
+                f"{self.endpoint} answered an append with {answer!r}"
+            ) from None
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        check_topic(topic)
+        check_history_query(since, limit)
+        await trio.lowlevel.checkpoint()
+        if not self._proxy_answers:
+            raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
+        query = [
+            b"" if since is None else self._since(since),
+            b"" if limit is None else NUMBER.pack(min(limit, QUERY_NUMBER_CAP)),
+        ]
+        answer = await self._request(HISTORY, topic, query, PUBLISH_TIMEOUT)
+        if not answer or len(answer[0]) <= HISTORY_HEAD.size:
+            raise BackplaneUnavailable(f"{self.endpoint} answered a history with {answer!r}")
+        latest, first, complete = HISTORY_HEAD.unpack_from(answer[0])
+        epoch = answer[0][HISTORY_HEAD.size :].decode("ascii")
+        messages = list(zip(itertools.count(first), answer[1:], strict=False))
+        return History(epoch, latest, messages, complete)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
         batch = await self._queue.take(max_messages)
-        self._taken_bytes += sum(message_cost(topic, payload) for topic, payload in batch)
+        self._taken_bytes += sum(message_cost(topic, payload) for topic, payload, _ in batch)
         if self._taken_bytes >= CREDIT_STEP_BYTES:
             with suppress(BackplaneUnavailable):  # a new proxy starts our account at zero
                 self._send([CREDIT + NUMBER.pack(self._taken_bytes)])
@@ -260,13 +313,38 @@ class ZmqBackplane(Backplane):
             kind = head[:1]
             if kind == MESSAGE and len(frames) == 2:
                 queue.put(head[1:], frames[1])
+            elif kind == NUMBERED and len(frames) == 2 and len(head) > POSITION_END:
+                queue.put(head[POSITION_END:], frames[1], self._position(head))
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
+                    # A field in the head after the request id is the answer's first.
                     request.answer = frames[1:]
+                    if len(head) > ID_END:
+                        request.answer.insert(0, head[ID_END:])
                     request.done.set()
             else:
                 logger.warning("ignored a message of %d frames from the proxy", len(frames))
+
+    @staticmethod
+    def _since(since: Position) -> bytes:
+        """``since`` as the proxy takes it. An epoch that is not 16 ASCII characters is no
+        epoch of the proxy's (a client may send anything): it is sent as one that never
+        matches, which gets the same answer."""
+        epoch = since.epoch
+        if len(epoch) == EPOCH_SIZE and epoch.isascii():
+            epoch_bytes = epoch.encode()
+        else:
+            epoch_bytes = FOREIGN_EPOCH
+        return pack_position(min(since.offset, QUERY_NUMBER_CAP), epoch_bytes)
+
+    def _position(self, head: bytes) -> Position:
+        """The position in a numbered message's head; the epoch is decoded once per epoch."""
+        epoch_bytes = head[1 + NUMBER.size : POSITION_END]
+        if epoch_bytes != self._last_epoch_bytes:
+            self._last_epoch_bytes = epoch_bytes
+            self._last_epoch = epoch_bytes.decode("ascii", "replace")
+        return Position(self._last_epoch, NUMBER.unpack_from(head, 1)[0])
 
     # ---- keeping in touch with the proxy --------------------------------------------------
 

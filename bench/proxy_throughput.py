@@ -3,13 +3,16 @@ each in a process of its own. Not part of the test suite; run it by hand:
 
     python bench/proxy_throughput.py                  # the proxy (trio-fanout proxy), 3 runs
     python bench/proxy_throughput.py --proxy xpub     # zmq.proxy with XSUB/XPUB, for comparison
+    python bench/proxy_throughput.py --command append # numbered messages, kept in the history
 
 The clients speak the proxy's commands with plain blocking pyzmq (backplane/_zmq_wire.py), so
 that the figure is the proxy's, not a client's: the publisher keeps WINDOW publishes waiting for
 their answers, the subscribers return credit as the backplane does. For ``xpub``, a PUB socket
 publishes as fast as it can to an XSUB/XPUB ``zmq.proxy`` (what backplane/proxy.py ran before
 the router), and SUB sockets receive. Prints what each subscriber received per second, and the
-median of the runs.
+median of the runs. ``--command append`` has the publisher send APPEND instead of PUBLISH: the
+proxy numbers each message, keeps it in the topic's history (the default policy: 100 messages)
+and sends it with its position, which measures what the sequencer adds to the path.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import time
 import zmq
 
 from trio_fanout.backplane._zmq_wire import (
+    APPEND,
     CREDIT,
     MESSAGE,
     NUMBER,
+    POSITION_END,
     PUBLISH,
     SUBSCRIBE,
     message_cost,
@@ -84,15 +89,17 @@ def subscribe(kind: str, port: int, seconds: float) -> None:
                     continue
                 break
             received += 1
-            if kind == "router" and frames[0][:1] == MESSAGE:
-                taken += message_cost(frames[0][1:], frames[1])
+            if kind == "router":
+                head = frames[0]
+                topic = head[1:] if head[:1] == MESSAGE else head[POSITION_END:]
+                taken += message_cost(topic, frames[1])
                 if taken >= CREDIT_STEP_BYTES:
                     sock.send_multipart([CREDIT + NUMBER.pack(taken)])
                     taken = 0
     print(json.dumps({"per_second": received / (time.perf_counter() - start)}), flush=True)
 
 
-def publish(kind: str, port: int, seconds: float) -> None:
+def publish(kind: str, port: int, seconds: float, command: bytes) -> None:
     context = zmq.Context.instance()
     deadline = time.perf_counter() + seconds
     if kind == "router":
@@ -103,7 +110,7 @@ def publish(kind: str, port: int, seconds: float) -> None:
         while time.perf_counter() < deadline:
             while outstanding < WINDOW:
                 request += 1
-                send_frames(sock, [PUBLISH + NUMBER.pack(request) + TOPIC, PAYLOAD])
+                send_frames(sock, [command + NUMBER.pack(request) + TOPIC, PAYLOAD])
                 outstanding += 1
             sock.recv_multipart()  # blocks for the first answer; the others are taken below
             outstanding -= 1
@@ -122,9 +129,9 @@ def publish(kind: str, port: int, seconds: float) -> None:
                 send_frames(sock, [TOPIC, PAYLOAD])
 
 
-def one_run(kind: str, seconds: float) -> list[float]:
+def one_run(kind: str, seconds: float, command: str) -> list[float]:
     port = free_port()
-    me = [sys.executable, __file__, "--proxy", kind]
+    me = [sys.executable, __file__, "--proxy", kind, "--command", command]
     if kind == "router":
         proxy = subprocess.Popen(
             [sys.executable, "-m", "trio_fanout", "proxy", "--port", str(port),
@@ -162,6 +169,7 @@ def one_run(kind: str, seconds: float) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", choices=["router", "xpub"], default="router")
+    parser.add_argument("--command", choices=["publish", "append"], default="publish")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--role", help=argparse.SUPPRESS)
@@ -172,15 +180,21 @@ def main() -> None:
     elif args.role == "subscriber":
         subscribe(args.proxy, args.port, args.seconds)
     elif args.role == "publisher":
-        publish(args.proxy, args.port, args.seconds)
+        publish(
+            args.proxy,
+            args.port,
+            args.seconds,
+            {"publish": PUBLISH, "append": APPEND}[args.command],
+        )
     else:
         per_run = []
         for run in range(1, args.runs + 1):
-            rates = one_run(args.proxy, args.seconds)
+            rates = one_run(args.proxy, args.seconds, args.command)
             per_run.append(statistics.mean(rates))
             print(f"run {run}: " + ", ".join(f"{rate:,.0f}" for rate in rates)
                   + " messages/s per subscriber", flush=True)  # fmt: skip
-        print(f"{args.proxy}: median {statistics.median(per_run):,.0f} messages/s per subscriber "
+        median = statistics.median(per_run)
+        print(f"{args.proxy} {args.command}: median {median:,.0f} messages/s per subscriber "
               f"(2 subscribers, {len(PAYLOAD)}-byte payloads)")  # fmt: skip
 
 

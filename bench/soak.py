@@ -47,7 +47,9 @@ STAYERS = 20  # per worker
 CHURNERS = 8
 ROOM_POOL = 500
 PUBLISH_RATE = 100.0  # emitter messages per second to the stayers' room
-WARM_UP_SECONDS = 10.0
+# Churn before the start figures, so that they are taken with the allocators warm.
+WARM_UP_SECONDS = 60.0
+SAMPLE_SECONDS = 60.0
 # Bounds on every wait: a soak must end by itself, whatever the server does.
 CONNECT_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 30.0
@@ -171,6 +173,19 @@ async def churn_for(url: str, seconds: float, counts: dict[str, int]) -> None:
     await trio.sleep(DRAIN_SECONDS)  # the workers see the last churn connections close
 
 
+async def sample_every(cluster: Cluster, seconds: float, samples: list[dict[str, Any]]) -> None:
+    """RSS and descriptors of the master and worker 1 (never killed) every ``seconds``: a leak
+    climbs steadily, where an allocator's warm-up levels off."""
+    started = trio.current_time()
+    while True:
+        await trio.sleep(seconds)
+        sample: dict[str, Any] = {"seconds": round(trio.current_time() - started)}
+        for name in ("master", "worker 1"):
+            sample[name] = process_figures(cluster.pids()[name])
+        samples.append(sample)
+        print(f"{time.strftime('%H:%M:%S')} {sample}", flush=True)
+
+
 async def kill_worker_2_every(cluster: Cluster, seconds: float, counts: dict[str, int]) -> None:
     while True:
         await trio.sleep(seconds)
@@ -249,8 +264,10 @@ async def soak(minutes: float, kill_every: float) -> dict[str, Any]:
             await churn_for(cluster.url, WARM_UP_SECONDS, counts)
             start = {name: process_figures(pid) for name, pid in cluster.pids().items()}
             print(f"start: {start}", flush=True)
+            samples: list[dict[str, Any]] = []
             async with trio.open_nursery() as killing:
                 killing.start_soon(kill_worker_2_every, cluster, kill_every, counts)
+                killing.start_soon(sample_every, cluster, SAMPLE_SECONDS, samples)
                 await churn_for(cluster.url, minutes * 60, counts)
                 killing.cancel_scope.cancel()
             await trio.sleep(DRAIN_SECONDS)  # the restarted worker is up, its clients back
@@ -263,6 +280,7 @@ async def soak(minutes: float, kill_every: float) -> dict[str, Any]:
             "kill_every_seconds": kill_every,
             "start": start,
             "end": end,
+            "samples_during_churn": samples,
             "churn": counts,
             "messages": loss_report(stayers, acknowledged),
         }

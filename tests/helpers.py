@@ -15,9 +15,12 @@ import sys
 import threading
 import time
 from contextlib import AsyncExitStack
+from typing import Any
 
+import hiredis
 import trio
 
+from trio_fanout.backplane.redis import encode_command
 from trio_fanout.client import Client, open_client
 
 # Generous bounds for things that take milliseconds when healthy: CI machines are shared.
@@ -227,3 +230,17 @@ async def receive_message(client: Client) -> dict:
 async def receive_data(client: Client, count: int) -> list:
     """The ``data`` of the next ``count`` messages, each within ``RECEIVE_TIMEOUT``."""
     return [(await receive_message(client))["data"] for _ in range(count)]
+
+
+async def redis_call(port: int, *args: bytes) -> Any:
+    """One command to the test's own redis-server on ``port``, on a connection of its own (to
+    look at or reset what a backplane left there), and its reply."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(encode_command(*args))
+        reader = hiredis.Reader()
+        while (reply := reader.gets()) is False:
+            data = await stream.receive_some(65536)
+            assert data, "redis-server closed the connection"
+            reader.feed(data)
+        return reply

@@ -173,7 +173,14 @@ async def test_messages_past_the_byte_budget_get_rate_limited():
         # 10,000 bytes of burst: three messages of about 4 KiB pass (the third into debt).
         assert [reply["type"] for reply in replies] == ["pong"] * 3 + ["error"] * 2
         assert [reply.get("code") for reply in replies[3:]] == ["rate_limited"] * 2
-        assert [reply["id"] for reply in replies] == list(range(5))
+        assert [reply["id"] for reply in replies[:3]] == list(range(3))
+        # A refused message is read for its id only when small: these are over 4 KiB.
+        assert ["id" in reply for reply in replies[3:]] == [False, False]
+        await raw.send_frame(websocket.OP_TEXT, b'{"type": "ping", "id": 5}')
+        assert await raw.receive_json() == {
+            "type": "error", "code": "rate_limited", "message": "too many frames; slow down",
+            "id": 5,
+        }  # fmt: skip
         await raw.stream.aclose()
 
 

@@ -126,6 +126,7 @@ async def test_rooms_never_leak_into_each_other(cluster: ClusterProcess):
             "type": "message",
             "room": room,
             "data": "to the room",
+            "offset": 1,  # the room's first message: the others went to other rooms
         }
 
 
@@ -279,6 +280,8 @@ def test_sigterm_closes_clients_1001_and_leaves_no_process():
         trio.run(clients_see_1001)
         assert cluster.process.wait(5) == 0
         assert closes == [1001, 1001]
+        cluster.wait_for_log(r"trio_fanout\.master\[\d+\]: stopped$")
+        assert "did not stop in time" not in cluster.log()  # both stopped by themselves
         assert all(exited_within(pid, 1) for pid in pids)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", cluster.port), timeout=1).close()

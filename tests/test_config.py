@@ -180,3 +180,22 @@ def test_the_liveness_flags_of_run_set_their_keys(tmp_path: Path):
         "trio-fanout: error: liveness_timeout: must be greater than liveness_interval (3.0), "
         "not 2.0 (from flag --liveness-timeout)\n"
     )
+
+
+def test_the_history_settings_make_the_backplanes_policy(tmp_path: Path):
+    settings = write(tmp_path / "settings.toml", "history_size = 7\nhistory_max_bytes = 1000\n")
+    config, sources = load_config(
+        {"history_size": 9},
+        config_file=str(settings),
+        environ={"TRIO_FANOUT_HISTORY_TTL": "30"},
+        cwd=tmp_path,
+    )
+    assert (config.history_policy.size, config.history_policy.ttl) == (9, 30.0)
+    assert config.history_policy.max_bytes == 1000
+    assert sources["history_size"] == "flag --history-size"
+    refused = run_cli("proxy", "--history-ttl", "0", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "trio-fanout: error: history_ttl: must be greater than 0, not 0.0 "
+        "(from flag --history-ttl)\n"
+    )

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from trio_fanout import envelope
-from trio_fanout.envelope import GapCounter, Numberer
+from trio_fanout.envelope import MAX_ORIGINS_PER_TOPIC, GapCounter, Numberer
 
 ORIGIN = b"\x01\x02\x03\x04\x05\x06\x07\x08"
 OTHER = b"\x11" * 8
@@ -93,6 +93,17 @@ def test_gap_counter_counts_skipped_messages() -> None:
     assert gaps.observe(b"t", ORIGIN, 6) == 0
     assert gaps.observe(b"t", ORIGIN, 10) == 3
     assert gaps.missed == 5
+
+
+def test_gap_counter_keeps_a_bounded_number_of_publishers_per_topic() -> None:
+    gaps = GapCounter()
+    gaps.observe(b"t", ORIGIN, 1)
+    for number in range(10 * MAX_ORIGINS_PER_TOPIC):  # a forged origin per message
+        gaps.observe(b"t", number.to_bytes(8, "big"), 3)
+        gaps.observe(b"t", ORIGIN, number + 2)  # heard all along: never forgotten
+    assert len(gaps._last_seq[b"t"]) == MAX_ORIGINS_PER_TOPIC
+    assert gaps.observe(b"t", ORIGIN, 10 * MAX_ORIGINS_PER_TOPIC + 3) == 1
+    assert gaps.missed == 1
 
 
 def test_gap_counter_first_message_seen_is_never_a_gap() -> None:

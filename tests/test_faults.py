@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -187,6 +188,41 @@ async def test_a_worker_stuck_in_a_busy_hook_is_killed_and_replaced(
         f"worker 1 (pid {first_pid}) was killed by SIGKILL" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_master_whose_own_loop_stalls_kills_no_worker(caplog: pytest.LogCaptureFixture):
+    """The master's loop blocked for 2.5 liveness timeouts (a long batch in the embedded
+    proxy, a swapped-out process): the worker answered all along, so it is not blamed."""
+    caplog.set_level(logging.INFO, logger="trio_fanout.master")
+    config = Config(
+        workers=1,
+        heartbeat_interval=0,
+        backplane=f"memory://stall-{os.getpid()}",
+        liveness_interval=0.2,
+        liveness_timeout=1.0,
+    )
+    listener = open_listener("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+    supervisor = Supervisor(config, listener)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.keep_running, 1)
+            async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+                first_pid = client.pid
+            # Several stalls: which of the master's tasks runs first after one is up to Trio.
+            for _ in range(3):
+                # The master's loop stalls, on purpose: the very fault under test.
+                time.sleep(2.5 * config.liveness_timeout)  # noqa: ASYNC251
+                # Long enough for the check to run several times after each stall.
+                await trio.sleep(1.5 * config.liveness_timeout)
+            async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+                assert client.pid == first_pid
+                await client.ping()
+            await supervisor.stop_all()
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    assert not [r for r in caplog.records if "answered no ping" in r.getMessage()]
 
 
 # ---- a killed master ----------------------------------------------------------------------
@@ -451,6 +487,30 @@ async def test_a_flood_of_invalid_messages_is_one_log_line_and_the_count(
             port = int(ws_url.rsplit(":", 1)[1].split("/")[0])
             assert (await healthz(port))[1]["dropped_invalid"] == 10_000
     warnings = [r for r in caplog.records if "dropped an invalid backplane" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_a_flood_of_gaps_is_one_log_line_and_the_count(caplog: pytest.LogCaptureFixture):
+    """A publisher on the backplane whose numbers always skip (or who forges a new origin per
+    message): every gap is counted, and the log gets a line now and then, not one per gap."""
+    with trio.fail_after(3 * RECEIVE_TIMEOUT):
+        async with (
+            worker_on("memory", None) as (ws_url, backplane_url),
+            open_client(ws_url) as member,
+            open_backplane(backplane_url) as raw,
+        ):
+            room = fresh_room()
+            topic = envelope.room_topic(room)
+            await member.join(room)
+            numberer = envelope.Numberer()
+            for _ in range(2_000):
+                # Every other number is never published: each message after the first skips one.
+                numberer.wrap(topic, b"")
+                await raw.publish(topic, message_payload(numberer, topic, room, "skipping"))
+            assert len(await receive_data(member, 2_000)) == 2_000
+            port = int(ws_url.rsplit(":", 1)[1].split("/")[0])
+            assert (await healthz(port))[1]["backplane_gaps"] == 1_999
+    warnings = [r for r in caplog.records if "backplane gap" in r.getMessage()]
     assert len(warnings) == 1
 
 

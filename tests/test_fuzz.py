@@ -34,7 +34,7 @@ ERROR_CODES = {
     "bad_json", "bad_frame", "unknown_type", "bad_room", "not_member", "too_large",
     "too_many_rooms", "rate_limited", "forbidden", "backplane_unavailable",
 }  # fmt: skip
-SERVER_FRAME_TYPES = {"welcome", "joined", "left", "ack", "message", "pong", "error"}
+SERVER_FRAME_TYPES = {"welcome", "joined", "left", "ack", "message", "pong", "error", "history"}
 # Close codes a client may send, which the server answers with the same code (RFC 6455 7.4).
 ECHOED_CLOSE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 ECHOED_CLOSE_CODES |= set(range(3000, 5000))
@@ -370,7 +370,8 @@ def target() -> Iterator[Target]:
         member, publisher = SyncClient(port), SyncClient(port)
         room = f"fuzz-{os.getpid()}"
         member.send({"type": "join", "room": room, "id": 1})
-        assert member.receive() == {"type": "joined", "room": room, "id": 1}
+        joined = member.receive()
+        assert (joined["type"], joined["room"], joined["id"]) == ("joined", room, 1), joined
         yield Target(process, port, member, publisher, room)
     finally:
         for client in (member, publisher):

@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import struct
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,11 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, receive_data
+from tests.helpers import RECEIVE_TIMEOUT, ClusterProcess, LoggedProcess, receive_data
 from tests.test_worker import publish_from_outside, running_worker
 from trio_fanout import connection
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
+from trio_fanout.worker import ACCEPT_CAPACITY_PAUSE
 
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -80,7 +83,8 @@ class RawClient:
 
     async def join(self, room: str) -> None:
         await self.send_json({"type": "join", "room": room})
-        assert await self.receive_json() == {"type": "joined", "room": room}
+        joined = await self.receive_json()
+        assert (joined["type"], joined["room"]) == ("joined", room), joined
 
     def _take_frame(self) -> tuple[int, bytes] | None:
         buffer, start = self._buffer, self._position
@@ -288,6 +292,33 @@ async def test_a_client_that_stops_reading_is_cut_by_the_bytes_bound_alone(monke
         await slow.stream.aclose()
 
 
+async def test_healthz_queued_bytes_is_the_total_queued_for_slow_clients():
+    async with running_worker(max_queued_bytes=1 << 20, max_queued_frames=10**6) as (worker, url):
+        port = port_of(url)
+        slow = [
+            await RawClient.connect(port, receive_buffer=SMALL_RECEIVE_BUFFER) for _ in range(3)
+        ]
+        for client in slow:
+            await client.join("news")
+        # Until the slow clients are cut (1013), each time the count moved: it is the sum.
+        totals = []
+        for number in range(300):
+            await publish_from_outside(worker, "news", [number, "z" * 16_000])
+            if number % 20 == 19:
+                health = await healthz(port)
+                in_queues = sum(conn.queued_bytes for conn in worker._accepted)
+                assert health["queued_bytes"] == in_queues
+                totals.append(in_queues)
+        assert max(totals) > 1 << 20  # more than one client's bound: they were all queued
+        for client in slow:
+            await client.stream.aclose()
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker._accepted:  # noqa: ASYNC110 - no event for "socket closed"
+                await trio.sleep(0.01)
+        assert worker.queued_bytes == 0
+        assert (await healthz(port))["queued_bytes"] == 0
+
+
 # ---- handshakes ---------------------------------------------------------------------------
 
 
@@ -431,6 +462,71 @@ async def test_past_max_handshakes_new_connections_are_closed_at_once():
         async with open_client(url) as client:
             await client.ping()
         await idle.pop().aclose()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+async def test_answered_http_requests_whose_clients_never_close_hold_at_most_max_handshakes():
+    """Plain HTTP answers whose clients neither read nor close: each answered connection keeps
+    its slot among max_handshakes until its socket is closed, after a short linger, so that
+    such a flood cannot take the worker's descriptors (and /healthz) with it."""
+    requests, limit = 300, 20
+    async with running_worker(max_handshakes=limit) as (worker, url):
+        port = port_of(url)
+        before = open_descriptors()
+        clients: list[trio.SocketStream] = []
+        most_held = 0
+        try:
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                for _ in range(requests):
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    clients.append(stream)
+                    await stream.send_all(b"GET /nope HTTP/1.1\r\nHost: test\r\n\r\n")
+                    # The worker accepts and answers as they come.
+                    await trio.lowlevel.checkpoint()
+                    # The worker's sockets: every descriptor but ours.
+                    most_held = max(most_held, open_descriptors() - before - len(clients))
+            # The first client never read: its answer was written before the close.
+            assert (await receive_until_closed(clients[0])).startswith(b"HTTP/1.1 404 ")
+            await _handshakes_below(worker, 1)
+            assert (await healthz(port))["handshakes"] == 1  # this request alone
+        finally:
+            for stream in clients:
+                await stream.aclose()
+    assert most_held <= limit + 2  # the slots, and the socket refused in between
+
+
+# Runs `python -m trio_fanout ARGS` with at most 64 descriptors (as `ulimit -n 64` would).
+FEW_DESCRIPTORS = (
+    "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+    "sys.argv[0] = 'trio-fanout'; runpy.run_module('trio_fanout', run_name='__main__')"
+)
+
+
+def test_a_worker_out_of_descriptors_logs_it_once_not_at_every_pause():
+    worker = LoggedProcess(
+        [sys.executable, "-c", FEW_DESCRIPTORS, "worker", "--port", "0",
+         "--backplane", f"memory://few-descriptors-{os.getpid()}"]
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        port = int(worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws").group(1))
+        # Connections that never send a byte: each accepted one holds a descriptor for the
+        # handshake timeout (10 s), and the worker runs out of them well before 100.
+        for _ in range(100):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=RECEIVE_TIMEOUT))
+        worker.wait_for_log(r"accept failed 1 times since the last such line \(\[Errno 24\]")
+        # Fifteen pauses of ACCEPT_CAPACITY_PAUSE: without the rate limit, as many lines.
+        time.sleep(15 * ACCEPT_CAPACITY_PAUSE)
+        assert worker.process.poll() is None  # still serving what it has
+    finally:
+        for client in clients:
+            client.close()
+        worker.stop()
+    assert worker.log().count("accept failed") == 1
 
 
 async def _handshakes_below(worker, count: int) -> None:

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from trio_fanout import protocol
-from trio_fanout.protocol import Join, Leave, Ping, Publish, RequestError, parse_request
+from trio_fanout.protocol import (
+    HistoryRequest,
+    Join,
+    Leave,
+    Ping,
+    Publish,
+    RequestError,
+    Since,
+    parse_request,
+)
 
 
 def strict_json(data: bytes) -> Any:
@@ -52,6 +61,23 @@ def refused(payload: bytes, *, is_text: bool = True) -> RequestError:
         ({"type": "publish", "room": "r", "data": 1, "echo": False}, Publish("r", 1, echo=False)),
         ({"type": "publish", "room": "r", "data": 1, "echo": True}, Publish("r", 1, echo=True)),
         ({"type": "join", "room": "lobby", "extra": "ignored"}, Join("lobby")),
+        (
+            {"type": "join", "room": "r", "since": {"epoch": "ab", "offset": 0}},
+            Join("r", since=Since("ab", 0)),
+        ),
+        ({"type": "join", "room": "r", "since": None}, Join("r")),
+        ({"type": "history", "room": "r"}, HistoryRequest("r", limit=100)),
+        (
+            {
+                "type": "history",
+                "room": "r",
+                "id": 2,
+                "limit": 0,
+                "since": {"epoch": "e", "offset": 3},
+            },
+            HistoryRequest("r", 2, Since("e", 3), 0),
+        ),
+        ({"type": "history", "room": "r", "limit": 1000}, HistoryRequest("r", limit=1000)),
     ],
 )
 def test_accepted(obj: dict[str, Any], expected: protocol.Request) -> None:
@@ -148,6 +174,17 @@ def test_id_beyond_javascripts_safe_integers_is_bad_frame_without_id(
     assert "id" not in json.loads(protocol.error_frame(error.code, error.message, error.request_id))
     # Nor is it echoed in a rate_limited error, which reads ids of frames it did not parse.
     assert protocol.readable_id(frame(obj)) is None
+
+
+def test_a_refused_frame_is_read_for_its_id_only_when_small() -> None:
+    small = frame({"type": "publish", "room": "r", "id": 7, "data": "x"})
+    assert protocol.readable_id(small) == 7
+    padding = protocol.READABLE_ID_MAX_BYTES - len(small)
+    at_limit = frame({"type": "publish", "room": "r", "id": 7, "data": "x" * (1 + padding)})
+    assert len(at_limit) == protocol.READABLE_ID_MAX_BYTES
+    assert protocol.readable_id(at_limit) == 7
+    past_limit = frame({"type": "publish", "room": "r", "id": 7, "data": "x" * (2 + padding)})
+    assert protocol.readable_id(past_limit) is None  # not parsed at all
 
 
 @pytest.mark.parametrize("request_id", [2**53 - 1, -(2**53 - 1), 0, -1])
@@ -313,11 +350,36 @@ def test_huge_number_never_becomes_infinity_on_the_wire(number: bytes) -> None:
 @pytest.mark.parametrize(
     ("built", "expected"),
     [
-        (protocol.joined_frame("r", None), {"type": "joined", "room": "r"}),
-        (protocol.joined_frame("r", 3), {"type": "joined", "room": "r", "id": 3}),
+        (
+            protocol.joined_frame("r", None, "e1", 0),
+            {"type": "joined", "room": "r", "epoch": "e1", "offset": 0},
+        ),
+        (
+            protocol.joined_frame("r", 3, "e1", 9, True),
+            {"type": "joined", "room": "r", "id": 3, "epoch": "e1", "offset": 9, "recovered": True},
+        ),
+        (
+            protocol.joined_frame("r", None, "e2", 0, False),
+            {"type": "joined", "room": "r", "epoch": "e2", "offset": 0, "recovered": False},
+        ),
         (protocol.left_frame("caf\u00e9", 0), {"type": "left", "room": "caf\u00e9", "id": 0}),
         (protocol.left_frame("r", None), {"type": "left", "room": "r"}),
-        (protocol.ack_frame(5), {"type": "ack", "id": 5}),
+        (protocol.ack_frame(5, 12), {"type": "ack", "id": 5, "offset": 12}),
+        (
+            protocol.history_frame("r", 4, "e1", 7, [(6, b'{"a":[1]}'), (7, b'"\xc3\xa9"')]),
+            {
+                "type": "history",
+                "room": "r",
+                "id": 4,
+                "epoch": "e1",
+                "offset": 7,
+                "messages": [{"offset": 6, "data": {"a": [1]}}, {"offset": 7, "data": "\u00e9"}],
+            },
+        ),
+        (
+            protocol.history_frame("r", None, "e1", 0, []),
+            {"type": "history", "room": "r", "epoch": "e1", "offset": 0, "messages": []},
+        ),
         (protocol.pong_frame(None), {"type": "pong"}),
         (protocol.pong_frame(6), {"type": "pong", "id": 6}),
         (
@@ -366,3 +428,50 @@ def test_error_codes_are_the_documented_ones() -> None:
         "forbidden",
         "backplane_unavailable",
     }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"since": 3},
+        {"since": []},
+        {"since": {"offset": 3}},
+        {"since": {"epoch": "", "offset": 3}},
+        {"since": {"epoch": "e" * 65, "offset": 3}},
+        {"since": {"epoch": 5, "offset": 3}},
+        {"since": {"epoch": "e"}},
+        {"since": {"epoch": "e", "offset": -1}},
+        {"since": {"epoch": "e", "offset": 1.0}},
+        {"since": {"epoch": "e", "offset": True}},
+        {"since": {"epoch": "e", "offset": 2**53}},
+    ],
+)
+@pytest.mark.parametrize("kind", ["join", "history"])
+def test_a_malformed_since_is_a_bad_frame(kind: str, extra: dict[str, Any]) -> None:
+    error = refused(frame({"type": kind, "room": "r", "id": 4, **extra}))
+    assert (error.code, error.request_id) == (protocol.BAD_FRAME, 4)
+
+
+@pytest.mark.parametrize("limit", [-1, 1001, 2.0, "3", True, None])
+def test_a_limit_outside_0_to_1000_is_a_bad_frame(limit: object) -> None:
+    error = refused(frame({"type": "history", "room": "r", "id": 5, "limit": limit}))
+    assert (error.code, error.request_id) == (protocol.BAD_FRAME, 5)
+
+
+def test_history_needs_a_valid_room() -> None:
+    assert refused(frame({"type": "history"})).code == protocol.BAD_ROOM
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b'{"type":"message","room":"r","data":1}', b'{"type":"message","data":[]}  \n'],
+)
+def test_the_offset_is_spliced_into_the_frame(message: bytes) -> None:
+    spliced = protocol.with_offset(message, 42)
+    assert strict_json(spliced) == {**strict_json(message), "offset": 42}
+
+
+def test_a_message_frame_starts_with_its_room_prefix() -> None:
+    built = protocol.message_frame("caf\u00e9", {"x": 1})
+    prefix = protocol.message_prefix("caf\u00e9")
+    assert built.startswith(prefix) and built[len(prefix) : -1] == b'{"x":1}'

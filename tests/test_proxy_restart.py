@@ -16,7 +16,7 @@ from tests.helpers import (
     receive_message,
     trio_fanout_command,
 )
-from trio_fanout.backplane import BackplaneUnavailable
+from trio_fanout.backplane import BackplaneUnavailable, open_backplane
 from trio_fanout.client import ServerError, open_client
 from trio_fanout.emitter import open_emitter
 
@@ -105,8 +105,12 @@ async def test_workers_resume_by_themselves_after_the_proxy_is_killed_and_restar
                     await trio.sleep(0.02)
 
             nursery.start_soon(keep_publishing)
-            # No join again: the workers' subscriptions come back by themselves.
+            # No join again: the workers' subscriptions come back by themselves. The restarted
+            # proxy numbers the room afresh: members are told of the new epoch first.
             for client in (on_a, on_b):
+                with trio.fail_after(RESUME_TIMEOUT):
+                    notice = await client.receive()
+                assert (notice["type"], notice["recovered"]) == ("joined", False), notice
                 with trio.fail_after(RESUME_TIMEOUT):
                     assert (await receive_message(client))["data"][0] == "after"
             resumed_after = trio.current_time() - restarted_at
@@ -115,3 +119,20 @@ async def test_workers_resume_by_themselves_after_the_proxy_is_killed_and_restar
             f"the emitter was refused {emitter_noticed:.3f} s after the kill; both workers "
             f"delivered again {resumed_after:.3f} s after the restart ({refusals} refused)"
         )
+
+
+async def test_trio_fanout_proxy_keeps_the_history_it_is_told_to(proxy_port: int) -> None:
+    proxy = LoggedProcess(
+        trio_fanout_command(
+            "proxy", "--port", str(proxy_port), "--heartbeat-interval", "0", "--history-size", "2"
+        )
+    )
+    try:
+        proxy.wait_for_log("ZeroMQ proxy: clients connect")
+        async with open_backplane(f"zmq://127.0.0.1:{proxy_port}") as backplane:
+            for number in range(1, 6):
+                await backplane.append(b"room", b"%d" % number)
+            history = await backplane.history(b"room")
+            assert (history.offset, history.messages) == (5, [(4, b"4"), (5, b"5")])
+    finally:
+        proxy.stop()

@@ -4,6 +4,7 @@ restart of Redis under a running backplane and under a running cluster."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,11 +21,15 @@ from tests.helpers import (
     connect_on_each_worker,
     free_port,
     receive_data,
+    redis_call,
 )
 from trio_fanout.backplane import (
     Backplane,
     BackplaneError,
     BackplaneUnavailable,
+    HistoryPolicy,
+    Position,
+    Received,
     open_backplane,
 )
 from trio_fanout.backplane import redis as redis_backend
@@ -45,7 +50,7 @@ async def round_trip(url: str) -> None:
         await subscriber.subscribe(b"topic")
         await publisher.publish(b"topic", b"payload")
         with trio.fail_after(RECEIVE_TIMEOUT):
-            assert await subscriber.receive_batch() == [(b"topic", b"payload")]
+            assert await subscriber.receive_batch() == [Received(b"topic", b"payload", None)]
 
 
 async def test_a_password_protected_redis(tmp_path: Path, short_connect_timeout: None):
@@ -166,7 +171,7 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             await subscriber.subscribe(b"kept")
             await publisher.publish(b"kept", b"before")
             with trio.fail_after(RECEIVE_TIMEOUT):
-                assert await subscriber.receive_batch() == [(b"kept", b"before")]
+                assert await subscriber.receive_batch() == [Received(b"kept", b"before", None)]
             server.stop()
             with pytest.raises(BackplaneUnavailable):
                 await publisher.publish(b"kept", b"during")
@@ -178,14 +183,14 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             with trio.fail_after(RECOVERY_TIMEOUT):
                 for attempt in itertools.count(1):
                     with trio.move_on_after(0.2):
-                        received += [payload for _, payload in await subscriber.receive_batch()]
+                        received += [payload for _, payload, _ in await subscriber.receive_batch()]
                     if received:
                         break
                     await publish_until_accepted(publisher, b"kept", b"after-%d" % attempt)
             await publisher.publish(b"kept", b"sentinel")
             with trio.fail_after(RECEIVE_TIMEOUT):
                 while received[-1] != b"sentinel":
-                    received += [payload for _, payload in await subscriber.receive_batch()]
+                    received += [payload for _, payload, _ in await subscriber.receive_batch()]
             assert b"during" not in received
             assert len(set(received)) == len(received)  # nothing twice
             numbers = [int(payload.split(b"-")[1]) for payload in received[:-1]]
@@ -218,28 +223,39 @@ async def test_a_cluster_rides_out_a_redis_restart(tmp_path: Path):
 
             server = RedisServer(str(tmp_path), port=server.port)
             # Without rejoining, members receive again within a few seconds: publish numbered
-            # messages until the members have one, then a sentinel.
+            # messages until a member on each worker has one (each worker subscribes again on
+            # its own), then a sentinel.
             accepted: list[int] = []
+            firsts: dict[int, list[dict]] = {}
             with trio.fail_after(RECOVERY_TIMEOUT):
-                for number in itertools.count():
-                    try:
-                        await publisher.publish("through-the-outage", number, ack=True)
-                    except ServerError as error:
-                        assert error.code == "backplane_unavailable"
-                        await trio.sleep(0.05)
-                        continue
-                    accepted.append(number)
-                    with trio.move_on_after(0.2):
-                        first = await members[0].receive()
-                        break
+                counter = itertools.count()
+                for watched in (0, 1):  # members[0] is on worker 1, members[1] on worker 2
+                    for number in counter:
+                        try:
+                            await publisher.publish("through-the-outage", number, ack=True)
+                        except ServerError as error:
+                            assert error.code == "backplane_unavailable"
+                            await trio.sleep(0.05)
+                            continue
+                        accepted.append(number)
+                        with trio.move_on_after(0.2):
+                            firsts[watched] = [await members[watched].receive()]
+                            break
             await publisher.publish("through-the-outage", "sentinel", ack=True)
             for index, member in enumerate(members):
-                got = [first["data"]] if index == 0 else []
+                got, notices = [], 0
                 with trio.fail_after(RECEIVE_TIMEOUT):
                     while not got or got[-1] != "sentinel":
-                        frame = await member.receive()
+                        pending = firsts.get(index)
+                        frame = pending.pop() if pending else await member.receive()
+                        if frame["type"] == "joined":
+                            # Redis lost the room's numbering: a new epoch, told to members.
+                            assert "id" not in frame and frame["recovered"] is False, frame
+                            notices += 1
+                            continue
                         assert frame["type"] == "message", frame
                         got.append(frame["data"])
+                assert notices == 1
                 # Each message once, in order; "during" was refused, never delivered; and from
                 # the first message a member got after the restart, it got every accepted one.
                 assert "during" not in got
@@ -266,7 +282,9 @@ async def test_a_refused_subscription_is_that_topic_s_alone(tmp_path: Path):
             await subscriber.subscribe(b"public-news")
             await publisher.publish(b"public-news", b"still working")
             with trio.fail_after(RECEIVE_TIMEOUT):
-                assert await subscriber.receive_batch() == [(b"public-news", b"still working")]
+                assert await subscriber.receive_batch() == [
+                    Received(b"public-news", b"still working", None)
+                ]
     finally:
         server.stop()
 
@@ -295,7 +313,7 @@ async def test_a_publish_redis_does_not_answer_is_refused_and_the_link_recovers(
             received: list[bytes] = []
             with trio.fail_after(RECEIVE_TIMEOUT):
                 while b"accepted" not in received:
-                    received += [payload for _, payload in await subscriber.receive_batch()]
+                    received += [payload for _, payload, _ in await subscriber.receive_batch()]
             assert received in ([b"accepted"], [b"refused", b"accepted"])
     finally:
         server.stop()
@@ -327,6 +345,80 @@ async def test_resubscribing_is_not_held_to_the_command_queue_bound(
                     for topic in set(topics) - received:
                         await publisher.publish(topic, b"again")
                     with trio.move_on_after(0.2):
-                        received |= {topic for topic, _ in await subscriber.receive_batch()}
+                        received |= {topic for topic, _, _ in await subscriber.receive_batch()}
     finally:
         server.stop()
+
+
+# --- numbered messages: the scripts, their keys, their lifetime ------------------------------
+
+
+async def test_scripts_lost_by_redis_are_loaded_again(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An EVALSHA that Redis answers NOSCRIPT (its scripts were flushed, or it restarted and the
+    link did not notice) loads them again and is retried: the append is not refused."""
+    topic = b"flushed-scripts-%s" % os.urandom(4).hex().encode()
+    async with open_backplane(redis_server.url) as backplane:
+        first = await backplane.append(topic, b"1")
+        assert await redis_call(redis_server.port, b"SCRIPT", b"FLUSH") == b"OK"
+        assert await backplane.append(topic, b"2") == Position(first.epoch, 2)
+        history = await backplane.history(topic)
+        assert history.messages == [(1, b"1"), (2, b"2")]
+    assert any("loading them again" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_restarted_redis_starts_new_epochs(tmp_path: Path) -> None:
+    server = RedisServer(str(tmp_path))
+    try:
+        async with open_backplane(server.url) as backplane:
+            before = await backplane.append(b"room", b"before")
+            server.stop()
+            server = RedisServer(str(tmp_path), port=server.port)  # keeps nothing on disk
+            with trio.fail_after(RECOVERY_TIMEOUT):
+                while True:
+                    try:
+                        after = await backplane.append(b"room", b"after")
+                        break
+                    except BackplaneUnavailable:
+                        await trio.sleep(0.05)  # the link reconnects with its own backoff
+            assert after.epoch != before.epoch
+            assert after.offset == 1
+    finally:
+        server.stop()
+
+
+async def test_a_topics_keys_share_a_hash_slot_are_capped_and_expire(
+    redis_server: RedisServer,
+) -> None:
+    ttl = 0.4
+    topic = b"keys-%s" % os.urandom(4).hex().encode()
+    meta, stream = (
+        b"trio-fanout:{%s}:%s" % (topic.hex().encode(), kind) for kind in (b"meta", b"stream")
+    )
+    policy = HistoryPolicy(size=3, ttl=ttl)
+    async with open_backplane(redis_server.url, history=policy) as backplane:
+        for i in range(10):
+            await backplane.append(topic, b"%d" % i)
+        port = redis_server.port
+        assert await redis_call(port, b"XLEN", stream) == 3
+        assert await redis_call(port, b"HGET", meta, b"o") == b"10"
+        for key in (meta, stream):
+            assert 0 < await redis_call(port, b"PTTL", key) <= ttl * 1000
+        await trio.sleep(ttl * 1.5)  # past the ttl: Redis no longer returns the keys
+        assert await redis_call(port, b"EXISTS", meta, stream) == 0
+
+
+async def test_a_message_from_outside_the_backplane_is_dropped(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every message on a topic's channel starts with a kind byte; one published to the channel
+    by something else (redis-cli, say) is dropped and logged once, not misread."""
+    async with open_backplane(redis_server.url) as subscriber:
+        await subscriber.subscribe(b"outside")
+        await redis_call(redis_server.port, b"PUBLISH", b"outside", b"hello")
+        await redis_call(redis_server.port, b"PUBLISH", b"outside", b"\x01bad")
+        await subscriber.publish(b"outside", b"sentinel")
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert await subscriber.receive_batch() == [Received(b"outside", b"sentinel", None)]
+    assert sum("no trio-fanout backplane sent" in r.getMessage() for r in caplog.records) == 1

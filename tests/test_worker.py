@@ -22,6 +22,7 @@ from trio_fanout import Config, Worker, connection, envelope, protocol
 from trio_fanout.backplane import open_backplane
 from trio_fanout.client import ServerError, open_client
 from trio_fanout.master import open_listener
+from trio_fanout.worker import ROOMS_LEFT_PER_TURN
 
 _names = itertools.count()
 
@@ -180,6 +181,67 @@ async def test_a_join_past_the_room_limit_is_refused():
         await client.join("a")  # joining a room one is in is not a new room
         await client.leave("c")
         await client.join("d")
+
+
+async def test_a_join_past_the_worker_room_limit_is_refused_unless_the_room_exists(caplog):
+    async with (
+        running_worker(max_rooms_per_worker=3) as (worker, url),
+        open_client(url) as first,
+        open_client(url) as second,
+    ):
+        for room in ("a", "b"):
+            await first.join(room)
+        await second.join("c")
+        with pytest.raises(ServerError) as refused:
+            await second.join("d")
+        assert refused.value.code == "too_many_rooms"
+        assert "this worker is at its limit of 3 rooms" in str(refused.value)
+        await second.join("a")  # a room the worker has costs nothing more
+        assert len(worker.rooms) == 3
+        await first.leave("b")
+        await second.join("d")
+    assert any(
+        "max_rooms_per_worker (3): 1 joins refused" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_a_closing_connection_leaves_its_rooms_a_few_at_a_time():
+    """A connection in many rooms that closes lets the loop's other tasks run while it leaves
+    them: thousands closing at once must not keep the loop (and its answers to the master's
+    liveness pings) for the sum of all their leaves."""
+    rooms = [f"room-{number}" for number in range(100)]
+    async with running_worker() as (worker, url), trio.open_nursery() as nursery:
+        turns = 0
+
+        async def another_task() -> None:
+            nonlocal turns
+            while True:
+                await trio.lowlevel.checkpoint()
+                turns += 1
+
+        turns_at_leaves: list[int] = []
+        leave = worker.leave
+
+        def leave_and_note(conn, room_name: str) -> None:
+            leave(conn, room_name)
+            turns_at_leaves.append(turns)
+
+        worker.leave = leave_and_note  # type: ignore[method-assign]
+        async with open_client(url) as client:
+            for room in rooms:
+                await client.join(room)
+            nursery.start_soon(another_task)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker.rooms:  # noqa: ASYNC110 - no event for "left"
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert len(turns_at_leaves) == len(rooms)
+    # The other task ran within every two turns of ROOMS_LEFT_PER_TURN leaves (within one, it
+    # may have run just before the first and just after the second: Trio orders a batch freely).
+    span = 2 * ROOMS_LEFT_PER_TURN
+    assert all(
+        turns_at_leaves[index + span] > turns_at_leaves[index] for index in range(len(rooms) - span)
+    )
 
 
 async def test_a_fragmented_message_with_a_ping_inside_over_a_raw_socket():

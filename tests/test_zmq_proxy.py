@@ -238,7 +238,7 @@ async def test_a_stalled_subscriber_costs_the_proxy_a_bounded_number_of_bytes(
         healthy_received: list[int] = []
 
         async def consume_healthy() -> None:
-            async for _, payload in healthy:
+            async for _, payload, _ in healthy:
                 healthy_received.append(envelope.unpack_header(payload)[1])
 
         nursery.start_soon(consume_healthy)
@@ -261,7 +261,7 @@ async def test_a_stalled_subscriber_costs_the_proxy_a_bounded_number_of_bytes(
 
             async def consume_stalled() -> None:
                 nonlocal received
-                async for received_topic, payload in stalled:
+                async for received_topic, payload, _ in stalled:
                     origin, seq, _ = envelope.unpack_header(payload)
                     gaps.observe(received_topic, origin, seq)
                     received += 1
@@ -306,13 +306,18 @@ async def test_malformed_commands_are_ignored_and_logged(
         rogue.connect(f"tcp://127.0.0.1:{running.port}")
         rogue.send_multipart([b"P" + bytes(8) + b"topic"])  # no payload
         rogue.send_multipart([b"nonsense"])
+        rogue.send_multipart([b"A" + bytes(8) + b"topic"])  # an append without its payload
+        rogue.send_multipart([b"H" + bytes(8) + b"topic", b"short", b""])  # a bad since
+        rogue.send_multipart([b"H" + bytes(8) + b"topic", b"", b"not 8 bytes"])  # a bad limit
         async with open_backplane(running.url) as instance:
             await instance.subscribe(b"room")
             await instance.publish(b"room", b"fine")
             assert await Inbox(instance).next() == (b"room", b"fine")
+            assert (await instance.append(b"room", b"numbered")).offset == 1
         await wait_until(
-            lambda: sum("malformed" in r.getMessage() for r in caplog.records) == 2,
-            "the two warnings",
+            lambda: sum("malformed" in r.getMessage() for r in caplog.records) == 5,
+            "the five warnings",
         )
+        assert list(running.proxy.sequencer.series) == [b"room"]  # nothing numbered for rogue
     finally:
         rogue.close()

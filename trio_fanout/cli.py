@@ -46,6 +46,28 @@ def _listening(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _history(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--history-size",
+        type=int,
+        metavar="MESSAGES",
+        help="messages kept per room for clients that reconnect; 0: none (default: 100)",
+    )
+    parser.add_argument(
+        "--history-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="seconds a room's history lives after its last message (default: 300)",
+    )
+    parser.add_argument(
+        "--history-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="bound on all rooms' kept messages together in the ZeroMQ proxy "
+        "(default: 67108864, 64 MiB)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -95,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
+    _history(run)
     _common(run)
 
     worker = commands.add_parser(
@@ -107,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--backplane", help=_BACKPLANE_HELP)
     _listening(worker, "the worker")
+    _history(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--index", "--listen-fd", "--control-fd"):
@@ -130,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
+    _history(proxy)
     _common(proxy)
 
     publish = commands.add_parser(

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from trio_fanout.backplane import BadBackplaneURL, parse_backplane_url
+from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplane_url
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
@@ -96,6 +96,13 @@ class Config:
     log_level: str = attrs.field(default="info", validator=_log_level)
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
+    max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)
+    """Rooms with a member on one worker; a join that would open one more is refused.
+
+    100,000: about 110 to 160 MiB at the 1.1 to 1.6 KiB a room measured (docs/reliability.md),
+    so that clients cannot grow a worker without bound (10,000 connections in 100 rooms of their
+    own each would be a million rooms); far more rooms than one worker's clients use in practice.
+    """
     rate_limit_per_second: float = attrs.field(default=200.0, validator=_positive)
     rate_limit_burst: int = attrs.field(default=1000, validator=_positive)
     rate_limit_bytes_per_second: float = attrs.field(default=1024.0 * 1024, validator=_positive)
@@ -116,12 +123,21 @@ class Config:
     max_connections: int = attrs.field(default=10_000, validator=_positive)
     """Open WebSockets per worker; past it an upgrade is answered 503 with Retry-After."""
     max_handshakes: int = attrs.field(default=1000, validator=_positive)
-    """Connections per worker still in their handshake (plain HTTP requests included); past it
-    a new TCP connection is closed at once, before a byte of it is read."""
+    """Connections per worker that are not open WebSockets: in their handshake (plain HTTP
+    requests included) or closing, until their socket is closed; past it a new TCP connection
+    is closed at once, before a byte of it is read."""
     liveness_interval: float = attrs.field(default=1.0, validator=_positive)
     """Seconds between the master's pings to each worker of `trio-fanout run`."""
     liveness_timeout: float = attrs.field(default=5.0, validator=_positive)
     """Seconds without an answer after which the master kills a worker as hung."""
+    history_size: int = attrs.field(default=100, validator=_not_negative)
+    """Messages kept per room for clients that reconnect (0: none kept, still numbered)."""
+    history_ttl: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds a room's history and numbering live after its last message: long enough that a
+    client reconnecting after a few minutes recovers what it missed."""
+    history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
+    """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
+    ``maxmemory`` is the bound)."""
 
     def __attrs_post_init__(self) -> None:
         if self.liveness_timeout <= self.liveness_interval:
@@ -138,6 +154,13 @@ class Config:
             return self.backplane
         host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
         return f"zmq://{host}:{self.proxy_port}"
+
+    @property
+    def history_policy(self) -> HistoryPolicy:
+        """What the rooms' sequencer keeps, as the backplane takes it."""
+        return HistoryPolicy(
+            size=self.history_size, ttl=self.history_ttl, max_bytes=self.history_max_bytes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

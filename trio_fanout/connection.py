@@ -11,12 +11,14 @@ and nobody else waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -37,6 +39,13 @@ RECEIVE_BYTES = 65536
 # After we send a close frame, how long the client has to answer it (and take what we had
 # queued for it) before the TCP connection is simply closed.
 CLOSE_TIMEOUT = 2.0
+
+# After a plain HTTP answer (404, /healthz, a refused upgrade), how long the connection waits
+# for the client to close its side before closing ours. Enough for a client on the same
+# network to read the answer and hang up; short, because until the socket is closed the
+# connection holds a descriptor and a slot among max_handshakes, and a client that never
+# reads or closes must not make those pile up.
+HTTP_ANSWER_LINGER = 0.2
 
 # A client refused for its budget this many times, without a pause of ABUSE_QUIET_SECONDS
 # between refusals, ignores its rate_limited errors (or floods frames that earn no reply): it is
@@ -125,6 +134,7 @@ class Connection:
 
     __slots__ = (
         "_cancel_scope",
+        "_close_timeout",
         "_closing",
         "_dirty",
         "_dirty_list",
@@ -156,13 +166,15 @@ class Connection:
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
         # The bytes pending and unsent: what max_queued_bytes bounds, kept up to date at each
-        # append and send (never summed). The memory held can be up to twice as much, since
-        # the unsent view keeps its whole joined buffer alive until the view is sent.
+        # append and send (never summed), and added to the worker's total at each change
+        # (_count_queued). The memory held can be up to twice as much, since the unsent view
+        # keeps its whole joined buffer alive until the view is sent.
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
         self._writer_running = False
         self._closing = False
+        self._close_timeout = CLOSE_TIMEOUT
         self._max_queued_frames = worker.config.max_queued_frames
         self._max_queued_bytes = worker.config.max_queued_bytes
         config = worker.config
@@ -194,6 +206,7 @@ class Connection:
             return
         self._pending.append(frame)
         self._queued_bytes += size
+        self.worker.queued_bytes += size  # _count_queued, inline on the fan-out's path
         if not self._dirty:
             self._dirty = True
             self._dirty_list.append(self)
@@ -222,7 +235,7 @@ class Connection:
         try:
             if self._unsent:
                 sent = self._sock.send(self._unsent)
-                self._queued_bytes -= sent
+                self._count_queued(-sent)
                 if sent < len(self._unsent):
                     self._unsent = self._unsent[sent:]
                     return
@@ -236,7 +249,7 @@ class Connection:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
-            self._queued_bytes -= sent
+            self._count_queued(-sent)
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
@@ -257,9 +270,7 @@ class Connection:
         if not isinstance(error, _PEER_GONE) and error.errno not in (errno.EPIPE, errno.ECONNRESET):
             logger.warning("connection %d: send failed: %s", self.id, error)
         self._closing = True
-        self._pending.clear()
-        self._unsent = b""
-        self._queued_bytes = 0
+        self._drop_queued()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -276,7 +287,7 @@ class Connection:
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
             self._pending.clear()
-            self._queued_bytes = len(self._unsent)
+            self._count_queued(len(self._unsent) - self._queued_bytes)
         if self.id in self.worker.connections:
             self._append(websocket.encode_close_frame(code, reason))
             self.flush()
@@ -284,11 +295,11 @@ class Connection:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    def _reply(self, frame: bytes) -> None:
+    def reply(self, frame: bytes) -> None:
         """Answer this client now with a JSON frame."""
-        self._send_frame(websocket.encode_text_frame(frame))
+        self.send_encoded(websocket.encode_text_frame(frame))
 
-    def _send_frame(self, frame: bytes) -> None:
+    def send_encoded(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
         size = len(frame)
@@ -301,9 +312,33 @@ class Connection:
         self._append(frame)
         self.flush()
 
+    def send_encoded_many(self, frames: list[bytes]) -> None:
+        """Queue encoded frames, under the same limits as one, and write them together."""
+        for frame in frames:
+            size = len(frame)
+            if (
+                self._closing
+                or len(self._pending) >= self._max_queued_frames
+                or self._queued_bytes + size > self._max_queued_bytes
+            ) and not self._room(size):
+                return
+            self._append(frame)
+        self.flush()
+
     def _append(self, frame: bytes) -> None:
         self._pending.append(frame)
-        self._queued_bytes += len(frame)
+        self._count_queued(len(frame))
+
+    def _count_queued(self, change: int) -> None:
+        """Change the bytes queued here, and the worker's total (``/healthz``) with them."""
+        self._queued_bytes += change
+        self.worker.queued_bytes += change
+
+    def _drop_queued(self) -> None:
+        """Forget whatever is still queued: the client is gone, or its socket is closed."""
+        self._pending.clear()
+        self._unsent = b""
+        self._count_queued(-self._queued_bytes)
 
     def _room(self, size: int) -> bool:
         """Whether a frame of ``size`` bytes may be queued: not when closing, nor when the queue
@@ -350,14 +385,19 @@ class Connection:
             logger.exception("connection %d (%s): internal error", self.id, self.peer)
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self.worker.forget(self)
-            if self._closing:
+            try:
+                # Shielded, and bounded: by max_rooms_per_connection and by the close timeout.
                 with trio.CancelScope(shield=True):
-                    await self._finish_close()
-            else:
-                # The peer went away, or we are cancelled from outside: no handshake to finish.
-                trio.lowlevel.notify_closing(self._sock)
-                self._sock.close()
+                    await self.worker.forget(self)
+                    if self._closing:
+                        await self._finish_close()
+                    else:
+                        # The peer went away, or we are cancelled from outside: nothing to say.
+                        trio.lowlevel.notify_closing(self._sock)
+                        self._sock.close()
+            finally:
+                self._drop_queued()  # what the close could not send is dropped with the socket
+                self.worker.release(self)
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
@@ -392,7 +432,7 @@ class Connection:
                 self._respond(http.refusal_response(refusal))
                 return None
             self._append(accept)
-            self._reply(
+            self.reply(
                 protocol.welcome_frame(
                     self.worker.index, os.getpid(), self.worker.config.heartbeat_interval
                 )
@@ -443,6 +483,7 @@ class Connection:
         self._append(response)
         self.flush()
         self._closing = True
+        self._close_timeout = HTTP_ANSWER_LINGER
 
     async def _receive(self) -> bytes:
         """The next bytes from the client; b"" at end of stream (or when it reset)."""
@@ -468,7 +509,7 @@ class Connection:
             try:
                 events = parser.feed(data)
             except websocket.MessageTooBig as too_big:
-                self._reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
+                self.reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
                 self.close(too_big.close_code, "frame too large")
                 return
             except websocket.ProtocolViolation as violation:
@@ -487,7 +528,7 @@ class Connection:
                         self._close_abusive()
                 elif isinstance(event, websocket.Ping):
                     if limiter.allow(len(event.payload)):
-                        self._send_frame(websocket.encode_frame(websocket.OP_PONG, event.payload))
+                        self.send_encoded(websocket.encode_frame(websocket.OP_PONG, event.payload))
                     elif limiter.abusive:
                         self._close_abusive()
                 else:
@@ -508,7 +549,7 @@ class Connection:
         if self._limiter.abusive:
             self._close_abusive()
             return
-        self._reply(
+        self.reply(
             protocol.error_frame(
                 protocol.RATE_LIMITED,
                 "too many frames; slow down",
@@ -528,7 +569,7 @@ class Connection:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
             await self._handle_request(request)
         except RequestError as refusal:
-            self._reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
+            self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:
         logger.debug("connection %d: %r", self.id, request)
@@ -540,12 +581,10 @@ class Connection:
                 request.room,
                 request.data,
             )
-            try:
-                await self.worker.publish(self, request)
-            except BackplaneUnavailable as error:
-                raise RequestError(protocol.BACKPLANE_UNAVAILABLE, str(error), request.id) from None
+            with _unavailable_as_refusal(request.id):
+                position = await self.worker.publish(self, request)
             if request.id is not None:
-                self._reply(protocol.ack_frame(request.id))
+                self.reply(protocol.ack_frame(request.id, position.offset))
         elif isinstance(request, protocol.Join):
             if request.room not in self.rooms:
                 if len(self.rooms) >= self.worker.config.max_rooms_per_connection:
@@ -555,33 +594,44 @@ class Connection:
                         f"{self.worker.config.max_rooms_per_connection} rooms",
                         request.id,
                     )
-                await self._authorize(
-                    self.worker.hooks.authorize_join,
-                    request.id,
-                    f"join room {request.room!r}",
-                    request.room,
-                )
-                try:
-                    await self.worker.join(self, request.room)
-                except BackplaneUnavailable as error:
+                await self._authorize_join(request.room, request.id)
+                # Checked after the hook, with no await before the join creates the room: the
+                # limit is exact however many joins run at once.
+                if self.worker.at_room_limit(request.room):
                     raise RequestError(
-                        protocol.BACKPLANE_UNAVAILABLE, str(error), request.id
-                    ) from None
-            self._reply(protocol.joined_frame(request.room, request.id))
+                        protocol.TOO_MANY_ROOMS,
+                        f"this worker is at its limit of {self.worker.config.max_rooms_per_worker}"
+                        " rooms (max_rooms_per_worker); try a room that already has members here,"
+                        " or again later",
+                        request.id,
+                    )
+            with _unavailable_as_refusal(request.id):
+                await self.worker.join(self, request.room, request.id, request.since)
+        elif isinstance(request, protocol.HistoryRequest):
+            await self._authorize_join(request.room, request.id)
+            with _unavailable_as_refusal(request.id):
+                self.reply(await self.worker.read_history(request))
         elif isinstance(request, protocol.Leave):
             if request.room not in self.rooms:
                 raise RequestError(
                     protocol.NOT_MEMBER, f"not a member of room {request.room!r}", request.id
                 )
             self.worker.leave(self, request.room)
-            self._reply(protocol.left_frame(request.room, request.id))
+            self.reply(protocol.left_frame(request.room, request.id))
         else:
-            self._reply(protocol.pong_frame(request.id))
+            self.reply(protocol.pong_frame(request.id))
+
+    async def _authorize_join(self, room: str, request_id: int | None) -> None:
+        """The ``authorize_join`` hook, which also decides who may read a room's history."""
+        await self._authorize(
+            self.worker.hooks.authorize_join, request_id, f"join room {room!r}", room
+        )
 
     async def _finish_close(self) -> None:
-        """Write what is still pending (the close frame), then wait for the client to close."""
+        """Write what is still pending (the close frame or the HTTP answer), then wait for the
+        client to close, for up to ``CLOSE_TIMEOUT`` (``HTTP_ANSWER_LINGER`` after HTTP)."""
         sock = self._sock
-        with trio.move_on_after(CLOSE_TIMEOUT):
+        with trio.move_on_after(self._close_timeout):
             try:
                 while self._pending or self._unsent:
                     await trio.lowlevel.wait_writable(sock)
@@ -595,6 +645,15 @@ class Connection:
                 pass
         trio.lowlevel.notify_closing(sock)
         sock.close()
+
+
+@contextlib.contextmanager
+def _unavailable_as_refusal(request_id: int | None) -> Iterator[None]:
+    """Answer a request that the backplane cannot serve now with ``backplane_unavailable``."""
+    try:
+        yield
+    except BackplaneUnavailable as error:
+        raise RequestError(protocol.BACKPLANE_UNAVAILABLE, str(error), request_id) from None
 
 
 def _describe_peer(sock: socket.socket) -> str:

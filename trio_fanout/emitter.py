@@ -25,8 +25,9 @@ class Emitter:
         self._backplane = backplane
         self._numberer = envelope.Numberer()
 
-    async def publish(self, room: str, data: Any) -> None:
-        """Send ``data`` (any JSON value) to every member of ``room``.
+    async def publish(self, room: str, data: Any) -> int:
+        """Send ``data`` (any JSON value) to every member of ``room``; return the offset the
+        room's sequencer gave it (the ``offset`` of the ``message`` frame members receive).
 
         Raises ``ValueError`` for a room name clients could not use or data JSON cannot carry,
         and ``backplane.BackplaneUnavailable`` when the backplane refuses the message.
@@ -36,7 +37,9 @@ class Emitter:
             frame = protocol.message_frame(room, data)
         except protocol.RequestError as refusal:
             raise ValueError(refusal.message) from None
-        await self._send(envelope.room_topic(room), frame)
+        topic = envelope.room_topic(room)
+        position = await self._backplane.append(topic, self._numberer.wrap(topic, frame))
+        return position.offset
 
     async def broadcast(self, data: Any) -> None:
         """Send ``data`` to every connection on every worker, as a ``message`` with no room."""
@@ -44,9 +47,7 @@ class Emitter:
             frame = protocol.broadcast_frame(data)
         except protocol.RequestError as refusal:
             raise ValueError(refusal.message) from None
-        await self._send(envelope.BROADCAST_TOPIC, frame)
-
-    async def _send(self, topic: bytes, frame: bytes) -> None:
+        topic = envelope.BROADCAST_TOPIC
         await self._backplane.publish(topic, self._numberer.wrap(topic, frame))
 
 
@@ -111,10 +112,10 @@ class SyncEmitter:
             raise RuntimeError("the emitter is closed")
         return self._emitter, self._token
 
-    def publish(self, room: str, data: Any) -> None:
-        """Send ``data`` to every member of ``room``; see :meth:`Emitter.publish`."""
+    def publish(self, room: str, data: Any) -> int:
+        """Send ``data`` to every member of ``room``; its offset. See :meth:`Emitter.publish`."""
         emitter, token = self._open_emitter()
-        trio.from_thread.run(emitter.publish, room, data, trio_token=token)
+        return trio.from_thread.run(emitter.publish, room, data, trio_token=token)
 
     def broadcast(self, data: Any) -> None:
         """Send ``data`` to every connection; see :meth:`Emitter.broadcast`."""

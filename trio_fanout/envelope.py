@@ -70,9 +70,20 @@ def unpack_header(payload: bytes) -> tuple[bytes, int, int]:
     return _HEADER.unpack_from(payload)
 
 
+# Publishers remembered per topic, the most recently heard kept. Honest publishers of a topic
+# are few: one origin per worker process that publishes to it (a new one at each restart), one
+# per emitter, the heartbeat's. 256 covers any real cluster several times over, while anyone
+# who forges a new origin per message on the backplane grows a topic's record to this and no
+# further (about 25 KiB: an 8-byte origin and its seq take about 100 bytes in the dict).
+MAX_ORIGINS_PER_TOPIC = 256
+
+
 @attrs.define
 class GapCounter:
-    """Per topic and publisher, the last seq seen; counts messages that never arrived."""
+    """Per topic and publisher, the last seq seen; counts messages that never arrived.
+
+    Each topic remembers its ``MAX_ORIGINS_PER_TOPIC`` most recently heard publishers; one
+    forgotten and heard again starts afresh, as a new publisher does (no gap counted)."""
 
     missed: int = 0
     _last_seq: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
@@ -81,8 +92,10 @@ class GapCounter:
     def observe(self, topic: bytes, origin: bytes, seq: int) -> int:
         """Record a message; return how many of this publisher's messages were skipped."""
         seen = self._last_seq.setdefault(topic, {})
-        last = seen.get(origin)
+        last = seen.pop(origin, None)  # re-inserted last: the dict's order is recency
         seen[origin] = seq
+        if len(seen) > MAX_ORIGINS_PER_TOPIC:
+            del seen[next(iter(seen))]  # the publisher heard least recently
         if last is None or seq == 1 or seq <= last + 1:
             return 0
         gap = seq - last - 1

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 
 import attrs
 import trio
@@ -23,7 +24,12 @@ import trio
 from trio_fanout import envelope, protocol
 from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout.config import Config
-from trio_fanout.runner import CONTROL_RECEIVE_BYTES, WORKER_CONFIG_VARIABLE, open_listener
+from trio_fanout.runner import (
+    CONTROL_RECEIVE_BYTES,
+    WORKER_CONFIG_VARIABLE,
+    give_back_memory_forever,
+    open_listener,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class Supervisor:
                 self.processes[index] = process
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
-                    watching.start_soon(self._kill_when_silent, index, process, control)
+                    watching.start_soon(self._kill_when_silent, index, process, control, master_end)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
             del self.processes[index]
@@ -117,12 +123,30 @@ class Supervisor:
             await trio.sleep(pause)
 
     async def _kill_when_silent(
-        self, index: int, process: trio.Process, control: trio.socket.SocketType
+        self,
+        index: int,
+        process: trio.Process,
+        control: trio.socket.SocketType,
+        control_stdlib: socket.socket,
     ) -> None:
         """Ping the worker on its control channel; SIGKILL it once it has answered nothing for
-        ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer)."""
+        ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer).
+
+        Silence is judged only against the master's own clock running: answers already waiting
+        in the socket are read before judging, and when the master's own sleep overshot by more
+        than the interval (its loop was stalled, not the worker's), the silence clock starts
+        again instead of blaming the worker for time the master did not see pass.
+        ``control_stdlib`` is the same socket as ``control`` (non-blocking), read without
+        waiting."""
         started = trio.current_time()
         last_answer: float | None = None
+
+        def note_waiting_answers() -> None:
+            """Take every answer already in the socket, without waiting for more."""
+            nonlocal last_answer
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while control_stdlib.recv(CONTROL_RECEIVE_BYTES):
+                    last_answer = trio.current_time()
 
         async def take_answers() -> None:
             nonlocal last_answer
@@ -136,11 +160,20 @@ class Supervisor:
             try:
                 while True:
                     await control.send(PING)
+                    asleep = trio.current_time()
                     await trio.sleep(interval)
+                    now = trio.current_time()
+                    if now - asleep > 2 * interval:
+                        # This loop was stalled: the worker's silence was not observed.
+                        started = now
+                        if last_answer is not None:
+                            last_answer = now
+                        continue
+                    note_waiting_answers()
                     if last_answer is None:
-                        silent, limit = trio.current_time() - started, FIRST_ANSWER_TIMEOUT
+                        silent, limit = now - started, FIRST_ANSWER_TIMEOUT
                     else:
-                        silent, limit = trio.current_time() - last_answer, timeout
+                        silent, limit = now - last_answer, timeout
                     if silent >= limit:
                         logger.error(
                             "worker %d (pid %d) has answered no ping for %.1f s: killing it",
@@ -162,6 +195,8 @@ class Supervisor:
             for process in list(self.processes.values()):
                 await process.wait()
         for index, process in list(self.processes.items()):
+            if process.returncode is not None:
+                continue  # it exited in time; its keep_running task has not yet noted it
             logger.warning(
                 "worker %d (pid %d) did not stop in time: killing it", index, process.pid
             )
@@ -208,7 +243,9 @@ async def run_master(
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
-                        serve_proxy, config.proxy_host, config.proxy_port
+                        partial(serve_proxy, history=config.history_policy),
+                        config.proxy_host,
+                        config.proxy_port,
                     )
                     # Workers and the heartbeat meet at the port the proxy really bound.
                     config = attrs.evolve(config, proxy_port=proxy_port)
@@ -224,6 +261,7 @@ async def run_master(
                     )
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
+                nursery.start_soon(give_back_memory_forever)
                 host, port = listener.getsockname()[:2]
                 logger.info(
                     "listening on ws://%s:%d/ws with %d workers, backplane %s",
@@ -251,7 +289,12 @@ async def run_proxy(config: Config) -> None:
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_proxy, config.proxy_host, config.proxy_port)
+            port = await nursery.start(
+                partial(serve_proxy, history=config.history_policy),
+                config.proxy_host,
+                config.proxy_port,
+            )
+            nursery.start_soon(give_back_memory_forever)
             if config.heartbeat_interval > 0:
                 config = attrs.evolve(config, proxy_port=port, backplane=None)
                 nursery.start_soon(

@@ -15,6 +15,15 @@ import attrs
 
 MAX_ROOM_LENGTH = 200
 
+# An epoch is an opaque string the server made (16 hex characters today): a much longer one
+# cannot be ours, and is refused before it costs anything.
+MAX_EPOCH_LENGTH = 64
+
+# How many messages a ``history`` answer holds when the request names no ``limit``, and the
+# largest ``limit`` accepted: a page of history is one frame, built and sent at once.
+HISTORY_DEFAULT_LIMIT = 100
+HISTORY_MAX_LIMIT = 1000
+
 # The largest integer a JavaScript number holds exactly (Number.MAX_SAFE_INTEGER): a browser
 # would read a larger id as a neighbouring one, and match our reply to the wrong request.
 MAX_SAFE_ID = 2**53 - 1
@@ -44,9 +53,18 @@ class RequestError(Exception):
 
 
 @attrs.frozen
+class Since:
+    """A client's last known place in a room: the ``since`` of ``join`` and ``history``."""
+
+    epoch: str
+    offset: int
+
+
+@attrs.frozen
 class Join:
     room: str
     id: int | None = None
+    since: Since | None = None
 
 
 @attrs.frozen
@@ -68,7 +86,17 @@ class Ping:
     id: int | None = None
 
 
-Request = Join | Leave | Publish | Ping
+@attrs.frozen
+class HistoryRequest:
+    room: str
+    id: int | None = None
+    since: Since | None = None
+    limit: int = HISTORY_DEFAULT_LIMIT
+
+
+Request = Join | Leave | Publish | Ping | HistoryRequest
+
+_TYPES = ("join", "leave", "publish", "ping", "history")
 
 
 def _reject_constant(name: str) -> None:
@@ -108,13 +136,13 @@ def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
     kind = obj.get("type")
     if kind == "ping":
         return Ping(request_id)
-    if kind not in ("join", "leave", "publish"):
-        raise RequestError(
-            UNKNOWN_TYPE, "type must be one of join, leave, publish, ping", request_id
-        )
+    if kind not in _TYPES:
+        raise RequestError(UNKNOWN_TYPE, f"type must be one of {', '.join(_TYPES)}", request_id)
     room = check_room(obj.get("room"), request_id)
     if kind == "join":
-        return Join(room, request_id)
+        return Join(room, request_id, _since(obj, request_id))
+    if kind == "history":
+        return HistoryRequest(room, request_id, _since(obj, request_id), _limit(obj, request_id))
     if kind == "leave":
         return Leave(room, request_id)
     if "data" not in obj:
@@ -123,6 +151,36 @@ def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
     if type(echo) is not bool:
         raise RequestError(BAD_FRAME, "echo must be true or false", request_id)
     return Publish(room, obj["data"], request_id, echo)
+
+
+def _since(obj: dict[str, Any], request_id: int | None) -> Since | None:
+    """The optional ``since`` of a request: ``{"epoch": str, "offset": int >= 0}``."""
+    since = obj.get("since")
+    if since is None:
+        return None
+    if not isinstance(since, dict):
+        raise RequestError(BAD_FRAME, "since must be an object with epoch and offset", request_id)
+    epoch, offset = since.get("epoch"), since.get("offset")
+    if not isinstance(epoch, str) or not 1 <= len(epoch) <= MAX_EPOCH_LENGTH:
+        raise RequestError(
+            BAD_FRAME,
+            f"since.epoch must be a string of 1 to {MAX_EPOCH_LENGTH} characters",
+            request_id,
+        )
+    if type(offset) is not int or not 0 <= offset <= MAX_SAFE_ID:
+        raise RequestError(
+            BAD_FRAME, f"since.offset must be an integer from 0 to {MAX_SAFE_ID}", request_id
+        )
+    return Since(epoch, offset)
+
+
+def _limit(obj: dict[str, Any], request_id: int | None) -> int:
+    limit = obj.get("limit", HISTORY_DEFAULT_LIMIT)
+    if type(limit) is not int or not 0 <= limit <= HISTORY_MAX_LIMIT:
+        raise RequestError(
+            BAD_FRAME, f"limit must be an integer from 0 to {HISTORY_MAX_LIMIT}", request_id
+        )
+    return limit
 
 
 def message_frame(room: str, data: object, request_id: int | None = None) -> bytes:
@@ -141,9 +199,19 @@ def message_frame(room: str, data: object, request_id: int | None = None) -> byt
         raise RequestError(BAD_FRAME, "data is nested too deeply", request_id) from None
 
 
+# A frame refused before it was looked at (rate limit) is parsed for its id only up to this
+# size: a refusal must cost the server little, and parsing JSON costs up to ~40 µs a KiB (a long
+# array of small numbers), 6 ms for a 64 KiB frame. Requests without large data (join, leave,
+# ping, small publishes) fit, and are the ones a client matches answers to by id.
+READABLE_ID_MAX_BYTES = 1024
+
+
 def readable_id(payload: bytes) -> int | None:
     """The ``id`` of a client frame refused before it was looked at (rate limit), if it has a
-    readable one: errors carry the request's id wherever they can."""
+    readable one and is at most ``READABLE_ID_MAX_BYTES`` long: errors carry the request's id
+    wherever they can do so cheaply."""
+    if len(payload) > READABLE_ID_MAX_BYTES:
+        return None
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError):
@@ -196,16 +264,58 @@ def welcome_frame(worker: int, pid: int, heartbeat_interval: float) -> bytes:
     )
 
 
-def joined_frame(room: str, request_id: int | None) -> bytes:
-    return _with_id({"type": "joined", "room": room}, request_id)
+def joined_frame(
+    room: str, request_id: int | None, epoch: str, offset: int, recovered: bool | None = None
+) -> bytes:
+    """``joined``: ``epoch`` and ``offset`` say where this connection's messages start (every
+    message after ``offset`` reaches it); ``recovered`` answers a join with ``since`` only.
+
+    Without ``request_id`` (and with ``recovered`` false) it tells a member that the room's
+    numbering started again."""
+    frame: dict[str, Any] = {"type": "joined", "room": room, "epoch": epoch, "offset": offset}
+    if recovered is not None:
+        frame["recovered"] = recovered
+    return _with_id(frame, request_id)
 
 
 def left_frame(room: str, request_id: int | None) -> bytes:
     return _with_id({"type": "left", "room": room}, request_id)
 
 
-def ack_frame(request_id: int) -> bytes:
-    return _dump({"type": "ack", "id": request_id})
+def ack_frame(request_id: int, offset: int) -> bytes:
+    return _dump({"type": "ack", "id": request_id, "offset": offset})
+
+
+def with_offset(message: bytes, offset: int) -> bytes:
+    """A room's ``message`` frame with its offset added, once per message for all recipients.
+
+    ``message`` is a JSON object with at least one member (the worker relays no other), so
+    its last byte, once trailing whitespace is gone, is the closing brace."""
+    if not message.endswith(b"}"):
+        message = message.rstrip(b" \t\r\n")
+    return b'%b,"offset":%d}' % (message[:-1], offset)
+
+
+def message_prefix(room: str) -> bytes:
+    """What every ``message`` frame for ``room`` built by :func:`message_frame` starts with:
+    its ``data`` follows, then the closing brace."""
+    return b'{"type":"message","room":' + _dump(room) + b',"data":'
+
+
+def history_frame(
+    room: str, request_id: int | None, epoch: str, offset: int, messages: list[tuple[int, bytes]]
+) -> bytes:
+    """The answer to ``history``. Each message is ``(offset, data)`` where ``data`` is already
+    the JSON text of the message's data, spliced in as it is rather than decoded and encoded
+    again."""
+    head: dict[str, Any] = {"type": "history", "room": room}
+    if request_id is not None:
+        head["id"] = request_id
+    head["epoch"] = epoch
+    head["offset"] = offset
+    head["messages"] = []
+    items = b",".join(b'{"offset":%d,"data":%b}' % (number, data) for number, data in messages)
+    return _dump(head)[: -len(b"[]}")] + b"[" + items + b"]}"
 
 
 def pong_frame(request_id: int | None) -> bytes:

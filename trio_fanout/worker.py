@@ -12,17 +12,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import struct
-import time
 from collections.abc import Collection
 
 import attrs
 import trio
 
 from trio_fanout import envelope, protocol, websocket
-from trio_fanout.backplane import Backplane
+from trio_fanout.backplane import Backplane, History, Position, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
@@ -43,6 +43,11 @@ ACCEPT_SKIP_ERRNOS = {
     errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 }  # fmt: skip
 
+# A closing connection leaves its rooms this many at a time, with a checkpoint between: a leave
+# costs up to ~50 µs (the backplane's unsubscribe), so a turn stays under a millisecond and the
+# loop keeps answering (the master's liveness ping, other clients) when thousands close at once.
+ROOMS_LEFT_PER_TURN = 10
+
 # How long shutdown waits for clients to answer their 1001 close before dropping them.
 DRAIN_TIMEOUT = 3.0
 
@@ -50,8 +55,17 @@ DRAIN_TIMEOUT = 3.0
 # most this often, with the count since: under a flood, one line per refusal would be a flood too.
 REFUSAL_LOG_INTERVAL = 10.0
 
-# Invalid backplane messages are counted one by one but logged at most once in this many
-# seconds: whoever floods the backplane with them must not flood the log too.
+# The limits whose refusals are counted for the log.
+REFUSAL_LIMITS = ("max_connections", "max_handshakes", "max_rooms_per_worker")
+
+# The bytes of message data a ``history`` answer holds at most (one message always, however
+# large): the answer is one WebSocket message, and common clients refuse larger ones by default
+# (trio-websocket, for one, at 1 MiB). A client pages through more with ``since``.
+HISTORY_ANSWER_MAX_BYTES = 512 * 1024
+
+# Invalid backplane messages, and gaps in a publisher's numbering, are counted one by one but
+# logged at most once in this many seconds: whoever floods the backplane with them (forged
+# messages, numbers that skip) must not flood the log too.
 INVALID_WARNING_INTERVAL = 10.0
 
 
@@ -87,18 +101,96 @@ def relay_problem(frame: bytes) -> str | None:
     return None
 
 
+class LogThrottle:
+    """Counts events of one kind and says when to log them: at most once per ``interval``
+    seconds (Trio's clock), with the count since the last line. Whoever causes the events (a
+    flood of connections, forged backplane messages) must not flood the log too."""
+
+    __slots__ = ("_count", "_interval", "_logged")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._count = 0
+        self._logged = -math.inf
+
+    def note(self) -> int:
+        """Count one event; return how many to report in a line now (this one included), or 0
+        while the last line is too recent."""
+        self._count += 1
+        now = trio.current_time()
+        if now - self._logged < self._interval:
+            return 0
+        self._logged = now
+        count, self._count = self._count, 0
+        return count
+
+
+@attrs.define(eq=False)
+class CatchUp:
+    """The live messages of a room held back for one joining connection while the room's
+    history is read, so that they follow the history instead of overtaking it.
+
+    Bounded by the connection's own queue limits (``max_queued_frames``, ``max_queued_bytes``):
+    more could not be queued for it anyway. Past them the frames are dropped and only the
+    position of the last one is kept; the join then answers ``recovered: false`` from there.
+    """
+
+    max_frames: int
+    max_bytes: int
+    frames: list[tuple[Position | None, bytes]] = attrs.field(factory=list)
+    held_bytes: int = 0
+    overflowed: bool = False
+    last: Position | None = None  # the last numbered message held back, kept past overflow
+
+    def hold(self, position: Position | None, frame: bytes) -> None:
+        if position is not None:
+            self.last = position
+        if self.overflowed:
+            return
+        if len(self.frames) >= self.max_frames or self.held_bytes + len(frame) > self.max_bytes:
+            self.overflowed = True
+            self.frames = []
+            return
+        self.frames.append((position, frame))
+        self.held_bytes += len(frame)
+
+
 @attrs.define(eq=False)
 class Room:
     """A room with members on this worker.
 
-    Its backplane topic is a digest of ``name``; the name is kept for the log. ``subscribing``
-    is the event that joiners wait on while the first member's subscription is being made, and
-    None once it is live: an event (and its set of waiters) kept for the room's whole life was
-    a quarter of what the room costs."""
+    Its backplane topic is a digest of ``name``; the name is kept for the log and the frames.
+    ``position`` is the last numbered message delivered here (or, until one is, what a history
+    read said), which answers a plain join without asking the backplane. A connection whose
+    join read the history is in ``catching_up`` during the read, then has a ``floor`` until a
+    message past it arrives: messages at or below its floor, still on their way when it
+    joined, were already sent to it (or were before its join) and are not sent again.
+    ``subscribing`` is the event that joiners wait on while the first member's subscription is
+    being made, and None once it is live: an event (and its set of waiters) kept for the room's
+    whole life was a quarter of what the room cost.
+    """
 
     name: str
     members: set[Connection] = attrs.field(factory=set)
     subscribing: trio.Event | None = None
+    position: Position | None = None
+    catching_up: dict[Connection, CatchUp] = attrs.field(factory=dict)
+    floors: dict[Connection, Position] = attrs.field(factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.catching_up
+
+    def below_floor(self, position: Position) -> set[Connection]:
+        """The members that must not get the message at ``position``; forgets the floors that
+        it passes (messages arrive in offset order, so those floors have done their work)."""
+        held_back = set()
+        for conn, floor in list(self.floors.items()):
+            if floor.epoch == position.epoch and position.offset <= floor.offset:
+                held_back.add(conn)
+            else:
+                del self.floors[conn]
+        return held_back
 
 
 class Worker:
@@ -118,21 +210,130 @@ class Worker:
         self.gaps = envelope.GapCounter()
         # Backplane messages not relayed because they were invalid (see relay_problem).
         self.dropped_invalid = 0
-        self._next_invalid_warning = 0.0
+        self._invalid_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
+        self._gap_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
+        # The bytes queued for all this worker's clients, kept up to date by each connection
+        # at every change (Connection._count_queued): /healthz reads it in O(1).
+        self.queued_bytes = 0
         # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
         self._accepted: set[Connection] = set()
         self._stop_requested = trio.Event()
-        # Refusals at a limit not yet logged, by limit, and when each was last logged.
-        self._refusals: dict[str, int] = {}
-        self._refusals_logged: dict[str, float] = {}
+        # Refusals at a limit, by limit, for the log.
+        self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
+        self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     # ---- rooms ---------------------------------------------------------------------------
 
-    async def join(self, conn: Connection, room_name: str) -> None:
-        """Make ``conn`` a member; returns once messages published from now on reach it."""
+    async def join(
+        self,
+        conn: Connection,
+        room_name: str,
+        request_id: int | None = None,
+        since: protocol.Since | None = None,
+    ) -> None:
+        """Make ``conn`` a member of ``room_name`` and answer ``joined``; with ``since``, the
+        messages after it follow at once, before any later one (docs/protocol.md, "Offsets,
+        history and recovery").
+
+        The seam between history and live traffic: once the room's subscription is live, the
+        live messages for ``conn`` are held back (a :class:`CatchUp`) while the history is
+        read; then ``joined``, the history after ``since``, and the held messages that the
+        history did not hold go out together, without a checkpoint in between, and ``conn`` is
+        an ordinary member from the next message on.
+        """
+        if room_name in conn.rooms:
+            self._joined_again(conn, room_name, request_id, since)
+            return
         topic = envelope.room_topic(room_name)
+        room = await self._live_room(topic, room_name)
+        conn.rooms.add(room_name)
+        if since is None and room.position is not None:
+            room.members.add(conn)
+            # The position may come from a history read, with older messages still on their
+            # way here: they are not this connection's.
+            room.floors[conn] = room.position
+            conn.reply(
+                protocol.joined_frame(
+                    room_name, request_id, room.position.epoch, room.position.offset
+                )
+            )
+            return
+        config = self.config
+        catch_up = room.catching_up[conn] = CatchUp(
+            config.max_queued_frames, config.max_queued_bytes
+        )
+        try:
+            if since is None:
+                history = await self.backplane.history(topic, limit=0)
+            else:
+                history = await self.backplane.history(topic, Position(since.epoch, since.offset))
+        except BaseException:
+            self.leave(conn, room_name)
+            raise
+        del room.catching_up[conn]
+        self._catch_up(conn, room, request_id, since, history, catch_up)
+
+    def _catch_up(
+        self,
+        conn: Connection,
+        room: Room,
+        request_id: int | None,
+        since: protocol.Since | None,
+        history: History,
+        catch_up: CatchUp,
+    ) -> None:
+        """Send ``joined``, what ``since`` asks for, and what was held back; make ``conn`` a
+        member. Awaits nothing, so no live message can come in between."""
+        frames: list[bytes] = []
+        last = 0
+        foreign_epoch = any(
+            position is not None and position.epoch != history.epoch
+            for position, _ in catch_up.frames
+        )
+        if catch_up.overflowed or foreign_epoch:
+            # Too much came in during the read, or the room's numbering started again during
+            # it: which held messages the history holds is unknown. Start after the last one.
+            start = catch_up.last or Position(history.epoch, history.offset)
+            last = start.offset
+            recovered = False
+            logger.info(
+                "connection %d joins room %r without recovery: %s during the history read",
+                conn.id, room.name,
+                "too many messages" if catch_up.overflowed else "a new epoch",
+            )  # fmt: skip
+        else:
+            start = Position(history.epoch, history.offset)
+            recovered = since is not None and history.complete
+            last = history.offset
+            if recovered:
+                for offset, payload in history.messages:
+                    frame = self._recorded_frame(room, offset, payload)
+                    if frame is not None:
+                        frames.append(frame)
+                    last = max(last, offset)
+            for position, frame in catch_up.frames:
+                if position is None:
+                    frames.append(frame)  # not numbered (published, not appended): not in history
+                elif position.offset > last:
+                    frames.append(frame)
+                    last = position.offset
+        if room.position is None:
+            room.position = start
+        room.members.add(conn)
+        # What was sent or came before: copies of it still on their way are not sent again.
+        room.floors[conn] = Position(start.epoch, last)
+        conn.reply(
+            protocol.joined_frame(
+                room.name, request_id, start.epoch, start.offset,
+                recovered if since is not None else None,
+            )
+        )  # fmt: skip
+        conn.send_encoded_many(frames)
+
+    async def _live_room(self, topic: bytes, room_name: str) -> Room:
+        """The room of ``topic``, subscribed and live; the first joiner subscribes."""
         while True:
             room = self.rooms.get(topic)
             if room is None:
@@ -146,19 +347,48 @@ class Worker:
                     raise
                 room.subscribing = None
                 subscribing.set()
-                break
+                return room
             if room.subscribing is None:
-                break
+                return room
             await room.subscribing.wait()
-        room.members.add(conn)
-        conn.rooms.add(room_name)
+
+    def _joined_again(
+        self,
+        conn: Connection,
+        room_name: str,
+        request_id: int | None,
+        since: protocol.Since | None,
+    ) -> None:
+        """Answer a join of a room ``conn`` is already in: it gets the room's messages already,
+        so nothing old is sent; ``recovered`` is true only if ``since`` is where it stands."""
+        room = self.rooms[envelope.room_topic(room_name)]
+        position = room.position or Position("", 0)  # set for every room with a member
+        recovered = None
+        if since is not None:
+            recovered = (since.epoch, since.offset) == (position.epoch, position.offset)
+        conn.reply(
+            protocol.joined_frame(room_name, request_id, position.epoch, position.offset, recovered)
+        )
+
+    def at_room_limit(self, room_name: str) -> bool:
+        """Whether joining ``room_name`` would take this worker past ``max_rooms_per_worker``
+        rooms (a room it already has costs nothing more). If so, the caller refuses the join,
+        and the refusal is counted for the log."""
+        if len(self.rooms) < self.config.max_rooms_per_worker:
+            return False
+        if envelope.room_topic(room_name) in self.rooms:
+            return False
+        self._note_refusal("max_rooms_per_worker", "joins refused with too_many_rooms")
+        return True
 
     def leave(self, conn: Connection, room_name: str) -> None:
         topic = envelope.room_topic(room_name)
         conn.rooms.discard(room_name)
         room = self.rooms[topic]
         room.members.discard(conn)
-        if not room.members:
+        room.catching_up.pop(conn, None)
+        room.floors.pop(conn, None)
+        if room.empty:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
             self.gaps.forget(topic)
@@ -166,20 +396,79 @@ class Worker:
                 rebuild_dict(self.rooms)
                 give_back_freed_memory()
 
-    async def publish(self, conn: Connection, request: protocol.Publish) -> None:
+    async def publish(self, conn: Connection, request: protocol.Publish) -> Position:
+        """Hand ``request`` to the room's sequencer; the position it was given."""
         topic = envelope.room_topic(request.room)
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
-        await self.backplane.publish(topic, self._numberer.wrap(topic, frame, exclude))
-        logger.debug("published %d bytes to room %r", len(frame), request.room)
+        position = await self.backplane.append(topic, self._numberer.wrap(topic, frame, exclude))
+        logger.debug("published %d bytes to room %r at %s", len(frame), request.room, position)
+        return position
+
+    async def read_history(self, request: protocol.HistoryRequest) -> bytes:
+        """The ``history`` answer for ``request``: at most ``request.limit`` messages and
+        ``HISTORY_ANSWER_MAX_BYTES`` of their data, the oldest of them with ``since`` (so that
+        the next page starts after the last), the newest without."""
+        topic = envelope.room_topic(request.room)
+        since = None
+        if request.since is not None:
+            since = Position(request.since.epoch, request.since.offset)
+        history = await self.backplane.history(topic, since, request.limit)
+        prefix = protocol.message_prefix(request.room)
+        messages = [
+            (offset, data)
+            for offset, payload in history.messages
+            if (data := self._recorded_data(topic, prefix, payload)) is not None
+        ]
+        if since is None:
+            messages.reverse()  # the newest first while filling the answer
+        kept: list[tuple[int, bytes]] = []
+        size = 0
+        for offset, data in messages:
+            size += len(data)
+            if kept and size > HISTORY_ANSWER_MAX_BYTES:
+                break
+            kept.append((offset, data))
+        if since is None:
+            kept.reverse()
+        return protocol.history_frame(request.room, request.id, history.epoch, history.offset, kept)
+
+    def _recorded_data(self, topic: bytes, prefix: bytes, payload: bytes) -> bytes | None:
+        """The JSON text of the ``data`` of a kept message, sliced out of the frame that a
+        publisher of ours built; None (and counted as invalid) for anything else."""
+        body = payload[envelope.HEADER_SIZE :]
+        if len(payload) < envelope.HEADER_SIZE or not (
+            body.startswith(prefix) and body.endswith(b"}")
+        ):
+            self._drop_invalid(topic, "not a message frame of this room")
+            return None
+        data = body[len(prefix) : -1]
+        try:
+            _STRICT_JSON.decode(data.decode("utf-8"))  # exactly one JSON value, nothing more
+        except (ValueError, RecursionError):
+            self._drop_invalid(topic, "data that is not one JSON value")
+            return None
+        return data
+
+    def _recorded_frame(self, room: Room, offset: int, payload: bytes) -> bytes | None:
+        """The encoded ``message`` frame of a kept message, as live members got it; None (and
+        counted as invalid) for a payload that live delivery would have dropped too."""
+        body = payload[envelope.HEADER_SIZE :]
+        problem = "no envelope" if len(payload) < envelope.HEADER_SIZE else relay_problem(body)
+        if problem is not None:
+            self._drop_invalid(envelope.room_topic(room.name), problem)
+            return None
+        return websocket.encode_text_frame(protocol.with_offset(body, offset))
 
     # ---- connections ---------------------------------------------------------------------
 
     @property
     def handshakes(self) -> int:
-        """Connections accepted whose handshake has not ended yet (plain HTTP ones included):
-        every accepted connection is in ``_accepted`` until its task ends, and in
-        ``connections`` too once its WebSocket is open."""
+        """Connections accepted that are not open WebSockets: in their handshake (plain HTTP
+        ones included) or closing. Every accepted connection is in ``_accepted`` until its
+        socket is closed, and in ``connections`` only while its WebSocket is open; so this
+        counts every descriptor that ``max_connections`` does not, and ``max_handshakes``
+        bounds them all."""
         return len(self._accepted) - len(self.connections)
 
     def at_connection_limit(self) -> bool:
@@ -193,26 +482,30 @@ class Worker:
     def _note_refusal(self, limit: str, what: str) -> None:
         """Count a refusal at ``limit`` and log the count now and then (see
         ``REFUSAL_LOG_INTERVAL``)."""
-        self._refusals[limit] = self._refusals.get(limit, 0) + 1
-        now = trio.current_time()
-        if now - self._refusals_logged.get(limit, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+        if count := self._refusals[limit].note():
             logger.warning(
                 "worker %d is at its %s (%d): %d %s since the last such line",
-                self.index, limit, getattr(self.config, limit), self._refusals[limit], what,
+                self.index, limit, getattr(self.config, limit), count, what,
             )  # fmt: skip
-            self._refusals_logged[limit] = now
-            self._refusals[limit] = 0
 
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
         self.connections[conn.id] = conn
 
-    def forget(self, conn: Connection) -> None:
-        """Called when ``conn``'s task ends: it leaves every room."""
-        self._accepted.discard(conn)
+    async def forget(self, conn: Connection) -> None:
+        """Called when ``conn``'s task ends: no more broadcasts reach it, and it leaves every
+        room, ``ROOMS_LEFT_PER_TURN`` at a time with a checkpoint between, so that thousands of
+        connections closing at once never hold the loop for long. It still counts among the
+        handshakes until :meth:`release`."""
         self.connections.pop(conn.id, None)
-        for room_name in list(conn.rooms):
+        for count, room_name in enumerate(list(conn.rooms), 1):
             self.leave(conn, room_name)
+            if count % ROOMS_LEFT_PER_TURN == 0:
+                await trio.lowlevel.checkpoint()
+
+    def release(self, conn: Connection) -> None:
+        """Called once ``conn``'s socket is closed: its slot among the handshakes is free."""
+        self._accepted.discard(conn)
 
     def health(self) -> tuple[int, bytes]:
         """The HTTP status and JSON body of ``/healthz``.
@@ -233,7 +526,7 @@ class Worker:
             pid=os.getpid(),
             connections=len(self.connections),
             handshakes=self.handshakes,
-            queued_bytes=sum(conn.queued_bytes for conn in self.connections.values()),
+            queued_bytes=self.queued_bytes,
             rooms=len(self.rooms),
             backplane_gaps=self.gaps.missed,
             dropped_invalid=self.dropped_invalid,
@@ -248,12 +541,14 @@ class Worker:
         while True:
             self.fan_out(await self.backplane.receive_batch())
 
-    def fan_out(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def fan_out(self, batch: list[Received]) -> None:
         """Queue each message's frame, encoded once, for each recipient; then flush each
-        recipient once. Awaits nothing: no client can slow this loop down."""
+        recipient once. Awaits nothing: no client can slow this loop down.
+
+        A room message's offset is spliced into its frame here, once for all recipients."""
         own_origin = self._numberer.origin
         debug = logger.isEnabledFor(logging.DEBUG)
-        for topic, payload in batch:
+        for topic, payload, position in batch:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
             except struct.error:
@@ -265,7 +560,7 @@ class Worker:
                 self._drop_invalid(topic, problem)
                 continue
             recipients: Collection[Connection]
-            room_name: str | None = None  # None: the broadcast topic
+            room: Room | None = None  # None: the broadcast topic
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
             else:
@@ -273,31 +568,68 @@ class Worker:
                 if room is None:
                     continue  # we left the room while this message was on its way
                 recipients = room.members
-                room_name = room.name
-            if self.gaps.observe(topic, origin, seq):
+                if position is not None:
+                    body = protocol.with_offset(body, position.offset)
+            room_name = room.name if room is not None else None
+            if self.gaps.observe(topic, origin, seq) and (count := self._gap_warnings.note()):
                 logger.warning(
-                    "backplane gap in room %r: publisher %s skipped to seq %d",
-                    room_name, origin.hex(), seq,
+                    "backplane gap in room %r: publisher %s skipped to seq %d; %d gaps since "
+                    "the last such line, %d messages missed since the start (in /healthz), "
+                    "and at most one such line per %.0f s",
+                    room_name, origin.hex(), seq, count, self.gaps.missed,
+                    INVALID_WARNING_INTERVAL,
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
             if debug:
                 logger.debug(
-                    "delivering seq %d of %s in room %r to %d connections",
-                    seq, origin.hex(), room_name, len(recipients),
+                    "delivering seq %d of %s in room %r to %d connections, at %s",
+                    seq, origin.hex(), room_name, len(recipients), position,
                 )  # fmt: skip
-            for conn in recipients:
-                if conn is not excluded:
-                    conn.enqueue(frame)
+            held_back: set[Connection] | None = None
+            if room is not None and position is not None:
+                self._advance(room, position)
+                if room.floors:
+                    held_back = room.below_floor(position)
+            if held_back:  # rare: right after a join that read the history
+                if excluded is not None:
+                    held_back.add(excluded)
+                for conn in recipients:
+                    if conn not in held_back:
+                        conn.enqueue(frame)
+            else:
+                for conn in recipients:
+                    if conn is not excluded:
+                        conn.enqueue(frame)
+            if room is not None and room.catching_up:
+                for conn, catch_up in room.catching_up.items():
+                    if conn is not excluded:
+                        catch_up.hold(position, frame)
         for conn in self._dirty:
             conn.flush()
         self._dirty.clear()  # cleared in place: every connection holds this very list
 
+    def _advance(self, room: Room, position: Position) -> None:
+        """Record ``position`` as the room's latest here. When its epoch is not the one the
+        members know, their numbering started again (the sequencer restarted, or the room's
+        history expired): each is told so with a ``joined`` without id, before the message."""
+        known = room.position
+        room.position = position
+        if known is None or known.epoch == position.epoch:
+            return
+        logger.info(
+            "room %r starts epoch %s at offset %d (was %s at %d)",
+            room.name, position.epoch, position.offset, known.epoch, known.offset,
+        )  # fmt: skip
+        notice = websocket.encode_text_frame(
+            protocol.joined_frame(room.name, None, position.epoch, position.offset - 1, False)
+        )
+        for conn in room.members:
+            conn.enqueue(notice)
+
     def _drop_invalid(self, topic: bytes, problem: str) -> None:
         self.dropped_invalid += 1
-        now = time.monotonic()
-        if now >= self._next_invalid_warning:
-            self._next_invalid_warning = now + INVALID_WARNING_INTERVAL
+        if self._invalid_warnings.note():
             logger.warning(
                 "dropped an invalid backplane message on %r (%s); %d dropped since the start, "
                 "counted in /healthz, and no more of these lines for %.0f s",
@@ -357,7 +689,12 @@ class Worker:
                     continue
                 if error.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                logger.error("accept failed (%s); pausing %.1f s", error, ACCEPT_CAPACITY_PAUSE)
+                if count := self._accept_failures.note():
+                    logger.error(
+                        "accept failed %d times since the last such line (%s); pausing %.1f s "
+                        "each time; at most one such line per %.0f s",
+                        count, error, ACCEPT_CAPACITY_PAUSE, REFUSAL_LOG_INTERVAL,
+                    )  # fmt: skip
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
             if self.handshakes >= self.config.max_handshakes:

@@ -44,9 +44,9 @@ class EchoConnection(connection.Connection):
 
     async def _handle_message(self, message: websocket.Message) -> None:
         opcode = websocket.OP_TEXT if message.is_text else websocket.OP_BINARY
-        self._send_frame(websocket.encode_frame(opcode, message.payload))
+        self.send_encoded(websocket.encode_frame(opcode, message.payload))
 
-    def _reply(self, frame: bytes) -> None:
+    def reply(self, frame: bytes) -> None:
         """Send no JSON frame, since Autobahn would count a ``welcome`` as a message it did not
         expect; but write what is pending, as a reply would (the ``101`` answer waits there)."""
         self.flush()

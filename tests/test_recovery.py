@@ -1,0 +1,585 @@
+"""Protocol version 2 end to end: offsets, recovery on join, history (docs/protocol.md,
+"Offsets, history and recovery"), on real worker processes over each backplane."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    START_TIMEOUT,
+    ClusterProcess,
+    LoggedProcess,
+    RedisServer,
+    free_port,
+    trio_fanout_command,
+)
+from tests.test_proxy_restart import start_proxy
+from trio_fanout import Config, Emitter, Hooks, Worker, serve
+from trio_fanout.backplane import (
+    Backplane,
+    BackplaneUnavailable,
+    History,
+    HistoryPolicy,
+    Position,
+    Received,
+    open_backplane,
+)
+from trio_fanout.client import Client, Frame, open_client
+from trio_fanout.emitter import open_emitter
+from trio_fanout.runner import open_listener
+from trio_fanout.worker import HISTORY_ANSWER_MAX_BYTES
+
+_rooms = itertools.count()
+
+# Messages a room keeps by default (docs/configuration.md, history_size).
+HISTORY_SIZE = 100
+
+
+def fresh_room(prefix: str = "recovery") -> str:
+    return f"{prefix}-{os.getpid()}-{next(_rooms)}"
+
+
+@attrs.frozen
+class Server:
+    url: str
+    backplane_url: str | None  # None: the memory backplane, inside the worker process
+
+
+@pytest.fixture(scope="module", params=["memory", "zmq", "redis"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One worker on the memory backplane; or `trio-fanout run --workers 2` on the embedded
+    ZeroMQ proxy or on Redis, so that recoveries cross workers."""
+    process: LoggedProcess
+    if request.param == "memory":
+        process = LoggedProcess(
+            trio_fanout_command(
+                "worker", "--port", "0", "--backplane", f"memory://recovery-{os.getpid()}"
+            )
+        )
+        match = process.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+        found = Server(f"ws://127.0.0.1:{match.group(1)}/ws", None)
+    else:
+        backplane = []
+        if request.param == "redis":
+            backplane = ["--backplane", request.getfixturevalue("redis_server").url]
+        cluster = process = ClusterProcess("--workers", "2", *backplane)
+        cluster.wait_for_workers(2)
+        found = Server(cluster.url, cluster.backplane_url)
+    try:
+        yield found
+    finally:
+        process.stop()
+
+
+class Member:
+    """A client speaking version 2 by hand: requests with ids, frames read one at a time."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._ids = itertools.count(1)
+        self._unread: deque[Frame] = deque()
+
+    async def request(self, frame: Frame) -> Frame:
+        """Send ``frame`` with a fresh id; its reply. Frames without an id that arrive first
+        are kept, in order, for :meth:`next_frame`."""
+        frame["id"] = request_id = next(self._ids)
+        await self.client.send(frame)
+        while True:
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                reply = await self.client.receive()
+            if "id" in reply:
+                assert reply["id"] == request_id, reply
+                return reply
+            self._unread.append(reply)
+
+    async def join(self, room: str, since: Frame | None = None) -> Frame:
+        frame: Frame = {"type": "join", "room": room}
+        if since is not None:
+            frame["since"] = since
+        joined = await self.request(frame)
+        assert joined["type"] == "joined", joined
+        return joined
+
+    async def publish(self, room: str, data: object) -> int:
+        ack = await self.request({"type": "publish", "room": room, "data": data})
+        assert ack["type"] == "ack", ack
+        offset: int = ack["offset"]
+        return offset
+
+    async def next_frame(self) -> Frame:
+        if self._unread:
+            return self._unread.popleft()
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            return await self.client.receive()
+
+    async def messages(self, count: int) -> list[tuple[int, object]]:
+        """The ``(offset, data)`` of the next ``count`` frames, which must be messages."""
+        found = []
+        for _ in range(count):
+            frame = await self.next_frame()
+            assert frame["type"] == "message", frame
+            found.append((frame["offset"], frame["data"]))
+        return found
+
+
+@asynccontextmanager
+async def member(url: str) -> AsyncIterator[Member]:
+    async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+        yield Member(client)
+
+
+async def test_messages_carry_the_offsets_their_acks_gave(server: Server) -> None:
+    room = fresh_room()
+    async with member(server.url) as alice, member(server.url) as bob:
+        joined = await alice.join(room)
+        assert joined["offset"] == 0
+        assert isinstance(joined["epoch"], str) and joined["epoch"]
+        assert "recovered" not in joined  # no since, no recovery: a version 1 join
+        acks = [await bob.publish(room, number) for number in range(5)]
+        assert acks == [1, 2, 3, 4, 5]
+        assert await alice.messages(5) == [(offset, n) for n, offset in enumerate(acks)]
+        # A later join answers where the room stands, and gets what follows.
+        later = await bob.join(room)
+        assert (later["epoch"], later["offset"]) == (joined["epoch"], 5)
+        assert await alice.publish(room, "next") == 6
+        assert await bob.messages(1) == [(6, "next")]
+
+
+async def test_a_rejoin_with_since_gets_exactly_what_it_missed_in_order(server: Server) -> None:
+    room, missed = fresh_room(), 20
+    async with member(server.url) as publisher:
+        async with member(server.url) as alice:
+            joined = await alice.join(room)
+            for number in range(3):
+                await publisher.publish(room, ["before", number])
+            seen = await alice.messages(3)
+        # Alice is gone; the room goes on without her.
+        for number in range(missed):
+            await publisher.publish(room, ["missed", number])
+        async with member(server.url) as alice:
+            since = {"epoch": joined["epoch"], "offset": seen[-1][0]}
+            rejoined = await alice.join(room, since)
+            assert rejoined["recovered"] is True
+            assert rejoined["epoch"] == joined["epoch"]
+            await publisher.publish(room, "live")
+            got = await alice.messages(missed + 1)
+            assert got == [(4 + n, ["missed", n]) for n in range(missed)] + [(24, "live")]
+
+
+async def seam_round(server: Server, room: str, latest: list[int], epoch: str) -> int:
+    """Join ``room`` with a since a few messages back while a publisher is busy; check that
+    every message from there arrives once and in order. Returns how many were checked."""
+    async with member(server.url) as joiner:
+        since = max(0, latest[0] - 5)
+        joined = await joiner.join(room, {"epoch": epoch, "offset": since})
+        assert joined["recovered"] is True, joined
+        target = latest[0] + 20
+        expected = since + 1
+        while expected <= target:
+            ((offset, data),) = await joiner.messages(1)
+            assert offset == expected, f"after {expected - 1} came {offset}: since {since}"
+            assert data == offset  # the publisher publishes each message's own offset
+            expected += 1
+        return target - since
+
+
+async def test_the_seam_between_history_and_live_loses_and_repeats_nothing(
+    server: Server,
+) -> None:
+    room, rounds = fresh_room("seam"), 50
+    latest = [0]
+    watched: list[int] = []
+    async with member(server.url) as publisher, member(server.url) as watcher:
+        joined = await watcher.join(room)
+        epoch = joined["epoch"]
+
+        watched_all = trio.Event()
+        published: list[int] = []  # set once the publisher has stopped
+
+        async def watch() -> None:
+            while True:
+                frame = await watcher.client.receive()
+                watched.append(frame["offset"])
+                if published and len(watched) >= published[0]:
+                    watched_all.set()
+
+        async def publish_steadily() -> None:
+            for _ in range(1_000_000):
+                # Each message's data is its own offset: the next one, as nobody else publishes.
+                offset = await publisher.publish(room, latest[0] + 1)
+                assert offset == latest[0] + 1
+                latest[0] = offset
+                await trio.sleep(0.001)
+
+        checked = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as publishing:
+                publishing.start_soon(publish_steadily)
+                for _ in range(rounds):
+                    checked += await seam_round(server, room, latest, epoch)
+                # And plain joins on a busy room: the first message follows the joined offset.
+                for _ in range(rounds // 5):
+                    async with member(server.url) as plain:
+                        start = (await plain.join(room))["offset"]
+                        assert [offset for offset, _ in await plain.messages(3)] == [
+                            start + 1, start + 2, start + 3
+                        ]  # fmt: skip
+                publishing.cancel_scope.cancel()
+            # The watcher, a member throughout, saw every message once and in order.
+            published.append(latest[0])
+            if len(watched) >= latest[0]:
+                watched_all.set()
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await watched_all.wait()
+            nursery.cancel_scope.cancel()
+        assert checked >= rounds * 20
+        assert watched[: latest[0]] == list(range(1, latest[0] + 1))
+
+
+async def test_a_since_beyond_the_history_or_of_another_epoch_is_not_recovered(
+    server: Server,
+) -> None:
+    room = fresh_room()
+    async with member(server.url) as publisher, member(server.url) as alice:
+        epoch = (await publisher.request({"type": "history", "room": room, "limit": 0}))["epoch"]
+        for number in range(HISTORY_SIZE + 10):
+            latest = await publisher.publish(room, number)
+        for since in (
+            {"epoch": epoch, "offset": 1},  # messages 2 to 10 are no longer kept
+            {"epoch": "0123456789abcdef", "offset": 5},  # an epoch the room never had
+            {"epoch": epoch, "offset": HISTORY_SIZE + 50},  # ahead of the room
+        ):
+            async with member(server.url) as late:
+                joined = await late.join(room, since)
+                assert joined["recovered"] is False
+                assert (joined["epoch"], joined["offset"]) == (epoch, latest)
+                # Nothing old follows: the next message is the next one published.
+                latest = await alice.publish(room, "new")
+                assert await late.messages(1) == [(latest, "new")]
+        # The oldest kept message can still be recovered from.
+        async with member(server.url) as late:
+            oldest_kept = latest - HISTORY_SIZE + 1
+            joined = await late.join(room, {"epoch": epoch, "offset": oldest_kept - 1})
+            assert joined["recovered"] is True
+            got = await late.messages(HISTORY_SIZE)
+            assert [offset for offset, _ in got] == list(range(oldest_kept, latest + 1))
+
+
+async def test_history_with_and_without_since_and_limit(server: Server) -> None:
+    room = fresh_room()
+    async with member(server.url) as alice:
+        empty = await alice.request({"type": "history", "room": room})
+        assert empty["type"] == "history" and empty["messages"] == []
+        assert empty["offset"] == 0
+        data = [{"n": 1}, "two", [3, 3.5], None, True, "h\u00e9llo \U0001f600"]
+        for value in data:
+            await alice.publish(room, value)
+        everything = await alice.request({"type": "history", "room": room})
+        assert everything["epoch"] == empty["epoch"] and everything["offset"] == len(data)
+        assert everything["messages"] == [
+            {"offset": n, "data": value} for n, value in enumerate(data, 1)
+        ]
+        newest = await alice.request({"type": "history", "room": room, "limit": 2})
+        assert [m["offset"] for m in newest["messages"]] == [5, 6]
+        since = {"epoch": everything["epoch"], "offset": 2}
+        page = await alice.request({"type": "history", "room": room, "since": since, "limit": 3})
+        assert [m["data"] for m in page["messages"]] == data[2:5]
+        rest = await alice.request({"type": "history", "room": room, "since": since})
+        assert [m["offset"] for m in rest["messages"]] == [3, 4, 5, 6]
+        where = await alice.request({"type": "history", "room": room, "limit": 0})
+        assert (where["messages"], where["offset"]) == ([], 6)
+        # Reading the history is not joining: nothing arrives for this room.
+        await alice.request({"type": "ping"})
+        for bad in ({"limit": -1}, {"limit": 1001}, {"limit": "3"}, {"since": {"epoch": "x"}}):
+            error = await alice.request({"type": "history", "room": room, **bad})
+            assert (error["type"], error["code"]) == ("error", "bad_frame"), error
+
+
+async def test_emitter_publishes_get_offsets(server: Server) -> None:
+    if server.backplane_url is None:
+        pytest.skip("the memory backplane lives inside the worker process: tested below")
+    room = fresh_room()
+    async with member(server.url) as alice, open_emitter(server.backplane_url) as emitter:
+        await alice.join(room)
+        assert await emitter.publish(room, "one") == 1
+        assert await alice.publish(room, "two") == 2
+        assert await emitter.publish(room, "three") == 3
+        assert await alice.messages(3) == [(1, "one"), (2, "two"), (3, "three")]
+        await emitter.broadcast("to all")
+        frame = await alice.next_frame()
+        assert frame == {"type": "message", "data": "to all"}  # no room, no offset
+
+
+@asynccontextmanager
+async def worker_in_process(history: HistoryPolicy) -> AsyncIterator[tuple[str, Backplane]]:
+    """A worker in this process on a memory backplane of its own, keeping ``history``; its
+    URL and the backplane."""
+    listener = open_listener("127.0.0.1", 0)
+    url = f"memory://recovery-in-process-{os.getpid()}-{next(_rooms)}"
+    async with open_backplane(url, history=history) as backplane, trio.open_nursery() as nursery:
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws", backplane
+        worker.stop()
+    listener.close()
+
+
+async def test_members_are_told_when_the_room_starts_a_new_epoch() -> None:
+    # The room's history expires after 0.2 s without a message; its numbering starts again.
+    ttl = 0.2
+    room = fresh_room()
+    async with (
+        worker_in_process(HistoryPolicy(ttl=ttl)) as (url, _),
+        member(url) as alice,
+        member(url) as bob,
+    ):
+        first = await alice.join(room)
+        await bob.publish(room, "old")
+        assert await alice.messages(1) == [(1, "old")]
+        await trio.sleep(ttl * 2)  # idle past the ttl: the sequencer forgets the room
+        assert await bob.publish(room, "new") == 1
+        notice = await alice.next_frame()
+        assert notice["type"] == "joined" and "id" not in notice
+        assert notice["epoch"] != first["epoch"]
+        assert (notice["offset"], notice["recovered"]) == (0, False)
+        assert await alice.messages(1) == [(1, "new")]
+        # A since of the old epoch recovers nothing, and says where the room is now.
+        async with member(url) as late:
+            old = {"epoch": first["epoch"], "offset": 1}
+            joined = await late.join(room, old)
+            assert (joined["epoch"], joined["offset"]) == (notice["epoch"], 1)
+            assert joined["recovered"] is False
+            history = await late.request({"type": "history", "room": room, "since": old})
+            assert (history["epoch"], history["messages"]) == (notice["epoch"], [])
+
+
+async def test_emitter_publishes_on_the_memory_backplane_get_offsets() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, backplane), member(url) as alice:
+        await alice.join(room)
+        emitter = Emitter(backplane)
+        assert await emitter.publish(room, "one") == 1
+        assert await alice.publish(room, "two") == 2
+        assert await emitter.publish(room, "three") == 3
+        assert await alice.messages(3) == [(1, "one"), (2, "two"), (3, "three")]
+
+
+class HeldHistory(Backplane):
+    """A memory backplane whose ``history`` reads wait, once ``gate`` is set, until the test
+    opens it.
+
+    The memory backend answers a history read at once, so the real one cannot show what
+    happens to live messages that arrive during a slow read (a busy Redis, a distant proxy);
+    this wrapper holds the read, and everything else is the real backend.
+    """
+
+    def __init__(self, inner: Backplane) -> None:
+        self.inner = inner
+        self.gate: trio.Event | None = None
+        self.reading = trio.Event()
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return await self.inner.history(topic, since, limit)
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        await self.inner.publish(topic, payload)
+
+    async def append(self, topic: bytes, payload: bytes) -> Position:
+        return await self.inner.append(topic, payload)
+
+    async def subscribe(self, topic: bytes) -> None:
+        await self.inner.subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.inner.unsubscribe(topic)
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
+        return await self.inner.receive_batch(max_messages)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self.inner.unavailable_reason
+
+
+@pytest.mark.parametrize(("published_during_read", "recovered"), [(20, True), (50, False)])
+async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
+    published_during_read: int, recovered: bool
+) -> None:
+    room, bound = fresh_room(), 30  # max_queued_frames: what the joiner may have held back
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(f"memory://held-{os.getpid()}-{next(_rooms)}") as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = HeldHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0, max_queued_frames=bound), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as watcher, member(url) as joiner:
+            epoch = (await watcher.join(room))["epoch"]
+            for number in range(1, 6):
+                await emitter.publish(room, number)
+            assert len(await watcher.messages(5)) == 5
+            backplane.gate = gate = trio.Event()
+            since = {"epoch": epoch, "offset": 2}
+            await joiner.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            latest = 5 + published_during_read
+            for number in range(6, latest + 1):
+                await emitter.publish(room, number)
+            # Through the worker's fan-out: held back for the joiner by now.
+            assert len(await watcher.messages(published_during_read)) == published_during_read
+            gate.set()
+            joined = await joiner.next_frame()
+            assert (joined["type"], joined["recovered"]) == ("joined", recovered), joined
+            if recovered:
+                # Everything after offset 2, once, in order: from the history, then held back.
+                assert await joiner.messages(latest - 2) == [(n, n) for n in range(3, latest + 1)]
+            else:
+                # Past the bound: nothing old, and the live messages after the last held one.
+                assert joined["offset"] == latest
+            assert await emitter.publish(room, "next") == latest + 1
+            assert await joiner.messages(1) == [(latest + 1, "next")]
+        worker.stop()
+    listener.close()
+
+
+class Sequencer:
+    """A backplane server this test may restart: a `trio-fanout proxy`, or a redis-server that
+    keeps nothing on disk; either way its rooms' numbering and history die with it."""
+
+    def __init__(self, kind: str, directory: str) -> None:
+        self.kind, self.directory, self.port = kind, directory, free_port()
+        self.process = self._start()
+        self.url = f"{kind}://127.0.0.1:{self.port}"
+
+    def _start(self) -> LoggedProcess:
+        if self.kind == "zmq":
+            return start_proxy(self.port)
+        return RedisServer(self.directory, port=self.port)
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.process = self._start()
+
+
+@pytest.mark.parametrize("kind", ["zmq", "redis"])
+async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_are_told_of(
+    kind: str, tmp_path: Path
+) -> None:
+    sequencer = Sequencer(kind, str(tmp_path))
+    worker = LoggedProcess(
+        trio_fanout_command("worker", "--port", "0", "--backplane", sequencer.url)
+    )
+    try:
+        match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+        url = f"ws://127.0.0.1:{match.group(1)}/ws"
+        room = fresh_room()
+        async with member(url) as alice, open_emitter(sequencer.url) as emitter:
+            old = await alice.join(room)
+            for number in range(3):
+                await emitter.publish(room, number)
+            assert [offset for offset, _ in await alice.messages(3)] == [1, 2, 3]
+
+            sequencer.restart()
+
+            async def keep_publishing() -> None:
+                for number in range(10_000):
+                    with contextlib.suppress(BackplaneUnavailable):
+                        await emitter.publish(room, ["after", number])
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_publishing)
+                notice = await alice.next_frame()  # within RECEIVE_TIMEOUT of the restart
+                assert notice["type"] == "joined" and "id" not in notice, notice
+                assert notice["epoch"] != old["epoch"] and notice["recovered"] is False
+                ((offset, data),) = await alice.messages(1)
+                assert offset == notice["offset"] + 1 and data[0] == "after"
+                async with member(url) as bob:
+                    since = {"epoch": old["epoch"], "offset": 3}
+                    joined = await bob.join(room, since)
+                    assert joined["recovered"] is False
+                    assert joined["epoch"] == notice["epoch"]
+                nursery.cancel_scope.cancel()
+    finally:
+        worker.stop()
+        sequencer.process.stop()
+
+
+async def test_a_join_of_a_room_already_joined_sends_nothing_old() -> None:
+    room = fresh_room()
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        first = await alice.join(room)
+        await alice.publish(room, "one")
+        await alice.publish(room, "two")
+        assert await alice.messages(2) == [(1, "one"), (2, "two")]
+        where = {"epoch": first["epoch"], "offset": 2}
+        again = await alice.join(room, where)
+        assert (again["offset"], again["recovered"]) == (2, True)
+        behind = await alice.join(room, {"epoch": first["epoch"], "offset": 0})
+        assert (behind["offset"], behind["recovered"]) == (2, False)
+        await alice.publish(room, "three")
+        assert await alice.messages(1) == [(3, "three")]  # still a member, once
+
+
+async def test_history_is_subject_to_the_authorize_join_hook() -> None:
+    async def authorize_join(identity: object, room: str) -> bool:
+        return not room.startswith("secret")
+
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=0,
+        backplane=f"memory://hooks-{os.getpid()}",
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(
+            functools.partial(serve, config, hooks=Hooks(authorize_join=authorize_join))
+        )
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with member(url) as alice:
+            refused = await alice.request({"type": "history", "room": "secret-1"})
+            assert (refused["type"], refused["code"]) == ("error", "forbidden")
+            allowed = await alice.request({"type": "history", "room": "open-1"})
+            assert allowed["type"] == "history"
+        worker.stop()
+
+
+async def test_a_history_answer_is_bounded_in_bytes_and_pages_with_since() -> None:
+    room, big = fresh_room(), "x" * 60_000  # 20 of these are 1.2 MB: more than one answer
+    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+        for number in range(20):
+            await alice.publish(room, [number, big])
+        newest = await alice.request({"type": "history", "room": room})
+        kept = [m["offset"] for m in newest["messages"]]
+        assert len(kept) * 60_000 <= HISTORY_ANSWER_MAX_BYTES < (len(kept) + 1) * 60_000
+        assert kept == list(range(21 - len(kept), 21))  # the newest, oldest first
+        since = {"epoch": newest["epoch"], "offset": 0}
+        pages: list[int] = []
+        while len(pages) < 20:
+            page = await alice.request({"type": "history", "room": room, "since": since})
+            assert page["messages"], page["offset"]
+            pages += [m["offset"] for m in page["messages"]]
+            since = {"epoch": page["epoch"], "offset": pages[-1]}
+        assert pages == list(range(1, 21))
