@@ -53,7 +53,9 @@ from trio_fanout.backplane._zmq_wire import (
     HISTORY,
     HISTORY_HEAD,
     ID_END,
+    MAX_TOPICS_PER_MESSAGE,
     MESSAGE,
+    MESSAGE_OVERHEAD_BYTES,
     NUMBER,
     NUMBERED,
     PING,
@@ -61,12 +63,15 @@ from trio_fanout.backplane._zmq_wire import (
     REPLY,
     SUBSCRIBE,
     SYNC,
+    SYNC_FIRST,
+    SYNC_LAST,
     UNSUBSCRIBE,
+    drop_frames,
     events,
     file_descriptor,
     message_cost,
     pack_position,
-    receive_frames,
+    receive_bounded_frames,
     send_frames,
     unpack_position,
     zmq_endpoint,
@@ -83,8 +88,49 @@ SUBSCRIBER_BACKLOG_LIMIT_BYTES = 64 * 1024 * 1024
 # second; a client that comes back finds out from its next ping and subscribes again).
 PEER_TIMEOUT = 10.0
 
-# Commands handled per wake-up before other tasks get a turn.
+# Commands handled per wake-up before other tasks get a turn, and frames (most of them topics
+# of UNSUBSCRIBE and SYNC messages, each a table update) per wake-up: a command is a frame or
+# two, a SYNC part up to MAX_TOPICS_PER_MESSAGE, so either bound keeps a wake-up to
+# milliseconds and pings and publishes from other peers wait no longer than that.
 BATCH = 500
+FRAMES_PER_WAKEUP = 5_000
+
+# The largest frame a peer may send; ZeroMQ disconnects a peer that sends a larger one
+# (ZMQ_MAXMSGSIZE, checked per frame as it arrives, before the proxy holds it). The largest
+# legitimate frame is a publish's payload: a client frame of at most ``max_frame_bytes``
+# (64 KiB by default) in its envelope. 16 MiB is 256 times that default, so a deployment that
+# raises max_frame_bytes is not refused, while one peer's frame can no longer be gigabytes.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+# Topics one peer may hold. A topic costs the proxy about 300 bytes (its entry in the peer's set,
+# in the routing table and the table's set of subscribers), so this caps one peer at ~150 MB; a
+# worker holds one topic per room with members there, and 500,000 rooms cost the worker itself
+# ~800 MB. Past it a SUBSCRIBE (or a SYNC's topic) is refused: the client's subscribe raises
+# BackplaneUnavailable and the join fails, instead of the proxy growing without end.
+MAX_TOPICS_PER_PEER = 500_000
+
+# Frames of one message, at most: a SYNC or UNSUBSCRIBE part (ROUTER's identity, the head and
+# its topics). A message with more is counted as malformed, and the rest of its frames are
+# read and dropped, at most FRAMES_PER_WAKEUP per wake-up like any other frames.
+MAX_FRAMES = 2 + MAX_TOPICS_PER_MESSAGE
+
+# Malformed commands of one peer are counted and logged at most once per this many seconds:
+# a peer that sends nothing else must not be able to fill the proxy's log.
+MALFORMED_LOG_INTERVAL = 10.0
+
+# How much later than asked the check for silent peers may wake before it skips its round: a
+# late wake-up means the proxy's own loop was held, and the commands that peers sent meanwhile
+# are still waiting in the socket, unread, so their silence is the proxy's doing.
+OVERSLEPT_MARGIN = 1.0
+
+# Messages and replies queued in ZeroMQ for one peer (ZMQ_SNDHWM): past it a send to that peer
+# fails with EAGAIN (ROUTER_MANDATORY) and the proxy drops it and counts it, so a peer that
+# sends requests and never reads the replies holds a bounded amount of the proxy's memory.
+# Messages are bounded first by SUBSCRIBER_BACKLOG_LIMIT_BYTES at MESSAGE_OVERHEAD_BYTES or more
+# each (262,144 at most), and an honest client has at most 100,000 requests outstanding
+# (the client's MAX_OUTSTANDING_REQUESTS): this is above their sum, so it never drops what
+# the credit bound allows.
+SEND_HIGH_WATER_MARK = SUBSCRIBER_BACKLOG_LIMIT_BYTES // MESSAGE_OVERHEAD_BYTES + 150_000
 
 # How often topics idle for longer than the history's ttl are forgotten when no append comes
 # to do it (each append forgets the expired ones first): cheap, as only expired ones are looked
@@ -99,15 +145,30 @@ RECEIVE_HIGH_WATER_MARK = 10_000
 class _Peer:
     """One connected client: its topics and its flow-control account."""
 
-    __slots__ = ("dropped", "identity", "last_heard", "topics", "topics_shrink", "unacknowledged")
+    __slots__ = (
+        "dropped",
+        "identity",
+        "last_heard",
+        "malformed",
+        "malformed_logged",
+        "syncing",
+        "topics",
+        "topics_shrink",
+        "unacknowledged",
+    )
 
     def __init__(self, identity: bytes, now: float) -> None:
         self.identity = identity
         self.topics: set[bytes] = set()
         self.topics_shrink = ShrinkWatch()
+        # While a SYNC is in progress, the topics it has named so far (and those subscribed
+        # meanwhile): at its last part, the peer's topics not among them are dropped.
+        self.syncing: set[bytes] | None = None
         self.unacknowledged = 0  # bytes sent that its consumer has not yet taken
         self.dropped = 0  # messages dropped in the current stall; 0 while not stalled
         self.last_heard = now
+        self.malformed = 0  # malformed commands not yet logged
+        self.malformed_logged = -MALFORMED_LOG_INTERVAL
 
 
 class ZmqProxy:
@@ -124,7 +185,7 @@ class ZmqProxy:
         self._subscribers_shrink = ShrinkWatch()
         self.peers: dict[bytes, _Peer] = {}
         self.dropped_total = 0
-        self._now = 0.0
+        self.replies_dropped = 0  # replies to peers that do not read them (SEND_HIGH_WATER_MARK)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; ``started`` reports the bound port.
@@ -134,8 +195,9 @@ class ZmqProxy:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)  # no limit: the credit bound limits instead
+            sock.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
             sock.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
             # Refuse (EHOSTUNREACH) instead of dropping in silence a message for a peer that
             # is gone: that is how the proxy learns of it.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -149,7 +211,6 @@ class ZmqProxy:
                 raise OSError(
                     f"cannot bind the ZeroMQ proxy to {self.host} port {self.port}: {error}"
                 ) from None
-            self._now = trio.current_time()
             logger.info("ZeroMQ proxy: clients connect to %s", zmq_endpoint(self.host, bound))
             task_status.started(bound)
             async with trio.open_nursery() as nursery:
@@ -164,27 +225,47 @@ class ZmqProxy:
 
     async def _route_forever(self, sock: zmq.Socket[bytes]) -> None:
         fd = file_descriptor(sock)
+        dropping = False  # in the middle of a message of too many frames
         while True:
-            self._now = trio.current_time()
+            frames_left = FRAMES_PER_WAKEUP
             for _ in range(BATCH):
+                if dropping:
+                    dropped, ended = drop_frames(sock, frames_left)
+                    frames_left -= dropped
+                    dropping = not ended
+                    if dropping:
+                        break
                 try:
-                    frames = receive_frames(sock)
+                    frames, whole = receive_bounded_frames(sock, MAX_FRAMES)
                 except zmq.Again:
                     break
-                self._handle(sock, frames)
+                if whole:
+                    self._handle(sock, frames)
+                else:
+                    self._malformed(self._heard_from(frames[0]), frames, "too many frames")
+                    dropping = True
+                frames_left -= len(frames)
+                if frames_left <= 0:
+                    break
             # Our own sends consume the FD's edge too: look before sleeping.
             if events(sock) & zmq.POLLIN:
                 await trio.lowlevel.checkpoint()
                 continue
             await trio.lowlevel.wait_readable(fd)
 
-    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-        identity = frames[0]
+    def _heard_from(self, identity: bytes) -> _Peer:
+        """The peer with this identity (a new one if unknown), stamped as heard from now: not at
+        the start of a long batch, which would blame the peer for the proxy's own delay."""
+        now = trio.current_time()
         peer = self.peers.get(identity)
         if peer is None:
-            peer = self.peers[identity] = _Peer(identity, self._now)
+            peer = self.peers[identity] = _Peer(identity, now)
         else:
-            peer.last_heard = self._now
+            peer.last_heard = now
+        return peer
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        peer = self._heard_from(frames[0])
         head = frames[1] if len(frames) > 1 else b""
         command, request_id = head[:1], head[1:ID_END]
         if command == PUBLISH and len(frames) == 3 and len(head) > ID_END:
@@ -192,7 +273,7 @@ class ZmqProxy:
             self._reply(sock, peer, [REPLY + request_id])
         elif command == APPEND and len(frames) == 3 and len(head) > ID_END:
             topic, payload = head[ID_END:], frames[2]
-            series = self.sequencer.append(topic, payload, self._now)
+            series = self.sequencer.append(topic, payload, trio.current_time())
             position = pack_position(series.offset, series.epoch_bytes)
             self._route(sock, topic, payload, NUMBERED + position + topic)
             self._reply(sock, peer, [REPLY + request_id + position])
@@ -201,28 +282,52 @@ class ZmqProxy:
         elif command == CREDIT and len(frames) == 2 and len(head) == ID_END:
             self._credit(peer, NUMBER.unpack_from(head, 1)[0])
         elif command == SUBSCRIBE and len(frames) == 2 and len(head) > ID_END:
-            self._subscribe(peer, head[ID_END:])
-            self._reply(sock, peer, [REPLY + request_id])
-        elif command == UNSUBSCRIBE and len(frames) == 2 and len(head) > 1:
-            self._unsubscribe(peer, head[1:])
+            refused = self._subscribe(peer, head[ID_END:])
+            self._reply(sock, peer, [REPLY + request_id, *refused])
+        elif command == UNSUBSCRIBE and len(frames) > 2 and len(head) == 1:
+            for topic in frames[2:]:
+                self._unsubscribe(peer, topic)
         elif command == PING and len(frames) == 2 and len(head) == ID_END + NUMBER.size:
             count = NUMBER.pack(len(peer.topics))
             self._reply(sock, peer, [REPLY + request_id, self.instance, count])
-        elif command == SYNC and len(head) == ID_END:
-            wanted = set(frames[2:])
-            for topic in peer.topics - wanted:
-                self._unsubscribe(peer, topic)
-            for topic in wanted - peer.topics:
-                self._subscribe(peer, topic)
-            logger.info("peer %s: %d subscriptions restored", identity.hex(), len(wanted))
-            self._reply(sock, peer, [REPLY + request_id])
+        elif command == SYNC and len(head) == ID_END + 1:
+            refused = self._sync(peer, head[ID_END], frames[2:])
+            self._reply(sock, peer, [REPLY + request_id, *refused])
         elif command == BYE and len(frames) == 2 and len(head) == 1:
             self._forget(peer)
         else:
+            self._malformed(peer, frames, "malformed")
+
+    def _malformed(self, peer: _Peer, frames: list[bytes], what: str) -> None:
+        """Count a command that is not one; log the count at most every MALFORMED_LOG_INTERVAL."""
+        peer.malformed += 1
+        now = trio.current_time()
+        if now - peer.malformed_logged >= MALFORMED_LOG_INTERVAL:
+            head = frames[1][:16] if len(frames) > 1 else b""
             logger.warning(
-                "peer %s: ignored a malformed command %r of %d frames",
-                identity.hex(), head[:16], len(frames),
+                "peer %s: ignored %d malformed commands in %.0f s, the last %r of %d frames (%s)",
+                peer.identity.hex(), peer.malformed, MALFORMED_LOG_INTERVAL, head,
+                len(frames), what,
             )  # fmt: skip
+            peer.malformed_logged = now
+            peer.malformed = 0
+
+    def _sync(self, peer: _Peer, stage: int, topics: list[bytes]) -> list[bytes]:
+        """One part of a SYNC (see ``backplane._zmq_wire``); returns the refusal, if any."""
+        if stage & SYNC_FIRST or peer.syncing is None:
+            peer.syncing = set()
+        syncing = peer.syncing
+        refused: list[bytes] = []
+        for topic in topics:
+            syncing.add(topic)
+            if topic not in peer.topics:
+                refused = self._subscribe(peer, topic) or refused
+        if stage & SYNC_LAST:
+            peer.syncing = None
+            for topic in peer.topics - syncing:
+                self._unsubscribe(peer, topic)
+            logger.info("peer %s: %d subscriptions restored", peer.identity.hex(), len(peer.topics))
+        return refused
 
     def _route(
         self, sock: zmq.Socket[bytes], topic: bytes, payload: bytes, head: bytes | None
@@ -242,6 +347,9 @@ class ZmqProxy:
                 continue
             try:
                 send_frames(sock, [peer.identity, head, payload])
+            except zmq.Again:  # its SEND_HIGH_WATER_MARK: only a peer that does not read
+                self._drop(peer)
+                continue
             except zmq.ZMQError as error:
                 if error.errno != errno.EHOSTUNREACH:
                     raise
@@ -265,10 +373,12 @@ class ZmqProxy:
             if limit_frame and len(limit_frame) != NUMBER.size:
                 raise ValueError(f"not a limit: {limit_frame!r}")
         except ValueError as error:
-            logger.warning("peer %s: ignored a malformed HISTORY (%s)", peer.identity.hex(), error)
+            self._malformed(
+                peer, [peer.identity, head, since_frame, limit_frame], f"HISTORY: {error}"
+            )
             return
         limit = NUMBER.unpack(limit_frame)[0] if limit_frame else None
-        history = self.sequencer.history(head[ID_END:], since, limit, self._now)
+        history = self.sequencer.history(head[ID_END:], since, limit, trio.current_time())
         first = history.messages[0][0] if history.messages else history.offset + 1
         summary = HISTORY_HEAD.pack(history.offset, first, history.complete)
         summary += history.epoch.encode()
@@ -278,6 +388,10 @@ class ZmqProxy:
     def _reply(self, sock: zmq.Socket[bytes], peer: _Peer, frames: list[bytes]) -> None:
         try:
             send_frames(sock, [peer.identity, *frames])
+        except zmq.Again:  # its SEND_HIGH_WATER_MARK: it sends requests and reads no answer
+            if not self.replies_dropped:
+                logger.warning("peer %s reads no replies: dropping them", peer.identity.hex())
+            self.replies_dropped += 1
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
                 raise
@@ -302,16 +416,26 @@ class ZmqProxy:
             )  # fmt: skip
             peer.dropped = 0
 
-    def _subscribe(self, peer: _Peer, topic: bytes) -> None:
+    def _subscribe(self, peer: _Peer, topic: bytes) -> list[bytes]:
+        """Route ``topic`` to ``peer``; returns the refusal (a reply's field), if any."""
+        if peer.syncing is not None:
+            peer.syncing.add(topic)
+        if topic not in peer.topics and len(peer.topics) >= MAX_TOPICS_PER_PEER:
+            return [b"the proxy holds %d topics for this peer, its limit" % MAX_TOPICS_PER_PEER]
         peer.topics.add(topic)
         subscribers = self.subscribers.get(topic)
         if subscribers is None:
             self.subscribers[topic] = {peer}
         else:
             subscribers.add(peer)
+        return []
 
     def _unsubscribe(self, peer: _Peer, topic: bytes) -> None:
-        peer.topics.discard(topic)
+        if peer.syncing is not None:
+            peer.syncing.discard(topic)
+        if topic not in peer.topics:
+            return
+        peer.topics.remove(topic)
         if peer.topics_shrink.should_rebuild(len(peer.topics)):
             rebuild_set(peer.topics)
             give_back_freed_memory()
@@ -337,9 +461,18 @@ class ZmqProxy:
                 logger.debug("forgot the history of %d idle topics", expired)
 
     async def _forget_silent_peers(self) -> None:
+        interval = PEER_TIMEOUT / 2
         while True:
-            await trio.sleep(PEER_TIMEOUT / 2)
-            deadline = trio.current_time() - PEER_TIMEOUT
+            asleep_since = trio.current_time()
+            await trio.sleep(interval)
+            now = trio.current_time()
+            if now - asleep_since > interval + OVERSLEPT_MARGIN:
+                logger.warning(
+                    "the proxy's loop was held for %.1f s: not judging silent peers this time",
+                    now - asleep_since - interval,
+                )  # fmt: skip
+                continue
+            deadline = now - PEER_TIMEOUT
             for peer in [peer for peer in self.peers.values() if peer.last_heard < deadline]:
                 logger.warning(
                     "peer %s silent for %.0f s: forgetting its %d subscriptions",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -50,7 +51,7 @@ from trio_fanout.backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
-from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.backplane._zmq_wire import (
     APPEND,
     BYE,
@@ -60,6 +61,7 @@ from trio_fanout.backplane._zmq_wire import (
     HISTORY,
     HISTORY_HEAD,
     ID_END,
+    MAX_TOPICS_PER_MESSAGE,
     MESSAGE,
     NUMBER,
     NUMBERED,
@@ -69,6 +71,8 @@ from trio_fanout.backplane._zmq_wire import (
     REPLY,
     SUBSCRIBE,
     SYNC,
+    SYNC_FIRST,
+    SYNC_LAST,
     UNSUBSCRIBE,
     events,
     file_descriptor,
@@ -103,6 +107,10 @@ MAX_OUTSTANDING_REQUESTS = 100_000
 # Bytes of messages our consumer takes before we return them to the proxy as credit: small
 # against the proxy's backlog limit (64 MiB), large enough that credit costs little.
 CREDIT_STEP_BYTES = 256 * 1024
+
+# The reader never pauses (answers arrive behind messages): the proxy's credit bound is what
+# bounds our queue of messages, so the queue's own high-water mark is one it never reaches.
+QUEUE_NEVER_FULL = sys.maxsize
 
 # Messages received per wake-up before other tasks get a turn.
 RECEIVE_BATCH = 500
@@ -144,11 +152,14 @@ class ZmqBackplane(Backplane):
         )
         self._monitor_fd = file_descriptor(self._monitor)
         self._ping_now = trio.Event()
-        # The reader never pauses (answers arrive behind messages); the proxy's credit bound
-        # is what bounds this queue, so its own high-water mark is never reached.
-        self._queue = MessageQueue(high_water=1 << 62)
+        self._queue = MessageQueue(high_water=QUEUE_NEVER_FULL)
         self._subscriptions: Counter[bytes] = Counter()
         self._subscriptions_shrink = ShrinkWatch()
+        # Topics left but not yet unsubscribed at the proxy: sent by _send_unsubscriptions,
+        # woken by _unsubscriptions_queued, and before any other send (so that a SUBSCRIBE
+        # that follows an UNSUBSCRIBE of its topic reaches the proxy after it).
+        self._unsubscriptions: list[bytes] = []
+        self._unsubscriptions_queued = trio.Event()
         self._requests: dict[bytes, _Request] = {}
         self._request_ids = itertools.count(1)
         self._taken_bytes = 0  # taken by our consumer, not yet returned to the proxy as credit
@@ -157,6 +168,7 @@ class ZmqBackplane(Backplane):
         self._proxy_instance: bytes | None = None
         self._last_epoch_bytes = b""
         self._last_epoch = ""
+        self._syncing = False
 
     # ---- the Backplane interface ---------------------------------------------------------
 
@@ -178,10 +190,16 @@ class ZmqBackplane(Backplane):
         check_topic(topic)
         self._subscriptions[topic] += 1
         try:
-            await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
+            refused = await self._request(SUBSCRIBE, topic, [], SUBSCRIBE_TIMEOUT)
+            if refused:
+                raise BackplaneUnavailable(self._refusal(refused))
         except BaseException:
             self.unsubscribe(topic)
             raise
+
+    def _refusal(self, answer: list[bytes]) -> str:
+        reason = answer[0].decode("utf-8", "replace")
+        return f"the ZeroMQ proxy at {self.endpoint} refused: {reason}"
 
     def unsubscribe(self, topic: bytes) -> None:
         count = self._subscriptions[topic] - 1
@@ -191,9 +209,10 @@ class ZmqBackplane(Backplane):
         del self._subscriptions[topic]
         if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
             rebuild_dict(self._subscriptions)
-        # If the proxy is gone, our next ping finds its count wrong and sends our whole set.
-        with suppress(BackplaneUnavailable):
-            self._send([UNSUBSCRIBE + topic])
+            give_back_freed_memory()
+        # Messages that still come for the topic are dropped on arrival (see _drain).
+        self._unsubscriptions.append(topic)
+        self._unsubscriptions_queued.set()
 
     async def append(self, topic: bytes, payload: bytes) -> Position:
         check_topic(topic)
@@ -264,9 +283,14 @@ class ZmqBackplane(Backplane):
             )
         return request.answer
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes] | None) -> None:
+        """Send the queued unsubscriptions, then one message (none if ``frames`` is None), or
+        raise :class:`BackplaneUnavailable`."""
         try:
-            send_frames(self._socket, frames)
+            if self._unsubscriptions:
+                self._send_unsubscriptions()
+            if frames is not None:
+                send_frames(self._socket, frames)
         except zmq.Again:
             self._connection_lost()
             raise BackplaneUnavailable(
@@ -275,6 +299,27 @@ class ZmqBackplane(Backplane):
         # The send may have consumed the edge that was to wake the reader.
         if self._wait_scope is not None and events(self._socket) & zmq.POLLIN:
             self._wait_scope.cancel()
+
+    def _send_unsubscriptions(self) -> None:
+        """Send the queued unsubscriptions, MAX_TOPICS_PER_MESSAGE to a message (a mass
+        disconnect leaves thousands of rooms in one turn of the loop, and one send per topic
+        cost ~50 µs, which held the loop for seconds). Raises
+        ``zmq.Again`` when there is no connection: they are dropped then, and our next ping
+        finds the proxy's count wrong and sends it our whole set."""
+        topics, self._unsubscriptions = self._unsubscriptions, []
+        for start in range(0, len(topics), MAX_TOPICS_PER_MESSAGE):
+            part = topics[start : start + MAX_TOPICS_PER_MESSAGE]
+            send_frames(self._socket, [UNSUBSCRIBE, *part])
+
+    async def send_unsubscriptions(self) -> None:
+        """Send queued unsubscriptions once per wake-up of their queue: however many rooms a
+        batch of closing connections leaves, the cost is a few sends, not one per topic."""
+        while True:
+            await self._unsubscriptions_queued.wait()
+            self._unsubscriptions_queued = trio.Event()
+            if self._unsubscriptions:
+                with suppress(BackplaneUnavailable):
+                    self._send(None)
 
     def _connection_lost(self) -> None:
         """The connection that carried our outstanding requests is gone, and their answers
@@ -304,6 +349,7 @@ class ZmqBackplane(Backplane):
 
     def _drain(self) -> None:
         sock, queue, requests = self._socket, self._queue, self._requests
+        subscriptions = self._subscriptions
         for _ in range(RECEIVE_BATCH):
             try:
                 frames = receive_frames(sock)
@@ -312,9 +358,17 @@ class ZmqBackplane(Backplane):
             head = frames[0]
             kind = head[:1]
             if kind == MESSAGE and len(frames) == 2:
-                queue.put(head[1:], frames[1])
+                topic = head[1:]
+                if topic in subscriptions:
+                    queue.put(topic, frames[1])
+                else:  # unsubscribed, its UNSUBSCRIBE queued or on its way: taken, as credit
+                    self._taken_bytes += message_cost(topic, frames[1])
             elif kind == NUMBERED and len(frames) == 2 and len(head) > POSITION_END:
-                queue.put(head[POSITION_END:], frames[1], self._position(head))
+                topic = head[POSITION_END:]
+                if topic in subscriptions:
+                    queue.put(topic, frames[1], self._position(head))
+                else:  # as above
+                    self._taken_bytes += message_cost(topic, frames[1])
             elif kind == REPLY:
                 request = requests.get(head[1:ID_END])
                 if request is not None:  # else it timed out: nobody waits for it any more
@@ -365,10 +419,29 @@ class ZmqBackplane(Backplane):
             logger.warning("the ZeroMQ proxy at %s restarted", self.endpoint)
         self._proxy_instance = instance
         self._proxy_answers = True
-        if NUMBER.unpack(count)[0] != held:
-            topics = list(self._subscriptions)
-            await self._request(SYNC, b"", topics, SUBSCRIBE_TIMEOUT)
-            logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
+        # While a SYNC is under way the counts differ by design: one at a time.
+        if NUMBER.unpack(count)[0] != held and not self._syncing:
+            self._syncing = True
+            try:
+                await self._sync()
+            finally:
+                self._syncing = False
+
+    async def _sync(self) -> None:
+        """Send our whole set of topics, MAX_TOPICS_PER_MESSAGE to a part and one part at a
+        time, so that neither message nor the proxy's work on it grows with the set. Topics
+        subscribed or unsubscribed meanwhile reach the proxy in order with the parts; one
+        unsubscribed before its part is sent is left out of it."""
+        topics = list(self._subscriptions)
+        starts = range(0, max(len(topics), 1), MAX_TOPICS_PER_MESSAGE)  # one part at least
+        for start in starts:
+            stage = (SYNC_FIRST if start == 0 else 0) | (SYNC_LAST if start == starts[-1] else 0)
+            part = topics[start : start + MAX_TOPICS_PER_MESSAGE]
+            held = [topic for topic in part if topic in self._subscriptions]
+            refused = await self._request(SYNC, bytes([stage]), held, SUBSCRIBE_TIMEOUT)
+            if refused:
+                logger.warning("%s", self._refusal(refused))
+        logger.info("sent our %d subscriptions to %s again", len(topics), self.endpoint)
 
     async def keep_in_touch(self) -> None:
         """Ping every PING_INTERVAL, and as soon as ZeroMQ has connected again; while the proxy
@@ -435,6 +508,7 @@ async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backplane.run_reader)
                 nursery.start_soon(backplane.watch_connection)
+                nursery.start_soon(backplane.send_unsubscriptions)
                 await backplane.connect()
                 nursery.start_soon(backplane.keep_in_touch)
                 logger.debug("connected to the ZeroMQ proxy at %s", backplane.endpoint)

@@ -42,12 +42,15 @@ CHROMIUM_FLAGS = [
 class Page:
     def __init__(self, ws: trio_websocket.WebSocketConnection, session_id: str) -> None:
         self._ws = ws
-        self._session_id = session_id
+        self.session_id = session_id
 
     async def evaluate(self, expression: str) -> Any:
-        """The value of a JavaScript expression; a promise is awaited."""
+        """The value of a JavaScript expression; a promise is awaited. An exception thrown (or a
+        promise rejected) fails the test."""
         params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
-        result = await _command(self._ws, "Runtime.evaluate", params, self._session_id)
+        result = await _command(self._ws, "Runtime.evaluate", params, self.session_id)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
     async def wait_for_text(self, element_id: str, text: str) -> str:
@@ -63,6 +66,10 @@ class Page:
             }})"""
         )
 
+
+# Resolves once the current document has loaded (at once if it has).
+_LOADED = """new Promise((resolve) => document.readyState === "complete"
+    ? resolve() : addEventListener("load", () => resolve()))"""
 
 _command_ids = itertools.count(1)
 
@@ -99,11 +106,17 @@ async def open_page(url: str) -> AsyncIterator[Page]:
             async with trio_websocket.open_websocket_url(
                 devtools_url, max_message_size=16 * 1024 * 1024
             ) as ws:
-                target = await _command(ws, "Target.createTarget", {"url": url})
+                target = await _command(ws, "Target.createTarget", {"url": "about:blank"})
                 attached = await _command(
                     ws, "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
                 )
-                yield Page(ws, attached["sessionId"])
+                page = Page(ws, attached["sessionId"])
+                # Navigate only now, and wait for the load: what the test evaluates then runs in
+                # the page, never in the blank document that precedes it.
+                with trio.fail_after(30):
+                    await _command(ws, "Page.navigate", {"url": url}, page.session_id)
+                    await page.evaluate(_LOADED)
+                yield page
             nursery.cancel_scope.cancel()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -159,6 +161,27 @@ async def test_every_worker_serves_the_chat_page(cluster: ClusterProcess):
     assert body == (EXAMPLES / "chat.html").read_bytes()
 
 
+async def test_every_worker_serves_the_browser_client_to_any_origin(cluster: ClusterProcess):
+    for path, content_type in [
+        ("/client.js", "text/javascript; charset=utf-8"),
+        ("/client.d.ts", "application/typescript; charset=utf-8"),
+    ]:
+        stream = await trio.open_tcp_stream("127.0.0.1", cluster.port)
+        async with stream:
+            request = f"GET {path} HTTP/1.1\r\nHost: test\r\nOrigin: null\r\n\r\n"
+            await stream.send_all(request.encode())
+            response = b""
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                while chunk := await stream.receive_some():
+                    response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK"
+        assert f"Content-Type: {content_type}" in lines
+        assert "Access-Control-Allow-Origin: *" in lines
+        assert body == (CHAT_PAGE_SOURCE.parent / path.lstrip("/")).read_bytes()
+
+
 @pytest.mark.skipif(
     browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
 )
@@ -182,8 +205,77 @@ async def test_the_chat_page_chats_in_a_real_browser(cluster: ClusterProcess):
             assert "ann: hello from ann" in log
 
 
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_opened_from_disk_loads_the_client_from_the_server(
+    cluster: ClusterProcess,
+):
+    # From disk, the page imports /client.js from the chat server's origin (the module is
+    # served to any origin); ?server= stands in for the default port here.
+    page_url = f"{CHAT_PAGE_SOURCE.as_uri()}?server={cluster.url}&room=disk&name=dee&say=hi"
+    async with open_client(cluster.url) as python_client:
+        await python_client.join("disk")
+        async with browser.open_page(page_url) as page:
+            message = await receive_message(python_client)
+            assert (message["room"], message["data"]) == ("disk", {"name": "dee", "text": "hi"})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                status = await page.wait_for_text("status", "connected to worker")
+            assert status.startswith("connected to worker")
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_shows_a_reconnect_and_keeps_chatting(cluster: ClusterProcess):
+    page_url = f"http://127.0.0.1:{cluster.port}/?room=phoenix&name=ann"
+    async with browser.open_page(page_url) as page, AsyncExitStack() as stack:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "joined phoenix")
+        status = await page.evaluate('document.getElementById("status").innerText')
+        match = re.fullmatch(r"connected to worker (\d) \(pid (\d+)\)", status)
+        assert match, status
+        # A member on the other worker, which stays up.
+        by_worker = await connect_on_each_worker(stack, cluster.url)
+        python_client = by_worker[2 if match.group(1) == "1" else 1][0]
+        await python_client.join("phoenix")
+        # The page's worker dies; the client reconnects and rejoins, and the page says so.
+        os.kill(int(match.group(2)), signal.SIGKILL)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "disconnected (1006)")
+            # The cluster keeps the room's messages: the client recovered (nothing was missed).
+            await page.wait_for_text("status", "nothing missed")
+            await page.wait_for_text("log", "rejoined phoenix")
+        await python_client.publish("phoenix", {"name": "bob", "text": "still here?"})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await page.wait_for_text("log", "bob: still here?")
+        await page.evaluate(
+            'document.getElementById("text").value = "yes";'
+            'document.getElementById("say").requestSubmit()'
+        )
+        assert await receive_data(python_client, 2) == [
+            {"name": "bob", "text": "still here?"},
+            {"name": "ann", "text": "yes"},
+        ]
+
+
 def test_the_chat_page_opened_from_disk_points_at_the_default_port():
     page = (EXAMPLES / "chat.html").read_text()
     assert '"ws://127.0.0.1:8765/ws"' in page
     # One page, two places: examples/chat.html is the page the workers serve, not a copy.
     assert (EXAMPLES / "chat.html").resolve() == CHAT_PAGE_SOURCE
+
+
+async def test_the_reconnecting_client_example_lives_through_a_server_restart():
+    with trio.fail_after(PROCESS_TIMEOUT):
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLES / "reconnecting_client.py")],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+    assert result.stdout.decode().splitlines() == [
+        "connected to worker 1",
+        "disconnected; reconnecting",
+        "connected to worker 1",
+        "rejoined lobby and recovered what was missed",
+        "message 1 sent while the client was away",
+    ]

@@ -108,10 +108,13 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterator[Client]:
+async def open_client(
+    url: str, *, connect_timeout: float = 10.0, close_timeout: float | None = None
+) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/ws`` or ``wss://…``) and wait for the welcome.
 
-    ``connect_timeout`` bounds the connection, the handshake and the welcome, and so the close.
+    ``connect_timeout`` bounds the connection, the handshake and the welcome, and the close
+    unless ``close_timeout`` is given (a connection known to be dead needs no long close).
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -147,6 +150,7 @@ async def open_client(url: str, *, connect_timeout: float = 10.0) -> AsyncIterat
                         )
                     yield Client(ws, welcome)
                 finally:
-                    with trio.move_on_after(connect_timeout) as cleanup:
+                    close_bound = connect_timeout if close_timeout is None else close_timeout
+                    with trio.move_on_after(close_bound) as cleanup:
                         cleanup.shield = True
                         await ws.aclose()

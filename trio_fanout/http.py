@@ -1,4 +1,5 @@
-"""Plain HTTP on the WebSocket port: the health check, the demo page, and the refusals.
+"""Plain HTTP on the WebSocket port: the health check, the demo page, the browser client, and
+the refusals.
 
 A request that is not a WebSocket upgrade to ``/ws`` gets one complete answer here, after which
 the connection closes (no keep-alive: these requests are rare, and a closed connection frees its
@@ -12,8 +13,22 @@ from collections.abc import Callable
 
 from trio_fanout import websocket
 
+_STATIC = importlib.resources.files("trio_fanout").joinpath("static")
+
 # The demo chat page every worker serves at "/", read once.
-CHAT_PAGE = importlib.resources.files("trio_fanout").joinpath("static/chat.html").read_bytes()
+CHAT_PAGE = _STATIC.joinpath("chat.html").read_bytes()
+
+# The browser client (an ES module) and its TypeScript declarations, read once. Any origin may
+# load them: a page opened from disk, or served by another site, imports the module across
+# origins, and module scripts are always fetched with CORS. They hold nothing secret.
+STATIC_FILES = {
+    "/client.js": (_STATIC.joinpath("client.js").read_bytes(), "text/javascript; charset=utf-8"),
+    "/client.d.ts": (
+        _STATIC.joinpath("client.d.ts").read_bytes(),
+        "application/typescript; charset=utf-8",
+    ),
+}
+_ANY_ORIGIN = [("Access-Control-Allow-Origin", "*")]
 
 # What a worker at max_connections tells the client (and a load balancer) in Retry-After: a slot
 # frees only when a client leaves, which takes a while at full load; a few seconds lets a
@@ -32,6 +47,9 @@ def plain_response(
         return websocket.http_response(status, body, "application/json")
     if request.path == "/" and request.method == "GET":
         return websocket.http_response(200, CHAT_PAGE, "text/html; charset=utf-8")
+    if request.path in STATIC_FILES and request.method == "GET":
+        body, content_type = STATIC_FILES[request.path]
+        return websocket.http_response(200, body, content_type, headers=_ANY_ORIGIN)
     if request.path != "/ws":
         return refusal_response(websocket.HandshakeError(404, "not found: the WebSocket is at /ws"))
     return None
