@@ -40,7 +40,12 @@ import zmq
 
 from trio_fanout.backplane._interface import HistoryPolicy, Position
 from trio_fanout.backplane._sequencer import Sequencer
-from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
+from trio_fanout.backplane._shrink import (
+    ShrinkWatch,
+    give_back_freed_memory,
+    rebuild_dict,
+    rebuild_set,
+)
 from trio_fanout.backplane._zmq_wire import (
     APPEND,
     BYE,
@@ -432,7 +437,7 @@ class ZmqProxy:
             return
         peer.topics.remove(topic)
         if peer.topics_shrink.should_rebuild(len(peer.topics)):
-            peer.topics = set(peer.topics)
+            rebuild_set(peer.topics)
             give_back_freed_memory()
         subscribers = self.subscribers.get(topic)
         if subscribers is not None:
@@ -440,7 +445,7 @@ class ZmqProxy:
             if not subscribers:
                 del self.subscribers[topic]
                 if self._subscribers_shrink.should_rebuild(len(self.subscribers)):
-                    self.subscribers = dict(self.subscribers)
+                    rebuild_dict(self.subscribers)
                     give_back_freed_memory()
 
     def _forget(self, peer: _Peer) -> None:

@@ -60,7 +60,7 @@ from trio_fanout.backplane._redis_scripts import (
     topic_keys,
 )
 from trio_fanout.backplane._sequencer import new_epoch
-from trio_fanout.backplane._shrink import ShrinkWatch
+from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
 
 logger = logging.getLogger(__name__)
 
@@ -520,7 +520,8 @@ class RedisBackplane(Backplane):
         self._counts.pop(topic, None)
         self._latest.pop(topic, None)
         if self._topics_shrink.should_rebuild(len(self._counts)):
-            self._counts, self._latest = Counter(self._counts), dict(self._latest)
+            rebuild_dict(self._counts)
+            rebuild_dict(self._latest)
         if self._subscriber.connected:
             # If it cannot be sent, messages that still come for the topic are dropped on arrival.
             with contextlib.suppress(BackplaneUnavailable):

@@ -51,7 +51,7 @@ from trio_fanout.backplane._interface import (
     check_topic,
     unwrap_single_errors,
 )
-from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory
+from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.backplane._zmq_wire import (
     APPEND,
     BYE,
@@ -208,7 +208,7 @@ class ZmqBackplane(Backplane):
             return
         del self._subscriptions[topic]
         if self._subscriptions_shrink.should_rebuild(len(self._subscriptions)):
-            self._subscriptions = Counter(self._subscriptions)
+            rebuild_dict(self._subscriptions)
             give_back_freed_memory()
         # Messages that still come for the topic are dropped on arrival (see _drain).
         self._unsubscriptions.append(topic)

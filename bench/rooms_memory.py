@@ -35,6 +35,11 @@ from trio_fanout.client import Client, open_client
 
 START_TIMEOUT = 30.0
 SETTLE_SECONDS = 2.0  # after each phase, before reading RSS: queues drained, GC done
+# After everyone has left, the proxy may still be working through the unsubscriptions when the
+# workers already report no rooms (on a busy machine, for seconds): the reading waits until no
+# process's RSS has changed by more than SETTLED_KIB in SETTLE_SECONDS, for at most this long.
+SETTLED_TIMEOUT = 60.0
+SETTLED_KIB = 256
 
 
 def free_port() -> int:
@@ -112,6 +117,14 @@ class Processes:
         return process
 
     def rss(self) -> dict[str, int]:
+        """RSS in KiB of each process; an error if one of them has gone (a worker that was
+        restarted would make every later figure meaningless)."""
+        try:
+            return self._rss()
+        except FileNotFoundError:
+            raise RuntimeError("a process is gone; the log:\n" + "\n".join(self.logs)) from None
+
+    def _rss(self) -> dict[str, int]:
         figures = {
             "master": rss_kib(self.master.pid),
             "worker 1 (members)": rss_kib(self.worker_pids[1]),
@@ -194,6 +207,19 @@ async def load(port: int, args: argparse.Namespace, connected: trio.Event, join:
         joined.set()
 
 
+async def settled_rss(processes: Processes) -> dict[str, int]:
+    """The processes' RSS once it has stopped changing (see ``SETTLED_TIMEOUT``)."""
+    previous = processes.rss()
+    with trio.move_on_after(SETTLED_TIMEOUT):
+        while True:
+            await trio.sleep(SETTLE_SECONDS)
+            current = processes.rss()
+            if all(abs(current[name] - previous[name]) <= SETTLED_KIB for name in current):
+                break
+            previous = current
+    return previous
+
+
 async def one_round(
     processes: Processes,
     args: argparse.Namespace,
@@ -231,8 +257,7 @@ async def one_round(
             else:
                 emptied.discard(health["worker"])
                 await trio.sleep(0.5)
-    await trio.sleep(SETTLE_SECONDS)
-    phases[f"left {number}"] = processes.rss()
+    phases[f"left {number}"] = await settled_rss(processes)
     redis_memory[f"left {number}"] = processes.redis_used_memory()
 
 

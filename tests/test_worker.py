@@ -331,6 +331,40 @@ async def test_a_room_is_dropped_when_its_last_member_leaves_or_disconnects():
             assert await receive_data(newcomer, 1) == ["fresh subscription works"]
 
 
+async def test_joiners_of_a_room_being_subscribed_wait_for_its_subscription(monkeypatch):
+    # The memory backplane answers a subscription before a second joiner can arrive: it is held
+    # at a gate here to open that window, which a slow backplane opens on its own.
+    async with running_worker() as (worker, url):
+        gate = trio.Event()
+        subscribe = worker.backplane.subscribe
+        subscribed: list[bytes] = []
+
+        async def subscribe_once_the_gate_opens(topic: bytes) -> None:
+            await gate.wait()
+            subscribed.append(topic)
+            await subscribe(topic)
+
+        monkeypatch.setattr(worker.backplane, "subscribe", subscribe_once_the_gate_opens)
+        async with open_client(url) as first, open_client(url) as second:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.join, "room")
+                nursery.start_soon(second.join, "room")
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    while True:
+                        room = worker.rooms.get(envelope.room_topic("room"))
+                        event = room.subscribing if room else None
+                        if event is not None and event.statistics().tasks_waiting == 1:
+                            break
+                        await trio.sleep(0.01)
+                assert not room.members  # nobody is in before the subscription is live
+                gate.set()
+            assert subscribed == [envelope.room_topic("room")]  # one subscription for both
+            assert room.subscribing is None  # no event is kept for the room's life
+            await publish_from_outside(worker, "room", "both")
+            assert await receive_data(first, 1) == ["both"]
+            assert await receive_data(second, 1) == ["both"]
+
+
 async def test_debug_logging_shows_the_path_of_a_message(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG, logger="trio_fanout")
     async with running_worker() as (_, url), open_client(url) as client:

@@ -15,7 +15,7 @@ import struct
 
 import attrs
 
-from trio_fanout.backplane._shrink import ShrinkWatch
+from trio_fanout.backplane._shrink import ShrinkWatch, rebuild_dict
 
 _HEADER = struct.Struct(">8sQQ")
 HEADER_SIZE = _HEADER.size
@@ -106,4 +106,4 @@ class GapCounter:
         """Stop tracking ``topic`` (we unsubscribed: later gaps would be our own doing)."""
         self._last_seq.pop(topic, None)
         if self._shrink.should_rebuild(len(self._last_seq)):
-            self._last_seq = dict(self._last_seq)
+            rebuild_dict(self._last_seq)
