@@ -629,9 +629,11 @@ class Connection:
 
     async def _finish_close(self) -> None:
         """Write what is still pending (the close frame or the HTTP answer), then wait for the
-        client to close, for up to ``CLOSE_TIMEOUT`` (``HTTP_ANSWER_LINGER`` after HTTP)."""
+        client to close: all within ``CLOSE_TIMEOUT``, and the wait for the client's close
+        within ``HTTP_ANSWER_LINGER`` after an HTTP answer (whose writing is not cut short by
+        it: a browser that reads a script slowly on a busy machine still gets all of it)."""
         sock = self._sock
-        with trio.move_on_after(self._close_timeout):
+        with trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 while self._pending or self._unsent:
                     await trio.lowlevel.wait_writable(sock)
@@ -639,8 +641,9 @@ class Connection:
                 sock.shutdown(socket.SHUT_WR)
                 # Read until the client closes too: closing with unread input would reset the
                 # connection and could destroy our close frame before the client reads it.
-                while await self._receive():
-                    pass
+                with trio.move_on_after(self._close_timeout):
+                    while await self._receive():
+                        pass
             except OSError:
                 pass
         trio.lowlevel.notify_closing(sock)
