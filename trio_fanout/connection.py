@@ -302,15 +302,7 @@ class Connection:
     def send_encoded(self, frame: bytes) -> None:
         """Queue an encoded frame and write it now (not via the worker's list of connections
         to flush, which is the fan-out's)."""
-        size = len(frame)
-        if (
-            self._closing
-            or len(self._pending) >= self._max_queued_frames
-            or self._queued_bytes + size > self._max_queued_bytes
-        ) and not self._room(size):
-            return
-        self._append(frame)
-        self.flush()
+        self.send_encoded_many([frame])
 
     def send_encoded_many(self, frames: list[bytes]) -> None:
         """Queue encoded frames, under the same limits as one, and write them together."""
