@@ -82,8 +82,16 @@ PAGE_SETUP = """
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterProcess]:
     """`trio-fanout run --workers 2` on the embedded ZeroMQ proxy: the client sees only the
-    WebSocket, so the backplane makes no difference to it (test_cluster runs both)."""
-    process = ClusterProcess("--workers", "2", "--heartbeat-interval", str(HEARTBEAT_INTERVAL))
+    WebSocket, so the backplane makes no difference to it (test_cluster runs both).
+
+    The liveness timeout is long: tests here stop a worker for a few seconds to make its
+    clients' connections go silent, and a master that killed it meanwhile could do so while
+    the next test's page is fetching /client.js from it (the master's own check of hung
+    workers is tested in test_faults)."""
+    process = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
+        "--liveness-timeout", "60",
+    )  # fmt: skip
     try:
         process.wait_for_workers(2)
         yield process
