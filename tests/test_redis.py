@@ -84,7 +84,15 @@ def certificates(tmp_path: Path) -> Iterator[dict[str, Path]]:
     """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
     files = {name: tmp_path / name for name in ("ca.key", "ca.crt", "server.key", "server.csr",
                                                 "server.crt", "san.ext")}  # fmt: skip
-    files["san.ext"].write_text("subjectAltName=IP:127.0.0.1\n")
+    # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) asks of a CA and
+    # of a server certificate.
+    files["san.ext"].write_text(
+        "subjectAltName=IP:127.0.0.1\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\n"
+    )
 
     def openssl(*args: str | Path) -> None:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
@@ -103,6 +111,10 @@ def certificates(tmp_path: Path) -> Iterator[dict[str, Path]]:
         "1",
         "-subj",
         "/CN=trio-fanout test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     )
     openssl(
         "req",
