@@ -142,7 +142,10 @@ async def open_client_page(
         .replace("ORIGIN", json.dumps(f"http://127.0.0.1:{cluster.port}"))
         .replace("WS_URL", json.dumps(ws_url or cluster.url))
     )
-    async with browser.open_page("about:blank") as page:
+    # The page is one of the cluster's own (its /healthz), so the module comes from the page's
+    # origin: imported from about:blank (an opaque origin, across origins) it sometimes failed
+    # to load in a fresh headless Chromium. The chat page tests cover the cross-origin case.
+    async with browser.open_page(f"http://127.0.0.1:{cluster.port}/healthz") as page:
         with trio.fail_after(PAGE_TIMEOUT_MS / 1000):
             welcome = await page.evaluate(setup)
         assert isinstance(welcome, dict), welcome
