@@ -14,12 +14,13 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
 from tests import browser
-from tests.helpers import RECEIVE_TIMEOUT, START_TIMEOUT, ClusterProcess, free_port
+from tests.helpers import RECEIVE_TIMEOUT, START_TIMEOUT, ClusterProcess, RedisServer, free_port
 from tests.test_browser_client import ClientPage, open_client_page
 from tests.test_reconnecting import fresh_room, reconnecting_on_workers, until
 from trio_fanout.reconnecting import (
@@ -243,11 +244,29 @@ async def audience_on_workers(
         yield Audience(python, page, browser_placed), publishers
 
 
+class Acked:
+    """The publishes acknowledged so far, ``(data, offset)`` in order; a test can wait for more."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, int]] = []
+        self._grew = trio.Event()
+
+    def add(self, data: str, offset: int) -> None:
+        self.items.append((data, offset))
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def at_least(self, count: int) -> None:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while len(self.items) < count:
+                await self._grew.wait()
+
+
 async def publish_steadily(
     publisher: ReconnectingClient,
     room: str,
     name: str,
-    acked: list[tuple[str, int]],
+    acked: Acked,
     stop: trio.Event,
 ) -> None:
     """Publish "NAME-0", "NAME-1", … until ``stop``, recording each acknowledged one with its
@@ -265,7 +284,7 @@ async def publish_steadily(
                 raise
         else:
             assert isinstance(offset, int)
-            acked.append((data, offset))
+            acked.add(data, offset)
             number += 1
         await trio.sleep(0.005)  # steady, not flat out: the point is the fault
 
@@ -341,7 +360,7 @@ async def test_headline_a_killed_worker_costs_its_clients_nothing(cluster: Clust
         )
         await audience.join(room)
         victim = audience.python[1][0].welcome["pid"]  # type: ignore[index]
-        acked: list[tuple[str, int]] = []
+        acked = Acked()
         stop_publishing = trio.Event()
         with trio.fail_after(SCENARIO_TIMEOUT):
             async with trio.open_nursery() as collectors:
@@ -368,15 +387,87 @@ async def test_headline_a_killed_worker_costs_its_clients_nothing(cluster: Clust
                 (1, 2), 'log.some(([name, d]) => name === "message" && d.data === "end")'
             )
         seen = await audience.seen()
-        check_complete(seen, acked)
+        check_complete(seen, acked.items)
         for name, (worker, items) in seen.items():
             if worker == 1:
                 assert events_of(items) == ["disconnected", "connected", "recovered"], name
             else:
                 assert events_of(items) == [], name
         assert len(seen) == 12
-        assert len(acked) > 50  # the publishers did publish steadily throughout
+        assert len(acked.items) > 50  # the publishers did publish steadily throughout
     await wait_for_restart(cluster, victim)
+
+
+# A redis-server that keeps what it acknowledged: every write in its append-only file, synced
+# before it answers, which is how Redis is run where the rooms' history must survive a restart
+# (docs/reliability.md).
+PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+@needs_chromium
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "not-persistent"])
+async def test_a_redis_restart_costs_clients_nothing_if_redis_keeps_its_data(
+    persistent: bool, tmp_path: Path
+) -> None:
+    """Publishers on both workers send steadily; the redis-server is killed and started again
+    on its port. Kept on disk, every room's numbering and history survive: every client ends
+    with the complete sequence of what was acknowledged (the workers repair what their
+    subscriptions missed while they re-subscribed). Not kept, the rooms start new epochs, and
+    every client is told so (unrecovered) before the new epoch's messages, which are complete."""
+    extra = PERSISTENT if persistent else ()
+    redis = RedisServer(str(tmp_path), *extra)
+    command = ["--workers", "2", "--heartbeat-interval", "0.2", "--backplane", redis.url]
+    cluster = await trio.to_thread.run_sync(ClusterProcess, *command)
+    try:
+        await trio.to_thread.run_sync(cluster.wait_for_workers, 2)
+        room = fresh_room()
+        async with AsyncExitStack() as stack:
+            audience, publishers = await stack.enter_async_context(
+                audience_on_workers(stack, cluster, per_worker=2)
+            )
+            await audience.join(room)
+            acked = Acked()
+            stop_publishing = trio.Event()
+            with trio.fail_after(SCENARIO_TIMEOUT):
+                async with trio.open_nursery() as collectors:
+                    for client in audience.all_python:
+                        collectors.start_soon(audience.collect, client)
+                    async with trio.open_nursery() as publishing:
+                        for publisher, name in zip(publishers, ("on-1", "on-2"), strict=True):
+                            publishing.start_soon(
+                                publish_steadily, publisher, room, name, acked, stop_publishing
+                            )
+                        await acked.at_least(40)  # messages flow before the restart
+                        os.kill(redis.process.pid, signal.SIGKILL)
+                        await trio.to_thread.run_sync(redis.stop)
+                        redis = await trio.to_thread.run_sync(
+                            functools.partial(RedisServer, str(tmp_path), *extra, port=redis.port)
+                        )
+                        # Acknowledged from now on: by the new redis-server (the old one's
+                        # answers were on their way for no longer than its restart took).
+                        since_restart = len(acked.items)
+                        await acked.at_least(since_restart + 40)
+                        stop_publishing.set()
+                    await publish_end(publishers[1], room)
+                await audience.until_all_in_page(
+                    (1, 2), 'log.some(([name, d]) => name === "message" && d.data === "end")'
+                )
+            seen = await audience.seen()
+        if persistent:
+            check_complete(seen, acked.items, retried=True)
+            for name, (_, items) in seen.items():
+                assert "unrecovered" not in events_of(items), (name, items)
+        else:
+            check_complete(seen, acked.items[since_restart:], retried=True)
+            for name, (_, items) in seen.items():
+                notices = [item for item in items if item[0] == "unrecovered"]
+                assert len(notices) == 1, (name, notices)
+                # The new epoch's messages follow the notice, from its offset on.
+                assert runs_of(items)[-1][0][0] == notices[0][2] + 1, (name, items)
+        assert len(seen) == 8
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+        await trio.to_thread.run_sync(redis.stop)
 
 
 def test_a_whole_new_cluster_is_a_new_epoch_and_its_clients_are_told_unrecovered():
