@@ -719,6 +719,13 @@ class Worker:
             protocol.joined_frame(room.name, None, position.epoch, position.offset, False)
         )
         for conn in room.members:
+            floor = room.floors.get(conn)
+            if (
+                floor is not None
+                and floor.epoch == position.epoch
+                and floor.offset >= position.offset
+            ):
+                continue  # it joined since, and its join sent it everything up to its floor
             conn.enqueue(notice)
 
     # ---- repairing a room's missed offsets ------------------------------------------------
@@ -792,7 +799,9 @@ class Worker:
             logger.warning(
                 "room %r: offsets up to %d of epoch %s are lost to its %d members here (%s); "
                 "they are told so", room.name, resume.offset, resume.epoch, len(room.members),
-                "too many messages held back" if repair.overflowed else "not in the history",
+                "too many messages held back" if repair.overflowed
+                else "history not readable" if history is None
+                else "not in the history",
             )  # fmt: skip
             self._tell_unrecovered(room, resume)
             room.position = resume
