@@ -22,6 +22,7 @@ from tests.helpers import (
     ClusterProcess,
     LoggedProcess,
     RedisServer,
+    Relay,
     free_port,
     trio_fanout_command,
 )
@@ -608,6 +609,62 @@ async def test_the_missed_start_of_a_new_epoch_is_recovered_after_the_notice() -
         assert notice["type"] == "joined" and notice["epoch"] != old["epoch"]
         assert (notice["offset"], notice["recovered"]) == (0, False)
         assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+
+
+async def test_a_worker_whose_link_to_the_proxy_was_cut_reads_back_what_it_missed() -> None:
+    # The worker reaches the proxy through a relay that the test cuts; the proxy, the rooms'
+    # sequencer, lives on and keeps numbering and keeping what the emitter publishes.
+    proxy_port = free_port()
+    proxy = start_proxy(proxy_port)
+    relay = Relay(proxy_port)
+    worker: LoggedProcess | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            worker = LoggedProcess(
+                trio_fanout_command(
+                    "worker", "--port", "0", "--backplane", f"zmq://127.0.0.1:{relay.port}"
+                )
+            )
+            match = await trio.to_thread.run_sync(
+                worker.wait_for_log, r"serving ws://127\.0\.0\.1:(\d+)/ws"
+            )
+            room = fresh_room()
+            async with (
+                member(f"ws://127.0.0.1:{match.group(1)}/ws") as alice,
+                open_emitter(f"zmq://127.0.0.1:{proxy_port}") as emitter,
+            ):
+                await alice.join(room)
+                for number in range(1, 4):
+                    assert await emitter.publish(room, number) == number
+                assert await alice.messages(3) == [(n, n) for n in range(1, 4)]
+                relay.reset_all(hold=True)
+                for number in range(4, 9):  # published while the worker cannot hear them
+                    assert await emitter.publish(room, number) == number
+                relay.let_through()
+
+                # The worker is back once it hears the room again: publish until it does.
+                async def publish_until_heard(heard: trio.Event) -> None:
+                    for attempt in range(200):
+                        if heard.is_set():
+                            return
+                        await emitter.publish(room, ["after", attempt])
+                        await trio.sleep(0.05)
+
+                heard = trio.Event()
+                async with trio.open_nursery() as publishing:
+                    publishing.start_soon(publish_until_heard, heard)
+                    received = await alice.messages(6)
+                    heard.set()
+                # What it missed came first, then the next one: every offset, once, in order.
+                assert received[:5] == [(n, n) for n in range(4, 9)]
+                assert received[5] == (9, ["after", 0])
+            await trio.to_thread.run_sync(worker.wait_for_log, r"missed offsets 4 to \d+")
+            nursery.cancel_scope.cancel()
+    finally:
+        if worker is not None:
+            worker.stop()
+        proxy.stop()
 
 
 class Sequencer:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
-import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -20,6 +18,7 @@ from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
     RedisServer,
+    Relay,
     connect_on_each_worker,
     free_port,
     receive_data,
@@ -213,50 +212,9 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
         server.stop()
 
 
-class ResettingRelay:
-    """A TCP relay on loopback to a redis-server, which can reset every connection through it.
-
-    A redis-server killed with commands of ours unread resets its connections (RST) instead of
-    closing them; one cannot make a real Redis do that on demand, so this relay does it, with
-    SO_LINGER 0, between a backplane and a real Redis.
-    """
-
-    def __init__(self, redis_port: int) -> None:
-        self.redis_port = redis_port
-        self.port = 0
-        self._connections: list[trio.CancelScope] = []
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listener.socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._relay, [listener])
-
-    def reset_all(self) -> None:
-        for scope in self._connections:
-            scope.cancel()
-        self._connections.clear()
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        async with await trio.open_tcp_stream("127.0.0.1", self.redis_port) as redis:
-            with trio.CancelScope() as scope:
-                self._connections.append(scope)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pipe, client, redis)
-                    nursery.start_soon(self._pipe, redis, client)
-            if scope.cancelled_caught:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await client.aclose()
-
-    @staticmethod
-    async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        while data := await source.receive_some():
-            await sink.send_all(data)
-
-
 async def test_a_connection_redis_resets_is_made_again(tmp_path: Path):
     server = RedisServer(str(tmp_path))
-    relay = ResettingRelay(server.port)
+    relay = Relay(server.port)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.serve)
