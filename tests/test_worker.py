@@ -21,7 +21,7 @@ from tests.helpers import RECEIVE_TIMEOUT, receive_data
 from trio_fanout import Config, Worker, connection, envelope, protocol
 from trio_fanout.backplane import open_backplane
 from trio_fanout.client import ServerError, open_client
-from trio_fanout.master import open_listener
+from trio_fanout.runner import open_listener
 from trio_fanout.worker import ROOMS_LEFT_PER_TURN
 
 _names = itertools.count()
