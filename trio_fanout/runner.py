@@ -56,14 +56,21 @@ def open_listeners(host: str, port: int, count: int) -> list[socket.socket]:
 
     One shared socket would let whichever worker wakes first take each connection: an idle one
     takes most of them, and a busy one almost none, so load follows readiness instead of being
-    spread. Port 0 picks a free port for the first socket, and the others join it there.
+    spread. Port 0 picks a free port.
+
+    The port is first bound once without ``SO_REUSEPORT``, which fails if anything listens
+    there, another ``trio-fanout run`` included: its sockets would otherwise share the port
+    with ours and silently take half of the connections.
     """
-    first = open_listener(host, port, reuse_port=True)
-    listeners = [first]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        free_port = probe.getsockname()[1]
+    listeners: list[socket.socket] = []
     try:
-        bound_port = first.getsockname()[1]
-        for _ in range(count - 1):
-            listeners.append(open_listener(host, bound_port, reuse_port=True))
+        for _ in range(count):
+            listeners.append(open_listener(host, free_port, reuse_port=True))
     except BaseException:
         for listener in listeners:
             listener.close()
