@@ -70,14 +70,19 @@ def keys(tmp_path: Path) -> Keys:
     return Keys(directory)
 
 
-def settings_file(directory: Path, name: str, **settings: str | int) -> str:
+def settings_file(directory: Path, name: str, **settings: str | float) -> str:
     path = directory / f"{name}.toml"
     path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
     return str(path)
 
 
-def start_proxy(keys: Keys | None, port: int, tmp_path: Path) -> LoggedProcess:
-    settings: dict[str, str | int] = {"proxy_port": port, "heartbeat_interval": 0}
+def start_proxy(
+    keys: Keys | None, port: int, tmp_path: Path, heartbeat_interval: float = 0
+) -> LoggedProcess:
+    settings: dict[str, str | float] = {
+        "proxy_port": port,
+        "heartbeat_interval": heartbeat_interval,
+    }
     if keys is not None:
         settings["curve_secret_key_file"] = keys.secret("proxy")
         settings["curve_allowed_keys_dir"] = keys.allowed
@@ -156,7 +161,7 @@ async def test_separate_processes_a_listed_key_works_end_to_end_and_others_get_n
     keys: Keys, tmp_path: Path, processes: list[LoggedProcess]
 ):
     proxy_port = free_port()
-    proxy = start_proxy(keys, proxy_port, tmp_path)
+    proxy = start_proxy(keys, proxy_port, tmp_path, heartbeat_interval=0.2)
     processes.append(proxy)
     url = start_worker(
         processes,
@@ -168,6 +173,8 @@ async def test_separate_processes_a_listed_key_works_end_to_end_and_others_get_n
     )
     room = f"curve-{os.getpid()}"
     async with open_client(url) as member:
+        with trio.fail_after(RECEIVE_TIMEOUT):  # the proxy's own heartbeat gets through
+            assert (await member.receive(heartbeats=True))["type"] == "heartbeat"
         await member.join(room)
 
         listed = publish(
@@ -343,3 +350,67 @@ async def test_what_crosses_the_wire_between_worker_and_proxy_is_encrypted(
         nursery.cancel_scope.cancel()
     assert seen  # the worker's traffic went through the relay
     assert (marker.encode() in seen) is not curve
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        (
+            {"curve_server_key_file": "proxy.key"},
+            "curve_server_key_file: needs curve_secret_key_file",
+        ),
+        (
+            {"curve_secret_key_file": "proxy.key"},
+            "curve_secret_key_file: {keys}/proxy.key holds no secret key",
+        ),
+        (
+            {"curve_secret_key_file": "missing.key_secret"},
+            "curve_secret_key_file: cannot read the CURVE key file {keys}/missing.key_secret",
+        ),
+        (
+            {"curve_secret_key_file": "garbage"},
+            "curve_secret_key_file: {keys}/garbage is not a CURVE key file",
+        ),
+        (
+            {"curve_secret_key_file": "proxy.key_secret", "curve_allowed_keys_dir": "proxy.key"},
+            "curve_allowed_keys_dir: {keys}/proxy.key is not a directory",
+        ),
+    ],
+)
+def test_unusable_curve_settings_are_one_line_errors(
+    keys: Keys, tmp_path: Path, settings: dict[str, str], complaint: str
+):
+    (keys.directory / "garbage").write_bytes(b"\xff\xfe not a key\n")
+    paths = {key: str(keys.directory / name) for key, name in settings.items()}
+    config = settings_file(tmp_path, "settings", **paths)
+    for command in ("config", "proxy", "worker"):
+        result = subprocess.run(
+            trio_fanout_command(command, "--config", config),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 2, result.stderr
+        assert complaint.format(keys=keys.directory) in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_config_shows_where_the_keys_are_and_never_a_key(keys: Keys, tmp_path: Path):
+    config = settings_file(
+        tmp_path,
+        "settings",
+        curve_secret_key_file=keys.secret("member"),
+        curve_server_key_file=keys.public("proxy"),
+    )
+    result = subprocess.run(
+        trio_fanout_command("config", "--config", config),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'curve_secret_key_file = "{keys.secret("member")}"' in result.stdout
+    _, secret = zmq.auth.load_certificate(keys.secret("member"))
+    assert secret is not None and secret.decode() not in result.stdout

@@ -4,6 +4,7 @@ processes read through /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from tests.helpers import (
+    RECEIVE_TIMEOUT,
     START_TIMEOUT,
     ClusterProcess,
     LoggedProcess,
@@ -23,9 +25,11 @@ from tests.helpers import (
     receive_message,
     trio_fanout_command,
 )
-from trio_fanout.backplane import redact_url
+from trio_fanout.backplane import BackplaneUnavailable, Credentials, open_backplane, redact_url
 
 PASSWORD = "s3cret-Pa55-" + os.urandom(6).hex()
+# Bound on a reconnection to Redis, which takes milliseconds when healthy (shared machine).
+RECOVERY_TIMEOUT = 20.0
 
 
 @pytest.mark.parametrize(
@@ -215,3 +219,41 @@ def test_a_refused_password_never_reaches_the_log(
     assert wrong not in worker.log() and PASSWORD not in worker.log()
     assert "Traceback" not in worker.log()
     assert not re.search(r"redis://[^ ]*:[^*][^ ]*@", worker.log())
+
+
+async def test_a_changed_password_file_is_read_again_at_the_next_connection(tmp_path: Path):
+    old, new = "old-" + PASSWORD, "new-" + PASSWORD
+    server = RedisServer(str(tmp_path), "--requirepass", old)
+    password_file = tmp_path / "redis-password"
+    await trio.Path(password_file).write_text(old + "\n")
+    credentials = Credentials(password_file=str(password_file))
+    url = f"redis://127.0.0.1:{server.port}"
+
+    async def redis_cli(password: str, *command: str) -> None:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await trio.run_process(
+                ["redis-cli", "-p", str(server.port), "--no-auth-warning", "-a", password,
+                 *command],
+                capture_stdout=True,
+            )  # fmt: skip
+
+    try:
+        async with (
+            open_backplane(url, credentials=credentials) as publisher,
+            open_backplane(url, credentials=credentials) as subscriber,
+        ):
+            await subscriber.subscribe(b"rotated")
+            await redis_cli(old, "config", "set", "requirepass", new)
+            await trio.Path(password_file).write_text(new + "\n")
+            for kind in ("pubsub", "normal"):  # both links must connect again
+                await redis_cli(new, "client", "kill", "type", kind)
+            with trio.fail_after(RECOVERY_TIMEOUT):
+                while True:
+                    with contextlib.suppress(BackplaneUnavailable):
+                        await publisher.publish(b"rotated", b"with the new password")
+                    with trio.move_on_after(0.2):
+                        (message,) = await subscriber.receive_batch(1)
+                        assert message.payload == b"with the new password"
+                        break
+    finally:
+        server.stop()
