@@ -27,7 +27,7 @@ class BackplaneAddress:
     port: int = 0
     name: str = ""
     username: str | None = None
-    password: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)  # never in a log
     db: int = 0
     ssl_ca_certs: str | None = None
     """A CA bundle to check the server's certificate with (rediss://); default: the system's."""

@@ -26,6 +26,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from trio_fanout.backplane import BackplaneUnavailable, Credentials, open_backplane, redact_url
+from trio_fanout.config import Config
 
 PASSWORD = "s3cret-Pa55-" + os.urandom(6).hex()
 # Bound on a reconnection to Redis, which takes milliseconds when healthy (shared machine).
@@ -45,6 +46,12 @@ RECOVERY_TIMEOUT = 20.0
 )
 def test_redact_url_hides_the_password_and_nothing_else(url: str, shown: str):
     assert redact_url(url) == shown
+
+
+def test_a_config_printed_by_a_program_shows_no_password():
+    config = Config(backplane=f"redis://app:{PASSWORD}@10.0.0.6:6379")
+    assert PASSWORD not in repr(config) and PASSWORD not in str(config)
+    assert "backplane='redis://app:***@10.0.0.6:6379'" in repr(config)
 
 
 def trio_fanout(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):

@@ -24,6 +24,7 @@ from trio_fanout.backplane import (
     Credentials,
     HistoryPolicy,
     parse_backplane_url,
+    redact_url,
 )
 from trio_fanout.backplane._credentials import (
     load_allowed_keys,
@@ -119,7 +120,11 @@ class Config:
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
     proxy_port: int = attrs.field(default=5559, validator=_port)
     """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
-    backplane: str | None = attrs.field(default=None, validator=_backplane_url)
+    backplane: str | None = attrs.field(
+        default=None,
+        validator=_backplane_url,
+        repr=lambda url: repr(url if url is None else redact_url(url)),
+    )
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
     backplane_password_file: str | None = attrs.field(
         default=None, validator=_readable_with(read_password)
