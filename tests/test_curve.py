@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 from trio_fanout.backplane import BackplaneUnavailable, Credentials
 from trio_fanout.backplane._credentials import write_key_pair
-from trio_fanout.client import open_client
+from trio_fanout.client import ServerError, open_client
 from trio_fanout.emitter import open_emitter
 
 # How long a refused client may take to say so: the refusal arrives with the proxy's first
@@ -204,6 +204,42 @@ async def test_separate_processes_a_listed_key_works_end_to_end_and_others_get_n
             await emitter.publish(room, "after the refusals")
         assert (await receive_message(member))["data"] == "after the refusals"
     proxy.wait_for_log("refused 1 CURVE handshakes from keys not allowed")
+
+
+async def test_a_revoked_worker_is_refused_cleanly_and_its_clients_told_backplane_unavailable(
+    keys: Keys, tmp_path: Path, processes: list[LoggedProcess]
+):
+    proxy_port = free_port()
+    processes.append(start_proxy(keys, proxy_port, tmp_path))
+    url = start_worker(
+        processes,
+        tmp_path,
+        "revoked-worker",
+        proxy_port,
+        curve_secret_key_file=keys.secret("member"),
+        curve_server_key_file=keys.public("proxy"),
+    )
+    worker = processes[-1]
+    room = f"revoked-{os.getpid()}"
+    async with open_client(url) as member:
+        await member.join(room)
+        await member.publish(room, "while listed", ack=True)
+        assert (await receive_message(member))["data"] == "while listed"
+
+        # Revoked: its key leaves the allowed directory, and the proxy restarts to read it.
+        os.remove(Path(keys.allowed) / "member.key")
+        processes[0].stop()
+        processes[0] = start_proxy(keys, proxy_port, tmp_path)
+        worker.wait_for_log("refused our CURVE key", timeout=REFUSAL_TIMEOUT)
+        with trio.fail_after(REFUSAL_TIMEOUT), pytest.raises(ServerError) as refused:
+            await member.publish(room, "after the revocation", ack=True)
+        assert refused.value.frame["code"] == "backplane_unavailable"
+        with trio.fail_after(REFUSAL_TIMEOUT), pytest.raises(ServerError) as refused:
+            await member.join(f"{room}-new")
+        assert refused.value.frame["code"] == "backplane_unavailable"
+        await member.ping()  # the worker keeps serving its clients
+    assert worker.process.poll() is None
+    assert "Traceback" not in worker.log()
 
 
 @pytest.mark.parametrize(
