@@ -28,7 +28,9 @@ so subscriptions come back by themselves.
 With CURVE keys the connection is encrypted and the proxy checks our public key. A refused
 handshake is not a silence: the monitor reports it, opening fails at once with the reason
 (our key is not allowed, the proxy's key is not the one we were given, one side has no CURVE),
-and a refusal after opening is logged once until a handshake succeeds again.
+and a refusal after opening is logged once until a handshake succeeds again. ZeroMQ itself
+does not try again after the proxy refused a key: the backplane connects anew every
+``REFUSED_RETRY_INTERVAL``, so that a key allowed later gets back in without a restart.
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ LONGEST_CONNECT_RETRY = 0.1
 # long to reach the proxy. Publishes are not among them: each was answered before it returned.
 CLOSE_LINGER_MS = 1_000
 
+# How often a backplane whose handshake was refused connects anew (ZeroMQ gives up on a refused
+# key for good): often enough that a key allowed again is back within seconds, rarely enough
+# that a refused client costs the proxy one handshake every few seconds.
+REFUSED_RETRY_INTERVAL = 5.0
+
 # What the monitor reports about the connection's handshake.
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -169,13 +176,16 @@ class ZmqBackplane(Backplane):
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
-        self._socket.connect(zmq_endpoint(host, port))
+        self._zmq_endpoint = zmq_endpoint(host, port)
+        self._socket.connect(self._zmq_endpoint)
         self._fd = file_descriptor(self._socket)
         self._monitor = self._socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
         )
-        # Why the last handshake failed; None since one succeeded (or before the first).
+        # Why the last handshake failed, and when we last connected anew after it; None since
+        # one succeeded (or before the first).
         self._handshake_refusal: str | None = None
+        self._refused_since: float | None = None
         self._monitor_fd = file_descriptor(self._monitor)
         self._ping_now = trio.Event()
         self._queue = MessageQueue(high_water=QUEUE_NEVER_FULL)
@@ -482,6 +492,18 @@ class ZmqBackplane(Backplane):
                 if self._proxy_answers:
                     logger.warning("%s", error)
                 self._proxy_answers = False
+                self._connect_again_if_refused()
+
+    def _connect_again_if_refused(self) -> None:
+        """Connect anew, at most every REFUSED_RETRY_INTERVAL, while the last handshake was
+        refused (ZeroMQ does not retry a key the proxy refused)."""
+        now = trio.current_time()
+        if self._refused_since is None or now - self._refused_since < REFUSED_RETRY_INTERVAL:
+            return
+        self._refused_since = now
+        with suppress(zmq.ZMQError):  # not connected at the moment: nothing to undo
+            self._socket.disconnect(self._zmq_endpoint)
+        self._socket.connect(self._zmq_endpoint)
 
     async def watch_connection(self) -> None:
         """Follow the socket's monitor: a lost connection fails what waits for an answer, a new
@@ -497,13 +519,15 @@ class ZmqBackplane(Backplane):
                 if event == zmq.EVENT_DISCONNECTED:
                     self._connection_lost()
                 elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._handshake_refusal = None
+                    self._handshake_refusal = self._refused_since = None
                     self._ping_now.set()
                 elif event & _HANDSHAKE_FAILED:
                     refusal = self._describe_refusal(event, message["value"])
                     if refusal != self._handshake_refusal:
                         logger.error("%s", refusal)
                     self._handshake_refusal = refusal
+                    if self._refused_since is None:
+                        self._refused_since = trio.current_time()
             if not events(self._monitor) & zmq.POLLIN:
                 await trio.lowlevel.wait_readable(self._monitor_fd)
 

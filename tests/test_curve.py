@@ -238,6 +238,22 @@ async def test_a_revoked_worker_is_refused_cleanly_and_its_clients_told_backplan
             await member.join(f"{room}-new")
         assert refused.value.frame["code"] == "backplane_unavailable"
         await member.ping()  # the worker keeps serving its clients
+
+        # Allowed again: the worker gets back in by itself (it connects anew every
+        # REFUSED_RETRY_INTERVAL, as ZeroMQ does not retry a refused key).
+        await trio.Path(keys.allowed, "member.key").write_bytes(
+            await trio.Path(keys.public("member")).read_bytes()
+        )
+        processes[0].stop()
+        processes[0] = start_proxy(keys, proxy_port, tmp_path)
+        with trio.fail_after(START_TIMEOUT):
+            while True:
+                try:
+                    await member.publish(room, "allowed again", ack=True)
+                    break
+                except ServerError as refusal:
+                    assert refusal.frame["code"] == "backplane_unavailable"
+                    await trio.sleep(0.1)
     assert worker.process.poll() is None
     assert "Traceback" not in worker.log()
 
