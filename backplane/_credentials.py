@@ -137,8 +137,10 @@ def load_client_keys(credentials: Credentials) -> CurveClientKeys | None:
 
 
 def write_key_pair(directory: str, name: str) -> tuple[str, str]:
-    """Create ``NAME.key`` and ``NAME.key_secret`` in ``directory`` (which must not hold them
-    yet); the secret file is readable by its owner only. Returns both paths."""
+    """Create ``NAME.key`` and ``NAME.key_secret`` in ``directory`` (created, for its owner
+    only, if it does not exist; it must not hold them yet); the secret file is readable by
+    its owner only. Returns both paths."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     public_path = os.path.join(directory, name + PUBLIC_SUFFIX)
     secret_path = os.path.join(directory, name + SECRET_SUFFIX)
     for path in (public_path, secret_path):

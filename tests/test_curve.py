@@ -143,18 +143,19 @@ def test_keygen_writes_a_pair_that_pyzmq_reads_and_keeps_the_secret_to_its_owner
             stdin=subprocess.DEVNULL,
         )
 
-    made = keygen("worker-1", "--directory", str(tmp_path))
+    made = keygen("worker-1", "--directory", str(tmp_path / "keys"))
     assert made.returncode == 0, made.stderr
-    public, secret = zmq.auth.load_certificate(tmp_path / "worker-1.key_secret")
+    keys = tmp_path / "keys"  # created by keygen
+    public, secret = zmq.auth.load_certificate(keys / "worker-1.key_secret")
     assert secret is not None and len(secret) == 40
-    assert zmq.auth.load_certificate(tmp_path / "worker-1.key") == (public, None)
-    assert stat.S_IMODE(os.stat(tmp_path / "worker-1.key_secret").st_mode) == 0o600
+    assert zmq.auth.load_certificate(keys / "worker-1.key") == (public, None)
+    assert stat.S_IMODE(os.stat(keys / "worker-1.key_secret").st_mode) == 0o600
     assert secret.decode() not in made.stdout + made.stderr
 
-    again = keygen("worker-1", "--directory", str(tmp_path))
+    again = keygen("worker-1", "--directory", str(tmp_path / "keys"))
     assert again.returncode == 2
     assert "exists; not overwriting" in again.stderr and "Traceback" not in again.stderr
-    assert zmq.auth.load_certificate(tmp_path / "worker-1.key_secret") == (public, secret)
+    assert zmq.auth.load_certificate(keys / "worker-1.key_secret") == (public, secret)
 
 
 async def test_separate_processes_a_listed_key_works_end_to_end_and_others_get_nothing_through(
