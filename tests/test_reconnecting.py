@@ -347,11 +347,11 @@ async def reconnecting_on_worker(
 
 
 async def until(
-    client: ReconnectingClient, kind: type, timeout: float = RECEIVE_TIMEOUT
+    client: ReconnectingClient, kind: type, within: float = RECEIVE_TIMEOUT
 ) -> tuple[Item, list[Item]]:
     """The next item of type ``kind``, and those received before it."""
     before: list[Item] = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             item = await client.receive()
             if isinstance(item, kind):
@@ -421,7 +421,7 @@ def test_a_frozen_worker_is_noticed_by_missing_heartbeats_and_left_for_the_other
                 assert 1.9 <= trio.current_time() - started < 6.0
                 # Each attempt lands on the frozen worker with a chance of one in two: 30 s
                 # leave room for 20 of them.
-                connected, _ = await until(client, Connected, timeout=30)
+                connected, _ = await until(client, Connected, within=30)
                 assert connected.worker == 2  # type: ignore[union-attr]
                 await until(client, Recovered)
                 await witness.publish(room, "after", ack=True)
