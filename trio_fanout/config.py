@@ -23,6 +23,7 @@ from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplan
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 
 MIN_HEARTBEAT_INTERVAL = 0.1
 """Ten heartbeats a second to every client is already more than any dead-peer detection needs;
@@ -87,11 +88,14 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in _LOG_LEVELS:
-        raise InvalidSetting(
-            attribute.name, f"must be one of {', '.join(_LOG_LEVELS)}, not {value!r}"
-        )
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise InvalidSetting(
+                attribute.name, f"must be one of {', '.join(choices)}, not {value!r}"
+            )
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -110,9 +114,11 @@ class Config:
     """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
     backplane: str | None = attrs.field(default=None, validator=_backplane_url)
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
-    log_level: str = attrs.field(default="info", converter=_lower, validator=_log_level)
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(_LOG_LEVELS))
     """How much to log, in any case (``DEBUG`` and ``debug`` are the same, as Python's
     logging spells its levels in capitals)."""
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
+    """``text`` for people, ``json`` (one object a line) for log shippers."""
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)

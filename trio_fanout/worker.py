@@ -101,6 +101,25 @@ def relay_problem(frame: bytes) -> str | None:
     return None
 
 
+def _log_delivery(
+    room_name: str | None, position: Position | None, origin: bytes, seq: int, delivered: int
+) -> None:
+    """The debug line for one message from the backplane: its room and offset (or broadcast),
+    its publisher and seq, and to how many of this worker's connections it was queued."""
+    fields: dict[str, object] = {"origin": origin.hex(), "seq": seq, "delivered": delivered}
+    where = "broadcast"
+    if room_name is not None:
+        fields["room"] = room_name
+        where = f"room={room_name!r}"
+        if position is not None:
+            fields["epoch"], fields["offset"] = position.epoch, position.offset
+            where += f" epoch={position.epoch} offset={position.offset}"
+    logger.debug(
+        "received %s (publisher %s seq %d): delivered to %d connections",
+        where, fields["origin"], seq, delivered, extra=fields,
+    )  # fmt: skip
+
+
 class LogThrottle:
     """Counts events of one kind and says when to log them: at most once per ``interval``
     seconds (Trio's clock), with the count since the last line. Whoever causes the events (a
@@ -223,6 +242,8 @@ class Worker:
         # Refusals at a limit, by limit, for the log.
         self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
         self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # Clients closed for their own conduct (too slow, over the rate limit), by reason.
+        self._closes: dict[str, LogThrottle] = {}
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -298,7 +319,7 @@ class Worker:
             start = catch_up.last or Position(history.epoch, history.offset)
             last = start.offset
             recovered = False
-            logger.info(
+            logger.debug(
                 "connection %d joins room %r without recovery: %s during the history read",
                 conn.id, room.name,
                 "too many messages" if catch_up.overflowed else "a new epoch",
@@ -331,6 +352,12 @@ class Worker:
             )
         )  # fmt: skip
         conn.send_encoded_many(frames)
+        logger.debug(
+            "connection %d joined room=%r epoch=%s offset=%d, with %d earlier messages",
+            conn.id, room.name, start.epoch, start.offset, len(frames),
+            extra={"connection": conn.id, "room": room.name, "epoch": start.epoch,
+                   "offset": start.offset},
+        )  # fmt: skip
 
     async def _live_room(self, topic: bytes, room_name: str) -> Room:
         """The room of ``topic``, subscribed and live; the first joiner subscribes."""
@@ -347,6 +374,7 @@ class Worker:
                     raise
                 room.subscribing = None
                 subscribing.set()
+                logger.debug("subscribed room=%r: its first member here", room_name)
                 return room
             if room.subscribing is None:
                 return room
@@ -391,6 +419,7 @@ class Worker:
         if room.empty:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
+            logger.debug("unsubscribed room=%r: its last member here left", room_name)
             self.gaps.forget(topic)
             if self._rooms_shrink.should_rebuild(len(self.rooms)):
                 rebuild_dict(self.rooms)
@@ -402,7 +431,12 @@ class Worker:
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         position = await self.backplane.append(topic, self._numberer.wrap(topic, frame, exclude))
-        logger.debug("published %d bytes to room %r at %s", len(frame), request.room, position)
+        logger.debug(
+            "connection %d published room=%r epoch=%s offset=%d (%d bytes)",
+            conn.id, request.room, position.epoch, position.offset, len(frame),
+            extra={"connection": conn.id, "room": request.room, "epoch": position.epoch,
+                   "offset": position.offset},
+        )  # fmt: skip
         return position
 
     async def read_history(self, request: protocol.HistoryRequest) -> bytes:
@@ -486,6 +520,16 @@ class Worker:
             logger.warning(
                 "worker %d is at its %s (%d): %d %s since the last such line",
                 self.index, limit, getattr(self.config, limit), count, what,
+            )  # fmt: skip
+
+    def note_close(self, reason: str) -> None:
+        """Count a client closed for ``reason`` and log the count now and then: a crowd of slow
+        or flooding clients must not write a line each (each is logged at debug)."""
+        throttle = self._closes.setdefault(reason, LogThrottle(REFUSAL_LOG_INTERVAL))
+        if count := throttle.note():
+            logger.warning(
+                "worker %d closed connections %s: %d since the last such line",
+                self.index, reason, count,
             )  # fmt: skip
 
     def register(self, conn: Connection) -> None:
@@ -581,11 +625,6 @@ class Worker:
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
-            if debug:
-                logger.debug(
-                    "delivering seq %d of %s in room %r to %d connections, at %s",
-                    seq, origin.hex(), room_name, len(recipients), position,
-                )  # fmt: skip
             held_back: set[Connection] | None = None
             if room is not None and position is not None:
                 self._advance(room, position)
@@ -605,6 +644,10 @@ class Worker:
                 for conn, catch_up in room.catching_up.items():
                     if conn is not excluded:
                         catch_up.hold(position, frame)
+            if debug:
+                skipped: Collection[Connection | None] = held_back or {excluded}
+                delivered = sum(conn not in skipped for conn in recipients)
+                _log_delivery(room_name, position, origin, seq, delivered)
         for conn in self._dirty:
             conn.flush()
         self._dirty.clear()  # cleared in place: every connection holds this very list
@@ -617,7 +660,7 @@ class Worker:
         room.position = position
         if known is None or known.epoch == position.epoch:
             return
-        logger.info(
+        logger.debug(
             "room %r starts epoch %s at offset %d (was %s at %d)",
             room.name, position.epoch, position.offset, known.epoch, known.offset,
         )  # fmt: skip
