@@ -19,6 +19,7 @@ import trio
 from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
+    LoggedProcess,
     RedisServer,
     connect_on_each_worker,
     receive_message,
@@ -122,6 +123,22 @@ async def test_json_logs_are_one_object_a_line_with_the_fields_of_the_path():
     deliveries = [e for e in path if e["role"] == "worker 2" and e.get("delivered") == 1]
     assert [e["offset"] for e in deliveries] == [offset]
     assert deliveries[0]["epoch"] == published[0]["epoch"]
+
+
+def test_each_process_names_itself_in_the_json_log():
+    commands = {
+        "worker 3": ["worker", "--index", "3", "--port", "0", "--backplane", "memory://alone"],
+        "proxy": ["proxy", "--port", "0", "--heartbeat-interval", "0"],
+    }
+    for role, command in commands.items():
+        process = LoggedProcess(trio_fanout_command(*command, "--log-format", "json"))
+        try:
+            process.wait_for_log("serving ws://|clients connect to")
+        finally:
+            process.stop()
+        lines = process.lines[:-1]  # without "<end of log>"
+        assert lines, role
+        assert {json.loads(line)["role"] for line in lines} == {role}
 
 
 async def test_at_info_a_burst_of_traffic_adds_no_line(backplane_args):
