@@ -514,6 +514,7 @@ class Connection:
                 return
             except websocket.ProtocolViolation as violation:
                 logger.debug("connection %d: %s", self.id, violation)
+                self.worker.note_close(f"for breaking the protocol ({violation.close_code})")
                 self.close(violation.close_code, str(violation))
                 return
             for event in events:
