@@ -395,11 +395,11 @@ async def test_debug_logging_shows_the_path_of_a_message(caplog: pytest.LogCaptu
     steps = [
         "received Publish(room='traced', data='hello'",
         "published room='traced' epoch=",
-        "received room='traced' epoch=",
+        "delivered room='traced' epoch=",
     ]
     positions = [next(i for i, line in enumerate(path) if step in line) for step in steps]
     assert positions == sorted(positions)
-    assert path[positions[-1]].endswith("delivered to 1 connections")
+    assert path[positions[-1]].endswith(" to 1 connections")
 
 
 async def test_a_closed_connection_leaves_no_cycles_behind():
