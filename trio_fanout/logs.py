@@ -84,7 +84,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        # ensure_ascii: one line whatever the text, and a redaction that sees plain characters.
+        # json.dumps escapes line breaks (one line whatever the text) and non-ASCII text.
         return redact(json.dumps(entry, default=str))
 
 
