@@ -9,18 +9,18 @@ the Node.js load generator (loadgen.mjs). Not part of the test suite; run it by 
 ``rate``: two clusters at once, one keeping 100 messages per room and one keeping none
 (``--history-size 0``); 1,000 clients in 10 rooms, one publisher per room, the same rate steps
 on both, one after the other in alternating order, so that a busy moment of the shared machine
-hits both alike. Each step reports the delivered rate, p99 latency, server CPU per delivery, and
-the load generator's CPU and event-loop lag; the ratio of CPU per delivery (on / off) is taken
-within each run.
+hits both alike. Each step reports the delivered rate, p99 latency, server CPU per delivery (the
+master with its proxy, both workers, and redis-server on Redis), and the load generator's CPU
+and event-loop lag; the ratio of CPU per delivery (on / off) is taken within each run.
 
 ``kill``: 2,000 clients in 20 rooms, half on each worker, a publisher on one worker publishing
 steadily; the other worker is killed with SIGKILL, and its clients reconnect and rejoin with
 ``since``. Reported: per client, the time from the kill to its ``joined`` with recovered true
 and the first message it had missed; how many recovered; where the time went (the close seen,
-the new connection welcomed, the join answered, the missed messages), the surviving worker's
-CPU, and the load generator's CPU and lag. ``--backoff-ms`` is the clients' first reconnect
-delay (uniform random up to it; 0 reconnects at once, which measures the server, 500 is the
-project's clients' default).
+the connection attempt, the handshake, the join answered, the missed messages), the server's
+CPU over the window (master, surviving worker, redis-server), and the load generator's CPU and
+lag. ``--backoff-ms`` is the clients' first reconnect delay (uniform random up to it; 0
+reconnects at once, the hardest case for the server; 500 is the project's clients' default).
 
 Every run's figures go to bench/results/history-*.json.
 """
@@ -45,11 +45,25 @@ from fanout_bench import HERE, RESULTS, Cluster, loadgen, passes
 
 RATE_STEPS = [40_000, 80_000, 120_000, 160_000]
 KILL_TIMEOUT_SECONDS = 30
+PROFILE_SECONDS = 3
+
+
+def start_profiler(pid: int, name: str) -> subprocess.Popen[bytes]:
+    """py-spy on ``pid`` for PROFILE_SECONDS, as collapsed stacks (one line per stack)."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"profile-{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    profiler = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
+         "--rate", "200", "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.3)  # py-spy attaches before the kill
+    return profiler
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; yields its URL."""
+def redis_server() -> Iterator[tuple[str, int]]:
+    """A throwaway redis-server on a free loopback port; yields its URL and pid."""
     with socket.socket() as probe:  # redis-server cannot take port 0
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -67,7 +81,7 @@ def redis_server() -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}"
+            yield f"redis://127.0.0.1:{port}", server.pid
         finally:
             server.terminate()
             server.wait(10)
@@ -77,10 +91,14 @@ def redis_server() -> Iterator[str]:
 def cluster(history_size: int, backplane: str) -> Iterator[Cluster]:
     with contextlib.ExitStack() as stack:
         options = ["--history-size", str(history_size)]
+        redis_pids = []
         if backplane == "redis":
-            options += ["--backplane", stack.enter_context(redis_server())]
+            url, pid = stack.enter_context(redis_server())
+            options += ["--backplane", url]
+            redis_pids.append(pid)
         running = Cluster(tuple(options))
         stack.callback(running.stop)
+        running.pids += redis_pids  # the server's CPU: Redis, the sequencer, is part of it
         yield running
 
 
@@ -136,9 +154,11 @@ def read_cpu(running: Cluster, pids: list[int]) -> float:
 
 
 def kill_run(
-    backplane: str, clients: int, rooms: int, rate: int, backoff_ms: int
+    backplane: str, clients: int, rooms: int, rate: int, backoff_ms: int, profile: bool
 ) -> dict[str, Any]:
-    """One run: start a cluster, let the load generator balance its clients, kill one worker."""
+    """One run: start a cluster, let the load generator balance its clients, kill one worker.
+    With ``profile``, py-spy samples the surviving worker and the master (with the embedded
+    proxy) for PROFILE_SECONDS from just before the kill, into bench/results/."""
     with cluster(100, backplane) as running:
         config = {"mode": "recover", "url": running.url, "clients": clients, "rooms": rooms,
                   "publishes_per_second": rate, "timeout": KILL_TIMEOUT_SECONDS,
@@ -156,7 +176,13 @@ def kill_run(
                 if victim not in running.worker_pids:
                     raise RuntimeError(f"pid {victim} is not one of {running.worker_pids}")
                 survivor = next(pid for pid in running.worker_pids if pid != victim)
-                server_pids = [running.process.pid, survivor]
+                # The master (with the proxy), the surviving worker, and redis-server if any.
+                server_pids = [pid for pid in running.pids if pid != victim]
+                if profile:
+                    profilers = [
+                        start_profiler(survivor, "survivor"),
+                        start_profiler(running.process.pid, "master"),
+                    ]
                 cpu_before = read_cpu(running, server_pids)
                 killed_at = time.time() * 1000
                 os.kill(victim, signal.SIGKILL)
@@ -169,10 +195,18 @@ def kill_run(
                 result = message
         if process.wait(KILL_TIMEOUT_SECONDS + 60) != 0:
             raise RuntimeError("the load generator failed")
-        # The master's and the surviving worker's CPU from the kill to the last recovery.
+        if profile:
+            for profiler in profilers:
+                profiler.wait(PROFILE_SECONDS + 30)
+        # Their CPU from the kill to the last recovery.
         cpu = cpu_after - cpu_before
-        result["survivor_and_master_cpu_seconds"] = cpu
-        result["survivor_and_master_cpu_percent"] = cpu / result["window_ms"] * 1e5
+        result["server_cpu_seconds"] = cpu
+        result["server_cpu_percent"] = cpu / result["window_ms"] * 1e5
+        # Roughly what one reconnection costs the server (handshake, join, history read,
+        # missed messages), with the survivor's usual fan-out and the master's history reads
+        # for the restarted worker's clients counted in.
+        landed = max(result["landed_on"]["survivor"]["clients"], 1)
+        result["survivor_cpu_ms_per_client"] = cpu * 1000 / landed
         # The restarted worker's, from its start (its imports included) to the last recovery.
         result["restarted_worker_cpu_seconds"] = restarted_cpu
         result["restarted_pids"] = list(running.started_pids)
@@ -215,7 +249,10 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                                 median("joined_to_first_missed_ms", "p99")],
         "missed messages per client p50": median("missed_per_client", "p50"),
         "connection attempts per victim": median("connection_attempts") / median("victims"),
-        "survivor and master CPU % of a core": median("survivor_and_master_cpu_percent"),
+        "server CPU % of a core (master, survivor, Redis)": median("server_cpu_percent"),
+        "server CPU ms per client that landed on the survivor": median(
+            "survivor_cpu_ms_per_client"
+        ),
         "loadgen CPU % / lag p99 ms / lag max ms": [median("loadgen_cpu_percent"),
                                                     median("loadgen_lag_p99_ms"),
                                                     median("loadgen_lag_max_ms")],
@@ -239,6 +276,9 @@ def main() -> None:
         default="0,500",
         help="kill: the clients' first reconnect delays to try, comma-separated",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="kill: py-spy the survivor and the master"
+    )
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     summary: dict[int, Any]
@@ -254,7 +294,9 @@ def main() -> None:
         for number in range(args.runs):
             for backoff in backoffs:  # interleaved
                 print(f"run {number + 1} of {args.runs}, backoff {backoff} ms", file=sys.stderr)
-                result = kill_run(args.backplane, args.clients, args.rooms, args.publishes, backoff)
+                result = kill_run(
+                    args.backplane, args.clients, args.rooms, args.publishes, backoff, args.profile
+                )
                 print("  " + json.dumps({key: result[key] for key in (
                     "recovered_true", "recovered_false", "not_rejoined", "recovery_ms",
                     "loadgen_cpu_percent", "loadgen_lag_p99_ms")}), file=sys.stderr)  # fmt: skip
