@@ -15,8 +15,8 @@
 //              orchestrator killed worker P (a JSON line on stdin), and report how long each of
 //              that worker's clients took to reconnect, rejoin with `since` and recover.
 // Lines {"event": "start"} and {"event": "end"} on stdout bracket the measured part of a run.
-// Every result carries our CPU and our event loop's lag (how late our timers ran): when either
-// is high, the figure is ours, not the server's.
+// The rate and recover results carry our CPU, and every result our event loop's lag (how late
+// our timers ran): when either is high, the figure is ours, not the server's.
 import WebSocket from "ws";
 import { createInterface } from "node:readline";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
