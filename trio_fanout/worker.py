@@ -21,7 +21,7 @@ from collections.abc import Collection
 import attrs
 import trio
 
-from trio_fanout import envelope, protocol, websocket
+from trio_fanout import envelope, protocol, tokens, websocket
 from trio_fanout.backplane import Backplane, History, Position, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
@@ -205,6 +205,12 @@ class Worker:
         self.gc_pauses: GcPauses | None = None
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
+        # Set where tokens are required (token_secret_file or token_public_key_file).
+        self.tokens = tokens.verifier(
+            config.token_secret_file, config.token_public_key_file, config.token_leeway
+        )
+        # Open WebSockets still waiting for their auth frame: no broadcast reaches them yet.
+        self.unauthenticated: set[Connection] = set()
         self.rooms: dict[bytes, Room] = {}
         self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
@@ -498,6 +504,7 @@ class Worker:
         connections closing at once never hold the loop for long. It still counts among the
         handshakes until :meth:`release`."""
         self.connections.pop(conn.id, None)
+        self.unauthenticated.discard(conn)
         for count, room_name in enumerate(list(conn.rooms), 1):
             self.leave(conn, room_name)
             if count % ROOMS_LEFT_PER_TURN == 0:
@@ -563,6 +570,8 @@ class Worker:
             room: Room | None = None  # None: the broadcast topic
             if topic == envelope.BROADCAST_TOPIC:
                 recipients = self.connections.values()
+                if self.unauthenticated:  # rare, and brief: handshake_timeout at most
+                    recipients = [c for c in recipients if c not in self.unauthenticated]
             else:
                 room = self.rooms.get(topic)
                 if room is None:
