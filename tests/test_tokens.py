@@ -33,6 +33,13 @@ from tests.test_cluster import http_get
 from trio_fanout import tokens
 from trio_fanout.client import Client, ServerError, open_client
 from trio_fanout.emitter import open_emitter
+from trio_fanout.reconnecting import (
+    Connected,
+    Disconnected,
+    Recovered,
+    Unrecovered,
+    open_reconnecting_client,
+)
 
 # The handshake timeout of the clusters here: it is also how long a client has for its auth
 # frame, and the auth-timeout test waits for it.
@@ -352,6 +359,51 @@ async def test_no_broadcast_nor_heartbeat_reaches_a_client_before_its_auth(
         await waiting.send({"type": "auth", "token": token(keys, "hal"), "id": 7})
         with trio.fail_after(RECEIVE_TIMEOUT):
             assert (await waiting.receive(heartbeats=True))["type"] == "authed"
+
+
+async def test_the_reconnecting_client_refreshes_on_token_expiring_and_stays_connected(
+    cluster: ClusterProcess, keys: Keys
+):
+    calls: list[str] = []
+
+    async def fresh_token() -> str:  # an async function, as one that asks a web app would be
+        calls.append(token(keys, "ida", ttl=4))
+        return calls[-1]
+
+    async with open_reconnecting_client(cluster.url, token=fresh_token) as ida:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await ida.receive(), Connected)
+        await ida.join("ida-room")
+        first_exp = jwt.decode(calls[0], options={"verify_signature": False})["exp"]
+        # Refreshed at least once (each token is refreshed halfway through its 4 s), and still
+        # on the first connection past the first token's end:
+        await trio.sleep(max(first_exp + 1 - time.time(), 0))
+        assert len(calls) >= 2
+        await ida.publish("ida-room", "still here", ack=True)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            item = await ida.receive()
+        assert isinstance(item, dict) and item["data"] == "still here", item
+
+
+async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection(
+    cluster: ClusterProcess, keys: Keys
+):
+    subs = iter(["joe", "not-joe", "joe", "joe", "joe"])
+
+    def next_token() -> str:  # a plain function; its second token is refused (another sub)
+        return token(keys, next(subs), ttl=2)
+
+    async with open_reconnecting_client(cluster.url, token=next_token, backoff_base=0.1) as joe:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await joe.receive(), Connected)
+        await joe.join("joe-room")
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            lost = await joe.receive()
+            assert isinstance(lost, Disconnected) and lost.code == 4001, lost
+            assert isinstance(await joe.receive(), Connected)
+            rejoined = await joe.receive()
+        assert isinstance(rejoined, Recovered | Unrecovered) and rejoined.room == "joe-room"
+        assert joe.connected
 
 
 def test_tokens_never_reach_the_log(cluster: ClusterProcess):
