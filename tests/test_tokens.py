@@ -22,10 +22,12 @@ import trio_websocket
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests import browser
 from tests.helpers import (
     RECEIVE_TIMEOUT,
     START_TIMEOUT,
     ClusterProcess,
+    free_port,
     receive_data,
     trio_fanout_command,
 )
@@ -109,18 +111,21 @@ def write_config(directory: Path, **settings: Any) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    """Two workers requiring HS256 tokens, no leeway (so that expiry is exact), and one allowed
-    origin; at debug level, so that every log line a request can cause is written."""
+    """Two workers requiring HS256 tokens, no leeway (so that expiry is exact), and two allowed
+    origins, one of them the cluster's own (for pages it serves to a browser); at debug level,
+    so that every log line a request can cause is written."""
+    port = free_port()
     config = write_config(
         tmp_path_factory.mktemp("hs256"),
         token_secret_file=str(keys.secret_file),
         token_leeway=0,
         handshake_timeout=HANDSHAKE_TIMEOUT,
-        allowed_origins=[ALLOWED_ORIGIN],
+        allowed_origins=[ALLOWED_ORIGIN, f"http://127.0.0.1:{port}"],
     )
     process = ClusterProcess(
-        "--workers", "2", "--heartbeat-interval", "0.2", "--config", config, "--log-level", "debug"
-    )
+        "--workers", "2", "--heartbeat-interval", "0.2", "--config", config, "--log-level", "debug",
+        "--port", str(port),
+    )  # fmt: skip
     try:
         process.wait_for_workers(2)
         yield process
@@ -404,6 +409,76 @@ async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection
             rejoined = await joe.receive()
         assert isinstance(rejoined, Recovered | Unrecovered) and rejoined.room == "joe-room"
         assert joe.connected
+
+
+# The browser client in a page, given its tokens one by one by the test (its token option is a
+# function, as an application's would be that fetches them from its own server).
+BROWSER_SETUP = """
+(async () => {
+  const { FanoutClient } = await import(ORIGIN + "/client.js");
+  window.tokens = TOKENS;
+  window.tokensTaken = 0;
+  window.events = [];
+  window.received = [];
+  window.client = new FanoutClient(WS_URL, {
+    token: async () => tokens[tokensTaken++],
+    backoffBaseMs: 100,
+  });
+  for (const name of ["connected", "disconnected", "error"]) {
+    client.on(name, (detail) => events.push([name, detail]));
+  }
+  await new Promise((resolve) => client.on("connected", resolve));
+  await client.join("browser-room", (data) => received.push(data));
+  return client.auth;
+})().catch((error) => `the page could not set up the client: ${error.stack}`)
+"""
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
+    cluster: ClusterProcess, keys: Keys
+):
+    origin = f"http://127.0.0.1:{cluster.port}"
+    first, second = token(keys, "page", ttl=4), token(keys, "page", ttl=600)
+    setup = (
+        BROWSER_SETUP.replace("ORIGIN", json.dumps(origin))
+        .replace("WS_URL", json.dumps(cluster.url))
+        .replace("TOKENS", json.dumps([first, second]))
+    )
+    first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+    async with browser.open_page(f"{origin}/healthz") as page:
+        with trio.fail_after(START_TIMEOUT):
+            auth = await page.evaluate(setup)
+        assert auth == {"sub": "page", "exp": first_exp}, auth
+        # token_expiring comes halfway through the first token's 4 s: the page asks for the
+        # next token and refreshes with it.
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while await page.evaluate("client.auth.exp") == first_exp:
+                await page.evaluate("new Promise((resolve) => setTimeout(resolve, 100))")
+        await trio.sleep(max(first_exp + 1 - time.time(), 0))  # past the first token's end
+        async with open_client(cluster.url, token=token(keys, "sender")) as sender:
+            await sender.publish("browser-room", "after the refresh", ack=True)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while not await page.evaluate("received.length"):
+                await page.evaluate("new Promise((resolve) => setTimeout(resolve, 100))")
+        assert await page.evaluate("received") == ["after the refresh"]
+        assert await page.evaluate("events.map((event) => event[0])") == ["connected"]
+        assert await page.evaluate("tokensTaken") == 2
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_a_page_of_another_origin_cannot_open_a_websocket(cluster: ClusterProcess):
+    # localhost is the same server, but another origin than the allowed http://127.0.0.1:PORT.
+    async with browser.open_page(f"http://localhost:{cluster.port}/healthz") as page:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            outcome = await page.evaluate(
+                f"""new Promise((resolve) => {{
+                    const ws = new WebSocket({json.dumps(cluster.url)});
+                    ws.onopen = () => resolve("open");
+                    ws.onclose = (event) => resolve(event.code);
+                }})"""
+            )
+    assert outcome == 1006  # what a browser reports for a refused handshake
 
 
 def test_tokens_never_reach_the_log(cluster: ClusterProcess):
