@@ -4,6 +4,7 @@ with real clients, and the pure parts of trio_fanout/tokens.py on their own."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -32,7 +33,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_cluster import http_get
-from trio_fanout import tokens
+from trio_fanout import Config, Hooks, serve, tokens
 from trio_fanout.client import Client, ServerError, open_client
 from trio_fanout.emitter import open_emitter
 from trio_fanout.reconnecting import (
@@ -479,6 +480,37 @@ async def test_a_page_of_another_origin_cannot_open_a_websocket(cluster: Cluster
                 }})"""
             )
     assert outcome == 1006  # what a browser reports for a refused handshake
+
+
+async def test_an_embedded_workers_hooks_apply_on_top_of_the_token_and_see_its_sub(
+    keys: Keys,
+):
+    seen: list[tuple[object, str]] = []
+
+    async def authorize_join(identity: object, room: str) -> bool:
+        seen.append((identity, room))
+        return room != "closed-by-the-hook"
+
+    config = Config(
+        port=0,
+        heartbeat_interval=0,
+        backplane="memory://tokens-and-hooks",
+        token_secret_file=str(keys.secret_file),
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(
+            functools.partial(serve, config, hooks=Hooks(authorize_join=authorize_join))
+        )
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with open_client(url, token=token(keys, "lea", join=["open", "closed-*"])) as lea:
+            await lea.join("open")
+            for room in ("closed-by-the-hook", "not-in-the-token"):
+                with pytest.raises(ServerError) as refused:
+                    await lea.join(room)
+                assert refused.value.code == "forbidden"
+            # The hook ran for the rooms the token allows, with the token's sub as identity.
+            assert seen == [("lea", "open"), ("lea", "closed-by-the-hook")]
+        worker.stop()
 
 
 def test_tokens_never_reach_the_log(cluster: ClusterProcess):
