@@ -127,7 +127,7 @@ class Grant:
 # PyJWT's refusals, in the words a client is told. Ordered: subclasses before their bases.
 _REFUSALS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "the token has expired"),
-    (jwt.ImmatureSignatureError, "the token is not valid yet (nbf)"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet (nbf or iat)"),
     (jwt.MissingRequiredClaimError, "the token lacks a required claim (sub and exp)"),
     (jwt.InvalidAlgorithmError, "the token is signed with an algorithm this server does not take"),
     (jwt.InvalidSignatureError, "the token's signature does not verify"),
