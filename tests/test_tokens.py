@@ -594,6 +594,19 @@ def test_room_patterns():
     assert not tokens.room_allowed(["a*b"], "axb")  # only a trailing * is a wildcard
 
 
+def test_deadlines_come_due_in_order_and_only_when_due():
+    deadlines = tokens.Deadlines()
+    assert deadlines.next_deadline == float("inf")
+    assert deadlines.add(10.0, 1, 1)  # the earliest: a sleeper must wake
+    assert not deadlines.add(20.0, 2, 1)
+    assert deadlines.add(5.0, 3, 7)
+    assert not deadlines.add(5.0, 4, 1)  # a tie is not sooner
+    assert deadlines.pop_due(4.9) == []
+    assert deadlines.pop_due(10.0) == [(3, 7), (4, 1), (1, 1)]
+    assert deadlines.next_deadline == 20.0
+    assert deadlines.pop_due(100.0) == [(2, 1)]
+
+
 def test_leeway_accepts_a_token_just_expired_and_no_more(keys: Keys):
     verifier = tokens.Verifier(tokens.read_secret(str(keys.secret_file)), leeway=30)
     assert verifier.verify(token(keys, ttl=-10)).sub == "ann"

@@ -146,7 +146,8 @@ class Connection:
         "_pending",
         "_queued_bytes",
         "_sock",
-        "_token_watch",
+        "_token_end",
+        "_token_warned",
         "_unsent",
         "_writer_running",
         "grant",
@@ -154,6 +155,7 @@ class Connection:
         "identity",
         "peer",
         "rooms",
+        "token_version",
         "worker",
     )
 
@@ -167,9 +169,11 @@ class Connection:
         self.identity: Any = None
         # What the client's token allows, where the worker requires tokens; None until then.
         self.grant: tokens.Grant | None = None
-        # The task that waits for the auth frame, then for the token's expiry; a new token
-        # cancels it and starts another.
-        self._token_watch: trio.CancelScope | None = None
+        # The token's timer (see _watch_token): which token it was set for, whether the
+        # expiry was announced, and when the token ends (this loop's clock, leeway included).
+        self.token_version = 0
+        self._token_warned = False
+        self._token_end = math.inf
         self._sock = sock
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
@@ -444,7 +448,7 @@ class Connection:
             if self.worker.tokens is not None:
                 if self.grant is None:
                     self.worker.unauthenticated.add(self)
-                self._watch_token(self.grant)
+                self._watch_token()
             logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
             return leftover
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
@@ -693,33 +697,39 @@ class Connection:
             self.worker.unauthenticated.discard(self)
             if self.worker.hooks.authenticate is None:
                 self.identity = grant.sub
-        self._watch_token(grant)
+        self._watch_token()
         self.reply(protocol.authed_frame(request.id, grant.sub, grant.exp))
 
-    def _watch_token(self, grant: tokens.Grant | None) -> None:
-        """Start (again) the task that closes this connection when its time is up: the
-        handshake timeout while no token was given, the token's ``exp`` once one was."""
-        if self._token_watch is not None:
-            self._token_watch.cancel()
-        self._token_watch = scope = trio.CancelScope()
-        if self._nursery is not None:
-            self._nursery.start_soon(self._expire, scope, grant)
+    def _watch_token(self) -> None:
+        """Set the worker's timer for this connection's next token deadline: the ``auth``
+        frame's while it has no token, else the ``token_expiring`` warning. A timer set for an
+        earlier token (another ``token_version``) is ignored when it comes due."""
+        self.token_version += 1
+        self._token_warned = False
+        config = self.worker.config
+        now = trio.current_time()
+        if self.grant is None:
+            self.worker.set_token_timer(self, now + config.handshake_timeout)
+            return
+        # Unix time to this loop's clock, once: a token's life is minutes, not months.
+        until_exp = self.grant.exp - time.time()
+        self._token_end = now + until_exp + config.token_leeway
+        # Warned token_expiry_warning before exp, or halfway through a shorter life, so that a
+        # client whose tokens live less than that does not refresh in a loop.
+        warning = min(config.token_expiry_warning, max(until_exp, 0) / 2)
+        self.worker.set_token_timer(self, now + max(until_exp - warning, 0))
 
-    async def _expire(self, scope: trio.CancelScope, grant: tokens.Grant | None) -> None:
-        with scope:
-            config = self.worker.config
-            if grant is None:
-                await trio.sleep(config.handshake_timeout)
-                self._close_unauthenticated(f"no auth frame within {config.handshake_timeout:g} s")
-                return
-            # Unix time to this loop's clock, once: a token's life is minutes, not months.
-            until_exp = grant.exp - time.time()
-            # Warned token_expiry_warning before exp, or halfway through a shorter life, so
-            # that a client whose tokens live less than that does not refresh in a loop.
-            warning = min(config.token_expiry_warning, max(until_exp, 0) / 2)
-            await trio.sleep(max(until_exp - warning, 0))
-            self.reply(protocol.token_expiring_frame(grant.exp))
-            await trio.sleep(max(warning + config.token_leeway, 0))
+    def token_timer_fired(self) -> None:
+        """The worker's timer for the current token came due: close a connection that gave no
+        token in time, warn of the token's expiry (and set the timer for it), or close at it."""
+        if self.grant is None:
+            timeout = self.worker.config.handshake_timeout
+            self._close_unauthenticated(f"no auth frame within {timeout:g} s")
+        elif not self._token_warned:
+            self._token_warned = True
+            self.reply(protocol.token_expiring_frame(self.grant.exp))
+            self.worker.set_token_timer(self, self._token_end)
+        else:
             self._close_unauthenticated("the token has expired")
 
     def _close_unauthenticated(self, reason: str) -> None:

@@ -15,6 +15,9 @@ hold the token, a claim's value or a key.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -208,3 +211,33 @@ def mint(
     if publish is not None:
         claims["publish"] = list(publish)
     return jwt.encode(claims, key.key, algorithm=key.algorithm)
+
+
+class Deadlines:
+    """Timers for many connections in one heap: ``(when, connection id, token version)`` in,
+    the due ones out, earliest first. A timer is never removed: one set for a token that was
+    replaced since, or a connection that is gone, is skipped by the caller when it comes due,
+    so that setting one costs O(log n) and nothing else."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._order = itertools.count()  # ties in time keep the order they were set in
+
+    def add(self, when: float, key: int, version: int) -> bool:
+        """Set a timer; return whether it is now the earliest (a sleeper should wake)."""
+        earliest = not self._heap or when < self._heap[0][0]
+        heapq.heappush(self._heap, (when, next(self._order), key, version))
+        return earliest
+
+    def pop_due(self, now: float) -> list[tuple[int, int]]:
+        """The ``(key, version)`` of every timer due at ``now``, removed, earliest first."""
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            _, _, key, version = heapq.heappop(self._heap)
+            due.append((key, version))
+        return due
+
+    @property
+    def next_deadline(self) -> float:
+        """When the earliest timer is due; infinity when none is set."""
+        return self._heap[0][0] if self._heap else math.inf

@@ -211,6 +211,11 @@ class Worker:
         )
         # Open WebSockets still waiting for their auth frame: no broadcast reaches them yet.
         self.unauthenticated: set[Connection] = set()
+        # When each connection's token needs attention next (auth frame, token_expiring,
+        # expiry): one timer task for the worker, not a task per connection, which would cost
+        # each idle connection a few KiB and a dozen objects for the garbage collector.
+        self._token_timers = tokens.Deadlines()
+        self._token_timers_changed = trio.Event()
         self.rooms: dict[bytes, Room] = {}
         self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
@@ -494,6 +499,22 @@ class Worker:
                 self.index, limit, getattr(self.config, limit), count, what,
             )  # fmt: skip
 
+    def set_token_timer(self, conn: Connection, when: float) -> None:
+        """Call ``conn.token_timer_fired()`` at ``when`` (Trio's clock), unless ``conn`` is
+        gone or has had a new token by then."""
+        if self._token_timers.add(when, conn.id, conn.token_version):
+            self._token_timers_changed.set()  # sooner than what the timer task sleeps until
+
+    async def _token_timers_forever(self) -> None:
+        while True:
+            for conn_id, version in self._token_timers.pop_due(trio.current_time()):
+                conn = self.connections.get(conn_id)
+                if conn is not None and conn.token_version == version:
+                    conn.token_timer_fired()
+            self._token_timers_changed = trio.Event()
+            with trio.move_on_at(self._token_timers.next_deadline):
+                await self._token_timers_changed.wait()
+
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
         self.connections[conn.id] = conn
@@ -668,6 +689,8 @@ class Worker:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as serving:
                 serving.start_soon(self.fan_out_forever)
+                if self.tokens is not None:
+                    serving.start_soon(self._token_timers_forever)
                 serving.start_soon(self._accept_forever, listener, connections)
                 host, port = listener.getsockname()[:2]
                 self.port = port
