@@ -416,7 +416,17 @@ async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection
 # function, as an application's would be that fetches them from its own server).
 BROWSER_SETUP = """
 (async () => {
-  const { FanoutClient } = await import(ORIGIN + "/client.js");
+  // Tried three times, as in test_browser_client.py: a fresh Chromium on a loaded machine
+  // sometimes fails its first fetch of the module.
+  let imported;
+  for (let attempt = 1; ; attempt++) {
+    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
+    catch (error) {
+      if (attempt === 3) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  const { FanoutClient } = imported;
   window.tokens = TOKENS;
   window.tokensTaken = 0;
   window.events = [];
