@@ -46,7 +46,7 @@ from trio_fanout.reconnecting import (
 
 # The handshake timeout of the clusters here: it is also how long a client has for its auth
 # frame, and the auth-timeout test waits for it.
-HANDSHAKE_TIMEOUT = 3
+HANDSHAKE_TIMEOUT = 5
 ALLOWED_ORIGIN = "https://app.example"
 # Every token these tests make, valid or not: none may appear in a cluster's log.
 MINTED: list[str] = []
@@ -242,12 +242,12 @@ async def test_no_auth_frame_within_the_handshake_timeout_closes_4001(
 ):
     async with AsyncExitStack() as stack:
         served = await witnesses(stack, cluster, keys)
+        opened = trio.current_time()  # before the server's timer starts, whatever the load
         async with open_client(cluster.url) as silent:
-            opened = trio.current_time()
             reason = await closed_with(silent)
         assert reason.code == 4001
         assert reason.reason == f"no auth frame within {HANDSHAKE_TIMEOUT} s"
-        assert trio.current_time() - opened >= HANDSHAKE_TIMEOUT - 0.5
+        assert trio.current_time() - opened >= HANDSHAKE_TIMEOUT
         await still_served(served, "after the silent client")
 
 
@@ -284,7 +284,7 @@ async def test_the_join_and_publish_claims_limit_rooms_history_included(
 async def test_token_expiring_then_refresh_keeps_the_connection_past_the_first_exp(
     cluster: ClusterProcess, keys: Keys
 ):
-    async with open_client(cluster.url, token=token(keys, "dan", ttl=3)) as dan:
+    async with open_client(cluster.url, token=token(keys, "dan", ttl=5)) as dan:
         assert dan.authed is not None
         first_exp = dan.authed["exp"]
         with trio.fail_after(RECEIVE_TIMEOUT):
@@ -301,7 +301,7 @@ async def test_token_expiring_then_refresh_keeps_the_connection_past_the_first_e
 async def test_without_a_refresh_the_connection_closes_4001_at_exp(
     cluster: ClusterProcess, keys: Keys
 ):
-    async with open_client(cluster.url, token=token(keys, "eve", ttl=2)) as eve:
+    async with open_client(cluster.url, token=token(keys, "eve", ttl=4)) as eve:
         assert eve.authed is not None
         with trio.fail_after(RECEIVE_TIMEOUT):
             assert (await eve.receive())["type"] == "token_expiring"
@@ -397,7 +397,7 @@ async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection
     subs = iter(["joe", "not-joe", "joe", "joe", "joe"])
 
     def next_token() -> str:  # a plain function; its second token is refused (another sub)
-        return token(keys, next(subs), ttl=2)
+        return token(keys, next(subs), ttl=4)
 
     async with open_reconnecting_client(cluster.url, token=next_token, backoff_base=0.1) as joe:
         with trio.fail_after(RECEIVE_TIMEOUT):
@@ -450,18 +450,19 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
     cluster: ClusterProcess, keys: Keys
 ):
     origin = f"http://127.0.0.1:{cluster.port}"
-    first, second = token(keys, "page", ttl=4), token(keys, "page", ttl=600)
-    setup = (
-        BROWSER_SETUP.replace("ORIGIN", json.dumps(origin))
-        .replace("WS_URL", json.dumps(cluster.url))
-        .replace("TOKENS", json.dumps([first, second]))
-    )
-    first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
     async with browser.open_page(f"{origin}/healthz") as page:
+        # Minted once the browser is up, which may take seconds on a loaded machine.
+        first, second = token(keys, "page", ttl=5), token(keys, "page", ttl=600)
+        first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+        setup = (
+            BROWSER_SETUP.replace("ORIGIN", json.dumps(origin))
+            .replace("WS_URL", json.dumps(cluster.url))
+            .replace("TOKENS", json.dumps([first, second]))
+        )
         with trio.fail_after(START_TIMEOUT):
             auth = await page.evaluate(setup)
         assert auth == {"sub": "page", "exp": first_exp}, auth
-        # token_expiring comes halfway through the first token's 4 s: the page asks for the
+        # token_expiring comes halfway through the first token's 5 s: the page asks for the
         # next token and refreshes with it.
         with trio.fail_after(RECEIVE_TIMEOUT):
             while await page.evaluate("client.auth.exp") == first_exp:
