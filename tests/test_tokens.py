@@ -329,12 +329,14 @@ async def test_an_origin_outside_the_allowed_list_is_refused_403(
         "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     )
-    status, _ = await http_get(cluster.port, "/ws", upgrade + "Origin: https://evil.example\r\n")
-    assert status == 403
-    status, _ = await http_get(
-        cluster.port, f"/ws?token={token(keys)}", upgrade + "Origin: https://evil.example\r\n"
-    )
-    assert status == 403
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        for target in ("/ws", f"/ws?token={token(keys)}"):
+            status, body = await http_get(
+                cluster.port, target, upgrade + "Origin: https://evil.example\r\n"
+            )
+            assert (status, body) == (403, b"this origin may not connect\n")
+        await still_served(served, "after the refused origins")
     for origin in (ALLOWED_ORIGIN, ALLOWED_ORIGIN.upper()):
         async with trio_websocket.open_websocket_url(
             cluster.url, extra_headers=[(b"Origin", origin.encode())]
