@@ -1,4 +1,4 @@
-"""The ``trio-fanout`` command line: run, worker, proxy, publish, config."""
+"""The ``trio-fanout`` command line: run, worker, proxy, publish, config, keygen."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from typing import Any
 import trio
 
 from trio_fanout import __version__, protocol, tokens
-from trio_fanout.backplane import BackplaneError, parse_backplane_url
-from trio_fanout.config import KEYS, Config, ConfigError, load_config
-from trio_fanout.runner import WORKER_CONFIG_VARIABLE
+from trio_fanout.backplane import BackplaneError, parse_backplane_url, redact_url
+from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_config
 
 EXIT_USAGE = 2
 
@@ -170,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--listen-fd", "--control-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+    worker.add_argument("--config-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
     proxy = commands.add_parser(
         "proxy",
@@ -236,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
         "environment or flag.",
     )
     _common(show)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a CURVE key pair for the ZeroMQ backplane",
+        description="Write NAME.key (the public key, to give to the proxy's "
+        "curve_allowed_keys_dir or to clients' curve_server_key_file) and NAME.key_secret "
+        "(the key pair, readable by its owner only, for curve_secret_key_file), in pyzmq's "
+        "key file format. Existing files are never overwritten.",
+    )
+    keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. proxy or worker-1")
+    keygen.add_argument(
+        "--directory", metavar="DIR", default=".", help="where to write them (default: .)"
+    )
     return parser
 
 
@@ -264,18 +277,23 @@ def _setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(parser, args)
     try:
-        if args.command == "worker" and WORKER_CONFIG_VARIABLE in os.environ:
-            config = Config.from_dict(json.loads(os.environ.pop(WORKER_CONFIG_VARIABLE)))
+        if args.command == "worker" and args.config_from_stdin:
+            # From the master: on a pipe, so that no secret shows in our argv or environment.
+            config = Config.from_dict(json.load(sys.stdin))
             sources: dict[str, str] = {}
         else:
             flags, flag_names = _flags(args)
             config, sources = load_config(flags, flag_names=flag_names, config_file=args.config)
-    except ConfigError as error:
+    except (ConfigError, InvalidSetting) as error:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
     if args.command == "config":
         for key in KEYS:
             value = getattr(config, key)
+            if key == "backplane" and value is not None:
+                value = redact_url(value)
             shown = "(unset)" if value is None else json.dumps(value)
             print(f"{key} = {shown}  # {sources[key]}")
         return 0
@@ -392,7 +410,9 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
         parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA: {refusal.message}\n")
 
     async def publish() -> None:
-        async with open_emitter(config.backplane_url) as emitter:
+        async with open_emitter(
+            config.backplane_url, credentials=config.backplane_credentials
+        ) as emitter:
             if args.room is None:
                 await emitter.broadcast(data)
                 print("sent to every connection")
@@ -401,4 +421,17 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
                 print(f"published to room {args.room!r} at offset {offset}")
 
     trio.run(publish)
+    return 0
+
+
+def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from trio_fanout.backplane._credentials import write_key_pair
+
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: NAME: not a file name: {args.name!r}\n")
+    try:
+        public_path, secret_path = write_key_pair(args.directory, args.name)
+    except OSError as error:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
+    print(f"public key: {public_path}\nkey pair (secret): {secret_path}")
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from trio_fanout import envelope, protocol
-from trio_fanout.backplane import Backplane, open_backplane
+from trio_fanout.backplane import Backplane, Credentials, open_backplane, redact_url
 
 
 class Emitter:
@@ -52,9 +52,12 @@ class Emitter:
 
 
 @asynccontextmanager
-async def open_emitter(backplane_url: str) -> AsyncIterator[Emitter]:
-    """An :class:`Emitter` on the backplane at ``backplane_url``, closed with the block."""
-    async with open_backplane(backplane_url) as backplane:
+async def open_emitter(
+    backplane_url: str, *, credentials: Credentials | None = None
+) -> AsyncIterator[Emitter]:
+    """An :class:`Emitter` on the backplane at ``backplane_url``, closed with the block;
+    ``credentials`` name the files of its secrets (a Redis password, CURVE keys)."""
+    async with open_backplane(backplane_url, credentials=credentials) as backplane:
         yield Emitter(backplane)
 
 
@@ -67,8 +70,11 @@ class SyncEmitter:
     The constructor returns once the backplane is connected (or raises its error).
     """
 
-    def __init__(self, backplane_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, backplane_url: str, *, timeout: float = 10.0, credentials: Credentials | None = None
+    ) -> None:
         self._timeout = timeout
+        self._credentials = credentials
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -86,14 +92,16 @@ class SyncEmitter:
         self._thread.start()
         if not self._ready.wait(timeout):
             self._abandoned = True  # the thread ends as soon as it is connected, if ever
-            raise TimeoutError(f"the emitter did not connect to {backplane_url} in {timeout} s")
+            raise TimeoutError(
+                f"the emitter did not connect to {redact_url(backplane_url)} in {timeout} s"
+            )
         if self._startup_error is not None:
             self._thread.join()
             raise self._startup_error
 
     async def _serve(self, backplane_url: str) -> None:
         try:
-            async with open_emitter(backplane_url) as emitter:
+            async with open_emitter(backplane_url, credentials=self._credentials) as emitter:
                 if self._abandoned:
                     return
                 self._emitter = emitter
