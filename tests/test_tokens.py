@@ -454,7 +454,7 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
     origin = f"http://127.0.0.1:{cluster.port}"
     async with browser.open_page(f"{origin}/healthz") as page:
         # Minted once the browser is up, which may take seconds on a loaded machine.
-        first, second = token(keys, "page", ttl=5), token(keys, "page", ttl=600)
+        first, second = token(keys, "page", ttl=8), token(keys, "page", ttl=600)
         first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
         setup = (
             BROWSER_SETUP.replace("ORIGIN", json.dumps(origin))
@@ -464,7 +464,7 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
         with trio.fail_after(START_TIMEOUT):
             auth = await page.evaluate(setup)
         assert auth == {"sub": "page", "exp": first_exp}, auth
-        # token_expiring comes halfway through the first token's 5 s: the page asks for the
+        # token_expiring comes halfway through the first token's 8 s: the page asks for the
         # next token and refreshes with it.
         with trio.fail_after(RECEIVE_TIMEOUT):
             while await page.evaluate("client.auth.exp") == first_exp:
