@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import sys
@@ -15,6 +14,7 @@ import trio
 from trio_fanout import __version__, protocol, tokens
 from trio_fanout.backplane import BackplaneError, parse_backplane_url, redact_url
 from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_config
+from trio_fanout.logs import setup_logging
 
 EXIT_USAGE = 2
 
@@ -39,6 +39,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=str.lower,
         choices=("debug", "info", "warning", "error"),
         help="how much to log (default: info; debug shows the path of every message)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=("text", "json"),
+        help="text, or json: one JSON object a line, for log shippers (default: text)",
     )
 
 
@@ -266,12 +272,13 @@ def _flags(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     return flags, flag_names
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+def _role(args: argparse.Namespace) -> str:
+    """Which process a log line comes from: ``master``, ``worker N``, ``proxy``, ``publish``."""
+    if args.command == "run":
+        return "master"
+    if args.command == "worker":
+        return f"worker {args.index or 1}"
+    return str(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if problem := _unreachable_backplane(args.command, config):
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {problem}\n")
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format, _role(args))
     exit_code = 0
     try:
         exit_code = _run_command(parser, args, config)

@@ -37,6 +37,7 @@ from trio_fanout.backplane._credentials import (
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 
 MAX_WRITE_DELAY = 0.1
 """A write delay is there to gather frames that arrive within milliseconds of each other;
@@ -129,11 +130,14 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in _LOG_LEVELS:
-        raise InvalidSetting(
-            attribute.name, f"must be one of {', '.join(_LOG_LEVELS)}, not {value!r}"
-        )
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise InvalidSetting(
+                attribute.name, f"must be one of {', '.join(choices)}, not {value!r}"
+            )
+
+    return check
 
 
 def _key_file(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
@@ -203,9 +207,11 @@ class Config:
         default=None, validator=_readable_with(load_allowed_keys)
     )
     """The proxy's directory of the ``.key`` files of the clients it lets in."""
-    log_level: str = attrs.field(default="info", converter=_lower, validator=_log_level)
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(_LOG_LEVELS))
     """How much to log, in any case (``DEBUG`` and ``debug`` are the same, as Python's
     logging spells its levels in capitals)."""
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
+    """``text`` for people, ``json`` (one object a line) for log shippers."""
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)

@@ -7,6 +7,7 @@ backplane clients are Trio code and a blocking caller has no loop to lend them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,8 @@ import trio
 
 from trio_fanout import envelope, protocol
 from trio_fanout.backplane import Backplane, Credentials, open_backplane, redact_url
+
+logger = logging.getLogger(__name__)
 
 
 class Emitter:
@@ -39,6 +42,11 @@ class Emitter:
             raise ValueError(refusal.message) from None
         topic = envelope.room_topic(room)
         position = await self._backplane.append(topic, self._numberer.wrap(topic, frame))
+        logger.debug(
+            "emitter published room=%r epoch=%s offset=%d (%d bytes)",
+            room, position.epoch, position.offset, len(frame),
+            extra={"room": room, "epoch": position.epoch, "offset": position.offset},
+        )  # fmt: skip
         return position.offset
 
     async def broadcast(self, data: Any) -> None:
