@@ -69,6 +69,21 @@ def _history(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _admin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve /metrics, /status and /api on this HTTP port; 0 picks a free one "
+        "(default: none)",
+    )
+    parser.add_argument("--admin-host", help="address of the admin port (default: 127.0.0.1)")
+    parser.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the key of the admin port's /api (default: none, the API is off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -119,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
     _history(run)
+    _admin(run)
     _common(run)
 
     worker = commands.add_parser(
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker on one backplane its own (default: 1)",
     )
     _history(worker)
+    _admin(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--listen-fd", "--control-fd"):
@@ -163,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
     _history(proxy)
+    _admin(proxy)
     _common(proxy)
 
     publish = commands.add_parser(
@@ -283,7 +301,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
             listener = open_listener(config.host, config.port)
         trio.run(
             lambda: run_worker_process(
-                config, listener, index=args.index or 1, control_fd=args.control_fd
+                config,
+                listener,
+                index=args.index or 1,
+                control_fd=args.control_fd,
+                admin=args.listen_fd is None,  # a master's worker: the master has the port
             )
         )
     elif args.command == "proxy":

@@ -203,6 +203,7 @@ class Connection:
             or len(self._pending) >= self._max_queued_frames
             or self._queued_bytes + size > self._max_queued_bytes
         ) and not self._room(size):
+            self.worker.stats.frames_dropped += 1
             return
         self._pending.append(frame)
         self._queued_bytes += size
@@ -233,7 +234,9 @@ class Connection:
         """Write the unsent rest of a frame, then every pending frame, as far as the socket
         takes them; what it does not take stays as a view, never copied again."""
         try:
+            stats = self.worker.stats
             if self._unsent:
+                stats.sends += 1
                 sent = self._sock.send(self._unsent)
                 self._count_queued(-sent)
                 if sent < len(self._unsent):
@@ -244,6 +247,8 @@ class Connection:
             if not pending:
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
+            stats.sends += 1
+            stats.frames_written += len(pending)
             pending.clear()  # their bytes, now in data, stay counted until sent
             try:
                 sent = self._sock.send(data)
@@ -286,6 +291,7 @@ class Connection:
         self._closing = True
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
+            self.worker.stats.frames_dropped += len(self._pending)
             self._pending.clear()
             self._count_queued(len(self._unsent) - self._queued_bytes)
         if self.id in self.worker.connections:
@@ -306,13 +312,14 @@ class Connection:
 
     def send_encoded_many(self, frames: list[bytes]) -> None:
         """Queue encoded frames, under the same limits as one, and write them together."""
-        for frame in frames:
+        for position, frame in enumerate(frames):
             size = len(frame)
             if (
                 self._closing
                 or len(self._pending) >= self._max_queued_frames
                 or self._queued_bytes + size > self._max_queued_bytes
             ) and not self._room(size):
+                self.worker.stats.frames_dropped += len(frames) - position
                 return
             self._append(frame)
         self.flush()
@@ -328,6 +335,7 @@ class Connection:
 
     def _drop_queued(self) -> None:
         """Forget whatever is still queued: the client is gone, or its socket is closed."""
+        self.worker.stats.frames_dropped += len(self._pending) + bool(self._unsent)
         self._pending.clear()
         self._unsent = b""
         self._count_queued(-self._queued_bytes)
@@ -353,6 +361,7 @@ class Connection:
                 " closing it 1013",
                 self.id, self.peer, len(self._pending), queued,
             )  # fmt: skip
+            self.worker.stats.slow_closes += 1
             self.close(
                 websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
@@ -421,6 +430,7 @@ class Connection:
                 return None
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
+                self.worker.stats.count_refusal(refusal.status)
                 self._respond(http.refusal_response(refusal))
                 return None
             self._append(accept)
@@ -501,6 +511,7 @@ class Connection:
             try:
                 events = parser.feed(data)
             except websocket.MessageTooBig as too_big:
+                self.worker.stats.count_error(protocol.TOO_LARGE)
                 self.reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
                 self.close(too_big.close_code, "frame too large")
                 return
@@ -541,6 +552,7 @@ class Connection:
         if self._limiter.abusive:
             self._close_abusive()
             return
+        self.worker.stats.count_error(protocol.RATE_LIMITED)
         self.reply(
             protocol.error_frame(
                 protocol.RATE_LIMITED,
@@ -561,6 +573,7 @@ class Connection:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
             await self._handle_request(request)
         except RequestError as refusal:
+            self.worker.stats.count_error(refusal.code)
             self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from trio_fanout import envelope, protocol
-from trio_fanout.backplane import Backplane, open_backplane
+from trio_fanout.backplane import Backplane, Position, open_backplane
 
 
 class Emitter:
@@ -32,14 +32,17 @@ class Emitter:
         Raises ``ValueError`` for a room name clients could not use or data JSON cannot carry,
         and ``backplane.BackplaneUnavailable`` when the backplane refuses the message.
         """
+        return (await self.append(room, data)).offset
+
+    async def append(self, room: str, data: Any) -> Position:
+        """:meth:`publish`, answering with the whole position (the room's epoch and offset)."""
         try:
             protocol.check_room(room)
             frame = protocol.message_frame(room, data)
         except protocol.RequestError as refusal:
             raise ValueError(refusal.message) from None
         topic = envelope.room_topic(room)
-        position = await self._backplane.append(topic, self._numberer.wrap(topic, frame))
-        return position.offset
+        return await self._backplane.append(topic, self._numberer.wrap(topic, frame))
 
     async def broadcast(self, data: Any) -> None:
         """Send ``data`` to every connection on every worker, as a ``message`` with no room."""
