@@ -8,8 +8,6 @@ prints the offset the room gave the message. Without ROOM (``--broadcast``), eve
 receives it.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys
