@@ -452,6 +452,16 @@ async def test_backplane_latency_and_worker_restarts():
         assert worker_two >= 1
         assert after("trio_fanout_backplane_latency_seconds_sum", worker="2") > 0
         assert after("trio_fanout_heartbeats_total", result="sent") >= worker_two
+        # A worker that cannot answer (stopped) is shown as not up, and the scrape still comes.
+        stopped_pid = int(after("trio_fanout_worker_pid", worker="2"))
+        os.kill(stopped_pid, signal.SIGSTOP)
+        try:
+            while_stopped = await scrape(node)
+        finally:
+            os.kill(stopped_pid, signal.SIGCONT)
+        assert while_stopped("trio_fanout_worker_up", worker="2") == 0
+        assert while_stopped("trio_fanout_worker_up", worker="1") == 1
+        assert while_stopped("trio_fanout_worker_restarts_total", worker="1") == 1
         # The API is off without api_key_file: 404, saying how to turn it on.
         status, _, body = await http(node.admin + "/api/info")
         assert (status, json.loads(body)["error"]) == (404, "api_off")
