@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.helpers import ClusterProcess
 from trio_fanout import __version__
 
 
@@ -125,3 +126,17 @@ def test_a_log_level_in_capitals_is_the_same_level(monkeypatch):
     assert 'log_level = "debug"' in trio_fanout("config").stdout
     monkeypatch.delenv("TRIO_FANOUT_LOG_LEVEL")
     assert 'log_level = "warning"' in trio_fanout("config", "--log-level", "WARNING").stdout
+
+
+def test_a_second_cluster_on_the_port_of_a_running_one_is_refused():
+    # Each worker listens with SO_REUSEPORT; a second `run` must still not share the port.
+    cluster = ClusterProcess("--workers", "2")
+    try:
+        cluster.wait_for_workers(2)
+        result = trio_fanout(
+            "run", "--workers", "2", "--port", str(cluster.port), "--proxy-port", "0"
+        )
+        assert result.returncode == 2
+        assert "Address already in use" in result.stderr
+    finally:
+        cluster.stop()

@@ -24,6 +24,10 @@ ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
+MAX_WRITE_DELAY = 0.1
+"""A write delay is there to gather frames that arrive within milliseconds of each other;
+a tenth of a second is already a delay people see in a chat or a game."""
+
 MIN_HEARTBEAT_INTERVAL = 0.1
 """Ten heartbeats a second to every client is already more than any dead-peer detection needs;
 a shorter interval would only turn the heartbeat into a flood of the workers' own making."""
@@ -101,6 +105,14 @@ def _heartbeat(instance: object, attribute: attrs.Attribute[Any], value: float) 
         )
 
 
+def _write_delay(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _not_negative(instance, attribute, value)
+    if value > MAX_WRITE_DELAY:
+        raise InvalidSetting(
+            attribute.name, f"must be at most {MAX_WRITE_DELAY} seconds, not {value!r}"
+        )
+
+
 def _lower(value: str) -> str:
     return value.lower()
 
@@ -155,6 +167,10 @@ class Config:
     about what Linux's own send buffer holds for a connection at most (tcp_wmem), so a client
     is given as much again as the kernel already buffers for it.
     """
+    write_delay: float = attrs.field(default=0.005, validator=_write_delay)
+    """Seconds a client that was written to less than this ago waits before the next write,
+    so that frames arriving for it meanwhile go out together in one send; 0: every fan-out
+    batch is written at once. A client that receives now and then never waits."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""
     max_connections: int = attrs.field(default=10_000, validator=_positive)

@@ -149,6 +149,7 @@ class Connection:
         "_writer_running",
         "id",
         "identity",
+        "last_flush",
         "peer",
         "rooms",
         "worker",
@@ -172,6 +173,9 @@ class Connection:
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
+        # When the fan-out last wrote to this client (trio's clock): within write_delay of it,
+        # the fan-out lets frames gather instead of writing at once (Worker.fan_out).
+        self.last_flush = -math.inf
         self._writer_running = False
         self._closing = False
         self._close_timeout = CLOSE_TIMEOUT
@@ -234,9 +238,8 @@ class Connection:
         """Write the unsent rest of a frame, then every pending frame, as far as the socket
         takes them; what it does not take stays as a view, never copied again."""
         try:
-            stats = self.worker.stats
             if self._unsent:
-                stats.sends += 1
+                self.worker.sends += 1
                 sent = self._sock.send(self._unsent)
                 self._count_queued(-sent)
                 if sent < len(self._unsent):
@@ -247,8 +250,8 @@ class Connection:
             if not pending:
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
-            stats.sends += 1
-            stats.frames_written += len(pending)
+            self.worker.sends += 1
+            self.worker.frames_sent += len(pending)
             pending.clear()  # their bytes, now in data, stay counted until sent
             try:
                 sent = self._sock.send(data)
