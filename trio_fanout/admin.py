@@ -139,9 +139,8 @@ class AdminServer:
         assert config.admin_port is not None
         listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
         port = listeners[0].socket.getsockname()[1]
-        logger.info(
-            "admin port on http://%s:%d/ (/metrics, /status, /api)", config.admin_host, port
-        )
+        host = f"[{config.admin_host}]" if ":" in config.admin_host else config.admin_host
+        logger.info("admin port on http://%s:%d/ (/metrics, /status, /api)", host, port)
         async with trio.open_nursery() as nursery:
             if self._api_key is not None:
                 nursery.start_soon(self._keep_emitter)
