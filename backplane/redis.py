@@ -229,7 +229,10 @@ class _Link:
                         nursery.start_soon(self._write_forever, stream)
                         await self._read_until_closed(stream)
                         nursery.cancel_scope.cancel()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    # The connection failed (a reset when Redis was killed with our commands
+                    # unread, a broken pipe): from the reader or the writer, or both at once,
+                    # which is why the nursery's group is matched with except*.
                     pass
                 finally:
                     self.connected = False

@@ -397,7 +397,8 @@ class ReconnectingClient:
                 await self._items_in.send(frame)
         elif kind == "joined" and "id" not in frame and frame.get("room") in self._positions.rooms:
             # Version 2: the room's numbering started again (its sequencer restarted, or its
-            # history expired); messages of the old epoch may be lost, the new ones follow.
+            # history expired), or the server missed messages it could not read back; those
+            # may be lost, the ones after the joined's offset follow.
             self._positions.renumbered(frame)
             await self._items_in.send(Unrecovered(frame["room"], frame))
         elif kind == "error":

@@ -327,7 +327,8 @@ export class FanoutClient {
   }
 
   /** The server's unasked `joined` (version 2): the room's numbering started again (its
-   * sequencer restarted, or its history expired), so messages may have been lost. */
+   * sequencer restarted, or its history expired), or the server missed messages it could not
+   * read back; either way messages may have been lost. */
   _onNewEpoch(frame) {
     const state = this._rooms.get(frame.room);
     if (!state || typeof frame.epoch !== "string" || typeof frame.offset !== "number") return;
