@@ -48,6 +48,14 @@ MAX_BODY_BYTES = 1024 * 1024
 # takes milliseconds; a client that trickles bytes must not hold a connection for long.
 REQUEST_TIMEOUT = 10.0
 
+# After an answer, how long the server keeps reading (and discarding) what the client still
+# sends, at most LINGER_BYTES of it, before closing: a client refused before its whole body was
+# read (413) is still sending it, and closing with unread input would reset the connection and
+# could destroy the answer before the client reads it. A client that reads its answer closes
+# at once, well within this.
+ANSWER_LINGER = 1.0
+LINGER_BYTES = 2 * MAX_BODY_BYTES
+
 # Admin connections served at once; past it a new one is closed at once. A scraper and a few
 # operators need a handful; the bound keeps a flood from taking the master's descriptors.
 MAX_CONNECTIONS = 64
@@ -113,6 +121,15 @@ class _Refused(Exception):
         self.response = response
 
 
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read what the client still sends (see ANSWER_LINGER)."""
+    await stream.send_eof()
+    discarded = 0
+    with trio.move_on_after(ANSWER_LINGER):
+        while discarded < LINGER_BYTES and (data := await stream.receive_some(65536)):
+            discarded += len(data)
+
+
 class AdminServer:
     """Answers the admin port's requests for one process: a master (``workers`` are its
     workers, asked through ``ask_workers``), a standalone worker, or a standalone proxy (no
@@ -171,6 +188,7 @@ class AdminServer:
                 response = await self._answer(stream)
                 if response is not None:
                     await stream.send_all(response)
+                    await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
         except Exception:
