@@ -35,6 +35,7 @@ from typing import Any
 import hiredis
 import trio
 
+from trio_fanout.backplane._credentials import read_password
 from trio_fanout.backplane._interface import (
     QUERY_NUMBER_CAP,
     Backplane,
@@ -263,8 +264,11 @@ class _Link:
         so that refused credentials are reported here, not as a mystery later."""
         address = self._address
         commands = []
-        if address.password is not None:
-            credentials = [address.password.encode()]
+        password = address.password
+        if address.password_file is not None:
+            password = read_password(address.password_file)  # again: it may have changed
+        if password is not None:
+            credentials = [password.encode()]
             if address.username:
                 credentials.insert(0, address.username.encode())
             commands.append((b"AUTH", encode_command(b"AUTH", *credentials)))

@@ -105,7 +105,8 @@ class ClusterProcess(LoggedProcess):
 
     def __init__(self, *args: str) -> None:
         super().__init__(trio_fanout_command("run", "--port", "0", "--proxy-port", "0", *args))
-        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws .* backplane (\S+)")
+        # The URL ends at a space or, with --log-format json, at the message's closing quote.
+        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws .* backplane ([^\s\"]+)")
         self.port = int(match.group(2))
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.backplane_url = match.group(3)

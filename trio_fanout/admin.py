@@ -168,7 +168,9 @@ class AdminServer:
         """Hold an emitter on the backplane for API publishes; reopen it when opening fails."""
         while True:
             try:
-                async with open_emitter(self._config.backplane_url) as emitter:
+                async with open_emitter(
+                    self._config.backplane_url, credentials=self._config.backplane_credentials
+                ) as emitter:
                     self._emitter = emitter
                     await trio.sleep_forever()
             except BackplaneError as error:

@@ -12,17 +12,31 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplane_url
+from trio_fanout.backplane import (
+    BadBackplaneURL,
+    BadCredentials,
+    Credentials,
+    HistoryPolicy,
+    parse_backplane_url,
+    redact_url,
+)
+from trio_fanout.backplane._credentials import (
+    load_allowed_keys,
+    load_key_pair,
+    load_public_key,
+    read_password,
+)
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 
 MAX_WRITE_DELAY = 0.1
 """A write delay is there to gather frames that arrive within milliseconds of each other;
@@ -96,6 +110,22 @@ def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str
             raise InvalidSetting(attribute.name, str(error)) from None
 
 
+def _readable_with(
+    load: Callable[[str], object],
+) -> Callable[[object, attrs.Attribute[Any], str | None], None]:
+    """A validator that a ``*_file``/``*_dir`` setting names something ``load`` can read; the
+    error names the file, never its content."""
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is not None:
+            try:
+                load(value)
+            except BadCredentials as error:
+                raise InvalidSetting(attribute.name, str(error)) from None
+
+    return check
+
+
 def _heartbeat(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     _not_negative(instance, attribute, value)
     if 0 < value < MIN_HEARTBEAT_INTERVAL:
@@ -117,11 +147,14 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in _LOG_LEVELS:
-        raise InvalidSetting(
-            attribute.name, f"must be one of {', '.join(_LOG_LEVELS)}, not {value!r}"
-        )
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise InvalidSetting(
+                attribute.name, f"must be one of {', '.join(choices)}, not {value!r}"
+            )
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -138,11 +171,34 @@ class Config:
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
     proxy_port: int = attrs.field(default=5559, validator=_port)
     """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
-    backplane: str | None = attrs.field(default=None, validator=_backplane_url)
+    backplane: str | None = attrs.field(
+        default=None,
+        validator=_backplane_url,
+        repr=lambda url: repr(url if url is None else redact_url(url)),
+    )
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
-    log_level: str = attrs.field(default="info", converter=_lower, validator=_log_level)
+    backplane_password_file: str | None = attrs.field(
+        default=None, validator=_readable_with(read_password)
+    )
+    """File whose first line is the Redis password, so that it is in no URL, argv or env."""
+    curve_secret_key_file: str | None = attrs.field(
+        default=None, validator=_readable_with(load_key_pair)
+    )
+    """This process's CURVE key pair (a ``.key_secret`` file): turns CURVE on for the proxy,
+    a worker or an emitter of a zmq:// backplane."""
+    curve_server_key_file: str | None = attrs.field(
+        default=None, validator=_readable_with(load_public_key)
+    )
+    """The proxy's public key (its ``.key`` file), where it is not curve_secret_key_file's."""
+    curve_allowed_keys_dir: str | None = attrs.field(
+        default=None, validator=_readable_with(load_allowed_keys)
+    )
+    """The proxy's directory of the ``.key`` files of the clients it lets in."""
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(_LOG_LEVELS))
     """How much to log, in any case (``DEBUG`` and ``debug`` are the same, as Python's
     logging spells its levels in capitals)."""
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
+    """``text`` for people, ``json`` (one object a line) for log shippers."""
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)
@@ -205,6 +261,19 @@ class Config:
                 f"must be greater than liveness_interval ({self.liveness_interval!r}), "
                 f"not {self.liveness_timeout!r}",
             )
+        for key in ("curve_server_key_file", "curve_allowed_keys_dir"):
+            if getattr(self, key) is not None and self.curve_secret_key_file is None:
+                raise InvalidSetting(key, "needs curve_secret_key_file, this process's key pair")
+        if self.backplane_password_file is not None:
+            address = parse_backplane_url(self.backplane_url)
+            if address.scheme not in ("redis", "rediss"):
+                raise InvalidSetting(
+                    "backplane_password_file", "is for a redis:// or rediss:// backplane"
+                )
+            if address.password is not None:
+                raise InvalidSetting(
+                    "backplane_password_file", "given, and the backplane URL has a password too"
+                )
 
     @property
     def backplane_url(self) -> str:
@@ -213,6 +282,15 @@ class Config:
             return self.backplane
         host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
         return f"zmq://{host}:{self.proxy_port}"
+
+    @property
+    def backplane_credentials(self) -> Credentials:
+        """The files of the backplane's secrets, as the backplane takes them."""
+        return Credentials(
+            password_file=self.backplane_password_file,
+            curve_secret_key_file=self.curve_secret_key_file,
+            curve_server_key_file=self.curve_server_key_file,
+        )
 
     @property
     def history_policy(self) -> HistoryPolicy:

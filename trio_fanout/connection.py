@@ -359,12 +359,13 @@ class Connection:
         if queued and (
             len(self._pending) >= self._max_queued_frames or queued + size > self._max_queued_bytes
         ):
-            logger.info(
+            logger.debug(
                 "connection %d (%s) is too slow: %d frames, %d bytes wait behind a full socket;"
                 " closing it 1013",
                 self.id, self.peer, len(self._pending), queued,
             )  # fmt: skip
             self.worker.stats.slow_closes += 1
+            self.worker.note_close("too slow (1013)")
             self.close(
                 websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
@@ -519,7 +520,8 @@ class Connection:
                 self.close(too_big.close_code, "frame too large")
                 return
             except websocket.ProtocolViolation as violation:
-                logger.info("connection %d: %s", self.id, violation)
+                logger.debug("connection %d: %s", self.id, violation)
+                self.worker.note_close(f"for breaking the protocol ({violation.close_code})")
                 self.close(violation.close_code, str(violation))
                 return
             for event in events:
@@ -565,9 +567,10 @@ class Connection:
         )
 
     def _close_abusive(self) -> None:
-        logger.info(
+        logger.debug(
             "connection %d (%s) keeps sending past its budget: closing it 1008", self.id, self.peer
         )
+        self.worker.note_close("over the rate limit (1008)")
         self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
 
     async def _handle_message(self, message: websocket.Message) -> None:
@@ -580,7 +583,11 @@ class Connection:
             self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:
-        logger.debug("connection %d: %r", self.id, request)
+        logger.debug(
+            "connection %d received %r",
+            self.id, request,
+            extra={"connection": self.id, "room": getattr(request, "room", None)},
+        )  # fmt: skip
         if isinstance(request, protocol.Publish):
             await self._authorize(
                 self.worker.hooks.authorize_publish,

@@ -7,6 +7,11 @@ The master keeps every socket open, so that the connections waiting in a dead wo
 not reset: its replacement, given the same socket, accepts them. It
 restarts a worker that dies, with a growing pause when one keeps dying, and on SIGINT or SIGTERM
 it asks every worker to close its clients with 1001, then stops the proxy and returns.
+
+A worker gets its configuration as JSON on its standard input, never in its argv or
+environment, where ``ps`` and ``/proc`` would show a password in the backplane URL to anyone on
+the host; the master's own ``TRIO_FANOUT_*`` variables are left out of its environment too.
+Secrets kept in files (``*_file`` settings) are read by each worker itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from functools import partial
@@ -27,15 +33,17 @@ import trio
 
 from trio_fanout import control, envelope, protocol
 from trio_fanout.admin import AdminServer
-from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
-from trio_fanout.config import Config
-from trio_fanout.metrics import NodeStats
-from trio_fanout.runner import (
-    CONTROL_RECEIVE_BYTES,
-    WORKER_CONFIG_VARIABLE,
-    give_back_memory_forever,
-    open_listeners,
+from trio_fanout.backplane import (
+    BackplaneError,
+    Credentials,
+    CurveProxyKeys,
+    open_backplane,
+    redact_url,
+    serve_proxy,
 )
+from trio_fanout.config import ENV_PREFIX, Config
+from trio_fanout.metrics import NodeStats
+from trio_fanout.runner import CONTROL_RECEIVE_BYTES, give_back_memory_forever, open_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +169,15 @@ class Supervisor:
             "--index", str(index),
             "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
+            "--config-from-stdin",
         ]  # fmt: skip
+
+    async def _hand_config(self, process: trio.Process) -> None:
+        """Write the configuration to the worker's standard input and close it."""
+        assert process.stdin is not None
+        with contextlib.suppress(trio.BrokenResourceError):  # it died: wait() tells how
+            async with process.stdin:
+                await process.stdin.send_all(json.dumps(self._config.to_dict()).encode())
 
     async def keep_running(self, index: int) -> None:
         failures = 0
@@ -173,16 +189,18 @@ class Supervisor:
                     process = await trio.lowlevel.open_process(
                         self._command(index, worker_end.fileno()),
                         pass_fds=(self._listener(index).fileno(), worker_end.fileno()),
-                        # Not on the command line: a backplane password would show in ps.
+                        stdin=subprocess.PIPE,
                         env={
-                            **os.environ,
-                            WORKER_CONFIG_VARIABLE: json.dumps(self._config.to_dict()),
+                            name: value
+                            for name, value in os.environ.items()
+                            if not name.startswith(ENV_PREFIX)
                         },
                     )
                 self.processes[index] = process
                 link = self.links[index] = WorkerLink(control, master_end)
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
+                    watching.start_soon(self._hand_config, process)
                     watching.start_soon(self._kill_when_silent, index, process, link)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
@@ -280,7 +298,10 @@ class Supervisor:
 
 
 async def publish_heartbeats(
-    backplane_url: str, interval: float, node: NodeStats | None = None
+    backplane_url: str,
+    interval: float,
+    credentials: Credentials | None = None,
+    node: NodeStats | None = None,
 ) -> None:
     """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds.
 
@@ -292,7 +313,7 @@ async def publish_heartbeats(
     next_beat = trio.current_time()
     while True:
         try:
-            async with open_backplane(backplane_url) as backplane:
+            async with open_backplane(backplane_url, credentials=credentials) as backplane:
                 while True:
                     seq += 1
                     frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
@@ -324,12 +345,15 @@ async def run_master(
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
-                        partial(serve_proxy, history=config.history_policy),
+                        partial(
+                            serve_proxy, history=config.history_policy, curve=proxy_keys(config)
+                        ),
                         config.proxy_host,
                         config.proxy_port,
                     )
-                    # Workers and the heartbeat meet at the port the proxy really bound.
-                    config = attrs.evolve(config, proxy_port=proxy_port)
+                    # Workers and the heartbeat meet at the port the proxy really bound, and
+                    # with CURVE they are clients of the proxy's own key pair.
+                    config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
                 supervisor = Supervisor(config, listeners)
                 if config.admin_port is not None:
                     admin = AdminServer(
@@ -349,6 +373,7 @@ async def run_master(
                         publish_heartbeats,
                         config.backplane_url,
                         config.heartbeat_interval,
+                        config.backplane_credentials,
                         supervisor.node,
                     )
                 for index in range(1, config.workers + 1):
@@ -360,7 +385,7 @@ async def run_master(
                     host,
                     port,
                     config.workers,
-                    config.backplane_url,
+                    redact_url(config.backplane_url),
                 )
                 task_status.started(port)
                 async for signum in signals:
@@ -379,6 +404,13 @@ async def _no_workers(kind: bytes) -> list[dict[str, Any]]:
     return []
 
 
+def proxy_keys(config: Config) -> CurveProxyKeys | None:
+    """The proxy's CURVE keys, if ``curve_secret_key_file`` turns CURVE on."""
+    if config.curve_secret_key_file is None:
+        return None
+    return CurveProxyKeys.load(config.curve_secret_key_file, config.curve_allowed_keys_dir)
+
+
 async def run_proxy(config: Config) -> None:
     """`trio-fanout proxy`: the ZeroMQ proxy and the heartbeat, until SIGINT or SIGTERM.
 
@@ -388,18 +420,25 @@ async def run_proxy(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
-                partial(serve_proxy, history=config.history_policy),
+                partial(serve_proxy, history=config.history_policy, curve=proxy_keys(config)),
                 config.proxy_host,
                 config.proxy_port,
             )
             nursery.start_soon(give_back_memory_forever)
-            config = attrs.evolve(config, proxy_port=port, backplane=None)
+            # The heartbeat and the API are clients of the proxy's own key pair (with CURVE).
+            config = attrs.evolve(
+                config, proxy_port=port, backplane=None, curve_server_key_file=None
+            )
             node = NodeStats()
             if config.admin_port is not None:
                 await nursery.start(AdminServer(config, node, _no_workers, ()).serve)
             if config.heartbeat_interval > 0:
                 nursery.start_soon(
-                    publish_heartbeats, config.backplane_url, config.heartbeat_interval, node
+                    publish_heartbeats,
+                    config.backplane_url,
+                    config.heartbeat_interval,
+                    config.backplane_credentials,
+                    node,
                 )
             async for signum in signals:
                 logger.info("%s: stopping", signal.Signals(signum).name)

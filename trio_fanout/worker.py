@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Collection
 
 import attrs
 import trio
@@ -107,6 +108,20 @@ def relay_problem(frame: bytes) -> str | None:
     if not isinstance(value.get("type"), str):
         return "no string type"
     return None
+
+
+def _log_delivery(
+    room: Room, position: Position | None, skipped: Collection[Connection | None]
+) -> None:
+    """The debug line for a room message queued for this worker's members: which room and
+    offset, and for how many of them (those held back or excluded left out)."""
+    delivered = sum(conn not in skipped for conn in room.members)
+    fields: dict[str, object] = {"room": room.name, "delivered": delivered}
+    where = f"room={room.name!r}"
+    if position is not None:
+        fields["epoch"], fields["offset"] = position.epoch, position.offset
+        where += f" epoch={position.epoch} offset={position.offset}"
+    logger.debug("delivered %s to %d connections", where, delivered, extra=fields)
 
 
 class LogThrottle:
@@ -284,6 +299,8 @@ class Worker:
         # Refusals at a limit, by limit, for the log.
         self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
         self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # Clients closed for their own conduct (too slow, over the rate limit), by reason.
+        self._closes: dict[str, LogThrottle] = {}
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -360,7 +377,7 @@ class Worker:
             start = catch_up.last or Position(history.epoch, history.offset)
             last = start.offset
             recovered = False
-            logger.info(
+            logger.debug(
                 "connection %d joins room %r without recovery: %s during the history read",
                 conn.id, room.name,
                 "too many messages" if catch_up.overflowed else "a new epoch",
@@ -394,6 +411,12 @@ class Worker:
             )
         )  # fmt: skip
         conn.send_encoded_many(frames)
+        logger.debug(
+            "connection %d joined room=%r epoch=%s offset=%d, with %d earlier messages",
+            conn.id, room.name, start.epoch, start.offset, len(frames),
+            extra={"connection": conn.id, "room": room.name, "epoch": start.epoch,
+                   "offset": start.offset},
+        )  # fmt: skip
 
     async def _live_room(self, topic: bytes, room_name: str) -> Room:
         """The room of ``topic``, subscribed and live; the first joiner subscribes."""
@@ -410,6 +433,7 @@ class Worker:
                     raise
                 room.subscribing = None
                 subscribing.set()
+                logger.debug("subscribed room=%r: its first member here", room_name)
                 return room
             if room.subscribing is None:
                 return room
@@ -455,6 +479,7 @@ class Worker:
         if room.empty:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
+            logger.debug("unsubscribed room=%r: its last member here left", room_name)
             self.gaps.forget(topic)
             if self._rooms_shrink.should_rebuild(len(self.rooms)):
                 rebuild_dict(self.rooms)
@@ -467,7 +492,12 @@ class Worker:
         exclude = 0 if request.echo else conn.id
         position = await self.backplane.append(topic, self._numberer.wrap(topic, frame, exclude))
         self.stats.published += 1
-        logger.debug("published %d bytes to room %r at %s", len(frame), request.room, position)
+        logger.debug(
+            "connection %d published room=%r epoch=%s offset=%d (%d bytes)",
+            conn.id, request.room, position.epoch, position.offset, len(frame),
+            extra={"connection": conn.id, "room": request.room, "epoch": position.epoch,
+                   "offset": position.offset},
+        )  # fmt: skip
         return position
 
     async def read_history(self, request: protocol.HistoryRequest) -> bytes:
@@ -551,6 +581,16 @@ class Worker:
             logger.warning(
                 "worker %d is at its %s (%d): %d %s since the last such line",
                 self.index, limit, getattr(self.config, limit), count, what,
+            )  # fmt: skip
+
+    def note_close(self, reason: str) -> None:
+        """Count a client closed for ``reason`` and log the count now and then: a crowd of slow
+        or flooding clients must not write a line each (each is logged at debug)."""
+        throttle = self._closes.setdefault(reason, LogThrottle(REFUSAL_LOG_INTERVAL))
+        if count := throttle.note():
+            logger.warning(
+                "worker %d closed connections %s: %d since the last such line",
+                self.index, reason, count,
             )  # fmt: skip
 
     def register(self, conn: Connection) -> None:
@@ -654,18 +694,19 @@ class Worker:
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
-            if debug:
-                logger.debug(
-                    "delivering seq %d of %s in room %r to %d connections, at %s",
-                    seq, origin.hex(), room_name,
-                    len(room.members) if room is not None else len(self.connections), position,
-                )  # fmt: skip
             if room is None:
                 for conn in self.connections.values():
                     if conn is not excluded:
                         conn.enqueue(frame)
                 # Counted once per message, not per recipient (excluded is a connection).
                 stats.delivered += len(self.connections) - (excluded is not None)
+                if debug:
+                    delivered = len(self.connections) - (excluded is not None)
+                    logger.debug(
+                        "delivered broadcast (publisher %s seq %d) to %d connections",
+                        origin.hex(), seq, delivered,
+                        extra={"origin": origin.hex(), "seq": seq, "delivered": delivered},
+                    )  # fmt: skip
             else:
                 self._room_message(topic, room, position, frame, excluded)
         self._flush_dirty()
@@ -756,6 +797,8 @@ class Worker:
             for conn, catch_up in room.catching_up.items():
                 if conn is not excluded:
                     catch_up.hold(position, frame)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_delivery(room, position, held_back or {excluded})
 
     def _advance(self, room: Room, position: Position) -> None:
         """Record ``position`` as the room's latest here. When its epoch is not the one the
@@ -765,7 +808,7 @@ class Worker:
         room.position = position
         if known is None or known.epoch == position.epoch:
             return
-        logger.info(
+        logger.debug(
             "room %r starts epoch %s at offset %d (was %s at %d)",
             room.name, position.epoch, position.offset, known.epoch, known.offset,
         )  # fmt: skip
