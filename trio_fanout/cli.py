@@ -11,12 +11,15 @@ from typing import Any
 
 import trio
 
-from trio_fanout import __version__, protocol
+from trio_fanout import __version__, protocol, tokens
 from trio_fanout.backplane import BackplaneError, parse_backplane_url, redact_url
 from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_config
 from trio_fanout.logs import setup_logging
 
 EXIT_USAGE = 2
+
+# `trio-fanout token` mints tokens for testing: a year is already far longer than one should live.
+MAX_TOKEN_TTL = 365 * 86400
 
 _CONFIG_HELP = (
     "settings file (TOML); by default trio-fanout.toml in the working directory, if present. "
@@ -89,6 +92,28 @@ def _admin(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-secret-file",
+        metavar="FILE",
+        help="require clients' tokens (JWT), signed HS256 with the secret in FILE",
+    )
+    parser.add_argument(
+        "--token-public-key-file",
+        metavar="FILE",
+        help="require clients' tokens (JWT), signed RS256 or ES256, checked with this PEM key",
+    )
+
+
+def _access(parser: argparse.ArgumentParser) -> None:
+    _tokens(parser)
+    parser.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        help="comma-separated origins (https://example.com) whose pages may connect; default: any",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -139,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
     _history(run)
+    _access(run)
     _admin(run)
     _common(run)
 
@@ -160,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker on one backplane its own (default: 1)",
     )
     _history(worker)
+    _access(worker)
     _admin(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
@@ -204,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("room", metavar="ROOM", nargs="?", help="the room to publish to")
     publish.add_argument("data", metavar="DATA", help="a JSON value, e.g. '\"hi\"' or '{\"n\": 1}'")
     _common(publish)
+
+    token = commands.add_parser(
+        "token",
+        help="print a signed token (JWT) for a client, for testing",
+        description="Print a token for SUB signed with token_secret_file (HS256), for testing; "
+        "your application mints the real ones (docs/security.md). The secret is never printed.",
+    )
+    token.add_argument("sub", metavar="SUB", help="the identity the token is for")
+    token.add_argument(
+        "--join", action="append", metavar="ROOM", help="a room it may join (trailing * for a "
+        "prefix); repeat for more; without any, every room"
+    )  # fmt: skip
+    token.add_argument(
+        "--publish", action="append", metavar="ROOM", help="a room it may publish to (trailing "
+        "* for a prefix); repeat for more; without any, every room"
+    )  # fmt: skip
+    token.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default: 3600)"
+    )
+    _tokens(token)
+    _common(token)
 
     show = commands.add_parser(
         "config",
@@ -337,8 +385,31 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
         from trio_fanout.master import run_proxy
 
         trio.run(run_proxy, config)
+    elif args.command == "token":
+        return _token(parser, args, config)
     else:
         return _publish(parser, args, config)
+    return 0
+
+
+def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
+    if config.token_secret_file is None:
+        parser.exit(
+            EXIT_USAGE,
+            "trio-fanout: error: token needs token_secret_file (a public key cannot sign)\n",
+        )
+    if not 1 <= args.ttl <= MAX_TOKEN_TTL:
+        parser.exit(
+            EXIT_USAGE,
+            f"trio-fanout: error: --ttl: must be 1 to {MAX_TOKEN_TTL} seconds, not {args.ttl:g}\n",
+        )
+    for room in (args.join or []) + (args.publish or []):
+        try:
+            protocol.check_room(room.removesuffix("*") or "*")
+        except protocol.RequestError as refusal:
+            parser.exit(EXIT_USAGE, f"trio-fanout: error: {room!r}: {refusal.message}\n")
+    key = tokens.read_secret(config.token_secret_file)
+    print(tokens.mint(key, args.sub, ttl=args.ttl, join=args.join, publish=args.publish))
     return 0
 
 

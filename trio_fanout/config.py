@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from trio_fanout import tokens
 from trio_fanout.backplane import (
     BadBackplaneURL,
     BadCredentials,
@@ -157,6 +158,36 @@ def _one_of(choices: tuple[str, ...]) -> Any:
     return check
 
 
+def _key_file(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """Read the key now, so that a missing or unusable key stops the command before it starts
+    (the workers read it again; only the path travels to them)."""
+    if value is not None:
+        read = (
+            tokens.read_secret if attribute.name == "token_secret_file" else tokens.read_public_key
+        )
+        try:
+            read(value)
+        except tokens.KeyFileError as error:
+            raise InvalidSetting(attribute.name, str(error)) from None
+
+
+def _origins(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for origin in value:
+        scheme, _, rest = origin.partition("://")
+        if origin != "null" and (scheme not in ("http", "https") or not rest or "/" in rest):
+            raise InvalidSetting(
+                attribute.name,
+                f"an origin is scheme://host[:port] (e.g. https://example.com), not {origin!r}",
+            )
+
+
+def _origin_list(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Origins from a list, or from text separated by commas (the environment, the flag);
+    compared in lower case, as browsers send the scheme and host."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip().lower().rstrip("/") for item in items if item.strip())
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     host: str = "127.0.0.1"
@@ -247,6 +278,19 @@ class Config:
     history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
     """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
     ``maxmemory`` is the bound)."""
+    token_secret_file: str | None = attrs.field(default=None, validator=_key_file)
+    """File holding the HS256 secret that clients' tokens are signed with; set, tokens are
+    required (docs/protocol.md, "Tokens")."""
+    token_public_key_file: str | None = attrs.field(default=None, validator=_key_file)
+    """PEM file holding the RS256 (RSA) or ES256 (P-256) public key that verifies tokens."""
+    token_leeway: float = attrs.field(default=5.0, validator=_not_negative)
+    """Seconds of tolerance on a token's exp and nbf, for clocks that differ a little."""
+    token_expiry_warning: float = attrs.field(default=30.0, validator=_positive)
+    """Seconds before a token's exp that the server sends token_expiring."""
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(), converter=_origin_list, validator=_origins
+    )
+    """Origins whose pages may open a WebSocket here; empty: any. Not for non-browser clients."""
     admin_port: int | None = attrs.field(default=None, validator=_optional_port)
     """Port of the admin HTTP server (/metrics, /status, /api); unset: none."""
     admin_host: str = "127.0.0.1"
@@ -255,6 +299,10 @@ class Config:
     """File holding the admin API's key; unset: the API is off."""
 
     def __attrs_post_init__(self) -> None:
+        if self.token_secret_file is not None and self.token_public_key_file is not None:
+            raise InvalidSetting(
+                "token_public_key_file", "set token_secret_file or token_public_key_file, not both"
+            )
         if self.liveness_timeout <= self.liveness_interval:
             raise InvalidSetting(
                 "liveness_timeout",
@@ -309,7 +357,9 @@ class Config:
 
 KEYS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Config))
 _KINDS: dict[str, type] = {
-    field.name: {"int": int, "int | None": int, "float": float}.get(str(field.type), str)
+    field.name: {"int": int, "int | None": int, "float": float, "tuple[str, ...]": tuple}.get(
+        str(field.type), str
+    )
     for field in attrs.fields(Config)
 }
 
@@ -318,14 +368,20 @@ def _from_toml(key: str, value: object, source: str) -> object:
     kind = _KINDS[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
     if type(value) is not kind:
-        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+        expected = {int: "an integer", float: "a number", str: "a string"}.get(
+            kind, "a list of strings"
+        )
         raise ConfigError(f"{key}: expected {expected}, got {value!r} (from {source})")
     return value
 
 
 def _from_text(key: str, text: str, source: str) -> object:
     kind = _KINDS[key]
+    if kind is tuple:
+        return text  # comma-separated; the field's converter splits it
     try:
         return kind(text)
     except ValueError:

@@ -22,7 +22,7 @@ from collections.abc import Collection
 import attrs
 import trio
 
-from trio_fanout import envelope, protocol, websocket
+from trio_fanout import envelope, protocol, tokens, websocket
 from trio_fanout.backplane import Backplane, BackplaneUnavailable, History, Position, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
@@ -269,6 +269,17 @@ class Worker:
         self.gc_pauses: GcPauses | None = None
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
+        # Set where tokens are required (token_secret_file or token_public_key_file).
+        self.tokens = tokens.verifier(
+            config.token_secret_file, config.token_public_key_file, config.token_leeway
+        )
+        # Open WebSockets still waiting for their auth frame: no broadcast reaches them yet.
+        self.unauthenticated: set[Connection] = set()
+        # When each connection's token needs attention next (auth frame, token_expiring,
+        # expiry): one timer task for the worker, not a task per connection, which would cost
+        # each idle connection a few KiB and a dozen objects for the garbage collector.
+        self._token_timers = tokens.Deadlines()
+        self._token_timers_changed = trio.Event()
         self.rooms: dict[bytes, Room] = {}
         self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
@@ -583,6 +594,22 @@ class Worker:
                 self.index, limit, getattr(self.config, limit), count, what,
             )  # fmt: skip
 
+    def set_token_timer(self, conn: Connection, when: float) -> None:
+        """Call ``conn.token_timer_fired()`` at ``when`` (Trio's clock), unless ``conn`` is
+        gone or has had a new token by then."""
+        if self._token_timers.add(when, conn.id, conn.token_version):
+            self._token_timers_changed.set()  # sooner than what the timer task sleeps until
+
+    async def _token_timers_forever(self) -> None:
+        while True:
+            for conn_id, version in self._token_timers.pop_due(trio.current_time()):
+                conn = self.connections.get(conn_id)
+                if conn is not None and conn.token_version == version:
+                    conn.token_timer_fired()
+            self._token_timers_changed = trio.Event()
+            with trio.move_on_at(self._token_timers.next_deadline):
+                await self._token_timers_changed.wait()
+
     def note_close(self, reason: str) -> None:
         """Count a client closed for ``reason`` and log the count now and then: a crowd of slow
         or flooding clients must not write a line each (each is logged at debug)."""
@@ -603,6 +630,7 @@ class Worker:
         connections closing at once never hold the loop for long. It still counts among the
         handshakes until :meth:`release`."""
         self.connections.pop(conn.id, None)
+        self.unauthenticated.discard(conn)
         for count, room_name in enumerate(list(conn.rooms), 1):
             self.leave(conn, room_name)
             if count % ROOMS_LEFT_PER_TURN == 0:
@@ -695,13 +723,16 @@ class Worker:
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
             if room is None:
-                for conn in self.connections.values():
+                recipients: Collection[Connection] = self.connections.values()
+                if self.unauthenticated:  # rare, and brief: handshake_timeout at most
+                    recipients = [c for c in recipients if c not in self.unauthenticated]
+                for conn in recipients:
                     if conn is not excluded:
                         conn.enqueue(frame)
                 # Counted once per message, not per recipient (excluded is a connection).
                 stats.delivered += len(self.connections) - (excluded is not None)
                 if debug:
-                    delivered = len(self.connections) - (excluded is not None)
+                    delivered = len(recipients) - (excluded is not None)
                     logger.debug(
                         "delivered broadcast (publisher %s seq %d) to %d connections",
                         origin.hex(), seq, delivered,
@@ -949,6 +980,8 @@ class Worker:
             async with trio.open_nursery() as serving:
                 serving.start_soon(self.fan_out_forever)
                 serving.start_soon(self._flush_deferred_forever)
+                if self.tokens is not None:
+                    serving.start_soon(self._token_timers_forever)
                 serving.start_soon(self._accept_forever, listener, connections)
                 host, port = listener.getsockname()[:2]
                 self.port = port
