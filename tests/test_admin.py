@@ -491,16 +491,15 @@ async def test_a_worker_alone_serves_its_own_admin_port(tmp_path: Path):
         async with open_client(f"ws://127.0.0.1:{ws_port}/ws") as client:
             assert client.worker == 3
             await client.join("solo")
-            request = urllib.request.Request(
+            status, _, answer = await http(
                 f"http://127.0.0.1:{port}/api/publish",
-                data=b'{"room": "solo", "data": 7}',
-                headers={"Authorization": "Bearer k"},
-                method="POST",
+                "POST",
+                b'{"room": "solo", "data": 7}',
+                {"Authorization": "Bearer k"},
             )
-            with trio.fail_after(RECEIVE_TIMEOUT):
-                answer = await trio.to_thread.run_sync(urllib.request.urlopen, request)
+            assert status == 200
             message = await receive_message(client)
-            assert (message["data"], message["offset"]) == (7, json.load(answer)["offset"])
+            assert (message["data"], message["offset"]) == (7, json.loads(answer)["offset"])
     finally:
         worker.stop()
 
