@@ -3,18 +3,24 @@ its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
+from trio_fanout import control, metrics
+from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import open_backplane
 from trio_fanout.backplane._shrink import give_back_freed_memory
 from trio_fanout.config import Config
 from trio_fanout.gcstats import GcPauses, freeze_survivors_forever, keep_pauses_short
 from trio_fanout.hooks import Hooks
+from trio_fanout.metrics import NodeStats
 from trio_fanout.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -110,18 +116,31 @@ async def run_worker_process(
     index: int = 1,
     control_fd: int | None = None,
     hooks: Hooks | None = None,
+    admin: bool = False,
 ) -> None:
     """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone.
 
     ``control_fd`` is this worker's end of its control channel to the master (see
     ``master.Supervisor``): :func:`answer_master` answers the master's liveness pings on it
     from this Trio loop, from before the backplane is opened until the process ends, and end of
-    file on it means that the master is gone, however it died.
+    file on it means that the master is gone, however it died. With ``admin`` (a worker
+    that runs alone, not one of a master's), it serves the admin port of ``config``.
     """
     master_gone = trio.Event()
-    async with trio.open_nursery() as control:
+    worker: Worker | None = None
+
+    def report(kind: bytes) -> bytes:
+        if worker is None:
+            return b""  # still starting
+        if kind == control.INFO:
+            return json.dumps(metrics.worker_info(worker)).encode()
+        return json.dumps(metrics.worker_report(worker)).encode()
+
+    async with trio.open_nursery() as controlling:
         if control_fd is not None:
-            control.start_soon(answer_master, socket.socket(fileno=control_fd), master_gone)
+            controlling.start_soon(
+                answer_master, socket.socket(fileno=control_fd), master_gone, report
+            )
         async with open_backplane(
             config.backplane_url,
             history=config.history_policy,
@@ -132,13 +151,20 @@ async def run_worker_process(
             worker.gc_pauses.install()
             keep_pauses_short()
             async with trio.open_nursery() as nursery:
+                if admin and config.admin_port is not None:
+
+                    async def ask_self(kind: bytes) -> list[dict[str, Any]]:
+                        return [json.loads(report(kind))]
+
+                    server = AdminServer(config, NodeStats(), ask_self, [index])
+                    await nursery.start(server.serve)
                 nursery.start_soon(freeze_survivors_forever)
                 nursery.start_soon(give_back_memory_forever)
                 nursery.start_soon(_stop_on_signal, worker)
                 nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
                 await worker.serve(listener)
                 nursery.cancel_scope.cancel()
-        control.cancel_scope.cancel()
+        controlling.cancel_scope.cancel()
     logger.info("worker %d (pid %d) stopped", index, os.getpid())
 
 
@@ -150,15 +176,26 @@ async def give_back_memory_forever() -> None:
         give_back_freed_memory()
 
 
-async def answer_master(control: socket.socket, master_gone: trio.Event) -> None:
-    """Send back every byte the master sends on the control channel; set ``master_gone`` at
-    end of file. It runs as a task of the worker's Trio loop, not on a thread, on purpose: a
-    loop that is stuck (a task that never yields, a stopped process) answers nothing, and the
-    master replaces the worker."""
-    with trio.socket.from_stdlib_socket(control) as sock:
+async def answer_master(
+    channel: socket.socket, master_gone: trio.Event, report: Callable[[bytes], bytes]
+) -> None:
+    """Answer what the master sends on the control channel (``trio_fanout.control``): a
+    ping with itself, a request with ``report(kind)``; set ``master_gone`` at end of file. It
+    runs as a task of the worker's Trio loop, not on a thread, on purpose: a loop that is
+    stuck (a task that never yields, a stopped process) answers nothing, and the master
+    replaces the worker."""
+    with trio.socket.from_stdlib_socket(channel) as sock:
         try:
-            while ping := await sock.recv(CONTROL_RECEIVE_BYTES):
-                await sock.send(ping)
+            while received := await sock.recv(CONTROL_RECEIVE_BYTES):
+                answer = bytearray()
+                for kind in (received[i : i + 1] for i in range(len(received))):
+                    if kind in control.REQUESTS:
+                        answer += control.encode_answer(kind, report(kind))
+                    else:
+                        answer += kind
+                view = memoryview(answer)
+                while view:
+                    view = view[await sock.send(view) :]
         except OSError:
             pass  # the master's end is gone: the same news as end of file
     master_gone.set()
