@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -336,6 +337,10 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
     return written
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -384,6 +389,8 @@ def main() -> None:
         },
         "rounds": [],
     }
+    # A SIGTERM stops the run like Ctrl-C does: the servers it started are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     for number in range(args.rounds):
         order = names if number % 2 == 0 else names[::-1]

@@ -8,6 +8,11 @@ workers, and what the benchmarks read of them from /proc. Not part of the test s
   and that redis-server.
 
 Both send a heartbeat to every client once a second, as each does by default.
+
+Every process stays in the benchmark's own session (a process group of its own, so that it can
+be stopped as one, but no new session): with the kernel's autogroup scheduling, each session
+shares the CPU as one group, so a system in a session of its own would get a different share of
+a busy machine from the load generator and from the other system than a system that is not.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +101,7 @@ class TrioFanout(Server):
             env=env,
             stderr=subprocess.PIPE,
             text=True,
-            start_new_session=True,
+            process_group=0,
         )
         self.worker_pids: list[int] = []
         assert self.process.stderr is not None
@@ -144,7 +150,7 @@ class SocketIO(Server):
                 "warning",
             ],
             stdout=subprocess.DEVNULL,
-            start_new_session=True,
+            process_group=0,
         )
         self.cluster: subprocess.Popen[str] | None = None
         try:
@@ -161,7 +167,7 @@ class SocketIO(Server):
                 env=env,
                 stdout=subprocess.PIPE,
                 text=True,
-                start_new_session=True,
+                process_group=0,
             )
             assert self.cluster.stdout is not None
             line = self.cluster.stdout.readline()
@@ -182,7 +188,7 @@ class SocketIO(Server):
             try:
                 self.cluster.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.cluster.pid, 9)
+                os.killpg(self.cluster.pid, signal.SIGKILL)
                 self.cluster.wait()
         self.redis.terminate()
         self.redis.wait(15)
