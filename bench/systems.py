@@ -176,10 +176,14 @@ class SocketIO(Server):
                     "the Socket.IO cluster did not start (is `npm ci` done in bench/?)"
                 )
             ready = json.loads(line)
+            self.url = f"ws://127.0.0.1:{port}"
+            # The official client must get what the load generator's raw frames expect.
+            check = subprocess.run(["node", str(HERE / "socketio" / "check.mjs"), self.url])
+            if check.returncode != 0:
+                raise RuntimeError("the Socket.IO cluster failed its check with socket.io-client")
         except BaseException:
             self.stop()
             raise
-        self.url = f"ws://127.0.0.1:{port}"
         self.pids = [*ready["pids"], self.redis.pid]
 
     def stop(self) -> None:
