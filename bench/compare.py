@@ -31,7 +31,6 @@ import argparse
 import json
 import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -364,9 +363,8 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=IMAGES)
     args = parser.parse_args()
     if args.plot_only:
-        results = json.loads(args.plot_only.read_text())
-        for path in plot(results, args.images):
-            print(path)
+        for image in plot(json.loads(args.plot_only.read_text()), args.images):
+            print(image)
         return
     if args.duration is None:
         args.duration = 3.0 if args.quick else 5.0
@@ -413,4 +411,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
