@@ -5,7 +5,7 @@ Not part of the test suite; run it by hand:
     pip install -e '.[bench]' && (cd bench && npm ci)
     python bench/compare.py                         # 3 rounds, about 30 minutes
     python bench/compare.py --rounds 1 --quick      # a smoke run, a few minutes
-    python bench/compare.py --plot-only bench/results/compare-….json   # redraw the pictures
+    python bench/compare.py --report bench/results/compare-….json   # table and pictures again
 
 Each round runs, for each system (the order alternates from one round to the next):
 - connections: 1,000, 4,000 and 10,000 (--quick: 1,000 and 4,000) clients in one room; the
@@ -167,7 +167,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"max sustainable deliveries/s, {clients:,} clients",
-                lambda f, c=clients: f[f"rate_{c}"]["max_sustainable"],
+                lambda f, c=clients: (f[f"rate_{c}"]["max_sustainable"], False),
                 True,
             )
         )
@@ -175,7 +175,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"server CPU us/delivery at 40,000/s, {clients:,} clients",
-                lambda f, c=clients: _usable(step_at(f, c, 40_000), "server_cpu_us_per_delivery"),
+                lambda f, c=clients: _figure(step_at(f, c, 40_000), "server_cpu_us_per_delivery"),
                 False,
             )
         )
@@ -185,7 +185,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
                 table.append(
                     (
                         f"{p} ms at {rate:,}/s, {clients:,} clients",
-                        lambda f, c=clients, r=rate, k=f"{p}_ms": _usable(step_at(f, c, r), k),
+                        lambda f, c=clients, r=rate, k=f"{p}_ms": _figure(step_at(f, c, r), k),
                         False,
                     )
                 )
@@ -193,7 +193,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"one message to {int(count):,} members: ms to the last",
-                lambda f, n=count: _usable(f["connections"].get(n), "median_to_last_ms"),
+                lambda f, n=count: _figure(f["connections"].get(n), "median_to_last_ms"),
                 False,
             )
         )
@@ -201,29 +201,43 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"RSS KiB per connection, {int(count):,} connections",
-                lambda f, n=count: (f["connections"].get(n) or {}).get("rss_per_connection_kib"),
+                lambda f, n=count: _figure(
+                    f["connections"].get(n), "rss_per_connection_kib", False
+                ),
                 False,
             )
         )
     return table
 
 
-def _usable(step: dict[str, Any] | None, key: str) -> float | None:
-    """A figure of a step, unless the step was refused (load generator saturated)."""
-    if step is None or step.get("loadgen_saturated"):
-        return None
-    value = step.get(key)
-    return None if value is None else float(value)
+def _figure(
+    step: dict[str, Any] | None, key: str, refusable: bool = True
+) -> tuple[float | None, bool]:
+    """A figure of a step, and whether the step was refused (load generator saturated).
+
+    Memory does not depend on the load generator's pace, so its figures are never refused.
+    """
+    if step is None or step.get(key) is None:
+        return None, False
+    return float(step[key]), refusable and bool(step.get("loadgen_saturated"))
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list[dict[str, Any]]:
+    """Medians over the rounds of the steps that were not refused; where every round's step was
+    refused, the median of those, marked provisional (it says more about the machine than
+    about the server)."""
     rows = []
     for label, read, higher_is_better in metrics():
         row: dict[str, Any] = {"metric": label, "higher_is_better": higher_is_better}
         for name in names:
-            values = [v for r in rounds if name in r and (v := read(r[name])) is not None]
+            figures = [read(r[name]) for r in rounds if name in r]
+            kept = [value for value, refused in figures if value is not None and not refused]
+            refused = [value for value, was_refused in figures if value is not None and was_refused]
+            row[f"{name} runs"] = kept
+            row[f"{name} refused runs"] = refused
+            row[f"{name} provisional"] = not kept and bool(refused)
+            values = kept or refused
             row[name] = statistics.median(values) if values else None
-            row[f"{name} runs"] = values
         first, second = (row[name] for name in names)
         row["ratio"] = first / second if first and second else None
         rows.append(row)
@@ -231,6 +245,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list
         row = {"metric": f"searches at {clients:,} clients ended by", "higher_is_better": None}
         for name in names:
             row[name] = ", ".join(r[name][f"rate_{clients}"]["stopped_by"] for r in rounds)
+            row[f"{name} provisional"] = False
         row["ratio"] = None
         rows.append(row)
     return rows
@@ -243,12 +258,15 @@ def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
         cells = []
         for name in names:
             value = row[name]
+            mark = "*" if row[f"{name} provisional"] else ""
             cells.append(
-                value if isinstance(value, str) else "-" if value is None else f"{value:,.1f}"
+                value if isinstance(value, str) else "-" if value is None else f"{value:,.1f}{mark}"
             )
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        provisional = any(row[f"{name} provisional"] for name in names)
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}{'*' if provisional else ''}"
         print(f"{row['metric']:<{width}}  {cells[0]:>14}  {cells[1]:>14}  {ratio:>7}")
-    print(f"(ratio = {names[0]} / {names[1]}; higher is better only for the deliveries/s rows)")
+    print(f"(ratio = {names[0]} / {names[1]}; higher is better only for the deliveries/s rows;")
+    print(" * only from steps refused as load generator saturated: provisional)")
 
 
 def plot(results: dict[str, Any], images: Path) -> list[Path]:
@@ -268,6 +286,7 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
     for axis, clients in zip(axes, RATE_CLIENTS, strict=True):
         for name in names:
             by_rate: dict[int, list[tuple[float, float]]] = {}
+            every_rate: dict[int, list[tuple[float, float]]] = {}
             for r in rounds:
                 for step in r[name][f"rate_{clients}"]["steps"]:
                     if step["p99_ms"] is None:
@@ -281,14 +300,27 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
                         color=colours[name],
                         marker="x" if refused else "o",
                     )
+                    target = step["target_deliveries_per_second"]
+                    every_rate.setdefault(target, []).append(point)
                     if not refused:
-                        by_rate.setdefault(step["target_deliveries_per_second"], []).append(point)
-            line = sorted(
-                (statistics.median(x for x, _ in pts), statistics.median(y for _, y in pts))
-                for pts in by_rate.values()
-            )
-            if line:
-                axis.plot(*zip(*line, strict=True), color=colours[name], label=name)
+                        by_rate.setdefault(target, []).append(point)
+            # Solid: medians of the steps kept. Dashed, where no step of a rate was kept: the
+            # medians of the refused ones, as a provisional view.
+            for points, style, label in (
+                (by_rate, "-", name),
+                ({k: v for k, v in every_rate.items() if k not in by_rate}, "--", None),
+            ):
+                line = sorted(
+                    (statistics.median(x for x, _ in pts), statistics.median(y for _, y in pts))
+                    for pts in points.values()
+                )
+                if line:
+                    axis.plot(
+                        *zip(*line, strict=True),
+                        color=colours[name],
+                        linestyle=style,
+                        label=label or f"{name} (refused steps only)",
+                    )
         axis.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=0.8)
         axis.set_yscale("log")
         axis.set_title(f"{clients:,} clients in {ROOMS} rooms")
@@ -296,7 +328,10 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("p99 publish-to-receive latency, ms (log)")
     axes[0].legend()
-    figure.suptitle("Delivery rate against p99 latency (line: median of rounds; x: refused step)")
+    figure.suptitle(
+        "Delivery rate against p99 latency (median of rounds; x: step refused as load generator"
+        " saturated)"
+    )
     figure.tight_layout()
     path = images / "fanout-rate-p99.png"
     figure.savefig(path, dpi=110)
@@ -306,24 +341,36 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
     figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in names:
         counts = sorted({int(n) for r in rounds for n in r[name]["connections"]})
-        rss, to_last = [], []
+        rss, to_last, provisional = [], [], []
         for count in counts:
-            grown, lasts = [], []
+            grown, lasts, refused_lasts = [], [], []
             for r in rounds:
                 x = r[name]["connections"].get(str(count))
                 if x is None:
                     continue
                 grown.append((x["rss_bytes"] - r[name]["rss_before_bytes"]) / 2**20)
-                if x["median_to_last_ms"] is not None and not x["loadgen_saturated"]:
-                    lasts.append(x["median_to_last_ms"])
+                if x["median_to_last_ms"] is not None:
+                    kept = not x["loadgen_saturated"]
+                    (lasts if kept else refused_lasts).append(x["median_to_last_ms"])
             rss.append(statistics.median(grown))
             to_last.append(statistics.median(lasts) if lasts else float("nan"))
+            only_refused = statistics.median(refused_lasts) if refused_lasts and not lasts else None
+            provisional.append(float("nan") if only_refused is None else only_refused)
         memory.plot(counts, rss, marker="o", color=colours[name], label=name)
         latency.plot(counts, to_last, marker="o", color=colours[name], label=name)
+        latency.plot(
+            counts,
+            provisional,
+            marker="x",
+            linestyle="none",
+            color=colours[name],
+            label=f"{name} (refused: provisional)",
+        )
     memory.set_title("Server memory (RSS of all its processes) over idle")
     memory.set_ylabel("MiB")
     latency.set_title("One message to every connection: time to the last")
-    latency.set_ylabel("ms (median of 20 messages)")
+    latency.set_yscale("log")
+    latency.set_ylabel("ms, median of 20 messages (log)")
     for axis in (memory, latency):
         axis.set_xlabel("connections")
         axis.grid(alpha=0.3)
@@ -359,12 +406,13 @@ def main() -> None:
         default="trio-fanout,socket.io",
         help="comma-separated, two of: " + ", ".join(SYSTEMS),
     )
-    parser.add_argument("--plot-only", type=Path, help="redraw the pictures of a results file")
+    parser.add_argument(
+        "--report", type=Path, help="print the table and draw the pictures of a results file"
+    )
     parser.add_argument("--images", type=Path, default=IMAGES)
     args = parser.parse_args()
-    if args.plot_only:
-        for image in plot(json.loads(args.plot_only.read_text()), args.images):
-            print(image)
+    if args.report:
+        report(json.loads(args.report.read_text()), args.report, args.images)
         return
     if args.duration is None:
         args.duration = 3.0 if args.quick else 5.0
@@ -404,9 +452,14 @@ def main() -> None:
             time.sleep(PAUSE_BETWEEN_SYSTEMS_S)
     results["summary"] = summarize(results["rounds"], names)
     path.write_text(json.dumps(results, indent=1))
-    print_table(results["summary"], names)
-    print(f"\nmedians of {args.rounds} round(s); every figure in {path}")
-    for image in plot(results, args.images):
+    report(results, path, args.images)
+
+
+def report(results: dict[str, Any], path: Path, images: Path) -> None:
+    rows = summarize(results["rounds"], results["systems"])
+    print_table(rows, results["systems"])
+    print(f"\nmedians of {len(results['rounds'])} round(s); every figure in {path}")
+    for image in plot(results, images):
         print(f"picture: {image}")
 
 
