@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadgen import CPU_LIMIT_PERCENT, DEFAULT_PROCESSES, LAG_P99_LIMIT_MS, LoadGenerator, log
+from loadgen import (
+    CPU_LIMIT_PERCENT,
+    DEFAULT_PROCESSES,
+    LAG_P99_LIMIT_MS,
+    LoadGenerator,
+    log,
+    wait_for_quiet,
+)
 from systems import SYSTEMS
 
 HERE = Path(__file__).resolve().parent
@@ -94,9 +101,17 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
             ) as generator:
                 time.sleep(2)  # let the handshakes' garbage go before reading RSS
                 rss = server.rss_bytes()
-                result = generator.broadcast(
-                    BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
-                )
+                for _attempt in range(args.retries + 1):
+                    quiet = wait_for_quiet(
+                        server.pids + generator.pids, args.quiet_limit, args.quiet_wait
+                    )
+                    result = generator.broadcast(
+                        BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
+                    )
+                    result["others_cpu_percent_before"] = quiet
+                    if not result["loadgen_saturated"]:
+                        break
+                    log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
             result["rss_bytes"] = rss
             result["rss_per_connection_kib"] = (rss - base_rss) / count / 1024
             result["verdict"] = "saturated" if result["loadgen_saturated"] else "pass"
@@ -124,8 +139,19 @@ def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str
         for rate in RATE_STEPS:
             if not all_passed and rate not in ALWAYS_RUN:
                 break
-            step = generator.rate_step(rate, args.duration, server.cpu_seconds)
-            step["verdict"] = verdict(step)
+            refused: list[dict[str, Any]] = []
+            for _attempt in range(args.retries + 1):
+                quiet = wait_for_quiet(
+                    server.pids + generator.pids, args.quiet_limit, args.quiet_wait
+                )
+                step = generator.rate_step(rate, args.duration, server.cpu_seconds)
+                step["others_cpu_percent_before"] = quiet
+                step["verdict"] = verdict(step)
+                if step["verdict"] != "saturated":
+                    break
+                refused.append({key: step[key] for key in SUMMARY_OF_REFUSED if key in step})
+                log(f"  {server.name}: {clients} clients, {rate:,}/s refused{_saturation(step)}")
+            step["refused_attempts"] = refused[:-1] if step["verdict"] == "saturated" else refused
             steps.append(step)
             log(
                 f"  {server.name}: {clients} clients, {rate:,}/s: {step['verdict']}, p50 "
@@ -142,6 +168,10 @@ def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str
                 stopped_by = step["verdict"]
             time.sleep(1)
     return {"steps": steps, "max_sustainable": best, "stopped_by": stopped_by}
+
+
+# What is kept of a refused attempt that was retried.
+SUMMARY_OF_REFUSED = ("p50_ms", "p99_ms", "lost", "loadgen_saturated", "machine_cpu_percent")
 
 
 def _ms(value: float | None) -> str:
@@ -341,9 +371,13 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
     figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in names:
         counts = sorted({int(n) for r in rounds for n in r[name]["connections"]})
-        rss, to_last, provisional = [], [], []
+        rss: list[float] = []
+        to_last: list[float] = []
+        provisional: list[float] = []
         for count in counts:
-            grown, lasts, refused_lasts = [], [], []
+            grown: list[float] = []
+            lasts: list[float] = []
+            refused_lasts: list[float] = []
             for r in rounds:
                 x = r[name]["connections"].get(str(count))
                 if x is None:
@@ -407,6 +441,24 @@ def main() -> None:
         help="comma-separated, two of: " + ", ".join(SYSTEMS),
     )
     parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a step refused as load generator saturated is tried again (default 2)",
+    )
+    parser.add_argument(
+        "--quiet-limit",
+        type=float,
+        default=50.0,
+        help="before a step, wait until other programs use less than this %% of the machine",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="... but at most this many seconds (default 20; 0: do not wait)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="print the table and draw the pictures of a results file"
     )
     parser.add_argument("--images", type=Path, default=IMAGES)
@@ -432,6 +484,9 @@ def main() -> None:
             "p99_limit_ms": P99_LIMIT_MS,
             "loadgen_cpu_limit_percent": CPU_LIMIT_PERCENT,
             "loadgen_lag_p99_limit_ms": LAG_P99_LIMIT_MS,
+            "retries": args.retries,
+            "quiet_limit_percent": args.quiet_limit,
+            "quiet_wait_s": args.quiet_wait,
         },
         "rounds": [],
     }

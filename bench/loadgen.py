@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -94,6 +95,10 @@ class LoadGenerator:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
 
     def _send_all(self, command: dict[str, Any]) -> None:
         line = json.dumps(command) + "\n"
@@ -209,6 +214,38 @@ def _machine_cpu() -> tuple[float, float]:
     ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = ticks[3] + ticks[4]  # idle and iowait
     return sum(ticks) - idle, sum(ticks)
+
+
+def wait_for_quiet(own_pids: list[int], limit_percent: float, timeout: float) -> float:
+    """Wait, at most ``timeout`` s, until the programs other than ``own_pids`` use less than
+    ``limit_percent`` of the machine (all cores) over one second; return the last figure.
+
+    On a machine shared with other work, starting a step while something else is busy only buys
+    a refused step; this wait is bounded, so a machine that never quietens down still gets its
+    steps (and their refusals) rather than none.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        machine_before = _machine_cpu()
+        own_before = _process_ticks(own_pids)
+        time.sleep(1)
+        busy, total = _machine_cpu()
+        own = _process_ticks(own_pids) - own_before
+        others = 100 * (busy - machine_before[0] - own) / max(total - machine_before[1], 1)
+        if others < limit_percent or time.monotonic() > deadline:
+            return max(others, 0.0)
+
+
+def _process_ticks(pids: list[int]) -> int:
+    """User + system clock ticks of ``pids`` (0 for one that is gone)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
 
 
 def _machine_cpu_percent(before: tuple[float, float]) -> float:
