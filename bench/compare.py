@@ -197,7 +197,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"max sustainable deliveries/s, {clients:,} clients",
-                lambda f, c=clients: (f[f"rate_{c}"]["max_sustainable"], False),
+                lambda f, c=clients: (_max_sustainable(f[f"rate_{c}"]), False),
                 True,
             )
         )
@@ -238,6 +238,14 @@ def metrics() -> list[tuple[str, Any, bool]]:
             )
         )
     return table
+
+
+def _max_sustainable(search: dict[str, Any]) -> float | None:
+    """The search's result; 0 when the lowest step failed (nothing is sustainable), None when it
+    was refused (nothing is known). A search ended by a refusal gives only a lower bound."""
+    if search["max_sustainable"] is not None:
+        return float(search["max_sustainable"])
+    return 0.0 if search["stopped_by"] == "fail" else None
 
 
 def _figure(
@@ -302,6 +310,7 @@ def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
 def plot(results: dict[str, Any], images: Path) -> list[Path]:
     """Delivery rate against p99 latency; memory and broadcast latency against connections."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -353,6 +362,8 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
                     )
         axis.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=0.8)
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_title(f"{clients:,} clients in {ROOMS} rooms")
         axis.set_xlabel("deliveries per second (achieved)")
         axis.grid(alpha=0.3)
@@ -392,18 +403,21 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
             provisional.append(float("nan") if only_refused is None else only_refused)
         memory.plot(counts, rss, marker="o", color=colours[name], label=name)
         latency.plot(counts, to_last, marker="o", color=colours[name], label=name)
-        latency.plot(
-            counts,
-            provisional,
-            marker="x",
-            linestyle="none",
-            color=colours[name],
-            label=f"{name} (refused: provisional)",
-        )
+        if any(value == value for value in provisional):  # not all NaN
+            latency.plot(
+                counts,
+                provisional,
+                marker="x",
+                linestyle="none",
+                color=colours[name],
+                label=f"{name} (refused: provisional)",
+            )
     memory.set_title("Server memory (RSS of all its processes) over idle")
     memory.set_ylabel("MiB")
     latency.set_title("One message to every connection: time to the last")
     latency.set_yscale("log")
+    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    latency.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     latency.set_ylabel("ms, median of 20 messages (log)")
     for axis in (memory, latency):
         axis.set_xlabel("connections")
