@@ -3,7 +3,7 @@ run: the systems take turns, round after round, and the summary is the median of
 Not part of the test suite; run it by hand:
 
     pip install -e '.[bench]' && (cd bench && npm ci)
-    python bench/compare.py                         # 3 rounds, about 30 minutes
+    python bench/compare.py                         # 3 rounds, 15-30 minutes
     python bench/compare.py --rounds 1 --quick      # a smoke run, a few minutes
     python bench/compare.py --report bench/results/compare-….json   # table and pictures again
 
