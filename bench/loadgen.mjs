@@ -109,6 +109,9 @@ function openClient(room, onFrame) {
     const ws = new WebSocket(target, { perMessageDeflate: false, skipUTF8Validation: true });
     ws.ready = false;
     ws.on("error", reject);
+    ws.on("close", (code) => {
+      if (!ws.ready) reject(new Error(`closed (${code}) before it was ready`));
+    });
     ws.on("message", (buffer) => {
       if (SOCKET_IO && buffer.length === 1 && buffer[0] === ENGINE_IO_PING) {
         ws.send("3");
