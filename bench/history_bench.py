@@ -1,5 +1,6 @@
 """What room history costs and what recovery takes, on `trio-fanout run --workers 2` driven by
-the Node.js load generator (loadgen.mjs). Not part of the test suite; run it by hand:
+Node.js clients: the load generator of loadgen.py for the rate, recover.mjs for the kill. Not part
+of the test suite; run it by hand:
 
     cd bench && npm ci
     python history_bench.py rate          # delivery rate, history_size 100 against 0
@@ -11,7 +12,8 @@ the Node.js load generator (loadgen.mjs). Not part of the test suite; run it by 
 on both, one after the other in alternating order, so that a busy moment of the shared machine
 hits both alike. Each step reports the delivered rate, p99 latency, server CPU per delivery (the
 master with its proxy, both workers, and redis-server on Redis), and the load generator's CPU
-and event-loop lag; the ratio of CPU per delivery (on / off) is taken within each run.
+and event-loop lag (its busiest process; a step in which it was saturated does not pass, see
+loadgen.py); the ratio of CPU per delivery (on / off) is taken within each run.
 
 ``kill``: 2,000 clients in 20 rooms, half on each worker, a publisher on one worker publishing
 steadily; the other worker is killed with SIGKILL, and its clients reconnect and rejoin with
@@ -41,7 +43,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fanout_bench import HERE, RESULTS, Cluster, loadgen, passes
+from fanout_bench import HERE, RESULTS, passes
+from loadgen import DEFAULT_PROCESSES, LoadGenerator
+from systems import TrioFanout
 
 RATE_STEPS = [40_000, 80_000, 120_000, 160_000]
 KILL_TIMEOUT_SECONDS = 30
@@ -88,7 +92,7 @@ def redis_server() -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def cluster(history_size: int, backplane: str) -> Iterator[Cluster]:
+def cluster(history_size: int, backplane: str) -> Iterator[TrioFanout]:
     with contextlib.ExitStack() as stack:
         options = ["--history-size", str(history_size)]
         redis_pids = []
@@ -96,7 +100,7 @@ def cluster(history_size: int, backplane: str) -> Iterator[Cluster]:
             url, pid = stack.enter_context(redis_server())
             options += ["--backplane", url]
             redis_pids.append(pid)
-        running = Cluster(tuple(options))
+        running = TrioFanout(heartbeat_interval=0, options=tuple(options))
         stack.callback(running.stop)
         running.pids += redis_pids  # the server's CPU: Redis, the sequencer, is part of it
         yield running
@@ -104,27 +108,38 @@ def cluster(history_size: int, backplane: str) -> Iterator[Cluster]:
 
 def step_figures(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("achieved_deliveries_per_second", "p50_ms", "p99_ms", "lost", "duplicated",
-            "reordered", "server_cpu_us_per_delivery", "loadgen_cpu_percent",
-            "loadgen_lag_p99_ms", "loadgen_lag_max_ms")  # fmt: skip
+            "reordered", "server_cpu_us_per_delivery", "loadgen_cpu_percent_max",
+            "loadgen_lag_p99_ms_max", "loadgen_saturated")  # fmt: skip
     return {key: result[key] for key in keys} | {"passes": passes(result)}
 
 
-def rate_run(backplane: str, steps: list[int], duration: float, flip: bool) -> dict[str, Any]:
-    """One run: every step on both clusters, in alternating order."""
+def rate_run(
+    backplane: str, steps: list[int], duration: float, flip: bool, processes: int
+) -> dict[str, Any]:
+    """One run: every step on both clusters, in alternating order; each cluster's clients stay
+    connected for the whole run."""
     figures: dict[str, Any] = {"on": {}, "off": {}}
-    with cluster(100, backplane) as on, cluster(0, backplane) as off:
-        order = [("on", on), ("off", off)]
+    with contextlib.ExitStack() as stack:
+        order = []
+        for name, history_size in (("on", 100), ("off", 0)):
+            running = stack.enter_context(cluster(history_size, backplane))
+            generator = LoadGenerator(
+                running.protocol, running.url, "rate", 1000, rooms=10, processes=processes
+            )
+            stack.enter_context(generator)
+            order.append((name, running, generator))
         for number, rate in enumerate(steps):
-            for name, running in order[::-1] if (number % 2) ^ flip else order:
-                config = {"mode": "rate", "url": running.url, "clients": 1000, "rooms": 10,
-                          "duration": duration, "deliveries": rate}  # fmt: skip
-                figures[name][rate] = result = step_figures(loadgen(config, running))
+            for name, running, generator in order[::-1] if (number % 2) ^ flip else order:
+                result = generator.rate_step(rate, duration, running.cpu_seconds)
+                figures[name][rate] = result = step_figures(result)
                 print(f"  history {name:3} {rate:>7}/s: got "
                       f"{result['achieved_deliveries_per_second']:,.0f}/s, "
                       f"p99 {result['p99_ms'] or float('nan'):.1f} ms, lost {result['lost']}, "
                       f"server {result['server_cpu_us_per_delivery']:.2f} us/delivery, loadgen "
-                      f"CPU {result['loadgen_cpu_percent']:.0f}% lag p99 "
-                      f"{result['loadgen_lag_p99_ms']:.1f} ms", file=sys.stderr)  # fmt: skip
+                      f"CPU max {result['loadgen_cpu_percent_max']:.0f}% lag p99 "
+                      f"{result['loadgen_lag_p99_ms_max']:.1f} ms"
+                      + (f" [refused: {result['loadgen_saturated']}]"
+                         if result["loadgen_saturated"] else ""), file=sys.stderr)  # fmt: skip
     return figures
 
 
@@ -135,7 +150,7 @@ def rate_summary(runs: list[dict[str, Any]], steps: list[int]) -> dict[int, Any]
         for name in ("on", "off"):
             results = [run[name][rate] for run in runs]
             for key in ("achieved_deliveries_per_second", "p99_ms", "server_cpu_us_per_delivery",
-                        "loadgen_cpu_percent", "loadgen_lag_p99_ms"):  # fmt: skip
+                        "loadgen_cpu_percent_max", "loadgen_lag_p99_ms_max"):  # fmt: skip
                 row[f"{name} {key}"] = statistics.median(result[key] for result in results)
             row[f"{name} passed"] = sum(result["passes"] for result in results)
         row["cpu per delivery on/off, median of the runs' ratios"] = statistics.median(
@@ -147,7 +162,7 @@ def rate_summary(runs: list[dict[str, Any]], steps: list[int]) -> dict[int, Any]
     return summary
 
 
-def read_cpu(running: Cluster, pids: list[int]) -> float:
+def read_cpu(running: TrioFanout, pids: list[int]) -> float:
     with contextlib.suppress(FileNotFoundError):
         return sum(running.cpu_seconds(pids))
     return float("nan")
@@ -160,11 +175,11 @@ def kill_run(
     With ``profile``, py-spy samples the surviving worker and the master (with the embedded
     proxy) for PROFILE_SECONDS from just before the kill, into bench/results/."""
     with cluster(100, backplane) as running:
-        config = {"mode": "recover", "url": running.url, "clients": clients, "rooms": rooms,
+        config = {"url": running.url, "clients": clients, "rooms": rooms,
                   "publishes_per_second": rate, "timeout": KILL_TIMEOUT_SECONDS,
                   "backoff_base_ms": backoff_ms, "backoff_cap_ms": 2000}  # fmt: skip
         process = subprocess.Popen(
-            ["node", str(HERE / "loadgen.mjs"), json.dumps(config)],
+            ["node", str(HERE / "recover.mjs"), json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert process.stdout is not None and process.stdin is not None
@@ -267,6 +282,13 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(map(str, RATE_STEPS)),
                         help="rate: deliveries/s to try, comma-separated")  # fmt: skip
     parser.add_argument("--duration", type=float, default=5.0, help="rate: seconds per step")
+    parser.add_argument(
+        "--loadgen-processes",
+        dest="processes",
+        type=int,
+        default=DEFAULT_PROCESSES,
+        help=f"rate: Node processes sharing the clients (default {DEFAULT_PROCESSES})",
+    )
     parser.add_argument("--clients", type=int, default=2000, help="kill: members")
     parser.add_argument("--rooms", type=int, default=20, help="kill: rooms")
     parser.add_argument("--publishes", type=int, default=200,
@@ -286,7 +308,9 @@ def main() -> None:
         steps = [int(step) for step in args.steps.split(",")]
         for number in range(args.runs):
             print(f"run {number + 1} of {args.runs}", file=sys.stderr)
-            runs.append(rate_run(args.backplane, steps, args.duration, flip=number % 2 == 1))
+            runs.append(
+                rate_run(args.backplane, steps, args.duration, number % 2 == 1, args.processes)
+            )
         summary = rate_summary(runs, steps)
     else:
         backoffs = [int(value) for value in args.backoff_ms.split(",")]

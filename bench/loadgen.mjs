@@ -1,491 +1,342 @@
-// The load generator of fanout_bench.py: many WebSocket clients of trio-fanout in one Node.js
-// process (the `ws` package), so that its limits are not Python's and its CPU is reported apart.
+// One process of the load generator that bench/loadgen.py drives: a share of the WebSocket
+// clients of a fan-out benchmark, speaking either trio-fanout's protocol or Socket.IO's (raw
+// engine.io frames over the same `ws` client, so that both systems get the same client cost).
+// bench/loadgen.py starts several of these processes and merges what they report; see it for
+// the orchestration. Not part of the test suite.
 //
-//   node loadgen.mjs '{"mode": "rate", "url": "ws://127.0.0.1:8765/ws", ...}'
+//   node loadgen.mjs '{"system": "trio-fanout", "url": "ws://127.0.0.1:8765/ws",
+//                      "session": "rate", "clients": 1000, "rooms": 10, "shard": 0, "shards": 2}'
 //
-// Modes (the result is one JSON line on stdout; progress goes to stderr):
-//   rate:      `clients` members spread over `rooms` rooms, one extra publisher per room; publish
-//              for `duration` s so that members receive `deliveries` messages a second in all;
-//              report latency percentiles, lost, duplicated and reordered messages, and our CPU.
-//   broadcast: `clients` members of one room; publish `messages` messages one at a time and
-//              report, for each, the time until the last member received it.
-//   idle:      open `clients` connections, print {"ready": true}, hold them until stdin closes.
-//   recover:   `clients` members of `rooms` rooms, half on each of two workers, and a publisher
-//              on one of them; print {"event": "ready", "victim_pid": P}, read the time the
-//              orchestrator killed worker P (a JSON line on stdin), and report how long each of
-//              that worker's clients took to reconnect, rejoin with `since` and recover.
-// Lines {"event": "start"} and {"event": "end"} on stdout bracket the measured part of a run.
-// The rate and recover results carry our CPU, and every result our event loop's lag (how late
-// our timers ran): when either is high, the figure is ours, not the server's.
+// The process connects its share (global client g belongs to shard g % shards; room r's
+// publisher to shard r % shards), prints {"event": "ready"} and then obeys one JSON command a
+// line on stdin, answering each with one JSON line on stdout:
+//   {"cmd": "rate", "deliveries": D, "duration": S}   publish for S seconds so that all members
+//        of all shards receive D messages a second in all; print {"event": "published", "sent":
+//        [per room]}; then wait for {"cmd": "expect", "sent": [per room, all shards]} and print
+//        the step's result once every member got what was sent (or after a bounded drain).
+//   {"cmd": "broadcast", "messages": M, "interval_ms": I}   session "broadcast": every member is
+//        in one room; shard 0 publishes M messages I ms apart; each shard reports, for each
+//        message, how many of its members got it and when the last one did.
+//   {"cmd": "quit"}   close every connection and exit.
+// Session "idle" connects without joining and waits for "quit".
+//
+// Receiving costs as little as we can make it: no JSON parsing of deliveries. Every published
+// datum is a JSON string of fixed layout, "~PPPSSSSSSSSSTTTTTTTTTTTTTTT" (publisher, sequence
+// number, send time in microseconds of CLOCK_MONOTONIC, which every process on the machine
+// shares), found by looking for the one "~" byte in the raw frame. Every step also reports this
+// process's CPU (process.cpuUsage) and event-loop delay (perf_hooks.monitorEventLoopDelay), so
+// that the orchestrator can refuse a step in which the load generator itself was the limit.
 import WebSocket from "ws";
-import { createInterface } from "node:readline";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
+import { createInterface } from "node:readline";
 
 const config = JSON.parse(process.argv[2]);
-const CONNECT_CONCURRENCY = 200;
+const { system, url, shard = 0, shards = 1 } = config;
+const SOCKET_IO = system === "socket.io";
+// Handshakes in flight at once per process: enough to connect thousands of clients in seconds
+// without a burst that overflows the server's accept backlog.
+const CONNECT_CONCURRENCY = Math.max(20, Math.floor(200 / shards));
+// How long members may take to receive the last of a step's messages before the rest counts
+// as lost.
+const DRAIN_MS = 3000;
+// The event-loop delay monitor's timer interval; what it records includes this interval.
+const LAG_RESOLUTION_MS = 10;
+// Latency histogram: buckets of 50 µs up to 10 s, then one overflow bucket.
+const BUCKET_US = 50;
+const BUCKETS = 200_000;
+const MARK = 0x7e; // "~"
+// CLOCK_MONOTONIC in milliseconds, from performance.now() plus an offset taken once.
+const MONOTONIC_OFFSET_MS = Number(process.hrtime.bigint()) / 1e6 - performance.now();
+const monotonicMs = () => performance.now() + MONOTONIC_OFFSET_MS;
 
 function log(...args) {
-  process.stderr.write(`loadgen: ${args.join(" ")}\n`);
+  process.stderr.write(`loadgen ${shard}/${shards}: ${args.join(" ")}\n`);
 }
 
-// Tell the orchestrator when the measured part begins and ends (it reads the server's CPU then).
-function mark(event) {
-  process.stdout.write(JSON.stringify({ event }) + "\n");
+function reply(object) {
+  process.stdout.write(JSON.stringify(object) + "\n");
 }
 
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-// Open one client; resolve once it is welcomed (and has joined `room`, if given).
-function openClient(url, room, onFrame) {
+// The datum of a publish: fixed layout, so that a receiver can slice it without parsing JSON.
+function datum(publisher, seq) {
+  const us = Math.round(monotonicMs() * 1000);
+  return `~${String(publisher).padStart(3, "0")}${String(seq).padStart(9, "0")}${String(us).padStart(15, "0")}`;
+}
+
+// Read `width` decimal digits of `buffer` from `at` (no string is made).
+function digits(buffer, at, width) {
+  let value = 0;
+  for (let i = at; i < at + width; i++) value = value * 10 + (buffer[i] - 48);
+  return value;
+}
+
+// Each system's frames, as the text the client sends or expects.
+const speak = SOCKET_IO
+  ? {
+      // engine.io open ("0{...}") is followed by our Socket.IO CONNECT ("40"), answered "40{...}".
+      onOpenFrame: (ws, text) => {
+        if (text.startsWith("0{")) ws.send("40");
+        else if (text.startsWith("40")) return "welcome";
+        else if (text.startsWith("430")) return "joined";
+        else if (text.startsWith("44")) return "error";
+        return null;
+      },
+      join: (room) => `420${JSON.stringify(["join", room])}`,
+      publish: (room, data) => `42${JSON.stringify(["publish", room, data])}`,
+    }
+  : {
+      onOpenFrame: (ws, text) => {
+        if (text.includes('"type":"welcome"')) return "welcome";
+        if (text.includes('"type":"joined"')) return "joined";
+        if (text.includes('"type":"error"')) return "error";
+        return null;
+      },
+      join: (room) => JSON.stringify({ type: "join", room, id: 1 }),
+      publish: (room, data) => JSON.stringify({ type: "publish", room, data }),
+    };
+
+const ENGINE_IO_PING = 0x32; // "2": engine.io's ping, which a client must answer with "3"
+
+// Open one client; resolve once it is welcomed (and has joined `room`, if given). After that,
+// every frame goes to onFrame(ws, buffer).
+function openClient(room, onFrame) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    const target = SOCKET_IO ? `${url}/socket.io/?EIO=4&transport=websocket` : url;
+    const ws = new WebSocket(target, { perMessageDeflate: false, skipUTF8Validation: true });
+    ws.ready = false;
     ws.on("error", reject);
-    ws.on("message", (data) => {
-      const text = data.toString();
-      if (ws.ready) {
-        onFrame(ws, text);
+    ws.on("close", (code) => {
+      if (!ws.ready) reject(new Error(`closed (${code}) before it was ready`));
+    });
+    ws.on("message", (buffer) => {
+      if (SOCKET_IO && buffer.length === 1 && buffer[0] === ENGINE_IO_PING) {
+        ws.send("3");
         return;
       }
-      const frame = JSON.parse(text);
-      if (frame.type === "welcome") {
+      if (ws.ready) {
+        onFrame(ws, buffer);
+        return;
+      }
+      const text = buffer.toString();
+      const event = speak.onOpenFrame(ws, text);
+      if (event === "welcome") {
         if (room === null) {
           ws.ready = true;
           resolve(ws);
         } else {
-          ws.send(JSON.stringify({ type: "join", room, id: 1 }));
+          ws.send(speak.join(room));
         }
-      } else if (frame.type === "joined") {
+      } else if (event === "joined") {
         ws.ready = true;
         resolve(ws);
-      } else if (frame.type === "error") {
+      } else if (event === "error") {
         reject(new Error(text));
       }
     });
   });
 }
 
-async function openMany(count, roomOf, onFrame) {
-  const clients = new Array(count);
+async function openMany(rooms, onFrame) {
+  const clients = new Array(rooms.length);
   let next = 0;
-  async function worker() {
-    while (next < count) {
+  async function opener() {
+    while (next < rooms.length) {
       const index = next++;
-      clients[index] = await openClient(config.url, roomOf(index), onFrame);
+      clients[index] = await openClient(rooms[index], onFrame);
+      clients[index].index = index;
     }
   }
-  await Promise.all(Array.from({ length: Math.min(CONNECT_CONCURRENCY, count) }, worker));
+  await Promise.all(Array.from({ length: Math.min(CONNECT_CONCURRENCY, rooms.length) }, opener));
   return clients;
 }
 
-// Our event loop's lag, sampled every 10 ms: how late a timer or a socket's event ran.
-const lag = monitorEventLoopDelay({ resolution: 10 });
-lag.enable();
-
-function lagFigures() {
+// This process's CPU and event-loop delay between start() and stop().
+function resourceMeter() {
+  const lag = monitorEventLoopDelay({ resolution: LAG_RESOLUTION_MS });
+  let cpuStart, wallStart;
   return {
-    loadgen_lag_p99_ms: lag.percentile(99) / 1e6,
-    loadgen_lag_max_ms: lag.max / 1e6,
+    start() {
+      lag.reset();
+      lag.enable();
+      cpuStart = process.cpuUsage();
+      wallStart = performance.now();
+    },
+    stop() {
+      lag.disable();
+      const cpu = process.cpuUsage(cpuStart);
+      const seconds = (performance.now() - wallStart) / 1000;
+      const excess = (value) => Math.max(0, value / 1e6 - LAG_RESOLUTION_MS);
+      return {
+        cpu_percent: ((cpu.user + cpu.system) / 1e6 / seconds) * 100,
+        lag_p50_ms: excess(lag.percentile(50)),
+        lag_p99_ms: excess(lag.percentile(99)),
+        lag_max_ms: excess(lag.max),
+      };
+    },
   };
 }
 
-function percentile(sorted, p) {
-  if (sorted.length === 0) return null;
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-}
+// Commands from the orchestrator, one JSON object a line.
+const commands = (() => {
+  const lines = createInterface({ input: process.stdin });
+  const queue = [];
+  const waiting = [];
+  lines.on("line", (line) => {
+    const command = JSON.parse(line);
+    if (waiting.length) waiting.shift()(command);
+    else queue.push(command);
+  });
+  lines.on("close", () => {
+    const quit = { cmd: "quit" };
+    while (waiting.length) waiting.shift()(quit);
+    queue.push(quit);
+  });
+  return () => (queue.length ? Promise.resolve(queue.shift()) : new Promise((r) => waiting.push(r)));
+})();
 
-async function rate() {
-  const { clients: count, rooms, deliveries, duration } = config;
-  const membersPerRoom = count / rooms;
-  const publishesPerSecond = deliveries / membersPerRoom;
-  const publishers = rooms;
-  // Per member: the last seq seen from each publisher (publisher p publishes only to room p).
-  const lastSeq = new Int32Array(count).fill(0);
-  const latencies = [];
+async function rateSession() {
+  const { clients: total, rooms } = config;
+  const myRooms = [];
+  for (let g = shard; g < total; g += shards) myRooms.push(g % rooms);
+  const roomOfMember = Int32Array.from(myRooms);
+  const myPublishers = [];
+  for (let r = shard; r < rooms; r += shards) myPublishers.push(r);
+  const membersPerRoom = total / rooms;
+
+  // Per member: the last sequence number seen (each room has one publisher).
+  const lastSeq = new Int32Array(myRooms.length);
+  const histogram = new Uint32Array(BUCKETS + 1);
   let received = 0, duplicated = 0, reordered = 0;
-  let recording = false;
-  let memberIndex = 0;
-  const onFrame = (ws, text) => {
-    if (!recording) return;
-    const frame = JSON.parse(text);
-    if (frame.type !== "message") return;
-    const { t, s } = frame.data;
+  const onFrame = (ws, buffer) => {
+    const at = buffer.indexOf(MARK);
+    if (at < 0) return; // a heartbeat
+    const seq = digits(buffer, at + 4, 9);
+    const sentUs = digits(buffer, at + 13, 15);
     const last = lastSeq[ws.index];
-    if (s === last + 1) {
+    if (seq === last + 1) {
       received++;
-    } else if (s <= last) {
+    } else if (seq <= last) {
       duplicated++;
       return;
     } else {
       reordered++;
       received++;
     }
-    lastSeq[ws.index] = s;
-    latencies.push(performance.now() - t);
+    lastSeq[ws.index] = seq;
+    const bucket = Math.floor((monotonicMs() * 1000 - sentUs) / BUCKET_US);
+    histogram[Math.max(0, Math.min(BUCKETS, bucket))]++;
   };
-  const members = await openMany(count, (i) => `room-${i % rooms}`, onFrame);
-  members.forEach((ws, i) => { ws.index = i; memberIndex++; });
-  const pubs = await openMany(publishers, () => null, () => {});
-  log(`${count} members and ${publishers} publishers ready`);
+  const members = await openMany(myRooms.map((r) => `room-${r}`), onFrame);
+  const publishers = await openMany(myPublishers.map(() => null), () => {});
+  const seq = new Int32Array(rooms);
+  reply({ event: "ready", members: members.length, publishers: publishers.length });
 
-  recording = true;
-  mark("start");
-  lag.reset();
-  const seq = new Int32Array(publishers).fill(0);
-  const cpuStart = process.cpuUsage();
-  const start = performance.now();
-  let sent = 0;
-  while (performance.now() - start < duration * 1000) {
-    const due = Math.floor(((performance.now() - start) / 1000) * publishesPerSecond);
-    while (sent < due) {
-      const p = sent % publishers;
-      seq[p]++;
-      const data = { t: performance.now(), p, s: seq[p] };
-      pubs[p].send(`{"type":"publish","room":"room-${p}","data":${JSON.stringify(data)}}`);
-      sent++;
-    }
-    await sleep(2);
-  }
-  const publishEnd = performance.now();
-  const expected = sent * membersPerRoom;
-  // Let what is on its way arrive (bounded).
-  while (received < expected && performance.now() - publishEnd < 3000) await sleep(10);
-  mark("end");
-  const cpu = process.cpuUsage(cpuStart);
-  const elapsed = (performance.now() - start) / 1000;
-  latencies.sort((a, b) => a - b);
-  for (const ws of [...members, ...pubs]) ws.terminate();
-  return {
-    mode: "rate",
-    clients: count,
-    rooms,
-    target_deliveries_per_second: deliveries,
-    publishes: sent,
-    expected,
-    received,
-    lost: expected - received,
-    duplicated,
-    reordered,
-    achieved_deliveries_per_second: received / (publishEnd - start) * 1000,
-    p50_ms: percentile(latencies, 50),
-    p99_ms: percentile(latencies, 99),
-    max_ms: latencies.length ? latencies[latencies.length - 1] : null,
-    loadgen_cpu_percent: ((cpu.user + cpu.system) / 1e6 / elapsed) * 100,
-    ...lagFigures(),
-  };
-}
-
-async function broadcast() {
-  const { clients: count, messages } = config;
-  let pending = 0, lastArrival = 0;
-  const onFrame = (ws, text) => {
-    if (text.includes('"type":"message"')) {
-      pending--;
-      if (pending === 0) lastArrival = performance.now();
-    }
-  };
-  const members = await openMany(count, () => "everyone", onFrame);
-  const [publisher] = await openMany(1, () => null, () => {});
-  log(`${count} members ready`);
-  const toLast = [];
-  mark("start");
-  lag.reset();
-  for (let i = 0; i < messages; i++) {
-    pending = count;
-    const sentAt = performance.now();
-    publisher.send(`{"type":"publish","room":"everyone","data":${i}}`);
-    const deadline = sentAt + 5000;
-    while (pending > 0 && performance.now() < deadline) await sleep(1);
-    toLast.push(pending === 0 ? lastArrival - sentAt : null);
-    await sleep(100);
-  }
-  mark("end");
-  for (const ws of [...members, publisher]) ws.terminate();
-  const complete = toLast.filter((v) => v !== null).sort((a, b) => a - b);
-  return {
-    mode: "broadcast", clients: count, messages, incomplete: messages - complete.length,
-    received: count * complete.length,
-    to_last_ms: toLast, median_to_last_ms: percentile(complete, 50), ...lagFigures(),
-  };
-}
-
-async function idle() {
-  const clients = await openMany(config.clients, () => null, () => {});
-  process.stdout.write(JSON.stringify({ mode: "idle", ready: true, clients: clients.length }) + "\n");
-  process.stdin.resume();
-  await new Promise((resolve) => process.stdin.on("end", resolve));
-  for (const ws of clients) ws.terminate();
-  return null;
-}
-
-// The time since the Unix epoch in ms, on the clock the orchestrator reads its kill time from.
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
-
-function readLine() {
-  return new Promise((resolve) => {
-    const lines = createInterface({ input: process.stdin });
-    lines.once("line", (line) => {
-      lines.close();
-      resolve(line);
-    });
-  });
-}
-
-let stopping = false;
-
-// One member of a room, as the project's clients behave: it keeps its room's epoch and last
-// offset, and when its connection ends it reconnects after a delay and rejoins with `since`.
-// `lost` records the first loss and the recovery from it, in wallMs().
-class Member {
-  constructor(policy) {
-    this.policy = policy;
-    this.room = null;
-    this.epoch = null;
-    this.offset = null;
-    this.pid = null;
-    this.attempts = 0;
-    this.gaps = 0;
-    this.duplicates = 0;
-    this.lost = null;
-    this.victim = false;
-    this.discarded = false;
-    this.onJoined = () => {};
-  }
-
-  // Connect; resolve once welcomed. A member with a room rejoins it at once.
-  open() {
-    return new Promise((resolve, reject) => {
-      if (this.lost) this.lost.attempted = wallMs();
-      const ws = new WebSocket(config.url, { perMessageDeflate: false });
-      let welcomed = false;
-      ws.on("open", () => {
-        if (this.lost) this.lost.opened = wallMs();
-      });
-      ws.on("error", (error) => {
-        if (!welcomed) reject(error);
-      });
-      ws.on("close", () => {
-        if (!welcomed) reject(new Error("closed before the welcome"));
-        else this.connectionEnded();
-      });
-      ws.on("message", (data) => {
-        const frame = JSON.parse(data.toString());
-        if (frame.type === "welcome") {
-          welcomed = true;
-          this.ws = ws;
-          this.pid = frame.pid;
-          if (this.lost) this.lost.welcomed = wallMs();
-          if (this.room !== null) this.join();
-          resolve();
-        } else {
-          this.onFrame(frame);
+  const meter = resourceMeter();
+  for (;;) {
+    const command = await commands();
+    if (command.cmd === "quit") break;
+    const { deliveries, duration } = command;
+    // The counters were zeroed after the last report, not here: another process may have
+    // started publishing before this one read its command.
+    meter.start();
+    // Our share of the publishes: every room gets deliveries / total publishes a second.
+    const perRoomPerSecond = deliveries / total;
+    const sent = new Array(rooms).fill(0);
+    const start = performance.now();
+    while (performance.now() - start < duration * 1000) {
+      const due = Math.floor(((performance.now() - start) / 1000) * perRoomPerSecond);
+      for (let i = 0; i < publishers.length; i++) {
+        const room = myPublishers[i];
+        while (sent[room] < due) {
+          seq[room]++;
+          sent[room]++;
+          publishers[i].send(speak.publish(`room-${room}`, datum(room, seq[room])));
         }
-      });
-    });
-  }
-
-  join() {
-    const join = { type: "join", room: this.room, id: 1 };
-    if (this.epoch !== null) join.since = { epoch: this.epoch, offset: this.offset };
-    this.ws.send(JSON.stringify(join));
-  }
-
-  onFrame(frame) {
-    if (frame.type === "joined") {
-      const lost = this.lost;
-      if (lost && lost.joined === undefined) {
-        lost.joined = wallMs();
-        lost.recovered = frame.recovered === true;
-        lost.missed = frame.offset - this.offset;
-        if (!lost.recovered) this.offset = frame.offset; // nothing older is coming
-        if (lost.missed <= 0 || !lost.recovered) lost.firstMissed = lost.joined;
-      } else if (this.offset === null) {
-        this.offset = frame.offset;
       }
-      this.epoch = frame.epoch;
-      this.onJoined();
-    } else if (frame.type === "message" && frame.room === this.room) {
-      if (frame.offset === this.offset + 1) {
-        if (this.lost && this.lost.firstMissed === undefined) this.lost.firstMissed = wallMs();
-      } else if (frame.offset <= this.offset) {
-        this.duplicates++;
-        return;
-      } else {
-        this.gaps++;
-      }
-      this.offset = frame.offset;
-    } else if (frame.type === "error") {
-      log(`member on room ${this.room}: ${JSON.stringify(frame)}`);
+      await sleep(2);
     }
+    const publishSeconds = (performance.now() - start) / 1000;
+    reply({ event: "published", sent });
+    const expect = await commands();
+    let expected = 0;
+    for (let m = 0; m < roomOfMember.length; m++) expected += expect.sent[roomOfMember[m]];
+    const drainStart = performance.now();
+    while (received < expected && performance.now() - drainStart < DRAIN_MS) await sleep(5);
+    const usage = meter.stop();
+    const buckets = [];
+    for (let b = 0; b <= BUCKETS; b++) if (histogram[b]) buckets.push([b, histogram[b]]);
+    reply({
+      event: "step", expected, received, lost: expected - received, duplicated, reordered,
+      publish_seconds: publishSeconds, bucket_us: BUCKET_US, latency_buckets: buckets, ...usage,
+    });
+    histogram.fill(0);
+    received = duplicated = reordered = 0;
   }
-
-  connectionEnded() {
-    if (stopping || this.discarded) return;
-    if (this.lost === null) this.lost = { closed: wallMs() };
-    this.retry();
-  }
-
-  // The first attempt after a loss waits a uniform random time up to backoff_base_ms (0:
-  // none); a failed attempt retries after a growing delay with full jitter.
-  retry() {
-    const { backoff_base_ms: base, backoff_cap_ms: cap } = config;
-    const delay = this.attempts === 0
-      ? Math.random() * base
-      : Math.random() * Math.min(cap, Math.max(base, 10) * 2 ** this.attempts);
-    this.attempts++;
-    setTimeout(() => {
-      if (!stopping) this.open().catch(() => this.retry());
-    }, delay);
-  }
+  for (const ws of [...members, ...publishers]) ws.terminate();
 }
 
-function openPublisher() {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(config.url, { perMessageDeflate: false });
-    ws.on("error", reject);
-    ws.on("message", (data) => {
-      const frame = JSON.parse(data.toString());
-      if (frame.type === "welcome") resolve({ ws, pid: frame.pid });
-      else if (frame.type === "error") log(`publisher: ${data}`);
-    });
-    ws.on("close", () => {
-      if (!stopping) log("the publisher's connection ended");
-    });
-  });
-}
-
-// Members, half on each worker, in `rooms` rooms with as many members of each room on each
-// worker. A connection landing on a worker that has its half is closed and another opened (the
-// shared listening socket spreads idle connections unevenly).
-async function openBalanced(count, rooms) {
-  const members = [];
-  const perPid = new Map();
-  let opened = 0;
-  while (members.length < count) {
-    if (opened > count * 20) throw new Error(`unbalanced: ${JSON.stringify([...perPid])}`);
-    const batch = Array.from({ length: Math.min(CONNECT_CONCURRENCY, count - members.length) },
-      () => new Member());
-    opened += batch.length;
-    await Promise.all(batch.map((member) => member.open()));
-    const joins = [];
-    for (const member of batch) {
-      const have = perPid.get(member.pid) ?? 0;
-      if (have >= count / 2 || (perPid.size === 2 && !perPid.has(member.pid))) {
-        member.discarded = true;
-        member.ws.terminate();
-        continue;
-      }
-      perPid.set(member.pid, have + 1);
-      member.room = `room-${have % rooms}`;
-      joins.push(new Promise((resolve) => { member.onJoined = resolve; }));
-      member.join();
-      members.push(member);
+async function broadcastSession() {
+  const count = Math.ceil((config.clients - shard) / shards);
+  // seq -> [received, last arrival in monotonic ms]; sequence numbers are never reused, so this
+  // is cleared only after a report (another process may publish before this one reads its
+  // command).
+  let arrivals = new Map();
+  const onFrame = (ws, buffer) => {
+    const at = buffer.indexOf(MARK);
+    if (at < 0) return;
+    const seq = digits(buffer, at + 4, 9);
+    const now = monotonicMs();
+    const seen = arrivals.get(seq);
+    if (seen) {
+      seen[0]++;
+      seen[1] = now;
+    } else {
+      arrivals.set(seq, [1, now]);
     }
-    await Promise.all(joins);
-    for (const member of members) member.onJoined = () => {};
-  }
-  return { members, perPid };
-}
-
-function spread(values) {
-  const sorted = values.filter((v) => v !== undefined).sort((a, b) => a - b);
-  return {
-    n: sorted.length, p50: percentile(sorted, 50), p90: percentile(sorted, 90),
-    p99: percentile(sorted, 99), max: sorted.length ? sorted[sorted.length - 1] : null,
   };
-}
-
-async function recover() {
-  const { clients: count, rooms, publishes_per_second: rate, timeout } = config;
-  const publisher = await openPublisher();
-  const { members, perPid } = await openBalanced(count, rooms);
-  const victimPid = [...perPid.keys()].find((pid) => pid !== publisher.pid);
-  if (perPid.size !== 2 || victimPid === undefined) {
-    throw new Error(`expected two workers, one with the publisher: ${JSON.stringify([...perPid])}`);
-  }
-  const victims = members.filter((member) => member.pid === victimPid);
-  for (const member of victims) member.victim = true;
-  log(`${count} members ready (${JSON.stringify([...perPid])}); publisher on ${publisher.pid}`);
-
-  // A steady publisher: `rate` publishes a second over all rooms, in room order.
-  let sent = 0;
-  const publishStart = performance.now();
-  const publishing = (async () => {
-    while (!stopping) {
-      const due = Math.floor(((performance.now() - publishStart) / 1000) * rate);
-      for (; sent < due; sent++) {
-        publisher.ws.send(`{"type":"publish","room":"room-${sent % rooms}","data":${sent}}`);
-      }
-      await sleep(5);
+  const members = await openMany(new Array(count).fill("everyone"), onFrame);
+  const publishers = shard === 0 ? await openMany([null], () => {}) : [];
+  reply({ event: "ready", members: members.length, publishers: publishers.length });
+  const meter = resourceMeter();
+  let seq = 0;
+  for (;;) {
+    const command = await commands();
+    if (command.cmd === "quit") break;
+    meter.start();
+    const sentAt = [];
+    for (let i = 0; i < command.messages && publishers.length; i++) {
+      seq++;
+      sentAt.push([seq, monotonicMs()]);
+      publishers[0].send(speak.publish("everyone", datum(0, seq)));
+      await sleep(command.interval_ms);
     }
-  })();
-  await sleep(1000); // every room has numbered messages, every member a position
-
-  process.stdout.write(JSON.stringify({ event: "ready", victim_pid: victimPid }) + "\n");
-  const cpuStart = process.cpuUsage();
-  const readyAt = wallMs();
-  lag.reset();
-  const { killed_at_ms: killedAt } = JSON.parse(await readLine());
-  const done = () => victims.every((m) => m.lost && m.lost.firstMissed !== undefined);
-  while (!done() && wallMs() - killedAt < timeout * 1000) await sleep(5);
-  const recoveredAt = wallMs();
-  process.stdout.write(JSON.stringify({ event: "recovered" }) + "\n");
-  const cpu = process.cpuUsage(cpuStart);
-  const lagDuring = lagFigures();
-  await sleep(1000); // and then: does every member keep receiving in order?
-  stopping = true;
-  await publishing;
-  await sleep(500);
-  for (const member of members) member.ws.terminate();
-  publisher.ws.terminate();
-
-  const since = (field) => victims.map((m) => m.lost?.[field] === undefined
-    ? undefined : m.lost[field] - killedAt);
-  const between = (from, to) => victims.map((m) => m.lost?.[from] === undefined
-    || m.lost?.[to] === undefined ? undefined : m.lost[to] - m.lost[from]);
-  // Where the victims landed: on the surviving worker, or on the one started in the dead one's
-  // place (which first has to start, subscribe and read each room's history).
-  const landedOn = {};
-  for (const where of ["survivor", "restarted"]) {
-    const here = victims.filter((m) => (m.pid === publisher.pid) === (where === "survivor"));
-    landedOn[where] = { clients: here.length, recovery_ms: spread(here.map(
-      (m) => m.lost?.firstMissed === undefined ? undefined : m.lost.firstMissed - killedAt)) };
+    if (!publishers.length) await sleep(command.messages * command.interval_ms);
+    // Let the last message arrive everywhere (bounded).
+    await sleep(Math.min(DRAIN_MS, 1000));
+    reply({ event: "step", sent_at_ms: sentAt, arrivals: [...arrivals], members: members.length,
+            ...meter.stop() });  // prettier-ignore
+    arrivals = new Map();
   }
-  return {
-    mode: "recover",
-    clients: count,
-    rooms,
-    publishes_per_second: rate,
-    backoff_base_ms: config.backoff_base_ms,
-    victim_pid: victimPid,
-    victims: victims.length,
-    recovered_true: victims.filter((m) => m.lost?.recovered === true).length,
-    recovered_false: victims.filter((m) => m.lost?.recovered === false).length,
-    not_rejoined: victims.filter((m) => m.lost?.joined === undefined).length,
-    others_disconnected: members.filter((m) => !m.victim && m.lost).length,
-    landed_on: landedOn,
-    connection_attempts: victims.reduce((sum, m) => sum + m.attempts, 0),
-    missed_per_client: spread(victims.map((m) => m.lost?.missed)),
-    recovery_ms: spread(since("firstMissed")),
-    close_seen_ms: spread(since("closed")),
-    closed_to_attempt_ms: spread(between("closed", "attempted")),
-    attempt_to_open_ms: spread(between("attempted", "opened")),
-    open_to_welcome_ms: spread(between("opened", "welcomed")),
-    welcome_to_joined_ms: spread(between("welcomed", "joined")),
-    joined_to_first_missed_ms: spread(between("joined", "firstMissed")),
-    gaps: members.reduce((sum, m) => sum + m.gaps, 0),
-    duplicates: members.reduce((sum, m) => sum + m.duplicates, 0),
-    publishes: sent,
-    window_ms: recoveredAt - killedAt,
-    loadgen_cpu_percent: ((cpu.user + cpu.system) / 1e3 / (recoveredAt - readyAt)) * 100,
-    ...lagDuring,
-  };
+  for (const ws of [...members, ...publishers]) ws.terminate();
 }
 
-const modes = { rate, broadcast, idle, recover };
-const result = await modes[config.mode]();
-if (result) process.stdout.write(JSON.stringify(result) + "\n");
+async function idleSession() {
+  const count = Math.ceil((config.clients - shard) / shards);
+  const clients = await openMany(new Array(count).fill(null), () => {});
+  reply({ event: "ready", members: clients.length, publishers: 0 });
+  while ((await commands()).cmd !== "quit");
+  for (const ws of clients) ws.terminate();
+}
+
+const sessions = { rate: rateSession, broadcast: broadcastSession, idle: idleSession };
+try {
+  await sessions[config.session]();
+} catch (error) {
+  log(error.stack || error);
+  process.exit(1);
+}
 process.exit(0);

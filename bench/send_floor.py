@@ -84,7 +84,8 @@ def main() -> None:
                 request = protocol.parse_request(event.payload)
                 if isinstance(request, protocol.Join):
                     members.append(sock)
-                    sock.send(websocket.encode_text_frame(protocol.joined_frame(request.room, 1)))
+                    joined = protocol.joined_frame(request.room, 1, "floor", 0)
+                    sock.send(websocket.encode_text_frame(joined))
                 elif isinstance(request, protocol.Publish):
                     if not sent:
                         cpu_first = cpu_seconds()

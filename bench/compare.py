@@ -1,0 +1,536 @@
+"""trio-fanout against Socket.IO 4.8 (node:cluster, Redis adapter), the same scenarios in the same
+run: the systems take turns, round after round, and the summary is the median of the rounds.
+Not part of the test suite; run it by hand:
+
+    pip install -e '.[bench]' && (cd bench && npm ci)
+    python bench/compare.py                         # 3 rounds, 15-30 minutes
+    python bench/compare.py --rounds 1 --quick      # a smoke run, a few minutes
+    python bench/compare.py --report bench/results/compare-….json   # table and pictures again
+
+Each round runs, for each system (the order alternates from one round to the next):
+- connections: 1,000, 4,000 and 10,000 (--quick: 1,000 and 4,000) clients in one room; the
+  system's RSS once they are connected, then one message at a time to all of them (20 messages,
+  200 ms apart): the time from the publish to its arrival at the last member;
+- rates: 1,000 and 4,000 clients in 10 rooms, one publisher per room, stepping the delivery rate
+  up (RATE_STEPS, --duration s each) on the same connections. A step passes when p99 latency is
+  under P99_LIMIT_MS and nothing is lost, duplicated or reordered; the maximum sustainable rate is
+  the highest step reached with every step below it passing. 20,000/s and 40,000/s are always
+  run (for their latency and CPU per delivery); after that the search stops at the first step
+  that does not pass. A step in which the load generator was saturated (loadgen.py says when) is
+  refused: it counts neither for nor against the server, and ends the search.
+
+Server CPU is read from /proc for every process of the system (trio-fanout: master and workers;
+Socket.IO: primary, workers and its redis-server) over each step. Results go to
+bench/results/compare-*.json, pictures to docs/images/, and a table of medians and ratios to
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from loadgen import (
+    CPU_LIMIT_PERCENT,
+    DEFAULT_PROCESSES,
+    LAG_P99_LIMIT_MS,
+    LoadGenerator,
+    log,
+    wait_for_quiet,
+)
+from systems import SYSTEMS
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+IMAGES = HERE.parent / "docs" / "images"
+
+P99_LIMIT_MS = 100.0
+RATE_STEPS = [
+    20_000,
+    40_000,
+    60_000,
+    80_000,
+    100_000,
+    120_000,
+    140_000,
+    160_000,
+    200_000,
+    240_000,
+    280_000,
+]
+ALWAYS_RUN = {20_000, 40_000}
+RATE_CLIENTS = (1000, 4000)
+ROOMS = 10
+BROADCAST_MESSAGES = 20
+BROADCAST_INTERVAL_MS = 200
+# Between the systems' turns, so that one's exit (sockets in TIME_WAIT, memory handed back)
+# settles before the other starts.
+PAUSE_BETWEEN_SYSTEMS_S = 10
+
+
+def verdict(step: dict[str, Any]) -> str:
+    if step["loadgen_saturated"]:
+        return "saturated"
+    ok = (
+        step["lost"] == 0
+        and step["duplicated"] == 0
+        and step["reordered"] == 0
+        and step["p99_ms"] is not None
+        and step["p99_ms"] < P99_LIMIT_MS
+    )
+    return "pass" if ok else "fail"
+
+
+def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    server = SYSTEMS[name]()
+    figures: dict[str, Any] = {"system": name, "started": time.time()}
+    try:
+        time.sleep(1)
+        base_rss = server.rss_bytes()
+        figures["rss_before_bytes"] = base_rss
+        figures["connections"] = {}
+        counts = (1000, 4000) if args.quick else (1000, 4000, 10_000)
+        for count in counts:
+            with LoadGenerator(
+                server.protocol, server.url, "broadcast", count, processes=args.processes
+            ) as generator:
+                time.sleep(2)  # let the handshakes' garbage go before reading RSS
+                rss = server.rss_bytes()
+                for _attempt in range(args.retries + 1):
+                    quiet = wait_for_quiet(
+                        server.pids + generator.pids, args.quiet_limit, args.quiet_wait
+                    )
+                    result = generator.broadcast(
+                        BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
+                    )
+                    result["others_cpu_percent_before"] = quiet
+                    if not result["loadgen_saturated"]:
+                        break
+                    log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
+            result["rss_bytes"] = rss
+            result["rss_per_connection_kib"] = (rss - base_rss) / count / 1024
+            result["verdict"] = "saturated" if result["loadgen_saturated"] else "pass"
+            figures["connections"][str(count)] = result
+            log(
+                f"  {name}: {count} connections: {result['rss_per_connection_kib']:.1f} KiB each,"
+                f" to the last {_ms(result['median_to_last_ms'])} (incomplete "
+                f"{result['incomplete']}){_saturation(result)}"
+            )
+        for clients in RATE_CLIENTS:
+            figures[f"rate_{clients}"] = rate_search(server, clients, args)
+    finally:
+        server.stop()
+    return figures
+
+
+def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    best = None
+    stopped_by = "end of steps"
+    all_passed = True
+    with LoadGenerator(
+        server.protocol, server.url, "rate", clients, rooms=ROOMS, processes=args.processes
+    ) as generator:
+        for rate in RATE_STEPS:
+            if not all_passed and rate not in ALWAYS_RUN:
+                break
+            refused: list[dict[str, Any]] = []
+            for _attempt in range(args.retries + 1):
+                quiet = wait_for_quiet(
+                    server.pids + generator.pids, args.quiet_limit, args.quiet_wait
+                )
+                step = generator.rate_step(rate, args.duration, server.cpu_seconds)
+                step["others_cpu_percent_before"] = quiet
+                step["verdict"] = verdict(step)
+                if step["verdict"] != "saturated":
+                    break
+                refused.append({key: step[key] for key in SUMMARY_OF_REFUSED if key in step})
+                log(f"  {server.name}: {clients} clients, {rate:,}/s refused{_saturation(step)}")
+            step["refused_attempts"] = refused[:-1] if step["verdict"] == "saturated" else refused
+            steps.append(step)
+            log(
+                f"  {server.name}: {clients} clients, {rate:,}/s: {step['verdict']}, p50 "
+                f"{_ms(step['p50_ms'])} p99 {_ms(step['p99_ms'])}, lost {step['lost']}, server "
+                f"{step['server_cpu_us_per_delivery']:.1f} us/delivery, loadgen CPU max "
+                f"{step['loadgen_cpu_percent_max']:.0f} % lag p99 "
+                f"{step['loadgen_lag_p99_ms_max']:.0f} ms, machine "
+                f"{step['machine_cpu_percent']:.0f} % busy{_saturation(step)}"
+            )
+            if step["verdict"] == "pass" and all_passed:
+                best = step["achieved_deliveries_per_second"]
+            elif all_passed:
+                all_passed = False
+                stopped_by = step["verdict"]
+            time.sleep(1)
+    return {"steps": steps, "max_sustainable": best, "stopped_by": stopped_by}
+
+
+# What is kept of a refused attempt that was retried.
+SUMMARY_OF_REFUSED = ("p50_ms", "p99_ms", "lost", "loadgen_saturated", "machine_cpu_percent")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _saturation(result: dict[str, Any]) -> str:
+    reason = result.get("loadgen_saturated")
+    return f" [REFUSED: load generator saturated: {reason}]" if reason else ""
+
+
+def step_at(figures: dict[str, Any], clients: int, rate: int) -> dict[str, Any] | None:
+    for step in figures[f"rate_{clients}"]["steps"]:
+        if step["target_deliveries_per_second"] == rate:
+            return step  # type: ignore[no-any-return]
+    return None
+
+
+# (label, how to read it from one system's figures of one round, True if higher is better)
+def metrics() -> list[tuple[str, Any, bool]]:
+    table: list[tuple[str, Any, bool]] = []
+    for clients in RATE_CLIENTS:
+        table.append(
+            (
+                f"max sustainable deliveries/s, {clients:,} clients",
+                lambda f, c=clients: (_max_sustainable(f[f"rate_{c}"]), False),
+                True,
+            )
+        )
+    for clients in RATE_CLIENTS:
+        table.append(
+            (
+                f"server CPU us/delivery at 40,000/s, {clients:,} clients",
+                lambda f, c=clients: _figure(step_at(f, c, 40_000), "server_cpu_us_per_delivery"),
+                False,
+            )
+        )
+    for rate in (20_000, 40_000):
+        for clients in RATE_CLIENTS:
+            for p in ("p50", "p99"):
+                table.append(
+                    (
+                        f"{p} ms at {rate:,}/s, {clients:,} clients",
+                        lambda f, c=clients, r=rate, k=f"{p}_ms": _figure(step_at(f, c, r), k),
+                        False,
+                    )
+                )
+    for count in ("1000", "4000", "10000"):
+        table.append(
+            (
+                f"one message to {int(count):,} members: ms to the last",
+                lambda f, n=count: _figure(f["connections"].get(n), "median_to_last_ms"),
+                False,
+            )
+        )
+    for count in ("4000", "10000"):
+        table.append(
+            (
+                f"RSS KiB per connection, {int(count):,} connections",
+                lambda f, n=count: _figure(
+                    f["connections"].get(n), "rss_per_connection_kib", False
+                ),
+                False,
+            )
+        )
+    return table
+
+
+def _max_sustainable(search: dict[str, Any]) -> float | None:
+    """The search's result; 0 when the lowest step failed (nothing is sustainable), None when it
+    was refused (nothing is known). A search ended by a refusal gives only a lower bound."""
+    if search["max_sustainable"] is not None:
+        return float(search["max_sustainable"])
+    return 0.0 if search["stopped_by"] == "fail" else None
+
+
+def _figure(
+    step: dict[str, Any] | None, key: str, refusable: bool = True
+) -> tuple[float | None, bool]:
+    """A figure of a step, and whether the step was refused (load generator saturated).
+
+    Memory does not depend on the load generator's pace, so its figures are never refused.
+    """
+    if step is None or step.get(key) is None:
+        return None, False
+    return float(step[key]), refusable and bool(step.get("loadgen_saturated"))
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list[dict[str, Any]]:
+    """Medians over the rounds of the steps that were not refused; where every round's step was
+    refused, the median of those, marked provisional (it says more about the machine than
+    about the server)."""
+    rows = []
+    for label, read, higher_is_better in metrics():
+        row: dict[str, Any] = {"metric": label, "higher_is_better": higher_is_better}
+        for name in names:
+            figures = [read(r[name]) for r in rounds if name in r]
+            kept = [value for value, refused in figures if value is not None and not refused]
+            refused = [value for value, was_refused in figures if value is not None and was_refused]
+            row[f"{name} runs"] = kept
+            row[f"{name} refused runs"] = refused
+            row[f"{name} provisional"] = not kept and bool(refused)
+            values = kept or refused
+            row[name] = statistics.median(values) if values else None
+        first, second = (row[name] for name in names)
+        row["ratio"] = first / second if first and second else None
+        rows.append(row)
+    for clients in RATE_CLIENTS:
+        row = {"metric": f"searches at {clients:,} clients ended by", "higher_is_better": None}
+        for name in names:
+            row[name] = ", ".join(r[name][f"rate_{clients}"]["stopped_by"] for r in rounds)
+            row[f"{name} provisional"] = False
+        row["ratio"] = None
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
+    width = max(len(row["metric"]) for row in rows)
+    print(f"\n{'':<{width}}  {names[0]:>14}  {names[1]:>14}  {'ratio':>7}")
+    for row in rows:
+        cells = []
+        for name in names:
+            value = row[name]
+            mark = "*" if row[f"{name} provisional"] else ""
+            cells.append(
+                value if isinstance(value, str) else "-" if value is None else f"{value:,.1f}{mark}"
+            )
+        provisional = any(row[f"{name} provisional"] for name in names)
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}{'*' if provisional else ''}"
+        print(f"{row['metric']:<{width}}  {cells[0]:>14}  {cells[1]:>14}  {ratio:>7}")
+    print(f"(ratio = {names[0]} / {names[1]}; higher is better only for the deliveries/s rows;")
+    print(" * only from steps refused as load generator saturated: provisional)")
+
+
+def plot(results: dict[str, Any], images: Path) -> list[Path]:
+    """Delivery rate against p99 latency; memory and broadcast latency against connections."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: list[str] = results["systems"]
+    rounds: list[dict[str, Any]] = results["rounds"]
+    colours = dict(zip(names, ("tab:blue", "tab:orange"), strict=True))
+    images.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    figure, axes = plt.subplots(1, len(RATE_CLIENTS), figsize=(11, 4.2), sharey=True)
+    for axis, clients in zip(axes, RATE_CLIENTS, strict=True):
+        for name in names:
+            by_rate: dict[int, list[tuple[float, float]]] = {}
+            every_rate: dict[int, list[tuple[float, float]]] = {}
+            for r in rounds:
+                for step in r[name][f"rate_{clients}"]["steps"]:
+                    if step["p99_ms"] is None:
+                        continue
+                    point = (step["achieved_deliveries_per_second"], step["p99_ms"])
+                    refused = bool(step["loadgen_saturated"])
+                    axis.scatter(
+                        *point,
+                        s=14,
+                        alpha=0.35,
+                        color=colours[name],
+                        marker="x" if refused else "o",
+                    )
+                    target = step["target_deliveries_per_second"]
+                    every_rate.setdefault(target, []).append(point)
+                    if not refused:
+                        by_rate.setdefault(target, []).append(point)
+            # Solid: medians of the steps kept. Dashed, where no step of a rate was kept: the
+            # medians of the refused ones, as a provisional view.
+            for points, style, label in (
+                (by_rate, "-", name),
+                ({k: v for k, v in every_rate.items() if k not in by_rate}, "--", None),
+            ):
+                line = sorted(
+                    (statistics.median(x for x, _ in pts), statistics.median(y for _, y in pts))
+                    for pts in points.values()
+                )
+                if line:
+                    axis.plot(
+                        *zip(*line, strict=True),
+                        color=colours[name],
+                        linestyle=style,
+                        label=label or f"{name} (refused steps only)",
+                    )
+        axis.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=0.8)
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_title(f"{clients:,} clients in {ROOMS} rooms")
+        axis.set_xlabel("deliveries per second (achieved)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("p99 publish-to-receive latency, ms (log)")
+    axes[0].legend()
+    figure.suptitle(
+        "Delivery rate against p99 latency (median of rounds; x: step refused as load generator"
+        " saturated)"
+    )
+    figure.tight_layout()
+    path = images / "fanout-rate-p99.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    written.append(path)
+
+    figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        counts = sorted({int(n) for r in rounds for n in r[name]["connections"]})
+        rss: list[float] = []
+        to_last: list[float] = []
+        provisional: list[float] = []
+        for count in counts:
+            grown: list[float] = []
+            lasts: list[float] = []
+            refused_lasts: list[float] = []
+            for r in rounds:
+                x = r[name]["connections"].get(str(count))
+                if x is None:
+                    continue
+                grown.append((x["rss_bytes"] - r[name]["rss_before_bytes"]) / 2**20)
+                if x["median_to_last_ms"] is not None:
+                    kept = not x["loadgen_saturated"]
+                    (lasts if kept else refused_lasts).append(x["median_to_last_ms"])
+            rss.append(statistics.median(grown))
+            to_last.append(statistics.median(lasts) if lasts else float("nan"))
+            only_refused = statistics.median(refused_lasts) if refused_lasts and not lasts else None
+            provisional.append(float("nan") if only_refused is None else only_refused)
+        memory.plot(counts, rss, marker="o", color=colours[name], label=name)
+        latency.plot(counts, to_last, marker="o", color=colours[name], label=name)
+        if any(value == value for value in provisional):  # not all NaN
+            latency.plot(
+                counts,
+                provisional,
+                marker="x",
+                linestyle="none",
+                color=colours[name],
+                label=f"{name} (refused: provisional)",
+            )
+    memory.set_title("Server memory (RSS of all its processes) over idle")
+    memory.set_ylabel("MiB")
+    latency.set_title("One message to every connection: time to the last")
+    latency.set_yscale("log")
+    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    latency.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    latency.set_ylabel("ms, median of 20 messages (log)")
+    for axis in (memory, latency):
+        axis.set_xlabel("connections")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    path = images / "fanout-connections.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    written.append(path)
+    return written
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--quick", action="store_true", help="3 s steps, no 10,000-connection scenario"
+    )
+    parser.add_argument("--duration", type=float, help="seconds per rate step (default 5, quick 3)")
+    parser.add_argument(
+        "--loadgen-processes",
+        dest="processes",
+        type=int,
+        default=DEFAULT_PROCESSES,
+        help=f"Node processes sharing the clients (default {DEFAULT_PROCESSES})",
+    )
+    parser.add_argument(
+        "--systems",
+        default="trio-fanout,socket.io",
+        help="comma-separated, two of: " + ", ".join(SYSTEMS),
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a step refused as load generator saturated is tried again (default 2)",
+    )
+    parser.add_argument(
+        "--quiet-limit",
+        type=float,
+        default=50.0,
+        help="before a step, wait until other programs use less than this %% of the machine",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="... but at most this many seconds (default 20; 0: do not wait)",
+    )
+    parser.add_argument(
+        "--report", type=Path, help="print the table and draw the pictures of a results file"
+    )
+    parser.add_argument("--images", type=Path, default=IMAGES)
+    args = parser.parse_args()
+    if args.report:
+        report(json.loads(args.report.read_text()), args.report, args.images)
+        return
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 5.0
+    names = args.systems.split(",")
+    if len(names) != 2 or any(name not in SYSTEMS for name in names):
+        parser.error(f"--systems takes two of {', '.join(SYSTEMS)}")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: dict[str, Any] = {
+        "systems": names,
+        "config": {
+            "rounds": args.rounds,
+            "quick": args.quick,
+            "duration_s": args.duration,
+            "loadgen_processes": args.processes,
+            "rate_steps": RATE_STEPS,
+            "p99_limit_ms": P99_LIMIT_MS,
+            "loadgen_cpu_limit_percent": CPU_LIMIT_PERCENT,
+            "loadgen_lag_p99_limit_ms": LAG_P99_LIMIT_MS,
+            "retries": args.retries,
+            "quiet_limit_percent": args.quiet_limit,
+            "quiet_wait_s": args.quiet_wait,
+        },
+        "rounds": [],
+    }
+    # A SIGTERM stops the run like Ctrl-C does: the servers it started are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    for number in range(args.rounds):
+        order = names if number % 2 == 0 else names[::-1]
+        this_round: dict[str, Any] = {}
+        results["rounds"].append(this_round)
+        for name in order:
+            log(
+                f"round {number + 1} of {args.rounds}: {name} "
+                f"({(time.monotonic() - started) / 60:.1f} min so far)"
+            )
+            this_round[name] = run_system(name, args)
+            path.write_text(json.dumps(results, indent=1))  # what is done so far survives a stop
+            time.sleep(PAUSE_BETWEEN_SYSTEMS_S)
+    results["summary"] = summarize(results["rounds"], names)
+    path.write_text(json.dumps(results, indent=1))
+    report(results, path, args.images)
+
+
+def report(results: dict[str, Any], path: Path, images: Path) -> None:
+    rows = summarize(results["rounds"], results["systems"])
+    print_table(rows, results["systems"])
+    print(f"\nmedians of {len(results['rounds'])} round(s); every figure in {path}")
+    for image in plot(results, images):
+        print(f"picture: {image}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The load generator of the fan-out benchmarks: several `node loadgen.mjs` processes that share
+the clients, driven step by step, their reports merged. Not part of the test suite.
+
+One process on a 2-core machine that also runs the server was the limit before the server was
+(it parsed every delivery as JSON at up to 93 % of a core). So the clients are split over
+several processes, a delivery is recognised by slicing a fixed-layout string out of the raw
+frame, and every process reports its CPU and event-loop delay for every step. A step in which
+any load-generator process used more than ``CPU_LIMIT_PERCENT`` of a core, or whose event loop
+was late by more than ``LAG_P99_LIMIT_MS`` at the 99th percentile, is refused as "load generator
+saturated": its latencies say more about the load generator than about the server, so it is
+reported as such and never counted as the server's failure.
+
+Publish-to-receive latency is measured across processes on CLOCK_MONOTONIC, which every process
+on one machine shares.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+# A load-generator process busier than this share of one core is close to being the limit: its
+# receive loop falls behind and its latencies grow by themselves.
+CPU_LIMIT_PERCENT = 85.0
+# Event-loop delay (beyond the monitor's own timer interval) at the 99th percentile above which a
+# process's receive times are not to be trusted to the precision of a 100 ms p99 criterion.
+LAG_P99_LIMIT_MS = 25.0
+DEFAULT_PROCESSES = 2
+
+CpuReader = Callable[[], tuple[float, float]]
+
+
+class LoadGeneratorError(RuntimeError):
+    """A load-generator process failed or said something unexpected."""
+
+
+class LoadGenerator:
+    """``processes`` Node processes holding ``clients`` clients of one session between them.
+
+    ``session`` is ``rate`` (members in ``rooms`` rooms, one publisher per room), ``broadcast``
+    (every member in one room, one publisher) or ``idle`` (connections that join nothing).
+    ``system`` is ``trio-fanout`` or ``socket.io`` (the protocol the clients speak).
+    """
+
+    def __init__(
+        self,
+        system: str,
+        url: str,
+        session: str,
+        clients: int,
+        rooms: int = 1,
+        processes: int = DEFAULT_PROCESSES,
+    ) -> None:
+        self.clients = clients
+        self.processes: list[subprocess.Popen[str]] = []
+        try:
+            for shard in range(processes):
+                config = {
+                    "system": system,
+                    "url": url,
+                    "session": session,
+                    "clients": clients,
+                    "rooms": rooms,
+                    "shard": shard,
+                    "shards": processes,
+                }
+                self.processes.append(
+                    subprocess.Popen(
+                        ["node", str(HERE / "loadgen.mjs"), json.dumps(config)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            self.ready = self._read_all("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def _send_all(self, command: dict[str, Any]) -> None:
+        line = json.dumps(command) + "\n"
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(line)
+            process.stdin.flush()
+
+    def _read_all(self, event: str) -> list[dict[str, Any]]:
+        answers = []
+        for process in self.processes:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line:
+                raise LoadGeneratorError(f"a load-generator process exited (waiting for {event})")
+            answer = json.loads(line)
+            if answer.get("event") != event:
+                raise LoadGeneratorError(f"expected {event!r}, got {answer}")
+            answers.append(answer)
+        return answers
+
+    def rate_step(self, deliveries: int, duration: float, server_cpu: CpuReader) -> dict[str, Any]:
+        """Publish for ``duration`` s at ``deliveries`` deliveries a second in all; return the
+        merged figures, the server's CPU over the step (from ``server_cpu``) included."""
+        cpu_before = server_cpu()
+        machine_before = _machine_cpu()
+        self._send_all({"cmd": "rate", "deliveries": deliveries, "duration": duration})
+        published = self._read_all("published")
+        sent = [
+            sum(column) for column in zip(*(answer["sent"] for answer in published), strict=True)
+        ]
+        self._send_all({"cmd": "expect", "sent": sent})
+        steps = self._read_all("step")
+        cpu_after = server_cpu()
+        machine = _machine_cpu_percent(machine_before)
+        histogram: dict[int, int] = {}
+        for step in steps:
+            for bucket, count in step["latency_buckets"]:
+                histogram[bucket] = histogram.get(bucket, 0) + count
+        bucket_ms = steps[0]["bucket_us"] / 1000
+        received = sum(step["received"] for step in steps)
+        publish_seconds = max(step["publish_seconds"] for step in steps)
+        result: dict[str, Any] = {
+            "target_deliveries_per_second": deliveries,
+            "publishes": sum(sent),
+            "expected": sum(step["expected"] for step in steps),
+            "received": received,
+            "lost": sum(step["lost"] for step in steps),
+            "duplicated": sum(step["duplicated"] for step in steps),
+            "reordered": sum(step["reordered"] for step in steps),
+            "achieved_deliveries_per_second": received / publish_seconds,
+            "p50_ms": _percentile(histogram, 50, bucket_ms),
+            "p99_ms": _percentile(histogram, 99, bucket_ms),
+            "max_ms": _percentile(histogram, 100, bucket_ms),
+        }
+        result.update(_server_cpu(cpu_before, cpu_after, received))
+        result.update(_loadgen_usage(steps))
+        result["machine_cpu_percent"] = machine
+        return result
+
+    def broadcast(self, messages: int, interval_ms: float, server_cpu: CpuReader) -> dict[str, Any]:
+        """Publish ``messages`` messages to the room of every member, ``interval_ms`` apart; for
+        each, the time from its publish to its arrival at the last member."""
+        cpu_before = server_cpu()
+        self._send_all({"cmd": "broadcast", "messages": messages, "interval_ms": interval_ms})
+        steps = self._read_all("step")
+        cpu_after = server_cpu()
+        sent_at = dict(steps[0]["sent_at_ms"])
+        count: dict[int, int] = {}
+        last: dict[int, float] = {}
+        for step in steps:
+            for seq, (received, arrival) in step["arrivals"]:
+                count[seq] = count.get(seq, 0) + received
+                last[seq] = max(last.get(seq, 0.0), arrival)
+        to_last = [
+            last[seq] - at if count.get(seq, 0) >= self.clients else None
+            for seq, at in sent_at.items()
+        ]
+        complete = sorted(value for value in to_last if value is not None)
+        received = sum(count.values())
+        result: dict[str, Any] = {
+            "clients": self.clients,
+            "messages": messages,
+            "incomplete": len(to_last) - len(complete),
+            "received": received,
+            "to_last_ms": to_last,
+            "median_to_last_ms": complete[len(complete) // 2] if complete else None,
+        }
+        result.update(_server_cpu(cpu_before, cpu_after, received))
+        result.update(_loadgen_usage(steps))
+        return result
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None and process.stdin is not None:
+                try:
+                    process.stdin.write('{"cmd": "quit"}\n')
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """Busy and total CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def wait_for_quiet(own_pids: list[int], limit_percent: float, timeout: float) -> float:
+    """Wait, at most ``timeout`` s, until the programs other than ``own_pids`` use less than
+    ``limit_percent`` of the machine (all cores) over one second; return the last figure.
+
+    On a machine shared with other work, starting a step while something else is busy only buys
+    a refused step; this wait is bounded, so a machine that never quietens down still gets its
+    steps (and their refusals) rather than none.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        machine_before = _machine_cpu()
+        own_before = _process_ticks(own_pids)
+        time.sleep(1)
+        busy, total = _machine_cpu()
+        own = _process_ticks(own_pids) - own_before
+        others = 100 * (busy - machine_before[0] - own) / max(total - machine_before[1], 1)
+        if others < limit_percent or time.monotonic() > deadline:
+            return max(others, 0.0)
+
+
+def _process_ticks(pids: list[int]) -> int:
+    """User + system clock ticks of ``pids`` (0 for one that is gone)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def _machine_cpu_percent(before: tuple[float, float]) -> float:
+    """How busy the machine was since ``before``, in % of all its cores: with the server's and
+    the load generator's CPU, it tells how much else (other programs) ran during a step."""
+    busy, total = _machine_cpu()
+    return 100 * (busy - before[0]) / max(total - before[1], 1)
+
+
+def _percentile(histogram: dict[int, int], p: float, bucket_ms: float) -> float | None:
+    """The upper edge of the bucket holding the p-th percentile (p = 100: the maximum)."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank = max(1, -(-total * p // 100))
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return float((bucket + 1) * bucket_ms)
+    raise AssertionError("unreachable: rank <= total")
+
+
+def _server_cpu(
+    before: tuple[float, float], after: tuple[float, float], deliveries: int
+) -> dict[str, float]:
+    user = after[0] - before[0]
+    system = after[1] - before[1]
+    per = 1e6 / max(deliveries, 1)
+    return {
+        "server_cpu_seconds": user + system,
+        "server_cpu_us_per_delivery": (user + system) * per,
+        "server_user_us_per_delivery": user * per,
+        "server_system_us_per_delivery": system * per,
+    }
+
+
+def _loadgen_usage(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each process's CPU and lag, the worst of them, and whether the step is refused."""
+    usage = [
+        {key: step[key] for key in ("cpu_percent", "lag_p50_ms", "lag_p99_ms", "lag_max_ms")}
+        for step in steps
+    ]
+    cpu = max(item["cpu_percent"] for item in usage)
+    lag = max(item["lag_p99_ms"] for item in usage)
+    reasons = []
+    if cpu > CPU_LIMIT_PERCENT:
+        reasons.append(f"a process at {cpu:.0f} % of a core (limit {CPU_LIMIT_PERCENT:.0f} %)")
+    if lag > LAG_P99_LIMIT_MS:
+        reasons.append(f"event-loop delay p99 {lag:.0f} ms (limit {LAG_P99_LIMIT_MS:.0f} ms)")
+    return {
+        "loadgen_processes": usage,
+        "loadgen_cpu_percent_max": cpu,
+        "loadgen_cpu_percent_total": sum(item["cpu_percent"] for item in usage),
+        "loadgen_lag_p99_ms_max": lag,
+        "loadgen_saturated": "; ".join(reasons) or None,
+    }
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

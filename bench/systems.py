@@ -1,0 +1,229 @@
+"""The servers the fan-out benchmarks measure, each started on free loopback ports with two
+workers, and what the benchmarks read of them from /proc. Not part of the test suite.
+
+- ``TrioFanout``: `trio-fanout run --workers 2` (master with the embedded proxy and the
+  heartbeat, two workers), rate limits lifted. Its processes: the master and the workers.
+- ``SocketIO``: bench/socketio/server.mjs, a node:cluster primary with two Socket.IO 4.8 workers
+  and the Redis adapter, on a redis-server started here. Its processes: the primary, the workers
+  and that redis-server.
+
+Both send a heartbeat to every client once a second, as each does by default.
+
+Every process stays in the benchmark's own session (a process group of its own, so that it can
+be stopped as one, but no new session): with the kernel's autogroup scheduling, each session
+shares the CPU as one group, so a system in a session of its own would get a different share of
+a busy machine from the load generator and from the other system than a system that is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+START_TIMEOUT = 30.0
+WORKER_SERVING = re.compile(r"worker \d+ \(pid (\d+)\) serving")
+
+
+class Server:
+    """What the benchmarks need of a running system: where clients connect, and its processes."""
+
+    name: str
+    protocol: str  # what loadgen.mjs speaks to it: "trio-fanout" or "socket.io"
+    url: str
+    pids: list[int]
+
+    def cpu_seconds(self, pids: list[int] | None = None) -> tuple[float, float]:
+        """User and system CPU seconds so far of every process of the system, or of ``pids``."""
+        user = system = 0
+        for pid in self.pids if pids is None else pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+    def rss_bytes(self) -> int:
+        """Resident memory of every process of the system."""
+        return sum(
+            int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE for pid in self.pids
+        )
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class TrioFanout(Server):
+    """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way;
+    ``options`` are more command-line options (``--history-size 0``, ``--backplane URL``).
+
+    Workers the master starts later, in the place of one that died, are added to
+    ``started_pids`` as its log announces them (history_bench.py kills one).
+    """
+
+    name = "trio-fanout"
+    protocol = "trio-fanout"
+
+    def __init__(
+        self, workers: int = 2, heartbeat_interval: float = 1.0, options: tuple[str, ...] = ()
+    ) -> None:
+        env = dict(os.environ)
+        env.update(
+            TRIO_FANOUT_RATE_LIMIT_PER_SECOND="1000000",
+            TRIO_FANOUT_RATE_LIMIT_BURST="1000000",
+            TRIO_FANOUT_RATE_LIMIT_BYTES_PER_SECOND="1000000000",
+            TRIO_FANOUT_RATE_LIMIT_BYTES_BURST="1000000000",
+            TRIO_FANOUT_MAX_ROOMS_PER_CONNECTION="100",
+        )
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trio_fanout",
+                "run",
+                "--workers",
+                str(workers),
+                "--port",
+                "0",
+                "--proxy-port",
+                "0",
+                "--heartbeat-interval",
+                str(heartbeat_interval),
+                *options,
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            process_group=0,
+        )
+        self.worker_pids: list[int] = []
+        assert self.process.stderr is not None
+        port = None
+        for line in self.process.stderr:
+            if match := re.search(r"listening on ws://[\d.]+:(\d+)/ws", line):
+                port = int(match.group(1))
+            if match := WORKER_SERVING.search(line):
+                self.worker_pids.append(int(match.group(1)))
+            if len(self.worker_pids) == workers:
+                break
+        if port is None or len(self.worker_pids) < workers:
+            self.stop()
+            raise RuntimeError("trio-fanout run did not start")
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.pids = [self.process.pid, *self.worker_pids]
+        self.started_pids: list[int] = []
+        # Keep reading its log so that a full pipe never stalls the master.
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if match := WORKER_SERVING.search(line):
+                self.started_pids.append(int(match.group(1)))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(15)
+
+
+class SocketIO(Server):
+    """bench/socketio/server.mjs (cluster of ``workers``) on a redis-server of its own."""
+
+    name = "socket.io"
+    protocol = "socket.io"
+
+    def __init__(self, workers: int = 2) -> None:
+        redis_port = free_port()
+        self.redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            process_group=0,
+        )
+        self.cluster: subprocess.Popen[str] | None = None
+        try:
+            _wait_for_port(redis_port)
+            port = free_port()
+            env = dict(
+                os.environ,
+                PORT=str(port),
+                WORKERS=str(workers),
+                REDIS_URL=f"redis://127.0.0.1:{redis_port}",
+            )
+            self.cluster = subprocess.Popen(
+                ["node", str(HERE / "socketio" / "server.mjs")],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+                process_group=0,
+            )
+            assert self.cluster.stdout is not None
+            line = self.cluster.stdout.readline()
+            if not line:
+                raise RuntimeError(
+                    "the Socket.IO cluster did not start (is `npm ci` done in bench/?)"
+                )
+            ready = json.loads(line)
+            self.url = f"ws://127.0.0.1:{port}"
+            # The official client must get what the load generator's raw frames expect.
+            check = subprocess.run(["node", str(HERE / "socketio" / "check.mjs"), self.url])
+            if check.returncode != 0:
+                raise RuntimeError("the Socket.IO cluster failed its check with socket.io-client")
+        except BaseException:
+            self.stop()
+            raise
+        self.pids = [*ready["pids"], self.redis.pid]
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.terminate()
+            try:
+                self.cluster.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.cluster.pid, signal.SIGKILL)
+                self.cluster.wait()
+        self.redis.terminate()
+        self.redis.wait(15)
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+SYSTEMS: dict[str, type[Server]] = {"trio-fanout": TrioFanout, "socket.io": SocketIO}
