@@ -6,18 +6,22 @@ Log lines. The test reads ``trio_fanout/`` and ``backplane/`` with ``ast`` and t
 ...)`` (whatever ``LEVEL`` is: a level chosen at run time may be info or above). Each module's
 logger is named ``logger`` (checked below), so these calls are all of them. A format string is
 cut at its %-placeholders (``%d``, ``%.1f``, ``%r`` ...); what remains are its literal
-fragments, and the message counts as documented when one line of the section "Every log line at
-info and above" holds every fragment, stripped of surrounding white space, in order. The
-documentation can so write placeholders its own way (``worker N (pid P)`` for
-``worker %d (pid %d)``) and add words around them, but cannot drop or reword the fixed text.
+fragments, and the message counts as documented when a code span (text in backquotes) in a
+table row of the section "Every log line at info and above" holds every fragment, stripped of
+surrounding white space, in order, and begins (ends) with the first (last) fragment when the
+format does. Only table rows count: a sample log in the section must not stand in for a missing
+row. The documentation can so write placeholders its own way (``worker N (pid P)`` for
+``worker %d (pid %d)``), but cannot drop or reword the fixed text, and a short format
+(``"stopped"``) is not taken as documented by a longer message that contains it.
 
 A format with no literal text (``"%s"``: the message is built elsewhere) cannot be matched that
-way; for those, a line of the section must name the function that logs it and its module
+way; for those, a table row of the section must name the function that logs it and its module
 (``keep_in_touch`` and ``backplane/zmq.py``), where a reader finds the texts it logs.
 
 Codes. Every error code constant of ``protocol.py`` (a string constant equal to its lower-cased
-name) and every ``CLOSE_*`` constant of ``websocket.py`` and ``protocol.py`` must appear in
-backquotes in the section "Codes".
+name) and every ``CLOSE_*`` constant of ``websocket.py`` and ``protocol.py`` must begin a table
+row of the section "Codes" (``| `bad_json` |``, ``| `1000` |``): a code mentioned in passing
+is not documented.
 """
 
 from __future__ import annotations
@@ -101,10 +105,22 @@ def section(heading: str) -> str:
     return text[start : end if end != -1 else len(text)]
 
 
-def holds_in_order(line: str, fragments: list[str]) -> bool:
+def code_spans(row: str) -> list[str]:
+    return re.findall(r"`([^`]*)`", row)
+
+
+def matches(call: LogCall, span: str) -> bool:
+    """Whether ``span`` holds the fixed text of ``call``'s format (see the module's
+    docstring)."""
+    parts = PLACEHOLDER.split(call.format)
+    fragments = call.fragments()
+    if parts[0].strip() and not span.startswith(fragments[0]):
+        return False
+    if parts[-1].strip() and not span.endswith(fragments[-1]):
+        return False
     position = 0
     for fragment in fragments:
-        found = line.find(fragment, position)
+        found = span.find(fragment, position)
         if found == -1:
             return False
         position = found + len(fragment)
@@ -114,7 +130,7 @@ def holds_in_order(line: str, fragments: list[str]) -> bool:
 def is_documented(call: LogCall, lines: list[str]) -> bool:
     fragments = call.fragments()
     if fragments:
-        return any(holds_in_order(line, fragments) for line in lines)
+        return any(matches(call, span) for line in lines for span in code_spans(line))
     return any(f"`{call.function}`" in line and call.module in line for line in lines)
 
 
@@ -142,14 +158,15 @@ def test_the_search_finds_the_logging_calls() -> None:
     "call", all_log_calls(), ids=lambda call: f"{call.module}:{call.line}:{call.format}"
 )
 def test_log_line_is_documented(call: LogCall) -> None:
-    lines = section(LOG_SECTION).splitlines()
-    assert is_documented(call, lines), (
+    rows = [line for line in section(LOG_SECTION).splitlines() if line.startswith("|")]
+    assert is_documented(call, rows), (
         f"docs/operations.md, {LOG_SECTION!r}, has no line for {call.format!r} "
         f"({call.module}:{call.line}, in {call.function}): "
         + (
-            f"document it with its fixed text {call.fragments()} in this order on one line"
+            f"document it with its fixed text {call.fragments()} in this order, in one code "
+            "span of a table row"
             if call.fragments()
-            else f"name `{call.function}` and {call.module} on the line that documents it"
+            else f"name `{call.function}` and {call.module} in the table row that documents it"
         )
     )
 
@@ -185,7 +202,7 @@ def test_every_error_code_is_documented() -> None:
     codes = error_codes()
     assert "bad_json" in codes and "backplane_unavailable" in codes  # the search works
     text = section(CODES_SECTION)
-    missing = [code for code in codes if f"`{code}`" not in text]
+    missing = [code for code in codes if f"\n| `{code}` |" not in text]
     assert not missing, f"docs/operations.md, {CODES_SECTION!r}, lacks error codes {missing}"
 
 
@@ -193,5 +210,5 @@ def test_every_close_code_is_documented() -> None:
     codes = close_codes()
     assert 1000 in codes and 4001 in codes  # the search works
     text = section(CODES_SECTION)
-    missing = [code for code in codes if f"`{code}`" not in text]
+    missing = [code for code in codes if f"\n| `{code}` |" not in text]
     assert not missing, f"docs/operations.md, {CODES_SECTION!r}, lacks close codes {missing}"
