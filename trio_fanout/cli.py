@@ -16,6 +16,7 @@ from trio_fanout import __version__, protocol
 from trio_fanout.backplane import BackplaneError
 from trio_fanout.config import KEYS, Config, ConfigError, load_config
 from trio_fanout.runner import WORKER_CONFIG_VARIABLE
+from trio_fanout.tls import TLSFileError
 
 EXIT_USAGE = 2
 
@@ -68,6 +69,16 @@ def _history(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-cert-file",
+        metavar="FILE",
+        help="PEM certificate chain: serve wss:// and https:// (with --tls-key-file; "
+        "SIGHUP reloads both)",
+    )
+    parser.add_argument("--tls-key-file", metavar="FILE", help="PEM private key of the certificate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -118,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
     _history(run)
+    _tls(run)
     _common(run)
 
     worker = commands.add_parser(
@@ -131,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--backplane", help=_BACKPLANE_HELP)
     _listening(worker, "the worker")
     _history(worker)
+    _tls(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--index", "--listen-fd", "--control-fd"):
@@ -232,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         for backplane_failure in failures.exceptions:
             print(f"trio-fanout: error: {backplane_failure}", file=sys.stderr)
         exit_code = 1
+    except* TLSFileError as failures:
+        # A certificate or key that cannot be used, at startup: the files and the problem.
+        for tls_failure in failures.exceptions:
+            print(f"trio-fanout: error: {tls_failure}", file=sys.stderr)
+        exit_code = EXIT_USAGE
     return exit_code
 
 

@@ -138,8 +138,15 @@ class Config:
     history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
     """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
     ``maxmemory`` is the bound)."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain; with tls_key_file, workers serve wss:// and https:// only."""
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file (unencrypted); reloaded with it on SIGHUP."""
 
     def __attrs_post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file")[:: 1 if self.tls_cert_file else -1]
+            raise InvalidSetting(given, f"needs {missing} too: set both, or neither")
         if self.liveness_timeout <= self.liveness_interval:
             raise InvalidSetting(
                 "liveness_timeout",

@@ -55,6 +55,12 @@ def plain_response(
     return None
 
 
+def plain_http_to_tls_port_response() -> bytes:
+    """The answer to a plain HTTP request (``ws://``, ``http://``) on a port that speaks TLS,
+    sent in plain HTTP so that the client can show why."""
+    return websocket.http_response(400, b"this port speaks TLS: use wss:// or https://\n")
+
+
 def refusal_response(refusal: websocket.HandshakeError) -> bytes:
     """The answer to a request refused with ``refusal``: its status, its message as the body,
     and for 503 (this worker is full) a ``Retry-After``."""

@@ -3,7 +3,9 @@
 The master owns the listening socket and starts each worker as a fresh Python process that
 inherits it (never a fork of a running Trio loop, never after a ``zmq.Context`` exists). It
 restarts a worker that dies, with a growing pause when one keeps dying, and on SIGINT or SIGTERM
-it asks every worker to close its clients with 1001, then stops the proxy and returns.
+it asks every worker to close its clients with 1001, then stops the proxy and returns. On
+SIGHUP it checks the TLS certificate and key files and, if they load, asks every worker to
+reload them on its control channel (a signal sent to a worker still starting would kill it).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
 from trio_fanout.config import Config
 from trio_fanout.runner import (
     CONTROL_RECEIVE_BYTES,
+    RELOAD,
     WORKER_CONFIG_VARIABLE,
     give_back_memory_forever,
     open_listener,
 )
+from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Supervisor:
         self._config = config
         self._listener = listener
         self.processes: dict[int, trio.Process] = {}
+        # The master's end of each running worker's control channel.
+        self._controls: dict[int, socket.socket] = {}
         self._stopping = False
 
     def _command(self, index: int, control_fd: int) -> list[str]:
@@ -104,12 +110,13 @@ class Supervisor:
                         },
                     )
                 self.processes[index] = process
+                self._controls[index] = master_end
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
                     watching.start_soon(self._kill_when_silent, index, process, control, master_end)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
-            del self.processes[index]
+            del self.processes[index], self._controls[index]
             if self._stopping:
                 return
             how = describe_exit(returncode)
@@ -186,6 +193,16 @@ class Supervisor:
             finally:
                 nursery.cancel_scope.cancel()
 
+    def reload_all(self) -> None:
+        """Ask every running worker to reload its TLS certificate. A request is one byte on its
+        control channel, taken by its Trio loop as soon as it runs: a worker still starting
+        loads the files itself anyway."""
+        for index, control in self._controls.items():
+            try:
+                control.send(RELOAD)
+            except OSError as error:  # full of unanswered pings, or the worker is exiting
+                logger.warning("worker %d not asked to reload: %s", index, error)
+
     async def stop_all(self) -> None:
         """SIGTERM every worker, wait for them, and kill those still running after the timeout."""
         self._stopping = True
@@ -236,10 +253,16 @@ async def run_master(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port."""
+    """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port.
+
+    SIGHUP reloads the TLS certificate: the master loads the files first, and asks the workers
+    to reload them only if they load, so that a bad file is reported once, here."""
+    certificate = None
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        certificate = ServerCertificate(config.tls_cert_file, config.tls_key_file)
     listener = open_listener(config.host, config.port)
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
@@ -264,7 +287,8 @@ async def run_master(
                 nursery.start_soon(give_back_memory_forever)
                 host, port = listener.getsockname()[:2]
                 logger.info(
-                    "listening on ws://%s:%d/ws with %d workers, backplane %s",
+                    "listening on %s://%s:%d/ws with %d workers, backplane %s",
+                    "ws" if certificate is None else "wss",
                     host,
                     port,
                     config.workers,
@@ -272,8 +296,13 @@ async def run_master(
                 )
                 task_status.started(port)
                 async for signum in signals:
-                    logger.info("%s: stopping", signal.Signals(signum).name)
-                    break
+                    if signum != signal.SIGHUP:
+                        logger.info("%s: stopping", signal.Signals(signum).name)
+                        break
+                    if certificate is None:
+                        logger.info("SIGHUP: TLS is not configured; nothing to reload")
+                    elif certificate.reload():
+                        supervisor.reload_all()
                 await supervisor.stop_all()
                 nursery.cancel_scope.cancel()
     finally:

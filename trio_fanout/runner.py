@@ -3,6 +3,7 @@ its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -32,6 +33,10 @@ GIVE_BACK_INTERVAL = 60.0
 # The listen backlog: connections wait here while workers start or are busy; a fan-out server
 # is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
 LISTEN_BACKLOG = 4096
+
+# What the master sends on a worker's control channel to have it reload its TLS certificate
+# (after a SIGHUP to the master); any other byte is a liveness ping. Every byte is sent back.
+RELOAD = b"R"
 
 # Pings on the control channel are single bytes; a worker that was stopped for a while finds
 # several waiting and answers them with one send.
@@ -78,7 +83,8 @@ async def run_worker_process(
     control_fd: int | None = None,
     hooks: Hooks | None = None,
 ) -> None:
-    """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone.
+    """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone;
+    reload the TLS certificate on SIGHUP, or when the master asks on the control channel.
 
     ``control_fd`` is this worker's end of its control channel to the master (see
     ``master.Supervisor``): :func:`answer_master` answers the master's liveness pings on it
@@ -86,9 +92,13 @@ async def run_worker_process(
     file on it means that the master is gone, however it died.
     """
     master_gone = trio.Event()
+    # One request waiting is enough: a reload reads the files as they are when it runs.
+    reload_requests, reloads_requested = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as control:
         if control_fd is not None:
-            control.start_soon(answer_master, socket.socket(fileno=control_fd), master_gone)
+            control.start_soon(
+                answer_master, socket.socket(fileno=control_fd), master_gone, reload_requests
+            )
         async with open_backplane(config.backplane_url, history=config.history_policy) as backplane:
             worker = Worker(config, backplane, index, hooks)
             worker.gc_pauses = GcPauses()
@@ -98,6 +108,8 @@ async def run_worker_process(
                 nursery.start_soon(freeze_survivors_forever)
                 nursery.start_soon(give_back_memory_forever)
                 nursery.start_soon(_stop_on_signal, worker)
+                nursery.start_soon(_reload_on_signal, worker)
+                nursery.start_soon(_reload_when_master_asks, worker, reloads_requested)
                 nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
                 await worker.serve(listener)
                 nursery.cancel_scope.cancel()
@@ -113,14 +125,21 @@ async def give_back_memory_forever() -> None:
         give_back_freed_memory()
 
 
-async def answer_master(control: socket.socket, master_gone: trio.Event) -> None:
-    """Send back every byte the master sends on the control channel; set ``master_gone`` at
-    end of file. It runs as a task of the worker's Trio loop, not on a thread, on purpose: a
-    loop that is stuck (a task that never yields, a stopped process) answers nothing, and the
-    master replaces the worker."""
+async def answer_master(
+    control: socket.socket,
+    master_gone: trio.Event,
+    reload_requests: trio.MemorySendChannel[None],
+) -> None:
+    """Send back every byte the master sends on the control channel, pass on its requests to
+    reload (``RELOAD``), and set ``master_gone`` at end of file. It runs as a task of the
+    worker's Trio loop, not on a thread, on purpose: a loop that is stuck (a task that never
+    yields, a stopped process) answers nothing, and the master replaces the worker."""
     with trio.socket.from_stdlib_socket(control) as sock:
         try:
             while ping := await sock.recv(CONTROL_RECEIVE_BYTES):
+                if RELOAD in ping:
+                    with contextlib.suppress(trio.WouldBlock):  # one is already waiting
+                        reload_requests.send_nowait(None)
                 await sock.send(ping)
         except OSError:
             pass  # the master's end is gone: the same news as end of file
@@ -132,6 +151,29 @@ async def _stop_on_signal(worker: Worker) -> None:
         async for signum in signals:
             logger.info("worker %d: %s, closing clients", worker.index, signal.Signals(signum).name)
             worker.stop()
+
+
+async def _reload_on_signal(worker: Worker) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            reload_tls(worker, "SIGHUP")
+
+
+async def _reload_when_master_asks(
+    worker: Worker, requests: trio.MemoryReceiveChannel[None]
+) -> None:
+    async for _ in requests:
+        reload_tls(worker, "asked by the master")
+
+
+def reload_tls(worker: Worker, why: str) -> None:
+    """Load the worker's TLS certificate and key again for the connections to come; keep the
+    current ones if that fails (and log why)."""
+    if worker.tls is None:
+        logger.info("worker %d: asked to reload (%s), but TLS is not configured", worker.index, why)
+        return
+    logger.info("worker %d: reloading the TLS certificate (%s)", worker.index, why)
+    worker.tls.reload()
 
 
 async def _stop_when_master_is_gone(master_gone: trio.Event, worker: Worker) -> None:
