@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -109,9 +110,15 @@ class Client:
 
 @asynccontextmanager
 async def open_client(
-    url: str, *, connect_timeout: float = 10.0, close_timeout: float | None = None
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    close_timeout: float | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/ws`` or ``wss://…``) and wait for the welcome.
+
+    ``ssl_context`` verifies a ``wss://`` server (by default, against the system's CAs).
 
     ``connect_timeout`` bounds the connection, the handshake and the welcome, and the close
     unless ``close_timeout`` is given (a connection known to be dead needs no long close).
@@ -131,7 +138,7 @@ async def open_client(
             with trio.fail_after(connect_timeout):
                 if secure:
                     stream: _ClientStream = await trio.open_ssl_over_tcp_stream(
-                        parts.hostname, port, https_compatible=True
+                        parts.hostname, port, https_compatible=True, ssl_context=ssl_context
                     )
                 else:
                     stream = await trio.open_tcp_stream(parts.hostname, port)
