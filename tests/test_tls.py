@@ -4,6 +4,8 @@ a certificate reloaded on SIGHUP while clients stay connected, and bad files ref
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +20,10 @@ import pytest
 import trio
 import trio_websocket
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from tests import browser
 from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
@@ -55,6 +60,15 @@ class ServerFiles:
         cert = self.ca.issue_cert("127.0.0.1")
         self.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(self.key_file))
+
+    def spki_hash(self) -> str:
+        """The base64 SHA-256 of the certificate's public key, as Chromium names a key it is
+        told to trust."""
+        cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        key = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.b64encode(hashlib.sha256(key).digest()).decode()
 
     def client_context(self) -> ssl.SSLContext:
         """A client context that trusts this CA only."""
@@ -189,6 +203,28 @@ async def test_a_plain_ws_client_on_the_tls_port_is_told_and_the_worker_keeps_se
         for clients in by_worker.values():
             await clients[0].ping()
     assert "Traceback" not in cluster.log()
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
+async def test_the_chat_page_chats_over_https_and_wss_in_a_real_browser(tls_cluster):
+    cluster, files = tls_cluster
+    # Chromium cannot be given a CA of our own without a system-wide NSS database; it is told
+    # instead to accept this one certificate's key, and nothing else it would refuse.
+    trust = [f"--ignore-certificate-errors-spki-list={files.spki_hash()}"]
+    page_url = f"https://127.0.0.1:{cluster.port}/?room=lobby&name=ann&say=hello%20over%20tls"
+    async with open_client(cluster.url, ssl_context=files.client_context()) as python_client:
+        await python_client.join("lobby")
+        async with browser.open_page(page_url, trust) as page:
+            # The page came over https, loaded /client.js from there, and joined over wss.
+            assert await page.evaluate("location.protocol") == "https:"
+            heard = await receive_data(python_client, 1)
+            assert heard == [{"name": "ann", "text": "hello over tls"}]
+            await python_client.publish("lobby", {"name": "bob", "text": "hi ann"})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                log = await page.wait_for_text("log", "bob: hi ann")
+            assert "ann: hello over tls" in log
 
 
 # ---- handshakes that fail or stall (a worker in this process) -----------------------------
