@@ -3,6 +3,10 @@ generator (loadgen.mjs) in a process of its own. Not part of the test suite; run
 
     cd bench && npm install && python fanout_bench.py            # 3 runs, about 15 minutes
     python fanout_bench.py --runs 1 --quick                      # a smoke run
+    python fanout_bench.py --tls                                 # ws:// against wss://
+
+With --tls it measures only the delivery rate at 1,000 clients, over ws:// and over wss://
+(a throwaway CA and certificate made by trustme, from the test extra) in the same run.
 
 It prints a table of medians and writes every run's figures to bench/results/fanout-*.json.
 Server CPU is read from /proc for the master and both workers; the load generator's own CPU is
@@ -31,13 +35,16 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A delivery rate passes when p99 latency stays under this and nothing is lost, duplicated or
 # reordered (the issue's criterion).
 P99_LIMIT_MS = 100.0
+# With --tls, from a lower step: on a shared machine wss:// may not pass the first of RATE_STEPS.
+TLS_RATE_STEPS = [10_000, 15_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000]
 RATE_STEPS = [20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 160_000, 200_000, 240_000, 280_000]
 
 
 class Cluster:
-    """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way."""
+    """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way;
+    serving TLS with ``tls``, a certificate and key file."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         env = dict(os.environ)
         env.update(
             TRIO_FANOUT_RATE_LIMIT_PER_SECOND="1000000",
@@ -48,19 +55,20 @@ class Cluster:
         )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trio_fanout", "run", "--workers", "2", "--port", "0",
-             "--proxy-port", "0", "--heartbeat-interval", "0"],
+             "--proxy-port", "0", "--heartbeat-interval", "0",
+             *(["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])] if tls else [])],
             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         self.worker_pids: list[int] = []
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            if match := re.search(r"listening on ws://[\d.]+:(\d+)/ws", line):
-                self.port = int(match.group(1))
+            if match := re.search(r"listening on (wss?)://[\d.]+:(\d+)/ws", line):
+                scheme, self.port = match.group(1), int(match.group(2))
             if match := re.search(r"worker \d \(pid (\d+)\) serving", line):
                 self.worker_pids.append(int(match.group(1)))
             if len(self.worker_pids) == 2:
                 break
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/ws"
         self.pids = [self.process.pid, *self.worker_pids]
 
     def cpu_seconds(self) -> tuple[float, float]:
@@ -171,6 +179,80 @@ def one_run(quick: bool) -> dict:
         cluster.stop()
     figures["send_floor_4000"] = send_floor(4000, 20)
     return figures
+
+
+def max_sustainable(cluster: Cluster, clients: int, duration: int, **extra: object) -> dict | None:
+    """The highest step of TLS_RATE_STEPS that passes, or None if none does."""
+    base = {"mode": "rate", "url": cluster.url, "clients": clients, "rooms": 10,
+            "duration": duration, **extra}  # fmt: skip
+    best = None
+    for rate in TLS_RATE_STEPS:
+        result = loadgen({**base, "deliveries": rate}, cluster)
+        print(f"  {cluster.url.split(':')[0]} {clients} clients, {rate}/s: p99 "
+              f"{result['p99_ms']:.1f} ms, lost {result['lost']}, server "
+              f"{result['server_cpu_us_per_delivery']:.2f} us/delivery, loadgen CPU "
+              f"{result['loadgen_cpu_percent']:.0f}%", file=sys.stderr)  # fmt: skip
+        if not passes(result):
+            break
+        best = result
+    return best
+
+
+def tls_run(quick: bool) -> dict:
+    """Delivery at 1,000 clients over ws:// and over wss://, one cluster after the other."""
+    import trustme  # the test extra: only this mode needs it
+
+    duration = 3 if quick else 5
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as directory:
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert_file, key_file, ca_file = (
+            Path(directory) / name for name in ("c.pem", "k.pem", "ca.pem")
+        )
+        cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key_file))
+        ca.cert_pem.write_to_path(str(ca_file))
+        for scheme, tls in (("ws", None), ("wss", (cert_file, key_file))):
+            cluster = Cluster(tls)
+            try:
+                extra = {"ca_file": str(ca_file)} if tls else {}
+                figures[f"fixed_20k_{scheme}"] = loadgen(
+                    {"mode": "rate", "url": cluster.url, "clients": 1000, "rooms": 10,
+                     "duration": duration, "deliveries": 20_000, **extra}, cluster,
+                )  # fmt: skip
+                figures[f"max_sustainable_{scheme}"] = max_sustainable(
+                    cluster, 1000, duration, **extra
+                )
+            finally:
+                cluster.stop()
+    return figures
+
+
+def summarize_tls(runs: list[dict]) -> dict:
+    summary = {}
+    for scheme in ("ws", "wss"):
+        for label, key in (
+            ("max sustainable deliveries/s", "achieved_deliveries_per_second"),
+            ("p99 ms at that rate", "p99_ms"),
+            ("server CPU us/delivery at that rate", "server_cpu_us_per_delivery"),
+            ("load generator CPU % at that rate", "loadgen_cpu_percent"),
+        ):
+            values = [
+                run[f"max_sustainable_{scheme}"][key]
+                for run in runs
+                if run[f"max_sustainable_{scheme}"] is not None
+            ]
+            summary[f"{scheme}: {label}"] = statistics.median(values) if values else None
+        for label, key in (
+            ("server CPU us/delivery at 20,000/s", "server_cpu_us_per_delivery"),
+            ("p99 ms at 20,000/s", "p99_ms"),
+            ("load generator CPU % at 20,000/s", "loadgen_cpu_percent"),
+        ):
+            summary[f"{scheme}: {label}"] = statistics.median(
+                run[f"fixed_20k_{scheme}"][key] for run in runs
+            )
+    return summary
 
 
 def send_floor(clients: int, messages: int) -> dict:
@@ -290,14 +372,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="shorter rate steps")
+    parser.add_argument("--tls", action="store_true", help="ws:// against wss://, 1,000 clients")
     args = parser.parse_args()
     runs = []
     for number in range(1, args.runs + 1):
         print(f"run {number} of {args.runs}", file=sys.stderr)
-        runs.append(one_run(args.quick))
-    summary = summarize(runs)
+        runs.append(tls_run(args.quick) if args.tls else one_run(args.quick))
+    summary = summarize_tls(runs) if args.tls else summarize(runs)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    kind = "tls" if args.tls else "fanout"
+    path = RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
     width = max(map(len, summary))
     print(f"\nmedians of {args.runs} run(s); every figure in {path}")

@@ -11,11 +11,15 @@
 //              report, for each, the time until the last member received it.
 //   idle:      open `clients` connections, print {"ready": true}, hold them until stdin closes.
 // Lines {"event": "start"} and {"event": "end"} on stdout bracket the measured part of a run.
+// A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
 import WebSocket from "ws";
+import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 
 const config = JSON.parse(process.argv[2]);
 const CONNECT_CONCURRENCY = 200;
+const CLIENT_OPTIONS = { perMessageDeflate: false };
+if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 
 function log(...args) {
   process.stderr.write(`loadgen: ${args.join(" ")}\n`);
@@ -33,7 +37,7 @@ function sleep(ms) {
 // Open one client; resolve once it is welcomed (and has joined `room`, if given).
 function openClient(url, room, onFrame) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    const ws = new WebSocket(url, CLIENT_OPTIONS);
     ws.on("error", reject);
     ws.on("message", (data) => {
       const text = data.toString();
