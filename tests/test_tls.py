@@ -399,13 +399,29 @@ def test_unusable_tls_files_are_a_usage_error_not_a_traceback(
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
     other = ServerFiles.issue(tmp_path / "other")  # a key that is not the certificate's
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        serialization.load_pem_private_key(server_files.key_file.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
     cases = [
         (["--tls-cert-file", str(server_files.cert_file)], "needs tls_key_file"),
         (["--tls-cert-file", str(missing), "--tls-key-file", str(missing)], "No such file"),
-        (["--tls-cert-file", str(not_pem), "--tls-key-file", str(not_pem)], "not a valid PEM"),
+        (["--tls-cert-file", str(not_pem), "--tls-key-file", str(not_pem)], "holds no PEM cert"),
+        (
+            ["--tls-cert-file", str(server_files.cert_file), "--tls-key-file", str(not_pem)],
+            f"{not_pem} holds no PEM private key",
+        ),
         (
             ["--tls-cert-file", str(server_files.cert_file), "--tls-key-file", str(other.key_file)],
-            "not a valid PEM certificate chain and matching key",
+            "the key is not the certificate's",
+        ),
+        (
+            ["--tls-cert-file", str(server_files.cert_file), "--tls-key-file", str(encrypted)],
+            "encrypted with a passphrase, which is not supported",
         ),
     ]
     for flags, problem in cases:

@@ -38,15 +38,41 @@ def load_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(ALPN_PROTOCOLS)
     try:
-        context.load_cert_chain(cert_file, key_file)
-    except OSError as error:  # ssl.SSLError is an OSError too
-        problem = error.strerror or getattr(error, "reason", None) or str(error)
-        if isinstance(error, ssl.SSLError):
-            problem = f"not a valid PEM certificate chain and matching key ({problem})"
-        raise TLSFileError(
-            f"cannot load TLS certificate {cert_file} with key {key_file}: {problem}"
-        ) from None
-    return context
+        # A key with a passphrase would make OpenSSL prompt on the terminal: refuse it instead.
+        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    except ssl.SSLError as error:
+        problem = _pem_problem(error, cert_file, key_file)
+    except OSError as error:
+        problem = error.strerror or str(error)
+    else:
+        return context
+    raise TLSFileError(f"cannot load TLS certificate {cert_file} with key {key_file}: {problem}")
+
+
+def _no_passphrase() -> bytes:
+    return b""
+
+
+def _pem_problem(error: ssl.SSLError, cert_file: str, key_file: str) -> str:
+    """What is wrong with files that OpenSSL refused, in words (its own say only "PEM lib").
+    Only markers are looked for in the files: nothing of them is quoted."""
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return "the key is not the certificate's"
+    if not _holds(cert_file, b"-----BEGIN CERTIFICATE-----"):
+        return f"{cert_file} holds no PEM certificate"
+    if _holds(key_file, b"ENCRYPTED"):
+        return f"{key_file} is encrypted with a passphrase, which is not supported"
+    if not _holds(key_file, b"PRIVATE KEY-----"):
+        return f"{key_file} holds no PEM private key"
+    return f"OpenSSL refused them ({error.reason or error.strerror})"
+
+
+def _holds(path: str, marker: bytes) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return marker in file.read()
+    except OSError:
+        return False
 
 
 class ServerCertificate:
