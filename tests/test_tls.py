@@ -32,9 +32,12 @@ from tests.helpers import (
     receive_data,
     trio_fanout_command,
 )
+from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient, close_code
 from tests.test_worker import publish_from_outside, running_worker
+from trio_fanout import connection
 from trio_fanout.client import open_client
 from trio_fanout.config import ConfigError, load_config
+from trio_fanout.worker import Worker
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -137,7 +140,8 @@ async def verify_server(port: int, context: ssl.SSLContext) -> None:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as broken:
-            raise broken.__cause__ from None  # type: ignore[misc]
+            assert isinstance(broken.__cause__, ssl.SSLError), broken
+            raise broken.__cause__ from None
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -152,7 +156,7 @@ async def receive_until_closed(stream: trio.SocketStream) -> bytes:
 
 
 @asynccontextmanager
-async def tls_worker(files: ServerFiles, **settings: object) -> AsyncIterator[tuple[object, str]]:
+async def tls_worker(files: ServerFiles, **settings: object) -> AsyncIterator[tuple[Worker, str]]:
     """A worker in this process serving TLS; yields it and its wss:// URL."""
     async with running_worker(**files.settings, **settings) as (worker, url):
         yield worker, url.replace("ws://", "wss://", 1)
@@ -239,7 +243,7 @@ async def test_a_client_that_does_not_trust_the_certificate_fails_and_others_are
             await verify_server(port_of(url), stranger.client_context())
         async with open_client(url, ssl_context=server_files.client_context()) as client:
             await client.join("r")
-            await publish_from_outside(worker, "r", "still here")  # type: ignore[arg-type]
+            await publish_from_outside(worker, "r", "still here")
             assert await receive_data(client, 1) == ["still here"]
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
 
@@ -254,7 +258,7 @@ async def test_a_stalled_tls_handshake_holds_a_handshake_slot_until_handshake_ti
         async with await trio.open_tcp_stream("127.0.0.1", port) as stalled:
             await stalled.send_all(partial_hello)
             with trio.fail_after(RECEIVE_TIMEOUT):
-                while worker.handshakes < 1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                while worker.handshakes < 1:  # noqa: ASYNC110
                     await trio.sleep(0.01)
             # The only slot is taken: another connection is closed at once, unanswered.
             async with await trio.open_tcp_stream("127.0.0.1", port) as refused:
@@ -262,7 +266,7 @@ async def test_a_stalled_tls_handshake_holds_a_handshake_slot_until_handshake_ti
             # The stalled one is cut by the handshake timeout, without an answer.
             assert await receive_until_closed(stalled) == b""
         with trio.fail_after(RECEIVE_TIMEOUT):
-            while worker.handshakes:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            while worker.handshakes:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         async with open_client(url, ssl_context=server_files.client_context()) as client:
             await client.ping()
@@ -278,6 +282,42 @@ async def test_garbage_instead_of_a_client_hello_is_closed_and_the_worker_serves
         async with open_client(url, ssl_context=server_files.client_context()) as client:
             await client.ping()
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_wss_client_that_stops_reading_is_cut_by_the_bytes_bound(
+    server_files: ServerFiles, monkeypatch: pytest.MonkeyPatch
+):
+    # Keep the cut connection around long enough for this test to read up to its close frame.
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 60.0)
+    bound = 256 * 1024
+    settings = {"max_queued_bytes": bound, "max_queued_frames": 10**6}
+    async with (
+        tls_worker(server_files, **settings) as (worker, url),
+        open_client(url, ssl_context=server_files.client_context()) as fast,
+    ):
+        slow = await RawClient.connect(
+            port_of(url),
+            receive_buffer=SMALL_RECEIVE_BUFFER,
+            ssl_context=server_files.client_context(),
+        )
+        await slow.join("news")
+        await fast.join("news")
+        slow_conn = list(worker.connections.values())[-1]
+        payload = "y" * 16_000
+        # The slow client reads nothing more; 2,000 messages (32 MB), 20 at a time, reach the
+        # fast one, while what waits for the slow one (ciphertext included) stays bounded.
+        for first in range(0, 2000, 20):
+            for number in range(first, first + 20):
+                await publish_from_outside(worker, "news", [number, payload])
+            received = await receive_data(fast, 20)
+            assert [number for number, _ in received] == list(range(first, first + 20))
+            assert slow_conn.queued_bytes <= bound + 16_100
+        frames = await slow.frames_until_closed()
+        assert close_code(frames[-1]) == 1013
+        numbers = [json.loads(payload)["data"][0] for _, payload in frames[:-1]]
+        assert numbers == list(range(len(numbers)))  # in order, then cut
+        assert worker.queued_bytes == 0
+        await slow.stream.aclose()
 
 
 # ---- reloading on SIGHUP --------------------------------------------------------------------
