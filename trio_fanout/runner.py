@@ -108,7 +108,9 @@ async def run_worker_process(
                 nursery.start_soon(freeze_survivors_forever)
                 nursery.start_soon(give_back_memory_forever)
                 nursery.start_soon(_stop_on_signal, worker)
-                nursery.start_soon(_reload_on_signal, worker)
+                # Started (its handler installed) before the worker says it serves: a SIGHUP
+                # sent after that line must reload, not kill the process.
+                await nursery.start(_reload_on_signal, worker)
                 nursery.start_soon(_reload_when_master_asks, worker, reloads_requested)
                 nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
                 await worker.serve(listener)
@@ -153,8 +155,11 @@ async def _stop_on_signal(worker: Worker) -> None:
             worker.stop()
 
 
-async def _reload_on_signal(worker: Worker) -> None:
+async def _reload_on_signal(
+    worker: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             reload_tls(worker, "SIGHUP")
 
