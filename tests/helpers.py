@@ -188,10 +188,9 @@ async def connect_on_each_worker(
 ) -> dict[int, list[Client]]:
     """Open clients until each worker holds ``per_worker`` of them; extra ones are closed.
 
-    Workers share one listening socket, and when they are idle the same one can win every
-    accept: clients are opened several at a time, so that one worker is busy with the first
-    while another accepts the next. Each client lives in a task of its own (its context holds
-    trio-websocket's nursery), kept open until ``stack`` closes.
+    The kernel gives each new connection to a worker by a hash of its addresses: clients are
+    opened several at a time until each worker has its share. Each client lives in a task of
+    its own (its context holds trio-websocket's nursery), kept open until ``stack`` closes.
     """
     by_worker: dict[int, list[Client]] = {index: [] for index in range(1, workers + 1)}
     nursery = await stack.enter_async_context(trio.open_nursery())

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.helpers import ClusterProcess
 from trio_fanout import __version__
 
 
@@ -98,3 +99,44 @@ def test_version_names_the_installed_version():
     result = trio_fanout("--version")
     assert result.returncode == 0
     assert result.stdout == f"trio-fanout {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["publish", "--backplane", "memory://x", "lobby", "1"], "memory://x exists only inside"),
+        (["run", "--backplane", "memory://x", "--workers", "2"], "2 workers on it would not"),
+        (
+            ["publish", "--backplane", "zmq://127.0.0.1:1", "1"],
+            "give ROOM and DATA, or --broadcast",
+        ),
+        (["publish", "--broadcast", "lobby", "1"], "give a ROOM or --broadcast, not both"),
+        (["run", "--heartbeat-interval", "0.0001"], "must be 0 (off) or at least 0.1 seconds"),
+    ],
+)
+def test_what_would_reach_nobody_or_flood_everyone_is_refused(args: list[str], complaint: str):
+    result = trio_fanout(*args)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert complaint in line
+
+
+def test_a_log_level_in_capitals_is_the_same_level(monkeypatch):
+    monkeypatch.setenv("TRIO_FANOUT_LOG_LEVEL", "DEBUG")
+    assert 'log_level = "debug"' in trio_fanout("config").stdout
+    monkeypatch.delenv("TRIO_FANOUT_LOG_LEVEL")
+    assert 'log_level = "warning"' in trio_fanout("config", "--log-level", "WARNING").stdout
+
+
+def test_a_second_cluster_on_the_port_of_a_running_one_is_refused():
+    # Each worker listens with SO_REUSEPORT; a second `run` must still not share the port.
+    cluster = ClusterProcess("--workers", "2")
+    try:
+        cluster.wait_for_workers(2)
+        result = trio_fanout(
+            "run", "--workers", "2", "--port", str(cluster.port), "--proxy-port", "0"
+        )
+        assert result.returncode == 2
+        assert "Address already in use" in result.stderr
+    finally:
+        cluster.stop()

@@ -295,7 +295,7 @@ def test_a_killed_worker_comes_back_and_the_other_sees_no_gap(backplane: str, tm
     # clients (Redis channels are global) and break the count.
     redis = RedisServer(str(tmp_path)) if backplane == "redis" else None
     extra = ["--backplane", redis.url] if redis else []
-    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0.05", *extra)
+    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0.1", *extra)
     try:
         cluster.wait_for_workers(2)
 

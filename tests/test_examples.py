@@ -75,23 +75,41 @@ async def test_two_hosts_proxy_two_workers_and_a_shell_publish(tmp_path: Path):
     try:
         processes[0].wait_for_log("ZeroMQ proxy: clients connect")
         urls = []
-        for toml in (worker_a_toml, worker_b_toml):
-            worker = LoggedProcess(trio_fanout_command("worker", "--config", str(toml)))
+        for index, toml in enumerate((worker_a_toml, worker_b_toml), start=1):
+            worker = LoggedProcess(
+                trio_fanout_command("worker", "--config", str(toml), "--index", str(index))
+            )
             processes.append(worker)
-            match = worker.wait_for_log(r"serving ws://127\.0\.0\.1:(\d+)/ws")
+            match = worker.wait_for_log(
+                rf"worker {index} \(pid \d+\) serving ws://127\.0\.0\.1:(\d+)/ws"
+            )
             urls.append(f"ws://127.0.0.1:{match.group(1)}/ws")
         async with open_client(urls[0]) as on_a, open_client(urls[1]) as on_b:
+            # Each standalone worker goes by the number it was given.
+            assert (on_a.welcome["worker"], on_b.welcome["worker"]) == (1, 2)
             await on_a.join("lobby")
             await on_b.join("lobby")
             with trio.fail_after(PROCESS_TIMEOUT):
                 result = await trio.run_process(
                     [sys.executable, "-m", "trio_fanout", "publish", "--config",
                      str(worker_a_toml), "lobby", '{"name": "shell", "text": "hi"}'],
-                    capture_stderr=True,
+                    capture_stdout=True, capture_stderr=True,
                 )  # fmt: skip
             assert result.returncode == 0
+            assert result.stdout == b"published to room 'lobby' at offset 1\n"
             for client in (on_a, on_b):
                 assert await receive_data(client, 1) == [{"name": "shell", "text": "hi"}]
+            with trio.fail_after(PROCESS_TIMEOUT):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "trio_fanout", "publish", "--config",
+                     str(worker_a_toml), "--broadcast", '"maintenance at noon"'],
+                    capture_stdout=True, capture_stderr=True,
+                )  # fmt: skip
+            assert result.stdout == b"sent to every connection\n"
+            for client in (on_a, on_b):
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    frame = await client.receive()
+                assert frame == {"type": "message", "data": "maintenance at noon"}
             await on_a.publish("lobby", "from a to b")
             assert await receive_data(on_b, 1) == ["from a to b"]
             # The proxy publishes the heartbeat (every second by default).

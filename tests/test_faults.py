@@ -138,7 +138,7 @@ class SpinningSupervisor(Supervisor):
         return [
             sys.executable, str(script),
             "--index", str(index),
-            "--listen-fd", str(self._listener.fileno()),
+            "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
         ]  # fmt: skip
 
@@ -157,7 +157,7 @@ async def test_a_worker_stuck_in_a_busy_hook_is_killed_and_replaced(
     listener = open_listener("127.0.0.1", 0)
     port = listener.getsockname()[1]
     url = f"ws://127.0.0.1:{port}/ws"
-    supervisor = SpinningSupervisor(config, listener)
+    supervisor = SpinningSupervisor(config, [listener])
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervisor.keep_running, 1)
@@ -203,7 +203,7 @@ async def test_a_master_whose_own_loop_stalls_kills_no_worker(caplog: pytest.Log
     )
     listener = open_listener("127.0.0.1", 0)
     url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
-    supervisor = Supervisor(config, listener)
+    supervisor = Supervisor(config, [listener])
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervisor.keep_running, 1)

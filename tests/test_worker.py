@@ -21,7 +21,7 @@ from tests.helpers import RECEIVE_TIMEOUT, receive_data
 from trio_fanout import Config, Worker, connection, envelope, protocol
 from trio_fanout.backplane import open_backplane
 from trio_fanout.client import ServerError, open_client
-from trio_fanout.master import open_listener
+from trio_fanout.runner import open_listener
 from trio_fanout.worker import ROOMS_LEFT_PER_TURN
 
 _names = itertools.count()
@@ -147,6 +147,26 @@ async def test_a_slow_client_is_closed_1013_and_nobody_else_waits(monkeypatch):
             while True:
                 await slow.receive()
         assert closed.value.reason.code == 1013
+
+
+async def test_a_client_receiving_a_stream_gets_it_complete_in_few_writes():
+    # 300 messages in a burst to one member, with a write delay of 50 ms: it receives all of
+    # them in order, and the worker wrote them in far fewer sends than frames (each write
+    # after the first waits up to 50 ms for more).
+    async with (
+        running_worker(write_delay=0.05) as (worker, url),
+        open_client(url) as member,
+        open_client(url) as publisher,
+    ):
+        await member.join("stream")
+        sends_before, frames_before = worker.sends, worker.frames_sent
+        for number in range(300):
+            await publisher.publish("stream", number)
+        assert await receive_data(member, 300) == list(range(300))
+        sends = worker.sends - sends_before
+        frames = worker.frames_sent - frames_before
+        assert frames >= 300
+        assert sends * 3 <= frames, (sends, frames)
 
 
 async def test_frames_past_the_rate_get_rate_limited_and_abuse_is_closed_1008():

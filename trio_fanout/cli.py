@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from trio_fanout import __version__, protocol
-from trio_fanout.backplane import BackplaneError
+from trio_fanout.backplane import BackplaneError, parse_backplane_url
 from trio_fanout.config import KEYS, Config, ConfigError, load_config
 from trio_fanout.runner import WORKER_CONFIG_VARIABLE
 from trio_fanout.tls import TLSFileError
@@ -35,6 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     parser.add_argument(
         "--log-level",
+        type=str.lower,
         choices=("debug", "info", "warning", "error"),
         help="how much to log (default: info; debug shows the path of every message)",
     )
@@ -142,11 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--backplane", help=_BACKPLANE_HELP)
     _listening(worker, "the worker")
+    worker.add_argument(
+        "--index",
+        type=int,
+        metavar="N",
+        help="this worker's number, in its clients' welcome frames and in its logs: give each "
+        "worker on one backplane its own (default: 1)",
+    )
     _history(worker)
     _tls(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
-    for hidden in ("--index", "--listen-fd", "--control-fd"):
+    for hidden in ("--listen-fd", "--control-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
 
     proxy = commands.add_parser(
@@ -172,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser(
         "publish",
-        help="publish one message to a room from the shell",
+        help="publish one message to a room, or to every connection, from the shell",
         description="Publish one JSON value to a room, e.g.: trio-fanout publish lobby "
-        '\'{"text": "hello"}\'. Every member of the room, on every worker, receives it.',
+        '\'{"text": "hello"}\'. Every member of the room, on every worker, receives it; the '
+        "command prints the offset the room gave it. With --broadcast and no ROOM, every "
+        "connection on every worker receives it.",
     )
     publish.add_argument("--backplane", help=_BACKPLANE_HELP)
-    publish.add_argument("room", metavar="ROOM", help="the room to publish to")
+    publish.add_argument(
+        "--broadcast", action="store_true", help="send to every connection instead of a room"
+    )
+    publish.add_argument("room", metavar="ROOM", nargs="?", help="the room to publish to")
     publish.add_argument("data", metavar="DATA", help="a JSON value, e.g. '\"hi\"' or '{\"n\": 1}'")
     _common(publish)
 
@@ -231,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = "(unset)" if value is None else json.dumps(value)
             print(f"{key} = {shown}  # {sources[key]}")
         return 0
+    if problem := _unreachable_backplane(args.command, config):
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: {problem}\n")
     _setup_logging(config.log_level)
     exit_code = 0
     try:
@@ -251,6 +266,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trio-fanout: error: {tls_failure}", file=sys.stderr)
         exit_code = EXIT_USAGE
     return exit_code
+
+
+def _unreachable_backplane(command: str, config: Config) -> str | None:
+    """Why ``command`` would reach nobody on ``config``'s backplane: a memory:// backplane
+    lives inside one process, so another process cannot meet anyone on it."""
+    if config.backplane is None or parse_backplane_url(config.backplane).scheme != "memory":
+        return None
+    if command == "publish":
+        return (
+            f"{config.backplane} exists only inside one process: publish on the cluster's "
+            "backplane instead (zmq://HOST:PORT or redis://HOST:PORT)"
+        )
+    if command == "run" and config.workers > 1:
+        return (
+            f"{config.backplane} exists only inside one process: {config.workers} workers "
+            "on it would not receive each other's messages; leave --backplane unset for the "
+            "embedded ZeroMQ proxy, or give zmq:// or redis://"
+        )
+    return None
 
 
 def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
@@ -282,22 +316,36 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
     from trio_fanout.emitter import open_emitter
 
+    if args.broadcast and args.room is not None:
+        parser.exit(EXIT_USAGE, "trio-fanout: error: give a ROOM or --broadcast, not both\n")
+    if not args.broadcast and args.room is None:
+        parser.exit(EXIT_USAGE, "trio-fanout: error: give ROOM and DATA, or --broadcast DATA\n")
     try:
         data = json.loads(args.data)
     except (ValueError, RecursionError):
         parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA is not JSON: {args.data!r}\n")
     try:
-        protocol.check_room(args.room)
+        if args.room is not None:
+            protocol.check_room(args.room)
     except protocol.RequestError as refusal:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: ROOM: {refusal.message}\n")
     try:
-        protocol.message_frame(args.room, data)  # what clients could not receive: NaN, …
+        # What clients could not receive: NaN, …
+        if args.room is None:
+            protocol.broadcast_frame(data)
+        else:
+            protocol.message_frame(args.room, data)
     except protocol.RequestError as refusal:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA: {refusal.message}\n")
 
     async def publish() -> None:
         async with open_emitter(config.backplane_url) as emitter:
-            await emitter.publish(args.room, data)
+            if args.room is None:
+                await emitter.broadcast(data)
+                print("sent to every connection")
+            else:
+                offset = await emitter.publish(args.room, data)
+                print(f"published to room {args.room!r} at offset {offset}")
 
     trio.run(publish)
     return 0

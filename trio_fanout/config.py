@@ -24,6 +24,14 @@ ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
+MAX_WRITE_DELAY = 0.1
+"""A write delay is there to gather frames that arrive within milliseconds of each other;
+a tenth of a second is already a delay people see in a chat or a game."""
+
+MIN_HEARTBEAT_INTERVAL = 0.1
+"""Ten heartbeats a second to every client is already more than any dead-peer detection needs;
+a shorter interval would only turn the heartbeat into a flood of the workers' own making."""
+
 
 class InvalidSetting(ValueError):
     """A value that the key does not accept; raised by the validators below."""
@@ -70,6 +78,27 @@ def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str
             raise InvalidSetting(attribute.name, str(error)) from None
 
 
+def _heartbeat(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _not_negative(instance, attribute, value)
+    if 0 < value < MIN_HEARTBEAT_INTERVAL:
+        raise InvalidSetting(
+            attribute.name,
+            f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL} seconds, not {value!r}",
+        )
+
+
+def _write_delay(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _not_negative(instance, attribute, value)
+    if value > MAX_WRITE_DELAY:
+        raise InvalidSetting(
+            attribute.name, f"must be at most {MAX_WRITE_DELAY} seconds, not {value!r}"
+        )
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
 def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value not in _LOG_LEVELS:
         raise InvalidSetting(
@@ -85,7 +114,7 @@ class Config:
     """Port the WebSocket server listens on; 0 picks a free one."""
     workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=_positive)
     """Worker processes `trio-fanout run` starts; by default one per CPU."""
-    heartbeat_interval: float = attrs.field(default=1.0, validator=_not_negative)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_heartbeat)
     """Seconds between heartbeats; 0 turns the heartbeat off."""
     proxy_host: str = "127.0.0.1"
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
@@ -93,7 +122,9 @@ class Config:
     """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
     backplane: str | None = attrs.field(default=None, validator=_backplane_url)
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
-    log_level: str = attrs.field(default="info", validator=_log_level)
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_log_level)
+    """How much to log, in any case (``DEBUG`` and ``debug`` are the same, as Python's
+    logging spells its levels in capitals)."""
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)
@@ -118,6 +149,10 @@ class Config:
     about what Linux's own send buffer holds for a connection at most (tcp_wmem), so a client
     is given as much again as the kernel already buffers for it.
     """
+    write_delay: float = attrs.field(default=0.005, validator=_write_delay)
+    """Seconds a client that was written to less than this ago waits before the next write,
+    so that frames arriving for it meanwhile go out together in one send; 0: every fan-out
+    batch is written at once. A client that receives now and then never waits."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds a client has to complete the HTTP and WebSocket handshake."""
     max_connections: int = attrs.field(default=10_000, validator=_positive)

@@ -151,6 +151,7 @@ class Connection:
         "_writer_running",
         "id",
         "identity",
+        "last_flush",
         "peer",
         "rooms",
         "worker",
@@ -176,6 +177,9 @@ class Connection:
         self._queued_bytes = 0
         self._dirty = False
         self._dirty_list = dirty_list
+        # When the fan-out last wrote to this client (trio's clock): within write_delay of it,
+        # the fan-out lets frames gather instead of writing at once (Worker.fan_out).
+        self.last_flush = -math.inf
         self._writer_running = False
         self._closing = False
         self._close_timeout = CLOSE_TIMEOUT
@@ -238,6 +242,7 @@ class Connection:
         takes them; what it does not take stays as a view, never copied again."""
         try:
             if self._unsent:
+                self.worker.sends += 1
                 sent = self._sock.send(self._unsent)
                 self._count_queued(-sent)
                 if sent < len(self._unsent):
@@ -249,6 +254,8 @@ class Connection:
             if not pending and (session is None or not session.wants_write):
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
+            self.worker.sends += 1
+            self.worker.frames_sent += len(pending)
             pending.clear()  # their bytes, now in data, stay counted until sent
             if session is not None:
                 # The batch is encrypted as a whole: a few records, not one per frame.

@@ -1,7 +1,10 @@
 """The master of ``trio-fanout run``: the listening socket, the workers, the proxy, the heartbeat.
 
-The master owns the listening socket and starts each worker as a fresh Python process that
-inherits it (never a fork of a running Trio loop, never after a ``zmq.Context`` exists). It
+The master owns one listening socket per worker, all on one port (``SO_REUSEPORT``: the kernel
+spreads connections evenly over them), and starts each worker as a fresh Python process that
+inherits its own (never a fork of a running Trio loop, never after a ``zmq.Context`` exists).
+The master keeps every socket open, so that the connections waiting in a dead worker's socket are
+not reset: its replacement, given the same socket, accepts them. It
 restarts a worker that dies, with a growing pause when one keeps dying, and on SIGINT or SIGTERM
 it asks every worker to close its clients with 1001, then stops the proxy and returns. On
 SIGHUP it checks the TLS certificate and key files and, if they load, asks every worker to
@@ -31,7 +34,7 @@ from trio_fanout.runner import (
     RELOAD,
     WORKER_CONFIG_VARIABLE,
     give_back_memory_forever,
-    open_listener,
+    open_listeners,
 )
 from trio_fanout.tls import ServerCertificate
 
@@ -77,19 +80,22 @@ class Supervisor:
     close and every worker reads end of file: no worker outlives its master.
     """
 
-    def __init__(self, config: Config, listener: socket.socket) -> None:
+    def __init__(self, config: Config, listeners: list[socket.socket]) -> None:
         self._config = config
-        self._listener = listener
+        self._listeners = listeners
         self.processes: dict[int, trio.Process] = {}
         # The master's end of each running worker's control channel.
         self._controls: dict[int, socket.socket] = {}
         self._stopping = False
 
+    def _listener(self, index: int) -> socket.socket:
+        return self._listeners[index - 1]
+
     def _command(self, index: int, control_fd: int) -> list[str]:
         return [
             sys.executable, "-m", "trio_fanout", "worker",
             "--index", str(index),
-            "--listen-fd", str(self._listener.fileno()),
+            "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
         ]  # fmt: skip
 
@@ -102,7 +108,7 @@ class Supervisor:
                 with worker_end:
                     process = await trio.lowlevel.open_process(
                         self._command(index, worker_end.fileno()),
-                        pass_fds=(self._listener.fileno(), worker_end.fileno()),
+                        pass_fds=(self._listener(index).fileno(), worker_end.fileno()),
                         # Not on the command line: a backplane password would show in ps.
                         env={
                             **os.environ,
@@ -260,7 +266,7 @@ async def run_master(
     certificate = None
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         certificate = ServerCertificate(config.tls_cert_file, config.tls_key_file)
-    listener = open_listener(config.host, config.port)
+    listeners = open_listeners(config.host, config.port, config.workers)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -272,7 +278,7 @@ async def run_master(
                     )
                     # Workers and the heartbeat meet at the port the proxy really bound.
                     config = attrs.evolve(config, proxy_port=proxy_port)
-                supervisor = Supervisor(config, listener)
+                supervisor = Supervisor(config, listeners)
                 # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
                 # publishes its own, so a master on it does not.
                 external_proxy = (
@@ -285,7 +291,7 @@ async def run_master(
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
                 nursery.start_soon(give_back_memory_forever)
-                host, port = listener.getsockname()[:2]
+                host, port = listeners[0].getsockname()[:2]
                 logger.info(
                     "listening on %s://%s:%d/ws with %d workers, backplane %s",
                     "ws" if certificate is None else "wss",
@@ -306,7 +312,8 @@ async def run_master(
                 await supervisor.stop_all()
                 nursery.cancel_scope.cancel()
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
     logger.info("stopped")
 
 

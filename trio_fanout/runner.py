@@ -43,12 +43,44 @@ RELOAD = b"R"
 CONTROL_RECEIVE_BYTES = 4096
 
 
-def open_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket (``OSError`` if it cannot be bound)."""
+def open_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket (``OSError`` if it cannot be bound). With
+    ``reuse_port``, other sockets of this user may listen on the same port (``SO_REUSEPORT``)
+    and the kernel spreads new connections over all of them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    listener = socket.create_server(
+        (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
     listener.setblocking(False)
     return listener
+
+
+def open_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port, one per worker, among which the kernel spreads
+    new connections evenly by a hash of their addresses (``SO_REUSEPORT``).
+
+    One shared socket would let whichever worker wakes first take each connection: an idle one
+    takes most of them, and a busy one almost none, so load follows readiness instead of being
+    spread. Port 0 picks a free port.
+
+    The port is first bound once without ``SO_REUSEPORT``, which fails if anything listens
+    there, another ``trio-fanout run`` included: its sockets would otherwise share the port
+    with ours and silently take half of the connections.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        free_port = probe.getsockname()[1]
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            listeners.append(open_listener(host, free_port, reuse_port=True))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 async def serve(
