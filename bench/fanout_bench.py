@@ -35,6 +35,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A delivery rate passes when p99 latency stays under this and nothing is lost, duplicated or
 # reordered (the issue's criterion).
 P99_LIMIT_MS = 100.0
+# With --tls, also the rate within a looser bound: on a machine shared with other work, p99 is
+# often over 100 ms at any rate, and the comparison would then have no figure at all.
+LOOSE_P99_LIMIT_MS = 1000.0
 # With --tls, from a lower step: on a shared machine wss:// may not pass the first of RATE_STEPS.
 TLS_RATE_STEPS = [10_000, 15_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000]
 RATE_STEPS = [20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 160_000, 200_000, 240_000, 280_000]
@@ -131,13 +134,13 @@ def loadgen(config: dict, cluster: Cluster | None = None) -> dict:
     return result
 
 
-def passes(result: dict) -> bool:
+def passes(result: dict, p99_limit_ms: float = P99_LIMIT_MS) -> bool:
     return (
         result["lost"] == 0
         and result["duplicated"] == 0
         and result["reordered"] == 0
         and result["p99_ms"] is not None
-        and result["p99_ms"] < P99_LIMIT_MS
+        and result["p99_ms"] < p99_limit_ms
     )
 
 
@@ -181,18 +184,28 @@ def one_run(quick: bool) -> dict:
     return figures
 
 
-def max_sustainable(cluster: Cluster, clients: int, duration: int, **extra: object) -> dict | None:
-    """The highest step of TLS_RATE_STEPS that passes, or None if none does."""
+def rate_steps(cluster: Cluster, clients: int, duration: int, **extra: object) -> list[dict]:
+    """Each step of TLS_RATE_STEPS in turn, up to the first that fails LOOSE_P99_LIMIT_MS."""
     base = {"mode": "rate", "url": cluster.url, "clients": clients, "rooms": 10,
             "duration": duration, **extra}  # fmt: skip
-    best = None
+    steps = []
     for rate in TLS_RATE_STEPS:
         result = loadgen({**base, "deliveries": rate}, cluster)
         print(f"  {cluster.url.split(':')[0]} {clients} clients, {rate}/s: p99 "
               f"{result['p99_ms']:.1f} ms, lost {result['lost']}, server "
               f"{result['server_cpu_us_per_delivery']:.2f} us/delivery, loadgen CPU "
               f"{result['loadgen_cpu_percent']:.0f}%", file=sys.stderr)  # fmt: skip
-        if not passes(result):
+        steps.append(result)
+        if not passes(result, LOOSE_P99_LIMIT_MS):
+            break
+    return steps
+
+
+def max_sustainable(steps: list[dict], p99_limit_ms: float) -> dict | None:
+    """The last of the steps that pass with p99 under ``p99_limit_ms`` before one fails."""
+    best = None
+    for result in steps:
+        if not passes(result, p99_limit_ms):
             break
         best = result
     return best
@@ -203,7 +216,7 @@ def tls_run(quick: bool) -> dict:
     import trustme  # the test extra: only this mode needs it
 
     duration = 3 if quick else 5
-    figures: dict = {}
+    figures: dict = {"load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as directory:
         ca = trustme.CA()
         cert = ca.issue_cert("127.0.0.1")
@@ -221,29 +234,29 @@ def tls_run(quick: bool) -> dict:
                     {"mode": "rate", "url": cluster.url, "clients": 1000, "rooms": 10,
                      "duration": duration, "deliveries": 20_000, **extra}, cluster,
                 )  # fmt: skip
-                figures[f"max_sustainable_{scheme}"] = max_sustainable(
-                    cluster, 1000, duration, **extra
-                )
+                steps = figures[f"steps_{scheme}"] = rate_steps(cluster, 1000, duration, **extra)
+                for limit in (P99_LIMIT_MS, LOOSE_P99_LIMIT_MS):
+                    figures[f"max_sustainable_{limit:.0f}_{scheme}"] = max_sustainable(steps, limit)
             finally:
                 cluster.stop()
     return figures
 
 
 def summarize_tls(runs: list[dict]) -> dict:
-    summary = {}
+    summary: dict = {}
     for scheme in ("ws", "wss"):
-        for label, key in (
-            ("max sustainable deliveries/s", "achieved_deliveries_per_second"),
-            ("p99 ms at that rate", "p99_ms"),
-            ("server CPU us/delivery at that rate", "server_cpu_us_per_delivery"),
-            ("load generator CPU % at that rate", "loadgen_cpu_percent"),
-        ):
-            values = [
-                run[f"max_sustainable_{scheme}"][key]
-                for run in runs
-                if run[f"max_sustainable_{scheme}"] is not None
-            ]
-            summary[f"{scheme}: {label}"] = statistics.median(values) if values else None
+        for limit in (P99_LIMIT_MS, LOOSE_P99_LIMIT_MS):
+            best = [run[f"max_sustainable_{limit:.0f}_{scheme}"] for run in runs]
+            for label, key in (
+                (f"max deliveries/s with p99 < {limit:.0f} ms", "achieved_deliveries_per_second"),
+                ("  p99 ms at that rate", "p99_ms"),
+                ("  server CPU us/delivery at that rate", "server_cpu_us_per_delivery"),
+                ("  load generator CPU % at that rate", "loadgen_cpu_percent"),
+            ):
+                values = [result[key] for result in best if result is not None]
+                if key == "achieved_deliveries_per_second":
+                    values += [0.0] * best.count(None)  # no step passed: 0
+                summary[f"{scheme}: {label}"] = statistics.median(values) if values else None
         for label, key in (
             ("server CPU us/delivery at 20,000/s", "server_cpu_us_per_delivery"),
             ("p99 ms at 20,000/s", "p99_ms"),
@@ -252,6 +265,9 @@ def summarize_tls(runs: list[dict]) -> dict:
             summary[f"{scheme}: {label}"] = statistics.median(
                 run[f"fixed_20k_{scheme}"][key] for run in runs
             )
+    summary["load average at the start of a run"] = statistics.median(
+        run["load_average_at_start"][0] for run in runs
+    )
     return summary
 
 
