@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole cluster: master, workers and the embedded ZeroMQ proxy",
         description=(
             "Run a master process with N worker processes that share one port. Clients connect "
-            "to ws://HOST:PORT/ws; a message published in a room reaches its members on every "
+            "to ws://HOST:PORT/ws (wss:// with --tls-cert-file and --tls-key-file; SIGHUP "
+            "reloads them); a message published in a room reaches its members on every "
             "worker through the embedded ZeroMQ proxy, or through --backplane if given. "
             "Stop it with Ctrl-C or SIGTERM: clients are closed with 1001."
         ),
