@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient, close_code
 from tests.test_worker import publish_from_outside, running_worker
-from trio_fanout import connection
+from trio_fanout import Config, TLSFileError, connection, serve
 from trio_fanout.client import open_client
 from trio_fanout.config import ConfigError, load_config
 from trio_fanout.worker import Worker
@@ -481,3 +481,13 @@ def test_config_shows_the_tls_files():
         trio_fanout_command("config"), capture_output=True, text=True, timeout=60, env=env
     )
     assert 'tls_key_file = "a.key"  # environment TRIO_FANOUT_TLS_KEY_FILE' in done.stdout
+
+
+async def test_an_embedded_worker_with_unusable_files_raises_tls_file_error(tmp_path: Path):
+    config = Config(
+        port=0, backplane="memory://embedded-tls", tls_cert_file=str(tmp_path / "missing.pem"),
+        tls_key_file=str(tmp_path / "missing.key"),
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(TLSFileError, match=r"missing\.pem .*No such file"):
+            await nursery.start(serve, config)
