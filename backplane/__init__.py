@@ -7,8 +7,11 @@ is a configuration change, not a code change:
 - ``zmq://HOST:PORT``: the ZeroMQ proxy (see :func:`serve_proxy`) listening on PORT;
 - ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` and ``rediss://…`` (TLS, with an optional
   ``?ssl_ca_certs=PATH``): Redis pub/sub, one channel per topic.
+
+Secrets (a Redis password, CURVE keys) come from files named by :class:`Credentials`.
 """
 
+from trio_fanout.backplane._credentials import BadCredentials, Credentials, CurveProxyKeys
 from trio_fanout.backplane._interface import (
     Backplane,
     BackplaneError,
@@ -19,7 +22,7 @@ from trio_fanout.backplane._interface import (
     Position,
     Received,
 )
-from trio_fanout.backplane._open import open_backplane, parse_backplane_url
+from trio_fanout.backplane._open import open_backplane, parse_backplane_url, redact_url
 from trio_fanout.backplane.proxy import serve_proxy
 
 __all__ = [
@@ -27,11 +30,15 @@ __all__ = [
     "BackplaneError",
     "BackplaneUnavailable",
     "BadBackplaneURL",
+    "BadCredentials",
+    "Credentials",
+    "CurveProxyKeys",
     "History",
     "HistoryPolicy",
     "Position",
     "Received",
     "open_backplane",
     "parse_backplane_url",
+    "redact_url",
     "serve_proxy",
 ]

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import attrs
 
+from trio_fanout.backplane._credentials import BadCredentials, Credentials, load_client_keys
 from trio_fanout.backplane._interface import Backplane, BadBackplaneURL, HistoryPolicy
 
 SCHEMES = ("memory", "zmq", "redis", "rediss")
@@ -26,18 +27,44 @@ class BackplaneAddress:
     port: int = 0
     name: str = ""
     username: str | None = None
-    password: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)  # never in a log
     db: int = 0
     ssl_ca_certs: str | None = None
     """A CA bundle to check the server's certificate with (rediss://); default: the system's."""
+    password_file: str | None = None
+    """Where the password is (read at each connection), instead of ``password``."""
 
     @property
     def tls(self) -> bool:
         return self.scheme == "rediss"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password in it, if any, replaced by ``***``: what logs, error messages
+    and ``trio-fanout config`` show. Everything between the scheme and the last ``@`` before
+    the query is user information, so a password with an unescaped ``/`` or ``@`` in it is
+    hidden too."""
+    scheme, separator, rest = url.partition("://")
+    before_query, question, query = rest.partition("?")
+    user_info, at, host = before_query.rpartition("@")
+    if not separator or not at or ":" not in user_info:
+        return url
+    user = user_info.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{question}{query}"
+
+
 def parse_backplane_url(url: str) -> BackplaneAddress:
-    """Check ``url`` and split it; raises :class:`BadBackplaneURL` with the reason."""
+    """Check ``url`` and split it; raises :class:`BadBackplaneURL` with the reason (which
+    shows the URL with its password redacted)."""
+    try:
+        return _parse_backplane_url(url)
+    except BadBackplaneURL as error:
+        if isinstance(url, str) and url != redact_url(url):
+            raise BadBackplaneURL(str(error).replace(repr(url), repr(redact_url(url)))) from None
+        raise
+
+
+def _parse_backplane_url(url: str) -> BackplaneAddress:
     if not isinstance(url, str) or "://" not in url:
         raise BadBackplaneURL(f"{url!r} is not a URL like zmq://127.0.0.1:5559 or memory://name")
     parts = urllib.parse.urlsplit(url)
@@ -101,16 +128,25 @@ def _parse_redis_url(url: str, parts: urllib.parse.SplitResult) -> BackplaneAddr
 
 @asynccontextmanager
 async def open_backplane(
-    url: str, *, history: HistoryPolicy | None = None
+    url: str, *, history: HistoryPolicy | None = None, credentials: Credentials | None = None
 ) -> AsyncIterator[Backplane]:
     """Open the backend that ``url`` names; it is closed when the ``async with`` block ends.
 
     ``history`` (default: ``HistoryPolicy()``) is what the topics' sequencer keeps for memory://
     (the first backplane to open a name sets it) and redis:// (applied at each append). A zmq://
     backplane ignores it: its sequencer is the proxy, which applies the policy it was started
-    with.
+    with. ``credentials`` names the files of the secrets: the Redis password (which the URL
+    must not carry then), or CURVE keys for zmq://. Raises :class:`BadCredentials` when a file
+    cannot be read or does not hold what it should.
     """
     address = parse_backplane_url(url)
+    credentials = credentials or Credentials()
+    if credentials.password_file is not None:
+        if address.scheme not in ("redis", "rediss"):
+            raise BadCredentials("a password file is for redis:// and rediss:// backplanes")
+        if address.password is not None:
+            raise BadCredentials("the backplane URL has a password, and a password file is given")
+        address = attrs.evolve(address, password_file=credentials.password_file)
     if address.scheme == "memory":
         from trio_fanout.backplane.memory import open_memory_backplane
 
@@ -119,7 +155,8 @@ async def open_backplane(
     elif address.scheme == "zmq":
         from trio_fanout.backplane.zmq import open_zmq_backplane
 
-        async with open_zmq_backplane(address.host, address.port) as zmq_backplane:
+        curve = load_client_keys(credentials)
+        async with open_zmq_backplane(address.host, address.port, curve) as zmq_backplane:
             yield zmq_backplane
     else:
         from trio_fanout.backplane.redis import open_redis_backplane

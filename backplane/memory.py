@@ -9,7 +9,6 @@ the last backplane of that name closes, it is gone, and the next one starts new 
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +27,6 @@ from trio_fanout.backplane._interface import (
     check_topic,
 )
 from trio_fanout.backplane._sequencer import Sequencer
-
-logger = logging.getLogger(__name__)
 
 # How many undelivered messages one subscriber may hold before publishers to it are refused.
 # The memory backend has no transport to push back on, so the bound is enforced here.

@@ -27,6 +27,12 @@ plain message (docs/performance.md has the figures).
 
 It runs in Trio with the same FD integration as the client (``backplane.zmq``): drain in
 batches until ``zmq.Again``, re-check ``zmq.EVENTS`` before sleeping.
+
+Given CURVE keys, the proxy encrypts every connection and lets in only clients whose public key
+it lists. The check is pyzmq's own ZAP handler (``zmq.auth.thread.ThreadAuthenticator``) on a
+thread of its own: ZeroMQ asks it during each handshake, before a client's first command
+reaches the loop above, so a refused client costs the loop nothing. The proxy then has a
+``zmq.Context`` of its own, because a context holds one ZAP handler at most.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import trio
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
+from trio_fanout.backplane._credentials import CurveProxyKeys
 from trio_fanout.backplane._interface import HistoryPolicy, Position
 from trio_fanout.backplane._sequencer import Sequencer
 from trio_fanout.backplane._shrink import (
@@ -141,6 +150,10 @@ EXPIRY_SWEEP_INTERVAL = 1.0
 # client's publishes wait for their answers, so this only bounds an unusually eager peer.
 RECEIVE_HIGH_WATER_MARK = 10_000
 
+# Refused CURVE handshakes are logged at most once per this many seconds, with their count: a
+# refused client's ZeroMQ tries again every few hundred milliseconds, for as long as it runs.
+REFUSED_LOG_INTERVAL = 10.0
+
 
 class _Peer:
     """One connected client: its topics and its flow-control account."""
@@ -175,10 +188,16 @@ class ZmqProxy:
     """The routing table and the loop; :func:`serve_proxy` runs one."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 5559, *, history: HistoryPolicy | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 5559,
+        *,
+        history: HistoryPolicy | None = None,
+        curve: CurveProxyKeys | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.curve = curve
         self.sequencer = Sequencer(history or HistoryPolicy())
         self.instance = os.urandom(8)  # changes with every start: clients notice a restart
         self.subscribers: dict[bytes, set[_Peer]] = {}
@@ -192,9 +211,29 @@ class ZmqProxy:
 
         Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
         """
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        if self.curve is None:
+            await self._serve(zmq.Context.instance(), task_status)
+            return
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        authenticator = ThreadAuthenticator(context, log=logger)
+        try:
+            authenticator.start()
+            authenticator.configure_curve_callback("*", _AllowedKeys(self.curve.allowed))
+            await self._serve(context, task_status)
+        finally:
+            authenticator.stop()
+            context.term()
+
+    async def _serve(
+        self, context: zmq.Context[zmq.Socket[bytes]], task_status: trio.TaskStatus[int]
+    ) -> None:
+        sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public_key)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret_key)
             sock.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
             sock.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -211,7 +250,11 @@ class ZmqProxy:
                 raise OSError(
                     f"cannot bind the ZeroMQ proxy to {self.host} port {self.port}: {error}"
                 ) from None
-            logger.info("ZeroMQ proxy: clients connect to %s", zmq_endpoint(self.host, bound))
+            logger.info(
+                "ZeroMQ proxy: clients connect to %s%s",
+                zmq_endpoint(self.host, bound),
+                f" with CURVE, {len(self.curve.allowed)} keys allowed" if self.curve else "",
+            )
             task_status.started(bound)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forget_silent_peers)
@@ -481,17 +524,43 @@ class ZmqProxy:
                 self._forget(peer)
 
 
+class _AllowedKeys:
+    """The credentials provider the ZAP handler asks, on its own thread, about each client's
+    key (Z85): allowed if listed. It only reads a frozenset, which needs no lock."""
+
+    def __init__(self, allowed: frozenset[bytes]) -> None:
+        self._allowed = allowed
+        self._refused = 0  # refusals not yet logged
+        self._logged = -REFUSED_LOG_INTERVAL
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        if client_key in self._allowed:
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged >= REFUSED_LOG_INTERVAL:
+            logger.warning(
+                "refused %d CURVE handshakes from keys not allowed, the last from key %s",
+                self._refused, client_key.decode("ascii", "replace"),
+            )  # fmt: skip
+            self._logged = now
+            self._refused = 0
+        return False
+
+
 async def serve_proxy(
     host: str = "127.0.0.1",
     port: int = 5559,
     *,
     history: HistoryPolicy | None = None,
+    curve: CurveProxyKeys | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy on ``host:port`` until cancelled; ``task_status.started`` reports the port
     (port 0 picks a free one). ``history`` bounds what it keeps of appended messages (default:
-    ``HistoryPolicy()``).
+    ``HistoryPolicy()``). With ``curve``, every connection is encrypted and only clients whose
+    public key ``curve.allowed`` lists get in.
 
     Raises ``OSError`` (e.g. address in use) before ``started`` if it cannot bind.
     """
-    await ZmqProxy(host, port, history=history).serve(task_status=task_status)
+    await ZmqProxy(host, port, history=history, curve=curve).serve(task_status=task_status)

@@ -35,6 +35,7 @@ from typing import Any
 import hiredis
 import trio
 
+from trio_fanout.backplane._credentials import read_password
 from trio_fanout.backplane._interface import (
     QUERY_NUMBER_CAP,
     Backplane,
@@ -229,7 +230,10 @@ class _Link:
                         nursery.start_soon(self._write_forever, stream)
                         await self._read_until_closed(stream)
                         nursery.cancel_scope.cancel()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    # The connection failed (a reset when Redis was killed with our commands
+                    # unread, a broken pipe): from the reader or the writer, or both at once,
+                    # which is why the nursery's group is matched with except*.
                     pass
                 finally:
                     self.connected = False
@@ -260,8 +264,11 @@ class _Link:
         so that refused credentials are reported here, not as a mystery later."""
         address = self._address
         commands = []
-        if address.password is not None:
-            credentials = [address.password.encode()]
+        password = address.password
+        if address.password_file is not None:
+            password = read_password(address.password_file)  # again: it may have changed
+        if password is not None:
+            credentials = [password.encode()]
             if address.username:
                 credentials.insert(0, address.username.encode())
             commands.append((b"AUTH", encode_command(b"AUTH", *credentials)))

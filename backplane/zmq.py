@@ -24,6 +24,13 @@ The backplane pings the proxy every ``PING_INTERVAL``, and at once whenever Zero
 The answer names the proxy's instance and how many of our topics it holds; when that is not what
 we hold (the proxy restarted, or forgot us while we were silent) we send it our whole set again,
 so subscriptions come back by themselves.
+
+With CURVE keys the connection is encrypted and the proxy checks our public key. A refused
+handshake is not a silence: the monitor reports it, opening fails at once with the reason
+(our key is not allowed, the proxy's key is not the one we were given, one side has no CURVE),
+and a refusal after opening is logged once until a handshake succeeds again. ZeroMQ itself
+does not try again after the proxy refused a key: the backplane connects anew every
+``REFUSED_RETRY_INTERVAL``, so that a key allowed later gets back in without a restart.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from trio_fanout.backplane._credentials import CurveClientKeys
 from trio_fanout.backplane._interface import (
     QUERY_NUMBER_CAP,
     Backplane,
@@ -123,6 +131,18 @@ LONGEST_CONNECT_RETRY = 0.1
 # long to reach the proxy. Publishes are not among them: each was answered before it returned.
 CLOSE_LINGER_MS = 1_000
 
+# How often a backplane whose handshake was refused connects anew (ZeroMQ gives up on a refused
+# key for good): often enough that a key allowed again is back within seconds, rarely enough
+# that a refused client costs the proxy one handshake every few seconds.
+REFUSED_RETRY_INTERVAL = 5.0
+
+# What the monitor reports about the connection's handshake.
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
 
 class _Request:
     """One request sent: its answer's frames, or the error that ended the wait."""
@@ -136,20 +156,36 @@ class _Request:
 
 
 class ZmqBackplane(Backplane):
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], host: str, port: int) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        host: str,
+        port: int,
+        curve: CurveClientKeys | None = None,
+    ) -> None:
         self.endpoint = f"zmq://{host}:{port}"
+        self._curve = curve
         self._socket = context.socket(zmq.DEALER)
+        if curve is not None:
+            self._socket.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+            self._socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
+            self._socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # no connection: sends fail instead of queue
         # No high-water marks: outgoing requests are bounded by MAX_OUTSTANDING_REQUESTS, and
         # incoming messages by the proxy's credit limit, in bytes.
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
-        self._socket.connect(zmq_endpoint(host, port))
+        self._zmq_endpoint = zmq_endpoint(host, port)
+        self._socket.connect(self._zmq_endpoint)
         self._fd = file_descriptor(self._socket)
         self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
         )
+        # Why the last handshake failed, and when we last connected anew after it; None since
+        # one succeeded (or before the first).
+        self._handshake_refusal: str | None = None
+        self._refused_since: float | None = None
         self._monitor_fd = file_descriptor(self._monitor)
         self._ping_now = trio.Event()
         self._queue = MessageQueue(high_water=QUEUE_NEVER_FULL)
@@ -177,11 +213,14 @@ class ZmqBackplane(Backplane):
         """Down while the last probe of :meth:`watch_proxy` went unanswered."""
         if self._proxy_answers:
             return None
-        return f"the ZeroMQ proxy at {self.endpoint} does not answer"
+        return self._handshake_refusal or f"the ZeroMQ proxy at {self.endpoint} does not answer"
 
     async def publish(self, topic: bytes, payload: bytes) -> None:
         check_topic(topic)
-        await trio.lowlevel.checkpoint()
+        # No schedule point before the send (the wait for the answer is one): publishers
+        # number a payload just before they hand it here, and a task switch would let a later
+        # number reach the proxy first, which receivers would count as a gap.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not self._proxy_answers:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
         await self._request(PUBLISH, topic, [payload], PUBLISH_TIMEOUT)
@@ -216,7 +255,7 @@ class ZmqBackplane(Backplane):
 
     async def append(self, topic: bytes, payload: bytes) -> Position:
         check_topic(topic)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()  # and no schedule point: see publish
         if not self._proxy_answers:
             raise BackplaneUnavailable(f"the ZeroMQ proxy at {self.endpoint} does not answer")
         answer = await self._request(APPEND, topic, [payload], PUBLISH_TIMEOUT)
@@ -456,6 +495,18 @@ class ZmqBackplane(Backplane):
                 if self._proxy_answers:
                     logger.warning("%s", error)
                 self._proxy_answers = False
+                self._connect_again_if_refused()
+
+    def _connect_again_if_refused(self) -> None:
+        """Connect anew, at most every REFUSED_RETRY_INTERVAL, while the last handshake was
+        refused (ZeroMQ does not retry a key the proxy refused)."""
+        now = trio.current_time()
+        if self._refused_since is None or now - self._refused_since < REFUSED_RETRY_INTERVAL:
+            return
+        self._refused_since = now
+        with suppress(zmq.ZMQError):  # not connected at the moment: nothing to undo
+            self._socket.disconnect(self._zmq_endpoint)
+        self._socket.connect(self._zmq_endpoint)
 
     async def watch_connection(self) -> None:
         """Follow the socket's monitor: a lost connection fails what waits for an answer, a new
@@ -466,16 +517,54 @@ class ZmqBackplane(Backplane):
                     frames = self._monitor.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                event = parse_monitor_message(frames)["event"]
+                message = parse_monitor_message(frames)
+                event = message["event"]
                 if event == zmq.EVENT_DISCONNECTED:
                     self._connection_lost()
                 elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._handshake_refusal = self._refused_since = None
                     self._ping_now.set()
+                elif event & _HANDSHAKE_FAILED:
+                    refusal = self._describe_refusal(event, message["value"])
+                    if refusal != self._handshake_refusal:
+                        logger.error("%s", refusal)
+                    self._handshake_refusal = refusal
+                    if self._refused_since is None:
+                        self._refused_since = trio.current_time()
             if not events(self._monitor) & zmq.POLLIN:
                 await trio.lowlevel.wait_readable(self._monitor_fd)
 
+    def _describe_refusal(self, event: int, value: int) -> str:
+        """What a failed handshake means, in the words of the settings that fix it."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (
+                f"the ZeroMQ proxy at {self.endpoint} refused our CURVE key: it is not among "
+                "the keys the proxy allows (curve_allowed_keys_dir)"
+            )
+        if self._curve is None:
+            # A proxy with CURVE drops a plain client's handshake, with or without saying why
+            # (a mechanism mismatch, or no detail): nothing else fails a plain handshake.
+            return (
+                f"the ZeroMQ proxy at {self.endpoint} refused our handshake: it requires CURVE "
+                "(give this process curve_secret_key_file, and curve_server_key_file unless "
+                "it shares the proxy's key pair)"
+            )
+        if (
+            event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        ):
+            return (
+                f"the ZeroMQ proxy at {self.endpoint} does not use CURVE, and this process was "
+                "given curve_secret_key_file"
+            )
+        return (
+            f"the CURVE handshake with the ZeroMQ proxy at {self.endpoint} failed: is "
+            "curve_server_key_file the proxy's public key?"
+        )
+
     async def connect(self) -> None:
-        """Wait until the proxy answers, for at most CONNECT_TIMEOUT."""
+        """Wait until the proxy answers, for at most CONNECT_TIMEOUT; fail at once when it
+        refuses our handshake."""
         delay = FIRST_CONNECT_RETRY
         with trio.move_on_after(CONNECT_TIMEOUT):
             while True:
@@ -483,6 +572,8 @@ class ZmqBackplane(Backplane):
                     await self.ping(CONNECT_TIMEOUT)
                     return
                 except BackplaneUnavailable:  # not connected yet: ZeroMQ keeps trying
+                    if self._handshake_refusal is not None:
+                        raise BackplaneUnavailable(self._handshake_refusal) from None
                     await trio.sleep(delay)
                     delay = min(delay * 2, LONGEST_CONNECT_RETRY)
         raise BackplaneUnavailable(
@@ -500,9 +591,12 @@ class ZmqBackplane(Backplane):
 
 
 @asynccontextmanager
-async def open_zmq_backplane(host: str, port: int) -> AsyncIterator[ZmqBackplane]:
-    """Connect to the proxy at ``host:port`` and return once it answers."""
-    backplane = ZmqBackplane(zmq.Context.instance(), host, port)
+async def open_zmq_backplane(
+    host: str, port: int, curve: CurveClientKeys | None = None
+) -> AsyncIterator[ZmqBackplane]:
+    """Connect to the proxy at ``host:port`` (with CURVE if given keys) and return once it
+    answers."""
+    backplane = ZmqBackplane(zmq.Context.instance(), host, port, curve)
     try:
         with unwrap_single_errors():
             async with trio.open_nursery() as nursery:

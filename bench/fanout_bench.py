@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -45,9 +46,9 @@ RATE_STEPS = [20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 160_000, 200_000
 
 class Cluster:
     """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way;
-    serving TLS with ``tls``, a certificate and key file."""
+    ``options`` are more command-line options (``--history-size 0``, ``--backplane URL``)."""
 
-    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, options: tuple[str, ...] = ()) -> None:
         env = dict(os.environ)
         env.update(
             TRIO_FANOUT_RATE_LIMIT_PER_SECOND="1000000",
@@ -58,8 +59,7 @@ class Cluster:
         )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trio_fanout", "run", "--workers", "2", "--port", "0",
-             "--proxy-port", "0", "--heartbeat-interval", "0",
-             *(["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])] if tls else [])],
+             "--proxy-port", "0", "--heartbeat-interval", "0", *options],
             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         self.worker_pids: list[int] = []
@@ -73,11 +73,21 @@ class Cluster:
                 break
         self.url = f"{scheme}://127.0.0.1:{self.port}/ws"
         self.pids = [self.process.pid, *self.worker_pids]
+        # Keep reading the log, so that a busy log never fills the pipe and stalls the master;
+        # workers started later (after one died) are added to ``started_pids``.
+        self.started_pids: list[int] = []
+        threading.Thread(target=self._read_log, daemon=True).start()
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """User and system CPU seconds of the master and the workers so far."""
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if match := re.search(r"worker \d \(pid (\d+)\) serving", line):
+                self.started_pids.append(int(match.group(1)))
+
+    def cpu_seconds(self, pids: list[int] | None = None) -> tuple[float, float]:
+        """User and system CPU seconds of ``pids`` (the master and the workers) so far."""
         user = system = 0
-        for pid in self.pids:
+        for pid in self.pids if pids is None else pids:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             user += int(fields[11])
             system += int(fields[12])
@@ -226,10 +236,11 @@ def tls_run(quick: bool) -> dict:
         cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(key_file))
         ca.cert_pem.write_to_path(str(ca_file))
-        for scheme, tls in (("ws", None), ("wss", (cert_file, key_file))):
-            cluster = Cluster(tls)
+        tls = ("--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file))
+        for scheme, options in (("ws", ()), ("wss", tls)):
+            cluster = Cluster(options)
             try:
-                extra = {"ca_file": str(ca_file)} if tls else {}
+                extra = {"ca_file": str(ca_file)} if options else {}
                 figures[f"fixed_20k_{scheme}"] = loadgen(
                     {"mode": "rate", "url": cluster.url, "clients": 1000, "rooms": 10,
                      "duration": duration, "deliveries": 20_000, **extra}, cluster,

@@ -10,11 +10,18 @@
 //   broadcast: `clients` members of one room; publish `messages` messages one at a time and
 //              report, for each, the time until the last member received it.
 //   idle:      open `clients` connections, print {"ready": true}, hold them until stdin closes.
+//   recover:   `clients` members of `rooms` rooms, half on each of two workers, and a publisher
+//              on one of them; print {"event": "ready", "victim_pid": P}, read the time the
+//              orchestrator killed worker P (a JSON line on stdin), and report how long each of
+//              that worker's clients took to reconnect, rejoin with `since` and recover.
 // Lines {"event": "start"} and {"event": "end"} on stdout bracket the measured part of a run.
+// The rate and recover results carry our CPU, and every result our event loop's lag (how late
+// our timers ran): when either is high, the figure is ours, not the server's.
 // A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
 import WebSocket from "ws";
 import { readFileSync } from "node:fs";
-import { performance } from "node:perf_hooks";
+import { createInterface } from "node:readline";
+import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 
 const config = JSON.parse(process.argv[2]);
 const CONNECT_CONCURRENCY = 200;
@@ -76,6 +83,17 @@ async function openMany(count, roomOf, onFrame) {
   return clients;
 }
 
+// Our event loop's lag, sampled every 10 ms: how late a timer or a socket's event ran.
+const lag = monitorEventLoopDelay({ resolution: 10 });
+lag.enable();
+
+function lagFigures() {
+  return {
+    loadgen_lag_p99_ms: lag.percentile(99) / 1e6,
+    loadgen_lag_max_ms: lag.max / 1e6,
+  };
+}
+
 function percentile(sorted, p) {
   if (sorted.length === 0) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -117,6 +135,7 @@ async function rate() {
 
   recording = true;
   mark("start");
+  lag.reset();
   const seq = new Int32Array(publishers).fill(0);
   const cpuStart = process.cpuUsage();
   const start = performance.now();
@@ -157,6 +176,7 @@ async function rate() {
     p99_ms: percentile(latencies, 99),
     max_ms: latencies.length ? latencies[latencies.length - 1] : null,
     loadgen_cpu_percent: ((cpu.user + cpu.system) / 1e6 / elapsed) * 100,
+    ...lagFigures(),
   };
 }
 
@@ -174,6 +194,7 @@ async function broadcast() {
   log(`${count} members ready`);
   const toLast = [];
   mark("start");
+  lag.reset();
   for (let i = 0; i < messages; i++) {
     pending = count;
     const sentAt = performance.now();
@@ -189,7 +210,7 @@ async function broadcast() {
   return {
     mode: "broadcast", clients: count, messages, incomplete: messages - complete.length,
     received: count * complete.length,
-    to_last_ms: toLast, median_to_last_ms: percentile(complete, 50),
+    to_last_ms: toLast, median_to_last_ms: percentile(complete, 50), ...lagFigures(),
   };
 }
 
@@ -202,7 +223,273 @@ async function idle() {
   return null;
 }
 
-const modes = { rate, broadcast, idle };
+// The time since the Unix epoch in ms, on the clock the orchestrator reads its kill time from.
+function wallMs() {
+  return performance.timeOrigin + performance.now();
+}
+
+function readLine() {
+  return new Promise((resolve) => {
+    const lines = createInterface({ input: process.stdin });
+    lines.once("line", (line) => {
+      lines.close();
+      resolve(line);
+    });
+  });
+}
+
+let stopping = false;
+
+// One member of a room, as the project's clients behave: it keeps its room's epoch and last
+// offset, and when its connection ends it reconnects after a delay and rejoins with `since`.
+// `lost` records the first loss and the recovery from it, in wallMs().
+class Member {
+  constructor(policy) {
+    this.policy = policy;
+    this.room = null;
+    this.epoch = null;
+    this.offset = null;
+    this.pid = null;
+    this.attempts = 0;
+    this.gaps = 0;
+    this.duplicates = 0;
+    this.lost = null;
+    this.victim = false;
+    this.discarded = false;
+    this.onJoined = () => {};
+  }
+
+  // Connect; resolve once welcomed. A member with a room rejoins it at once.
+  open() {
+    return new Promise((resolve, reject) => {
+      if (this.lost) this.lost.attempted = wallMs();
+      const ws = new WebSocket(config.url, CLIENT_OPTIONS);
+      let welcomed = false;
+      ws.on("open", () => {
+        if (this.lost) this.lost.opened = wallMs();
+      });
+      ws.on("error", (error) => {
+        if (!welcomed) reject(error);
+      });
+      ws.on("close", () => {
+        if (!welcomed) reject(new Error("closed before the welcome"));
+        else this.connectionEnded();
+      });
+      ws.on("message", (data) => {
+        const frame = JSON.parse(data.toString());
+        if (frame.type === "welcome") {
+          welcomed = true;
+          this.ws = ws;
+          this.pid = frame.pid;
+          if (this.lost) this.lost.welcomed = wallMs();
+          if (this.room !== null) this.join();
+          resolve();
+        } else {
+          this.onFrame(frame);
+        }
+      });
+    });
+  }
+
+  join() {
+    const join = { type: "join", room: this.room, id: 1 };
+    if (this.epoch !== null) join.since = { epoch: this.epoch, offset: this.offset };
+    this.ws.send(JSON.stringify(join));
+  }
+
+  onFrame(frame) {
+    if (frame.type === "joined") {
+      const lost = this.lost;
+      if (lost && lost.joined === undefined) {
+        lost.joined = wallMs();
+        lost.recovered = frame.recovered === true;
+        lost.missed = frame.offset - this.offset;
+        if (!lost.recovered) this.offset = frame.offset; // nothing older is coming
+        if (lost.missed <= 0 || !lost.recovered) lost.firstMissed = lost.joined;
+      } else if (this.offset === null) {
+        this.offset = frame.offset;
+      }
+      this.epoch = frame.epoch;
+      this.onJoined();
+    } else if (frame.type === "message" && frame.room === this.room) {
+      if (frame.offset === this.offset + 1) {
+        if (this.lost && this.lost.firstMissed === undefined) this.lost.firstMissed = wallMs();
+      } else if (frame.offset <= this.offset) {
+        this.duplicates++;
+        return;
+      } else {
+        this.gaps++;
+      }
+      this.offset = frame.offset;
+    } else if (frame.type === "error") {
+      log(`member on room ${this.room}: ${JSON.stringify(frame)}`);
+    }
+  }
+
+  connectionEnded() {
+    if (stopping || this.discarded) return;
+    if (this.lost === null) this.lost = { closed: wallMs() };
+    this.retry();
+  }
+
+  // The first attempt after a loss waits a uniform random time up to backoff_base_ms (0:
+  // none); a failed attempt retries after a growing delay with full jitter.
+  retry() {
+    const { backoff_base_ms: base, backoff_cap_ms: cap } = config;
+    const delay = this.attempts === 0
+      ? Math.random() * base
+      : Math.random() * Math.min(cap, Math.max(base, 10) * 2 ** this.attempts);
+    this.attempts++;
+    setTimeout(() => {
+      if (!stopping) this.open().catch(() => this.retry());
+    }, delay);
+  }
+}
+
+function openPublisher() {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(config.url, CLIENT_OPTIONS);
+    ws.on("error", reject);
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data.toString());
+      if (frame.type === "welcome") resolve({ ws, pid: frame.pid });
+      else if (frame.type === "error") log(`publisher: ${data}`);
+    });
+    ws.on("close", () => {
+      if (!stopping) log("the publisher's connection ended");
+    });
+  });
+}
+
+// Members, half on each worker, in `rooms` rooms with as many members of each room on each
+// worker. A connection landing on a worker that has its half is closed and another opened (the
+// shared listening socket spreads idle connections unevenly).
+async function openBalanced(count, rooms) {
+  const members = [];
+  const perPid = new Map();
+  let opened = 0;
+  while (members.length < count) {
+    if (opened > count * 20) throw new Error(`unbalanced: ${JSON.stringify([...perPid])}`);
+    const batch = Array.from({ length: Math.min(CONNECT_CONCURRENCY, count - members.length) },
+      () => new Member());
+    opened += batch.length;
+    await Promise.all(batch.map((member) => member.open()));
+    const joins = [];
+    for (const member of batch) {
+      const have = perPid.get(member.pid) ?? 0;
+      if (have >= count / 2 || (perPid.size === 2 && !perPid.has(member.pid))) {
+        member.discarded = true;
+        member.ws.terminate();
+        continue;
+      }
+      perPid.set(member.pid, have + 1);
+      member.room = `room-${have % rooms}`;
+      joins.push(new Promise((resolve) => { member.onJoined = resolve; }));
+      member.join();
+      members.push(member);
+    }
+    await Promise.all(joins);
+    for (const member of members) member.onJoined = () => {};
+  }
+  return { members, perPid };
+}
+
+function spread(values) {
+  const sorted = values.filter((v) => v !== undefined).sort((a, b) => a - b);
+  return {
+    n: sorted.length, p50: percentile(sorted, 50), p90: percentile(sorted, 90),
+    p99: percentile(sorted, 99), max: sorted.length ? sorted[sorted.length - 1] : null,
+  };
+}
+
+async function recover() {
+  const { clients: count, rooms, publishes_per_second: rate, timeout } = config;
+  const publisher = await openPublisher();
+  const { members, perPid } = await openBalanced(count, rooms);
+  const victimPid = [...perPid.keys()].find((pid) => pid !== publisher.pid);
+  if (perPid.size !== 2 || victimPid === undefined) {
+    throw new Error(`expected two workers, one with the publisher: ${JSON.stringify([...perPid])}`);
+  }
+  const victims = members.filter((member) => member.pid === victimPid);
+  for (const member of victims) member.victim = true;
+  log(`${count} members ready (${JSON.stringify([...perPid])}); publisher on ${publisher.pid}`);
+
+  // A steady publisher: `rate` publishes a second over all rooms, in room order.
+  let sent = 0;
+  const publishStart = performance.now();
+  const publishing = (async () => {
+    while (!stopping) {
+      const due = Math.floor(((performance.now() - publishStart) / 1000) * rate);
+      for (; sent < due; sent++) {
+        publisher.ws.send(`{"type":"publish","room":"room-${sent % rooms}","data":${sent}}`);
+      }
+      await sleep(5);
+    }
+  })();
+  await sleep(1000); // every room has numbered messages, every member a position
+
+  process.stdout.write(JSON.stringify({ event: "ready", victim_pid: victimPid }) + "\n");
+  const cpuStart = process.cpuUsage();
+  const readyAt = wallMs();
+  lag.reset();
+  const { killed_at_ms: killedAt } = JSON.parse(await readLine());
+  const done = () => victims.every((m) => m.lost && m.lost.firstMissed !== undefined);
+  while (!done() && wallMs() - killedAt < timeout * 1000) await sleep(5);
+  const recoveredAt = wallMs();
+  process.stdout.write(JSON.stringify({ event: "recovered" }) + "\n");
+  const cpu = process.cpuUsage(cpuStart);
+  const lagDuring = lagFigures();
+  await sleep(1000); // and then: does every member keep receiving in order?
+  stopping = true;
+  await publishing;
+  await sleep(500);
+  for (const member of members) member.ws.terminate();
+  publisher.ws.terminate();
+
+  const since = (field) => victims.map((m) => m.lost?.[field] === undefined
+    ? undefined : m.lost[field] - killedAt);
+  const between = (from, to) => victims.map((m) => m.lost?.[from] === undefined
+    || m.lost?.[to] === undefined ? undefined : m.lost[to] - m.lost[from]);
+  // Where the victims landed: on the surviving worker, or on the one started in the dead one's
+  // place (which first has to start, subscribe and read each room's history).
+  const landedOn = {};
+  for (const where of ["survivor", "restarted"]) {
+    const here = victims.filter((m) => (m.pid === publisher.pid) === (where === "survivor"));
+    landedOn[where] = { clients: here.length, recovery_ms: spread(here.map(
+      (m) => m.lost?.firstMissed === undefined ? undefined : m.lost.firstMissed - killedAt)) };
+  }
+  return {
+    mode: "recover",
+    clients: count,
+    rooms,
+    publishes_per_second: rate,
+    backoff_base_ms: config.backoff_base_ms,
+    victim_pid: victimPid,
+    victims: victims.length,
+    recovered_true: victims.filter((m) => m.lost?.recovered === true).length,
+    recovered_false: victims.filter((m) => m.lost?.recovered === false).length,
+    not_rejoined: victims.filter((m) => m.lost?.joined === undefined).length,
+    others_disconnected: members.filter((m) => !m.victim && m.lost).length,
+    landed_on: landedOn,
+    connection_attempts: victims.reduce((sum, m) => sum + m.attempts, 0),
+    missed_per_client: spread(victims.map((m) => m.lost?.missed)),
+    recovery_ms: spread(since("firstMissed")),
+    close_seen_ms: spread(since("closed")),
+    closed_to_attempt_ms: spread(between("closed", "attempted")),
+    attempt_to_open_ms: spread(between("attempted", "opened")),
+    open_to_welcome_ms: spread(between("opened", "welcomed")),
+    welcome_to_joined_ms: spread(between("welcomed", "joined")),
+    joined_to_first_missed_ms: spread(between("joined", "firstMissed")),
+    gaps: members.reduce((sum, m) => sum + m.gaps, 0),
+    duplicates: members.reduce((sum, m) => sum + m.duplicates, 0),
+    publishes: sent,
+    window_ms: recoveredAt - killedAt,
+    loadgen_cpu_percent: ((cpu.user + cpu.system) / 1e3 / (recoveredAt - readyAt)) * 100,
+    ...lagDuring,
+  };
+}
+
+const modes = { rate, broadcast, idle, recover };
 const result = await modes[config.mode]();
 if (result) process.stdout.write(JSON.stringify(result) + "\n");
 process.exit(0);

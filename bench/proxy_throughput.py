@@ -4,6 +4,7 @@ each in a process of its own. Not part of the test suite; run it by hand:
     python bench/proxy_throughput.py                  # the proxy (trio-fanout proxy), 3 runs
     python bench/proxy_throughput.py --proxy xpub     # zmq.proxy with XSUB/XPUB, for comparison
     python bench/proxy_throughput.py --command append # numbered messages, kept in the history
+    python bench/proxy_throughput.py --command append --history-sizes 100,0  # kept or not
 
 The clients speak the proxy's commands with plain blocking pyzmq (backplane/_zmq_wire.py), so
 that the figure is the proxy's, not a client's: the publisher keeps WINDOW publishes waiting for
@@ -13,6 +14,8 @@ the router), and SUB sockets receive. Prints what each subscriber received per s
 median of the runs. ``--command append`` has the publisher send APPEND instead of PUBLISH: the
 proxy numbers each message, keeps it in the topic's history (the default policy: 100 messages)
 and sends it with its position, which measures what the sequencer adds to the path.
+``--history-sizes 100,0`` runs the proxy with each history size in turn, alternating within
+each run, and prints the ratio of their rates run by run.
 """
 
 from __future__ import annotations
@@ -129,13 +132,14 @@ def publish(kind: str, port: int, seconds: float, command: bytes) -> None:
                 send_frames(sock, [TOPIC, PAYLOAD])
 
 
-def one_run(kind: str, seconds: float, command: str) -> list[float]:
+def one_run(kind: str, seconds: float, command: str, history_size: int) -> list[float]:
     port = free_port()
     me = [sys.executable, __file__, "--proxy", kind, "--command", command]
     if kind == "router":
         proxy = subprocess.Popen(
             [sys.executable, "-m", "trio_fanout", "proxy", "--port", str(port),
-             "--heartbeat-interval", "0", "--log-level", "warning"],
+             "--heartbeat-interval", "0", "--log-level", "warning",
+             "--history-size", str(history_size)],
         )  # fmt: skip
     else:
         proxy = subprocess.Popen([*me, "--role", "xpub-proxy", "--port", str(port)])
@@ -172,6 +176,11 @@ def main() -> None:
     parser.add_argument("--command", choices=["publish", "append"], default="publish")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--history-sizes",
+        default="100",
+        help="the proxy's history_size; several (comma-separated) alternate",
+    )
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,15 +196,24 @@ def main() -> None:
             {"publish": PUBLISH, "append": APPEND}[args.command],
         )
     else:
-        per_run = []
+        sizes = [int(size) for size in args.history_sizes.split(",")]
+        per_run: dict[int, list[float]] = {size: [] for size in sizes}
         for run in range(1, args.runs + 1):
-            rates = one_run(args.proxy, args.seconds, args.command)
-            per_run.append(statistics.mean(rates))
-            print(f"run {run}: " + ", ".join(f"{rate:,.0f}" for rate in rates)
-                  + " messages/s per subscriber", flush=True)  # fmt: skip
-        median = statistics.median(per_run)
-        print(f"{args.proxy} {args.command}: median {median:,.0f} messages/s per subscriber "
-              f"(2 subscribers, {len(PAYLOAD)}-byte payloads)")  # fmt: skip
+            for size in sizes if run % 2 else sizes[::-1]:  # alternated
+                rates = one_run(args.proxy, args.seconds, args.command, size)
+                per_run[size].append(statistics.mean(rates))
+                shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+                print(f"run {run}, history_size {size}: {shown} messages/s per subscriber",
+                      flush=True)  # fmt: skip
+        for size, rates in per_run.items():
+            print(f"{args.proxy} {args.command}, history_size {size}: median "
+                  f"{statistics.median(rates):,.0f} messages/s per subscriber "
+                  f"(2 subscribers, {len(PAYLOAD)}-byte payloads)")  # fmt: skip
+        if len(sizes) == 2:
+            ratios = [first / second for first, second in zip(*per_run.values(), strict=True)]
+            print(f"history_size {sizes[0]} / {sizes[1]}, run by run: "
+                  + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                  + f"; median {statistics.median(ratios):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def main() -> None:
     if args.max_queued_bytes is not None:
         env["TRIO_FANOUT_MAX_QUEUED_BYTES"] = str(args.max_queued_bytes)
     command = [sys.executable, "-m", "trio_fanout", "run", "--workers", "1", "--port", "0"]
-    command += ["--proxy-port", "0", "--heartbeat-interval", "0"]
+    # At debug, each client cut has a line of its own ("is too slow"); at info only a count.
+    command += ["--proxy-port", "0", "--heartbeat-interval", "0", "--log-level", "debug"]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert server.stderr is not None
     log: list[str] = []

@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -105,7 +106,10 @@ class ClusterProcess(LoggedProcess):
 
     def __init__(self, *args: str) -> None:
         super().__init__(trio_fanout_command("run", "--port", "0", "--proxy-port", "0", *args))
-        match = self.wait_for_log(r"listening on (wss?)://([\d.]+):(\d+)/ws .* backplane (\S+)")
+        # The URL ends at a space or, with --log-format json, at the message's closing quote.
+        match = self.wait_for_log(
+            r"listening on (wss?)://([\d.]+):(\d+)/ws .* backplane ([^\s\"]+)"
+        )
         self.port = int(match.group(3))
         self.url = f"{match.group(1)}://127.0.0.1:{self.port}/ws"
         self.backplane_url = match.group(4)
@@ -132,6 +136,58 @@ class RedisServer(LoggedProcess):
             "--save", "", "--appendonly", "no", "--dir", self.directory,
             "--logfile", "/dev/stderr", *self.extra,
         ]  # fmt: skip
+
+
+class Relay:
+    """A TCP relay on loopback to a server on ``target_port``, which a test can cut: reset every
+    connection through it, and hold new ones until it lets them through.
+
+    A server killed with our bytes unread resets its connections (RST) instead of closing them,
+    and a link can be down while its server lives on; real servers cannot be made to do either
+    on demand, so this relay does it (SO_LINGER 0 for the reset) between a client and a real
+    server.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._connections: list[trio.CancelScope] = []
+        self._open = trio.Event()
+        self._open.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listener.socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, [listener])
+
+    def reset_all(self, *, hold: bool = False) -> None:
+        """Reset every connection; with ``hold``, new ones wait for :meth:`let_through`."""
+        if hold:
+            self._open = trio.Event()
+        for scope in self._connections:
+            scope.cancel()
+        self._connections.clear()
+
+    def let_through(self) -> None:
+        self._open.set()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        await self._open.wait()
+        async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+            with trio.CancelScope() as scope:
+                self._connections.append(scope)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pipe, client, server)
+                    nursery.start_soon(self._pipe, server, client)
+            if scope.cancelled_caught:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.aclose()
+
+    @staticmethod
+    async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        while data := await source.receive_some():
+            await sink.send_all(data)
 
 
 # Ports the tests pick for servers that cannot take port 0 (redis-server, the examples' TOML

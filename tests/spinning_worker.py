@@ -2,7 +2,7 @@
 for a request to ``/ws?spin``: a stand-in for application code that blocks the worker's loop.
 
 tests/test_faults.py starts it under a real ``Supervisor``, with the same arguments and
-environment the master gives ``python -m trio_fanout worker``.
+configuration (JSON on standard input) the master gives ``python -m trio_fanout worker``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import sys
 
@@ -18,7 +17,7 @@ import trio
 
 from trio_fanout.config import Config
 from trio_fanout.hooks import Hooks
-from trio_fanout.runner import WORKER_CONFIG_VARIABLE, run_worker_process
+from trio_fanout.runner import run_worker_process
 from trio_fanout.websocket import Request
 
 
@@ -33,8 +32,9 @@ def main() -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--config-from-stdin", action="store_true", required=True)
     args = parser.parse_args()
-    config = Config.from_dict(json.loads(os.environ[WORKER_CONFIG_VARIABLE]))
+    config = Config.from_dict(json.load(sys.stdin))
     logging.basicConfig(level="INFO", stream=sys.stderr)
     listener = socket.socket(fileno=args.listen_fd)
     trio.run(

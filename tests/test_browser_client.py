@@ -66,6 +66,9 @@ PAGE_SETUP = """
   window.received = {};
   let wake = () => {};
   const record = (item) => { events.push(item); wake(); };
+  // For tests that open more clients in the page, recorded the same way.
+  window.FanoutClient = FanoutClient;
+  window.record = record;
   window.client = new FanoutClient(WS_URL, OPTIONS);
   for (const name of ["connected", "disconnected", "reconnecting", "joined", "recovered",
                       "unrecovered", "error"]) {

@@ -280,7 +280,7 @@ def test_sigterm_closes_clients_1001_and_leaves_no_process():
         trio.run(clients_see_1001)
         assert cluster.process.wait(5) == 0
         assert closes == [1001, 1001]
-        cluster.wait_for_log(r"trio_fanout\.master\[\d+\]: stopped$")
+        cluster.wait_for_log(r"master \(pid \d+\) trio_fanout\.master: stopped$")
         assert "did not stop in time" not in cluster.log()  # both stopped by themselves
         assert all(exited_within(pid, 1) for pid in pids)
         with pytest.raises(OSError):

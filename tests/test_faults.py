@@ -140,6 +140,7 @@ class SpinningSupervisor(Supervisor):
             "--index", str(index),
             "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
+            "--config-from-stdin",
         ]  # fmt: skip
 
 

@@ -359,9 +359,10 @@ class Target:
 @pytest.fixture(scope="module")
 def target() -> Iterator[Target]:
     backplane = f"memory://fuzz-{os.getpid()}"
+    # At debug, a protocol violation has its own line (at info, only a count).
     process = LoggedProcess(
         trio_fanout_command(
-            "worker", "--port", "0", "--backplane", backplane, "--log-level", "info"
+            "worker", "--port", "0", "--backplane", backplane, "--log-level", "debug"
         )
     )
     member = publisher = None

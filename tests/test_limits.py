@@ -213,7 +213,8 @@ async def worker_process(tmp_path: Path, **settings: object) -> AsyncIterator[Cl
 async def test_a_burst_cuts_clients_that_do_not_read_and_reaches_the_one_that_does(tmp_path):
     # max_queued_frames out of the way: only the bound in bytes can cut anyone here, however the
     # burst is split into batches (a batch is joined into one buffer, whatever its frame count).
-    async with worker_process(tmp_path, max_queued_frames=10**6) as cluster:
+    # At debug, each cut client has a line of its own.
+    async with worker_process(tmp_path, max_queued_frames=10**6, log_level="debug") as cluster:
         stalled = []
         for _ in range(10):
             client = await RawClient.connect(cluster.port, receive_buffer=SMALL_RECEIVE_BUFFER)
@@ -259,6 +260,9 @@ async def test_a_burst_cuts_clients_that_do_not_read_and_reaches_the_one_that_do
             while len(too_slow.findall(cluster.log())) < 10:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert len(too_slow.findall(cluster.log())) == 10
+        # At info and above, one warning counts them (at most one such line per 10 s).
+        assert "WARNING worker 1 (pid" in cluster.log()
+        assert "worker 1 closed connections too slow (1013): 1 since the last" in cluster.log()
         # A stalled client, reading at last, finds a prefix of the burst in order, then the end.
         for client in stalled:
             frames = await client.frames_until_closed()

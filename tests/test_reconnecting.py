@@ -299,9 +299,9 @@ async def reconnecting_on_workers(
 ) -> dict[int, list[ReconnectingClient]]:
     """Reconnecting clients, ``wanted[w]`` of them on worker ``w``; extra ones are closed.
 
-    Workers share one listening socket, so which one accepts is not ours to choose: open
-    clients a few at a time (so that the idle winner is busy with one when the next arrives)
-    until each worker holds its share. Each lives in a task of its own, which holds its
+    The kernel gives each connection to a worker by a hash of its addresses, so which one
+    accepts is not ours to choose: open clients a few at a time until each worker holds its
+    share. Each lives in a task of its own, which holds its
     nursery, until ``stack`` closes.
     """
     by_worker: dict[int, list[ReconnectingClient]] = {worker: [] for worker in wanted}
@@ -346,10 +346,12 @@ async def reconnecting_on_worker(
     return (await reconnecting_on_workers(stack, url, {worker: 1}, **options))[worker][0]
 
 
-async def until(client: ReconnectingClient, kind: type) -> tuple[Item, list[Item]]:
+async def until(
+    client: ReconnectingClient, kind: type, within: float = RECEIVE_TIMEOUT
+) -> tuple[Item, list[Item]]:
     """The next item of type ``kind``, and those received before it."""
     before: list[Item] = []
-    with trio.fail_after(RECEIVE_TIMEOUT):
+    with trio.fail_after(within):
         while True:
             item = await client.receive()
             if isinstance(item, kind):
@@ -397,7 +399,13 @@ def test_a_frozen_worker_is_noticed_by_missing_heartbeats_and_left_for_the_other
         async def scenario() -> None:
             room = fresh_room()
             async with AsyncExitStack() as stack:
-                client = await reconnecting_on_worker(stack, cluster.url, 1, backoff_cap=0.5)
+                # Each worker has a listening socket of its own, and the kernel picks one by a
+                # hash of the client's address: an attempt may land in the frozen worker's,
+                # where nobody answers it. A short connect timeout gives it up, and the next
+                # attempt (a new source port) lands on either worker again.
+                client = await reconnecting_on_worker(
+                    stack, cluster.url, 1, backoff_cap=0.5, connect_timeout=1.0
+                )
                 witness = await reconnecting_on_worker(stack, cluster.url, 2)
                 await client.join(room)
                 await witness.join(room)
@@ -411,7 +419,9 @@ def test_a_frozen_worker_is_noticed_by_missing_heartbeats_and_left_for_the_other
                 assert "no frame from the server" in disconnected.reason  # type: ignore[union-attr]
                 # Noticed after the floor of 2 s, well before the master would have acted.
                 assert 1.9 <= trio.current_time() - started < 6.0
-                connected, _ = await until(client, Connected)
+                # Each attempt lands on the frozen worker with a chance of one in two: 30 s
+                # leave room for 20 of them.
+                connected, _ = await until(client, Connected, within=30)
                 assert connected.worker == 2  # type: ignore[union-attr]
                 await until(client, Recovered)
                 await witness.publish(room, "after", ack=True)

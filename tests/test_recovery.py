@@ -22,6 +22,7 @@ from tests.helpers import (
     ClusterProcess,
     LoggedProcess,
     RedisServer,
+    Relay,
     free_port,
     trio_fanout_command,
 )
@@ -462,6 +463,208 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
             assert await joiner.messages(1) == [(latest + 1, "next")]
         worker.stop()
     listener.close()
+
+
+class LossySubscription(HeldHistory):
+    """A memory backplane (with the history reads of :class:`HeldHistory`) whose subscriber
+    loses the next ``lose(count)`` room messages, as a worker does while its link to Redis or
+    to the proxy is being re-established.
+
+    The memory backend never loses a message, and a real link's outage loses whatever happens
+    to be published during it; this wrapper loses exactly the messages a test names, so that
+    the worker's repair of the gap is tested deterministically (the Redis restart in
+    test_client_recovery tests a real one).
+    """
+
+    def __init__(self, inner: Backplane) -> None:
+        super().__init__(inner)
+        self.to_lose = 0
+
+    def lose(self, count: int) -> None:
+        self.to_lose = count
+
+    async def receive_batch(self, max_messages: int | None = None) -> list[Received]:
+        while True:
+            kept = []
+            for received in await self.inner.receive_batch(max_messages):
+                if self.to_lose and received.position is not None:
+                    self.to_lose -= 1
+                else:
+                    kept.append(received)
+            if kept:
+                return kept
+
+
+@asynccontextmanager
+async def lossy_worker(
+    history: HistoryPolicy, **config: object
+) -> AsyncIterator[tuple[str, LossySubscription, Emitter]]:
+    """A worker in this process on a :class:`LossySubscription`; its URL, the backplane, and
+    an emitter that publishes on the backplane underneath (never lost on the way out)."""
+    listener = open_listener("127.0.0.1", 0)
+    url = f"memory://lossy-{os.getpid()}-{next(_rooms)}"
+    async with open_backplane(url, history=history) as memory, trio.open_nursery() as nursery:
+        backplane = LossySubscription(memory)
+        worker = Worker(Config(heartbeat_interval=0, **config), backplane)  # type: ignore[arg-type]
+        await nursery.start(worker.serve, listener)
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws", backplane, Emitter(memory)
+        worker.stop()
+    listener.close()
+
+
+async def test_offsets_a_worker_missed_are_read_from_the_history_and_delivered_in_order() -> None:
+    room = fresh_room()
+    async with (
+        lossy_worker(HistoryPolicy()) as (url, backplane, emitter),
+        member(url) as alice,
+        member(url) as bob,
+    ):
+        await alice.join(room)
+        await bob.join(room)
+        await bob.publish(room, 1)
+        assert await alice.messages(1) == await bob.messages(1) == [(1, 1)]
+        backplane.lose(4)  # 2 to 5 never reach the worker
+        backplane.gate = gate = trio.Event()  # and the read of them waits for the test
+        for number in range(2, 8):
+            await emitter.publish(room, number)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await backplane.reading.wait()
+        # While the worker reads, 6 and 7 are held back; a newcomer is told the room stands
+        # at 1, and everything after it follows for it too.
+        async with member(url) as carol:
+            joined = await carol.join(room)
+            assert joined["offset"] == 1
+            gate.set()
+            assert await emitter.publish(room, 8) == 8
+            expected = [(n, n) for n in range(2, 9)]
+            assert await alice.messages(7) == expected
+            assert await bob.messages(7) == expected
+            assert await carol.messages(7) == expected
+            # Nothing more: the next frame is the answer to a ping.
+            assert (await alice.request({"type": "ping"}))["type"] == "pong"
+
+
+async def test_offsets_missed_beyond_the_history_are_reported_unrecovered() -> None:
+    room = fresh_room()
+    async with (
+        lossy_worker(HistoryPolicy(size=2)) as (url, backplane, emitter),
+        member(url) as alice,
+    ):
+        epoch = (await alice.join(room))["epoch"]
+        assert await emitter.publish(room, 1) == 1
+        assert await alice.messages(1) == [(1, 1)]
+        backplane.lose(5)  # 2 to 6, and the history keeps only the last two messages
+        for number in range(2, 8):
+            await emitter.publish(room, number)
+        notice = await alice.next_frame()
+        assert notice == {
+            "type": "joined", "room": room, "epoch": epoch, "offset": 6, "recovered": False
+        }  # fmt: skip
+        assert await alice.messages(1) == [(7, 7)]
+
+
+async def test_a_repair_that_holds_back_too_much_reports_unrecovered() -> None:
+    room, bound = fresh_room(), 10
+    async with (
+        lossy_worker(HistoryPolicy(), max_queued_frames=bound) as (url, backplane, emitter),
+        member(url) as alice,
+    ):
+        epoch = (await alice.join(room))["epoch"]
+        assert await emitter.publish(room, 1) == 1
+        assert await alice.messages(1) == [(1, 1)]
+        backplane.lose(1)
+        backplane.gate = gate = trio.Event()
+        latest = 2 + 2 * bound
+        for number in range(2, latest + 1):
+            await emitter.publish(room, number)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await backplane.reading.wait()
+        # The worker has taken them all from the backplane once a ping travels through it.
+        await emitter.publish(room, "marker")
+        gate.set()
+        notice = await alice.next_frame()
+        assert (notice["type"], notice["epoch"], notice["recovered"]) == ("joined", epoch, False)
+        assert notice["offset"] in (latest, latest + 1)
+        if notice["offset"] == latest:
+            assert await alice.messages(1) == [(latest + 1, "marker")]
+        assert await emitter.publish(room, "next") == latest + 2
+        assert await alice.messages(1) == [(latest + 2, "next")]
+
+
+async def test_the_missed_start_of_a_new_epoch_is_recovered_after_the_notice() -> None:
+    ttl = 0.2
+    room = fresh_room()
+    async with (
+        lossy_worker(HistoryPolicy(ttl=ttl)) as (url, backplane, emitter),
+        member(url) as alice,
+    ):
+        old = await alice.join(room)
+        assert await emitter.publish(room, "old") == 1
+        assert await alice.messages(1) == [(1, "old")]
+        await trio.sleep(ttl * 2)  # idle past the ttl: the sequencer forgets the room
+        backplane.lose(2)
+        for number in range(1, 4):
+            await emitter.publish(room, number)
+        notice = await alice.next_frame()
+        assert notice["type"] == "joined" and notice["epoch"] != old["epoch"]
+        assert (notice["offset"], notice["recovered"]) == (0, False)
+        assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+
+
+async def test_a_worker_whose_link_to_the_proxy_was_cut_reads_back_what_it_missed() -> None:
+    # The worker reaches the proxy through a relay that the test cuts; the proxy, the rooms'
+    # sequencer, lives on and keeps numbering and keeping what the emitter publishes.
+    proxy_port = free_port()
+    proxy = start_proxy(proxy_port)
+    relay = Relay(proxy_port)
+    worker: LoggedProcess | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            worker = LoggedProcess(
+                trio_fanout_command(
+                    "worker", "--port", "0", "--backplane", f"zmq://127.0.0.1:{relay.port}"
+                )
+            )
+            match = await trio.to_thread.run_sync(
+                worker.wait_for_log, r"serving ws://127\.0\.0\.1:(\d+)/ws"
+            )
+            room = fresh_room()
+            async with (
+                member(f"ws://127.0.0.1:{match.group(1)}/ws") as alice,
+                open_emitter(f"zmq://127.0.0.1:{proxy_port}") as emitter,
+            ):
+                await alice.join(room)
+                for number in range(1, 4):
+                    assert await emitter.publish(room, number) == number
+                assert await alice.messages(3) == [(n, n) for n in range(1, 4)]
+                relay.reset_all(hold=True)
+                for number in range(4, 9):  # published while the worker cannot hear them
+                    assert await emitter.publish(room, number) == number
+                relay.let_through()
+
+                # The worker is back once it hears the room again: publish until it does.
+                async def publish_until_heard(heard: trio.Event) -> None:
+                    for attempt in range(200):
+                        if heard.is_set():
+                            return
+                        await emitter.publish(room, ["after", attempt])
+                        await trio.sleep(0.05)
+
+                heard = trio.Event()
+                async with trio.open_nursery() as publishing:
+                    publishing.start_soon(publish_until_heard, heard)
+                    received = await alice.messages(6)
+                    heard.set()
+                # What it missed came first, then the next one: every offset, once, in order.
+                assert received[:5] == [(n, n) for n in range(4, 9)]
+                assert received[5] == (9, ["after", 0])
+            await trio.to_thread.run_sync(worker.wait_for_log, r"missed offsets 4 to \d+")
+            nursery.cancel_scope.cancel()
+    finally:
+        if worker is not None:
+            worker.stop()
+        proxy.stop()
 
 
 class Sequencer:

@@ -18,6 +18,7 @@ from tests.helpers import (
     RECEIVE_TIMEOUT,
     ClusterProcess,
     RedisServer,
+    Relay,
     connect_on_each_worker,
     free_port,
     receive_data,
@@ -207,6 +208,37 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             assert len(set(received)) == len(received)  # nothing twice
             numbers = [int(payload.split(b"-")[1]) for payload in received[:-1]]
             assert numbers == sorted(numbers)  # in publish order
+    finally:
+        server.stop()
+
+
+async def test_a_connection_redis_resets_is_made_again(tmp_path: Path):
+    server = RedisServer(str(tmp_path))
+    relay = Relay(server.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            async with open_backplane(f"redis://127.0.0.1:{relay.port}") as backplane:
+                await backplane.subscribe(b"topic")
+                await backplane.publish(b"topic", b"before")
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    assert await backplane.receive_batch() == [Received(b"topic", b"before", None)]
+                relay.reset_all()
+                # Both links connect again (the subscriber subscribes again) and carry on: the
+                # subscriber may be back a moment after the publisher, so publish until one
+                # arrives.
+                received: list[bytes] = []
+                with trio.fail_after(RECOVERY_TIMEOUT):
+                    for attempt in itertools.count():
+                        await publish_until_accepted(backplane, b"topic", b"after-%d" % attempt)
+                        with trio.move_on_after(0.2):
+                            received += [
+                                payload for _, payload, _ in await backplane.receive_batch()
+                            ]
+                        if received:
+                            break
+                assert received[0].startswith(b"after-")
+            nursery.cancel_scope.cancel()
     finally:
         server.stop()
 

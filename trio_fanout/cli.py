@@ -1,10 +1,9 @@
-"""The ``trio-fanout`` command line: run, worker, proxy, publish, config."""
+"""The ``trio-fanout`` command line: run, worker, proxy, publish, config, keygen."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import sys
@@ -12,13 +11,16 @@ from typing import Any
 
 import trio
 
-from trio_fanout import __version__, protocol
-from trio_fanout.backplane import BackplaneError, parse_backplane_url
-from trio_fanout.config import KEYS, Config, ConfigError, load_config
-from trio_fanout.runner import WORKER_CONFIG_VARIABLE
+from trio_fanout import __version__, protocol, tokens
+from trio_fanout.backplane import BackplaneError, parse_backplane_url, redact_url
+from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_config
+from trio_fanout.logs import setup_logging
 from trio_fanout.tls import TLSFileError
 
 EXIT_USAGE = 2
+
+# `trio-fanout token` mints tokens for testing: a year is already far longer than one should live.
+MAX_TOKEN_TTL = 365 * 86400
 
 _CONFIG_HELP = (
     "settings file (TOML); by default trio-fanout.toml in the working directory, if present. "
@@ -38,6 +40,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=str.lower,
         choices=("debug", "info", "warning", "error"),
         help="how much to log (default: info; debug shows the path of every message)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=("text", "json"),
+        help="text, or json: one JSON object a line, for log shippers (default: text)",
     )
 
 
@@ -78,6 +86,28 @@ def _tls(parser: argparse.ArgumentParser) -> None:
         "SIGHUP reloads both)",
     )
     parser.add_argument("--tls-key-file", metavar="FILE", help="PEM private key of the certificate")
+
+
+def _tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-secret-file",
+        metavar="FILE",
+        help="require clients' tokens (JWT), signed HS256 with the secret in FILE",
+    )
+    parser.add_argument(
+        "--token-public-key-file",
+        metavar="FILE",
+        help="require clients' tokens (JWT), signed RS256 or ES256, checked with this PEM key",
+    )
+
+
+def _access(parser: argparse.ArgumentParser) -> None:
+    _tokens(parser)
+    parser.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        help="comma-separated origins (https://example.com) whose pages may connect; default: any",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
     )
     _history(run)
+    _access(run)
     _tls(run)
     _common(run)
 
@@ -152,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "worker on one backplane its own (default: 1)",
     )
     _history(worker)
+    _access(worker)
     _tls(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--listen-fd", "--control-fd"):
         worker.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+    worker.add_argument("--config-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
     proxy = commands.add_parser(
         "proxy",
@@ -195,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("data", metavar="DATA", help="a JSON value, e.g. '\"hi\"' or '{\"n\": 1}'")
     _common(publish)
 
+    token = commands.add_parser(
+        "token",
+        help="print a signed token (JWT) for a client, for testing",
+        description="Print a token for SUB signed with token_secret_file (HS256), for testing; "
+        "your application mints the real ones (docs/security.md). The secret is never printed.",
+    )
+    token.add_argument("sub", metavar="SUB", help="the identity the token is for")
+    token.add_argument(
+        "--join", action="append", metavar="ROOM", help="a room it may join (trailing * for a "
+        "prefix); repeat for more; without any, every room"
+    )  # fmt: skip
+    token.add_argument(
+        "--publish", action="append", metavar="ROOM", help="a room it may publish to (trailing "
+        "* for a prefix); repeat for more; without any, every room"
+    )  # fmt: skip
+    token.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default: 3600)"
+    )
+    _tokens(token)
+    _common(token)
+
     show = commands.add_parser(
         "config",
         help="print the effective configuration and where each value came from",
@@ -202,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
         "environment or flag.",
     )
     _common(show)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a CURVE key pair for the ZeroMQ backplane",
+        description="Write NAME.key (the public key, to give to the proxy's "
+        "curve_allowed_keys_dir or to clients' curve_server_key_file) and NAME.key_secret "
+        "(the key pair, readable by its owner only, for curve_secret_key_file), in pyzmq's "
+        "key file format. Existing files are never overwritten.",
+    )
+    keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. proxy or worker-1")
+    keygen.add_argument(
+        "--directory", metavar="DIR", default=".", help="where to write them (default: .)"
+    )
     return parser
 
 
@@ -219,35 +286,41 @@ def _flags(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     return flags, flag_names
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+def _role(args: argparse.Namespace) -> str:
+    """Which process a log line comes from: ``master``, ``worker N``, ``proxy``, ``publish``."""
+    if args.command == "run":
+        return "master"
+    if args.command == "worker":
+        return f"worker {args.index or 1}"
+    return str(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(parser, args)
     try:
-        if args.command == "worker" and WORKER_CONFIG_VARIABLE in os.environ:
-            config = Config.from_dict(json.loads(os.environ.pop(WORKER_CONFIG_VARIABLE)))
+        if args.command == "worker" and args.config_from_stdin:
+            # From the master: on a pipe, so that no secret shows in our argv or environment.
+            config = Config.from_dict(json.load(sys.stdin))
             sources: dict[str, str] = {}
         else:
             flags, flag_names = _flags(args)
             config, sources = load_config(flags, flag_names=flag_names, config_file=args.config)
-    except ConfigError as error:
+    except (ConfigError, InvalidSetting) as error:
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
     if args.command == "config":
         for key in KEYS:
             value = getattr(config, key)
+            if key == "backplane" and value is not None:
+                value = redact_url(value)
             shown = "(unset)" if value is None else json.dumps(value)
             print(f"{key} = {shown}  # {sources[key]}")
         return 0
     if problem := _unreachable_backplane(args.command, config):
         parser.exit(EXIT_USAGE, f"trio-fanout: error: {problem}\n")
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format, _role(args))
     exit_code = 0
     try:
         exit_code = _run_command(parser, args, config)
@@ -309,8 +382,31 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
         from trio_fanout.master import run_proxy
 
         trio.run(run_proxy, config)
+    elif args.command == "token":
+        return _token(parser, args, config)
     else:
         return _publish(parser, args, config)
+    return 0
+
+
+def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
+    if config.token_secret_file is None:
+        parser.exit(
+            EXIT_USAGE,
+            "trio-fanout: error: token needs token_secret_file (a public key cannot sign)\n",
+        )
+    if not 1 <= args.ttl <= MAX_TOKEN_TTL:
+        parser.exit(
+            EXIT_USAGE,
+            f"trio-fanout: error: --ttl: must be 1 to {MAX_TOKEN_TTL} seconds, not {args.ttl:g}\n",
+        )
+    for room in (args.join or []) + (args.publish or []):
+        try:
+            protocol.check_room(room.removesuffix("*") or "*")
+        except protocol.RequestError as refusal:
+            parser.exit(EXIT_USAGE, f"trio-fanout: error: {room!r}: {refusal.message}\n")
+    key = tokens.read_secret(config.token_secret_file)
+    print(tokens.mint(key, args.sub, ttl=args.ttl, join=args.join, publish=args.publish))
     return 0
 
 
@@ -340,7 +436,9 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
         parser.exit(EXIT_USAGE, f"trio-fanout: error: DATA: {refusal.message}\n")
 
     async def publish() -> None:
-        async with open_emitter(config.backplane_url) as emitter:
+        async with open_emitter(
+            config.backplane_url, credentials=config.backplane_credentials
+        ) as emitter:
             if args.room is None:
                 await emitter.broadcast(data)
                 print("sent to every connection")
@@ -349,4 +447,17 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: 
                 print(f"published to room {args.room!r} at offset {offset}")
 
     trio.run(publish)
+    return 0
+
+
+def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from trio_fanout.backplane._credentials import write_key_pair
+
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: NAME: not a file name: {args.name!r}\n")
+    try:
+        public_path, secret_path = write_key_pair(args.directory, args.name)
+    except OSError as error:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: {error}\n")
+    print(f"public key: {public_path}\nkey pair (secret): {secret_path}")
     return 0

@@ -49,6 +49,8 @@ class Client:
     def __init__(self, ws: trio_websocket.WebSocketConnection, welcome: Frame) -> None:
         self.ws = ws
         self.welcome = welcome
+        # The server's answer to our token (``sub`` and ``exp``), where we gave one.
+        self.authed: Frame | None = None
         self.worker: int = welcome["worker"]
         self.pid: int = welcome["pid"]
         self._unread: deque[Frame] = deque()
@@ -100,6 +102,20 @@ class Client:
     async def ping(self) -> None:
         await self._request({"type": "ping"}, lambda f: f["type"] == "pong")
 
+    async def refresh(self, token: str) -> Frame:
+        """Replace this connection's token (on ``token_expiring``); returns ``authed``."""
+        self.authed = await self._request(
+            {"type": "refresh", "token": token}, lambda f: f["type"] == "authed"
+        )
+        return self.authed
+
+    async def _authenticate(self, token: str) -> None:
+        """Send ``auth`` as the first frame and wait for ``authed``; a refused token ends in
+        ``ConnectionClosed`` (code 4001)."""
+        self.authed = await self._request(
+            {"type": "auth", "token": token}, lambda f: f["type"] == "authed"
+        )
+
     async def __aiter__(self) -> AsyncIterator[Frame]:
         """The ``message`` frames, in arrival order (other frames are skipped)."""
         while True:
@@ -114,14 +130,16 @@ async def open_client(
     *,
     connect_timeout: float = 10.0,
     close_timeout: float | None = None,
+    token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/ws`` or ``wss://…``) and wait for the welcome.
 
-    ``ssl_context`` verifies a ``wss://`` server (by default, against the system's CAs).
-
-    ``connect_timeout`` bounds the connection, the handshake and the welcome, and the close
-    unless ``close_timeout`` is given (a connection known to be dead needs no long close).
+    ``connect_timeout`` bounds the connection, the handshake and the welcome (and the token's
+    ``authed``), and the close unless ``close_timeout`` is given (a connection known to be dead
+    needs no long close). ``token``, for a server that requires tokens, is sent as the first
+    frame (``auth``), not in the URL, where proxies and servers would log it. ``ssl_context``
+    verifies a ``wss://`` server (by default, against the system's CAs).
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -155,7 +173,11 @@ async def open_client(
                         raise ServerError(
                             {"code": "bad_frame", "message": f"expected welcome, got {welcome}"}
                         )
-                    yield Client(ws, welcome)
+                    client = Client(ws, welcome)
+                    if token is not None:
+                        with trio.fail_after(connect_timeout):
+                            await client._authenticate(token)
+                    yield client
                 finally:
                     close_bound = connect_timeout if close_timeout is None else close_timeout
                     with trio.move_on_after(close_bound) as cleanup:

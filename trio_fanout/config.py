@@ -12,17 +12,32 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from trio_fanout.backplane import BadBackplaneURL, HistoryPolicy, parse_backplane_url
+from trio_fanout import tokens
+from trio_fanout.backplane import (
+    BadBackplaneURL,
+    BadCredentials,
+    Credentials,
+    HistoryPolicy,
+    parse_backplane_url,
+    redact_url,
+)
+from trio_fanout.backplane._credentials import (
+    load_allowed_keys,
+    load_key_pair,
+    load_public_key,
+    read_password,
+)
 
 ENV_PREFIX = "TRIO_FANOUT_"
 DEFAULT_FILE = "trio-fanout.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 
 MAX_WRITE_DELAY = 0.1
 """A write delay is there to gather frames that arrive within milliseconds of each other;
@@ -78,6 +93,22 @@ def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str
             raise InvalidSetting(attribute.name, str(error)) from None
 
 
+def _readable_with(
+    load: Callable[[str], object],
+) -> Callable[[object, attrs.Attribute[Any], str | None], None]:
+    """A validator that a ``*_file``/``*_dir`` setting names something ``load`` can read; the
+    error names the file, never its content."""
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is not None:
+            try:
+                load(value)
+            except BadCredentials as error:
+                raise InvalidSetting(attribute.name, str(error)) from None
+
+    return check
+
+
 def _heartbeat(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     _not_negative(instance, attribute, value)
     if 0 < value < MIN_HEARTBEAT_INTERVAL:
@@ -99,11 +130,44 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in _LOG_LEVELS:
-        raise InvalidSetting(
-            attribute.name, f"must be one of {', '.join(_LOG_LEVELS)}, not {value!r}"
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise InvalidSetting(
+                attribute.name, f"must be one of {', '.join(choices)}, not {value!r}"
+            )
+
+    return check
+
+
+def _key_file(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """Read the key now, so that a missing or unusable key stops the command before it starts
+    (the workers read it again; only the path travels to them)."""
+    if value is not None:
+        read = (
+            tokens.read_secret if attribute.name == "token_secret_file" else tokens.read_public_key
         )
+        try:
+            read(value)
+        except tokens.KeyFileError as error:
+            raise InvalidSetting(attribute.name, str(error)) from None
+
+
+def _origins(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for origin in value:
+        scheme, _, rest = origin.partition("://")
+        if origin != "null" and (scheme not in ("http", "https") or not rest or "/" in rest):
+            raise InvalidSetting(
+                attribute.name,
+                f"an origin is scheme://host[:port] (e.g. https://example.com), not {origin!r}",
+            )
+
+
+def _origin_list(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Origins from a list, or from text separated by commas (the environment, the flag);
+    compared in lower case, as browsers send the scheme and host."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip().lower().rstrip("/") for item in items if item.strip())
 
 
 @attrs.frozen(kw_only=True)
@@ -120,11 +184,34 @@ class Config:
     """Address the ZeroMQ proxy (embedded, or `trio-fanout proxy`) listens on."""
     proxy_port: int = attrs.field(default=5559, validator=_port)
     """Port of the ZeroMQ proxy, the one port every client connects to; 0 picks a free one."""
-    backplane: str | None = attrs.field(default=None, validator=_backplane_url)
+    backplane: str | None = attrs.field(
+        default=None,
+        validator=_backplane_url,
+        repr=lambda url: repr(url if url is None else redact_url(url)),
+    )
     """Backplane URL; unset means the embedded proxy (run) or the proxy at proxy_host:proxy_port."""
-    log_level: str = attrs.field(default="info", converter=_lower, validator=_log_level)
+    backplane_password_file: str | None = attrs.field(
+        default=None, validator=_readable_with(read_password)
+    )
+    """File whose first line is the Redis password, so that it is in no URL, argv or env."""
+    curve_secret_key_file: str | None = attrs.field(
+        default=None, validator=_readable_with(load_key_pair)
+    )
+    """This process's CURVE key pair (a ``.key_secret`` file): turns CURVE on for the proxy,
+    a worker or an emitter of a zmq:// backplane."""
+    curve_server_key_file: str | None = attrs.field(
+        default=None, validator=_readable_with(load_public_key)
+    )
+    """The proxy's public key (its ``.key`` file), where it is not curve_secret_key_file's."""
+    curve_allowed_keys_dir: str | None = attrs.field(
+        default=None, validator=_readable_with(load_allowed_keys)
+    )
+    """The proxy's directory of the ``.key`` files of the clients it lets in."""
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(_LOG_LEVELS))
     """How much to log, in any case (``DEBUG`` and ``debug`` are the same, as Python's
     logging spells its levels in capitals)."""
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(_LOG_FORMATS))
+    """``text`` for people, ``json`` (one object a line) for log shippers."""
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
     max_rooms_per_worker: int = attrs.field(default=100_000, validator=_positive)
@@ -173,12 +260,29 @@ class Config:
     history_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_not_negative)
     """Bound on all rooms' kept messages together in the ZeroMQ proxy (on Redis, Redis's
     ``maxmemory`` is the bound)."""
+    token_secret_file: str | None = attrs.field(default=None, validator=_key_file)
+    """File holding the HS256 secret that clients' tokens are signed with; set, tokens are
+    required (docs/protocol.md, "Tokens")."""
+    token_public_key_file: str | None = attrs.field(default=None, validator=_key_file)
+    """PEM file holding the RS256 (RSA) or ES256 (P-256) public key that verifies tokens."""
+    token_leeway: float = attrs.field(default=5.0, validator=_not_negative)
+    """Seconds of tolerance on a token's exp and nbf, for clocks that differ a little."""
+    token_expiry_warning: float = attrs.field(default=30.0, validator=_positive)
+    """Seconds before a token's exp that the server sends token_expiring."""
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(), converter=_origin_list, validator=_origins
+    )
+    """Origins whose pages may open a WebSocket here; empty: any. Not for non-browser clients."""
     tls_cert_file: str | None = None
     """PEM certificate chain; with tls_key_file, workers serve wss:// and https:// only."""
     tls_key_file: str | None = None
     """PEM private key of tls_cert_file (unencrypted); reloaded with it on SIGHUP."""
 
     def __attrs_post_init__(self) -> None:
+        if self.token_secret_file is not None and self.token_public_key_file is not None:
+            raise InvalidSetting(
+                "token_public_key_file", "set token_secret_file or token_public_key_file, not both"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             given, missing = ("tls_cert_file", "tls_key_file")[:: 1 if self.tls_cert_file else -1]
             raise InvalidSetting(given, f"needs {missing} too: set both, or neither")
@@ -188,6 +292,19 @@ class Config:
                 f"must be greater than liveness_interval ({self.liveness_interval!r}), "
                 f"not {self.liveness_timeout!r}",
             )
+        for key in ("curve_server_key_file", "curve_allowed_keys_dir"):
+            if getattr(self, key) is not None and self.curve_secret_key_file is None:
+                raise InvalidSetting(key, "needs curve_secret_key_file, this process's key pair")
+        if self.backplane_password_file is not None:
+            address = parse_backplane_url(self.backplane_url)
+            if address.scheme not in ("redis", "rediss"):
+                raise InvalidSetting(
+                    "backplane_password_file", "is for a redis:// or rediss:// backplane"
+                )
+            if address.password is not None:
+                raise InvalidSetting(
+                    "backplane_password_file", "given, and the backplane URL has a password too"
+                )
 
     @property
     def backplane_url(self) -> str:
@@ -196,6 +313,15 @@ class Config:
             return self.backplane
         host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
         return f"zmq://{host}:{self.proxy_port}"
+
+    @property
+    def backplane_credentials(self) -> Credentials:
+        """The files of the backplane's secrets, as the backplane takes them."""
+        return Credentials(
+            password_file=self.backplane_password_file,
+            curve_secret_key_file=self.curve_secret_key_file,
+            curve_server_key_file=self.curve_server_key_file,
+        )
 
     @property
     def history_policy(self) -> HistoryPolicy:
@@ -214,7 +340,7 @@ class Config:
 
 KEYS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Config))
 _KINDS: dict[str, type] = {
-    field.name: {"int": int, "float": float}.get(str(field.type), str)
+    field.name: {"int": int, "float": float, "tuple[str, ...]": tuple}.get(str(field.type), str)
     for field in attrs.fields(Config)
 }
 
@@ -223,14 +349,20 @@ def _from_toml(key: str, value: object, source: str) -> object:
     kind = _KINDS[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
     if type(value) is not kind:
-        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+        expected = {int: "an integer", float: "a number", str: "a string"}.get(
+            kind, "a list of strings"
+        )
         raise ConfigError(f"{key}: expected {expected}, got {value!r} (from {source})")
     return value
 
 
 def _from_text(key: str, text: str, source: str) -> object:
     kind = _KINDS[key]
+    if kind is tuple:
+        return text  # comma-separated; the field's converter splits it
     try:
         return kind(text)
     except ValueError:

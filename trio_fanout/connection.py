@@ -19,12 +19,13 @@ import math
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import http, protocol, tls, websocket
+from trio_fanout import http, protocol, tls, tokens, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -147,13 +148,17 @@ class Connection:
         "_queued_bytes",
         "_sock",
         "_tls",
+        "_token_end",
+        "_token_warned",
         "_unsent",
         "_writer_running",
+        "grant",
         "id",
         "identity",
         "last_flush",
         "peer",
         "rooms",
+        "token_version",
         "worker",
     )
 
@@ -162,8 +167,16 @@ class Connection:
         self.worker = worker
         self.peer = _describe_peer(sock)
         self.rooms: set[str] = set()
-        # What the authenticate hook returned; the authorisation hooks receive it.
+        # What the authenticate hook returned (else the token's sub); the authorisation hooks
+        # receive it.
         self.identity: Any = None
+        # What the client's token allows, where the worker requires tokens; None until then.
+        self.grant: tokens.Grant | None = None
+        # The token's timer (see _watch_token): which token it was set for, whether the
+        # expiry was announced, and when the token ends (this loop's clock, leeway included).
+        self.token_version = 0
+        self._token_warned = False
+        self._token_end = math.inf
         self._sock = sock
         # With TLS, what is pending is plaintext, and what is unsent is already encrypted.
         self._tls: tls.Session | None = worker.tls.session() if worker.tls is not None else None
@@ -365,11 +378,12 @@ class Connection:
         if queued and (
             len(self._pending) >= self._max_queued_frames or queued + size > self._max_queued_bytes
         ):
-            logger.info(
+            logger.debug(
                 "connection %d (%s) is too slow: %d frames, %d bytes wait behind a full socket;"
                 " closing it 1013",
                 self.id, self.peer, len(self._pending), queued,
             )  # fmt: skip
+            self.worker.note_close("too slow (1013)")
             self.close(
                 websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
             )
@@ -431,6 +445,8 @@ class Connection:
                     return None
                 accept = websocket.websocket_accept_response(request)
                 self._check_capacity()
+                http.check_origin(request, self.worker.config.allowed_origins)
+                self._check_query_token(request)
                 await self._authenticate(request)
                 self._check_capacity()  # others may have come in while the hook ran
             except websocket.NotHTTP as refusal:
@@ -447,6 +463,10 @@ class Connection:
                 )
             )
             self.worker.register(self)
+            if self.worker.tokens is not None:
+                if self.grant is None:
+                    self.worker.unauthenticated.add(self)
+                self._watch_token()
             logger.debug("connection %d (%s): WebSocket open", self.id, self.peer)
             return leftover
         logger.debug("connection %d (%s): handshake timed out", self.id, self.peer)
@@ -460,6 +480,18 @@ class Connection:
                 f"this worker is at its limit of {self.worker.config.max_connections} "
                 "connections; try again later",
             )
+
+    def _check_query_token(self, request: websocket.Request) -> None:
+        """Take a ``?token=`` where the worker requires tokens; refuse a bad one with 401."""
+        verifier = self.worker.tokens
+        token = request.params.get("token")
+        if verifier is None or token is None:
+            return
+        try:
+            self.grant = verifier.verify(token)
+        except tokens.InvalidToken as invalid:
+            raise websocket.HandshakeError(401, str(invalid)) from None
+        self.identity = self.grant.sub
 
     async def _authenticate(self, request: websocket.Request) -> None:
         authenticate = self.worker.hooks.authenticate
@@ -546,7 +578,8 @@ class Connection:
                 self.close(too_big.close_code, "frame too large")
                 return
             except websocket.ProtocolViolation as violation:
-                logger.info("connection %d: %s", self.id, violation)
+                logger.debug("connection %d: %s", self.id, violation)
+                self.worker.note_close(f"for breaking the protocol ({violation.close_code})")
                 self.close(violation.close_code, str(violation))
                 return
             for event in events:
@@ -591,22 +624,41 @@ class Connection:
         )
 
     def _close_abusive(self) -> None:
-        logger.info(
+        logger.debug(
             "connection %d (%s) keeps sending past its budget: closing it 1008", self.id, self.peer
         )
+        self.worker.note_close("over the rate limit (1008)")
         self.close(websocket.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
 
     async def _handle_message(self, message: websocket.Message) -> None:
-        """Act on a message within the budget: parse it as a request and answer it."""
+        """Act on a message within the budget: parse it as a request and answer it. Where a
+        token is required and none was given yet, anything but a valid ``auth`` closes 4001."""
+        awaiting_auth = self in self.worker.unauthenticated
         try:
             request = protocol.parse_request(message.payload, is_text=message.is_text)
+            if awaiting_auth and not (isinstance(request, protocol.Auth) and not request.refresh):
+                self._close_unauthenticated("the first frame must be auth")
+                return
             await self._handle_request(request)
         except RequestError as refusal:
+            if awaiting_auth:
+                self._close_unauthenticated(f"the first frame must be auth: {refusal.message}")
+                return
             self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:
-        logger.debug("connection %d: %r", self.id, request)
+        logger.debug(
+            "connection %d received %r",
+            self.id, request,
+            extra={"connection": self.id, "room": getattr(request, "room", None)},
+        )  # fmt: skip
         if isinstance(request, protocol.Publish):
+            if self.grant is not None and not self.grant.may_publish(request.room):
+                raise RequestError(
+                    protocol.FORBIDDEN,
+                    f"the token does not allow publishing to room {request.room!r}",
+                    request.id,
+                )
             await self._authorize(
                 self.worker.hooks.authorize_publish,
                 request.id,
@@ -644,6 +696,8 @@ class Connection:
             await self._authorize_join(request.room, request.id)
             with _unavailable_as_refusal(request.id):
                 self.reply(await self.worker.read_history(request))
+        elif isinstance(request, protocol.Auth):
+            self._take_token(request)
         elif isinstance(request, protocol.Leave):
             if request.room not in self.rooms:
                 raise RequestError(
@@ -655,10 +709,81 @@ class Connection:
             self.reply(protocol.pong_frame(request.id))
 
     async def _authorize_join(self, room: str, request_id: int | None) -> None:
-        """The ``authorize_join`` hook, which also decides who may read a room's history."""
+        """The token's ``join`` claim, then the ``authorize_join`` hook; both also decide who
+        may read a room's history."""
+        if self.grant is not None and not self.grant.may_join(room):
+            raise RequestError(
+                protocol.FORBIDDEN, f"the token does not allow joining room {room!r}", request_id
+            )
         await self._authorize(
             self.worker.hooks.authorize_join, request_id, f"join room {room!r}", room
         )
+
+    # ---- tokens ------------------------------------------------------------------------------
+
+    def _take_token(self, request: protocol.Auth) -> None:
+        """Verify the token of an ``auth`` or ``refresh`` and answer ``authed``. A bad first
+        token closes 4001; a bad refresh is refused and the current token stays."""
+        verifier = self.worker.tokens
+        if verifier is None:
+            raise RequestError(protocol.UNKNOWN_TYPE, "this server does not use tokens", request.id)
+        current = self.grant
+        try:
+            grant = verifier.verify(request.token)
+        except tokens.InvalidToken as invalid:
+            if current is None:
+                self._close_unauthenticated(str(invalid))
+                return
+            raise RequestError(protocol.FORBIDDEN, str(invalid), request.id) from None
+        if current is not None and grant.sub != current.sub:
+            raise RequestError(
+                protocol.FORBIDDEN, "a new token must have the same sub as the current one",
+                request.id,
+            )  # fmt: skip
+        self.grant = grant
+        if current is None:
+            self.worker.unauthenticated.discard(self)
+            if self.worker.hooks.authenticate is None:
+                self.identity = grant.sub
+        self._watch_token()
+        self.reply(protocol.authed_frame(request.id, grant.sub, grant.exp))
+
+    def _watch_token(self) -> None:
+        """Set the worker's timer for this connection's next token deadline: the ``auth``
+        frame's while it has no token, else the ``token_expiring`` warning. A timer set for an
+        earlier token (another ``token_version``) is ignored when it comes due."""
+        self.token_version += 1
+        self._token_warned = False
+        config = self.worker.config
+        now = trio.current_time()
+        if self.grant is None:
+            self.worker.set_token_timer(self, now + config.handshake_timeout)
+            return
+        # Unix time to this loop's clock, once: a token's life is minutes, not months.
+        until_exp = self.grant.exp - time.time()
+        self._token_end = now + until_exp + config.token_leeway
+        # Warned token_expiry_warning before exp, or halfway through a shorter life, so that a
+        # client whose tokens live less than that does not refresh in a loop.
+        warning = min(config.token_expiry_warning, max(until_exp, 0) / 2)
+        self.worker.set_token_timer(self, now + max(until_exp - warning, 0))
+
+    def token_timer_fired(self) -> None:
+        """The worker's timer for the current token came due: close a connection that gave no
+        token in time, warn of the token's expiry (and set the timer for it), or close at it."""
+        if self.grant is None:
+            timeout = self.worker.config.handshake_timeout
+            self._close_unauthenticated(f"no auth frame within {timeout:g} s")
+        elif not self._token_warned:
+            self._token_warned = True
+            self.reply(protocol.token_expiring_frame(self.grant.exp))
+            self.worker.set_token_timer(self, self._token_end)
+        else:
+            self._close_unauthenticated("the token has expired")
+
+    def _close_unauthenticated(self, reason: str) -> None:
+        """Close 4001: no valid token (the reason says why, and never holds a token)."""
+        logger.debug("connection %d (%s): closing 4001: %s", self.id, self.peer, reason)
+        self.close(protocol.CLOSE_UNAUTHENTICATED, reason)  # cut to 123 bytes by the codec
 
     async def _finish_close(self) -> None:
         """Write what is still pending (the close frame or the HTTP answer), then wait for the

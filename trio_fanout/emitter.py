@@ -7,6 +7,7 @@ backplane clients are Trio code and a blocking caller has no loop to lend them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,9 @@ from typing import Any
 import trio
 
 from trio_fanout import envelope, protocol
-from trio_fanout.backplane import Backplane, open_backplane
+from trio_fanout.backplane import Backplane, Credentials, open_backplane, redact_url
+
+logger = logging.getLogger(__name__)
 
 
 class Emitter:
@@ -39,6 +42,11 @@ class Emitter:
             raise ValueError(refusal.message) from None
         topic = envelope.room_topic(room)
         position = await self._backplane.append(topic, self._numberer.wrap(topic, frame))
+        logger.debug(
+            "emitter published room=%r epoch=%s offset=%d (%d bytes)",
+            room, position.epoch, position.offset, len(frame),
+            extra={"room": room, "epoch": position.epoch, "offset": position.offset},
+        )  # fmt: skip
         return position.offset
 
     async def broadcast(self, data: Any) -> None:
@@ -52,9 +60,12 @@ class Emitter:
 
 
 @asynccontextmanager
-async def open_emitter(backplane_url: str) -> AsyncIterator[Emitter]:
-    """An :class:`Emitter` on the backplane at ``backplane_url``, closed with the block."""
-    async with open_backplane(backplane_url) as backplane:
+async def open_emitter(
+    backplane_url: str, *, credentials: Credentials | None = None
+) -> AsyncIterator[Emitter]:
+    """An :class:`Emitter` on the backplane at ``backplane_url``, closed with the block;
+    ``credentials`` name the files of its secrets (a Redis password, CURVE keys)."""
+    async with open_backplane(backplane_url, credentials=credentials) as backplane:
         yield Emitter(backplane)
 
 
@@ -67,8 +78,11 @@ class SyncEmitter:
     The constructor returns once the backplane is connected (or raises its error).
     """
 
-    def __init__(self, backplane_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, backplane_url: str, *, timeout: float = 10.0, credentials: Credentials | None = None
+    ) -> None:
         self._timeout = timeout
+        self._credentials = credentials
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -86,14 +100,16 @@ class SyncEmitter:
         self._thread.start()
         if not self._ready.wait(timeout):
             self._abandoned = True  # the thread ends as soon as it is connected, if ever
-            raise TimeoutError(f"the emitter did not connect to {backplane_url} in {timeout} s")
+            raise TimeoutError(
+                f"the emitter did not connect to {redact_url(backplane_url)} in {timeout} s"
+            )
         if self._startup_error is not None:
             self._thread.join()
             raise self._startup_error
 
     async def _serve(self, backplane_url: str) -> None:
         try:
-            async with open_emitter(backplane_url) as emitter:
+            async with open_emitter(backplane_url, credentials=self._credentials) as emitter:
                 if self._abandoned:
                     return
                 self._emitter = emitter

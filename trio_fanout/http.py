@@ -55,6 +55,15 @@ def plain_response(
     return None
 
 
+def check_origin(request: websocket.Request, allowed_origins: tuple[str, ...]) -> None:
+    """Refuse with 403 an upgrade from a page whose ``Origin`` is not in ``allowed_origins``
+    (when that is set). A request without ``Origin`` comes from a program, not a browser page,
+    and passes: the setting protects users' browsers from other sites' pages, nothing more."""
+    origin = request.headers.get("origin")
+    if allowed_origins and origin is not None and origin.lower() not in allowed_origins:
+        raise websocket.HandshakeError(403, "this origin may not connect")
+
+
 def plain_http_to_tls_port_response() -> bytes:
     """The answer to a plain HTTP request (``ws://``, ``http://``) on a port that speaks TLS,
     sent in plain HTTP so that the client can show why."""
@@ -63,6 +72,11 @@ def plain_http_to_tls_port_response() -> bytes:
 
 def refusal_response(refusal: websocket.HandshakeError) -> bytes:
     """The answer to a request refused with ``refusal``: its status, its message as the body,
-    and for 503 (this worker is full) a ``Retry-After``."""
-    headers = [("Retry-After", str(RETRY_AFTER_SECONDS))] if refusal.status == 503 else []
+    for 503 (this worker is full) a ``Retry-After``, and for 401 (a bad token) the
+    ``WWW-Authenticate`` that RFC 9110 requires with it."""
+    headers = []
+    if refusal.status == 503:
+        headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
+    elif refusal.status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer error="invalid_token"'))
     return websocket.http_response(refusal.status, f"{refusal}\n".encode(), headers=headers)

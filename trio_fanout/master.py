@@ -9,6 +9,11 @@ restarts a worker that dies, with a growing pause when one keeps dying, and on S
 it asks every worker to close its clients with 1001, then stops the proxy and returns. On
 SIGHUP it checks the TLS certificate and key files and, if they load, asks every worker to
 reload them on its control channel (a signal sent to a worker still starting would kill it).
+
+A worker gets its configuration as JSON on its standard input, never in its argv or
+environment, where ``ps`` and ``/proc`` would show a password in the backplane URL to anyone on
+the host; the master's own ``TRIO_FANOUT_*`` variables are left out of its environment too.
+Secrets kept in files (``*_file`` settings) are read by each worker itself.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from functools import partial
@@ -27,12 +33,18 @@ import attrs
 import trio
 
 from trio_fanout import envelope, protocol
-from trio_fanout.backplane import BackplaneError, open_backplane, serve_proxy
-from trio_fanout.config import Config
+from trio_fanout.backplane import (
+    BackplaneError,
+    Credentials,
+    CurveProxyKeys,
+    open_backplane,
+    redact_url,
+    serve_proxy,
+)
+from trio_fanout.config import ENV_PREFIX, Config
 from trio_fanout.runner import (
     CONTROL_RECEIVE_BYTES,
     RELOAD,
-    WORKER_CONFIG_VARIABLE,
     give_back_memory_forever,
     open_listeners,
 )
@@ -97,7 +109,15 @@ class Supervisor:
             "--index", str(index),
             "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
+            "--config-from-stdin",
         ]  # fmt: skip
+
+    async def _hand_config(self, process: trio.Process) -> None:
+        """Write the configuration to the worker's standard input and close it."""
+        assert process.stdin is not None
+        with contextlib.suppress(trio.BrokenResourceError):  # it died: wait() tells how
+            async with process.stdin:
+                await process.stdin.send_all(json.dumps(self._config.to_dict()).encode())
 
     async def keep_running(self, index: int) -> None:
         failures = 0
@@ -109,16 +129,18 @@ class Supervisor:
                     process = await trio.lowlevel.open_process(
                         self._command(index, worker_end.fileno()),
                         pass_fds=(self._listener(index).fileno(), worker_end.fileno()),
-                        # Not on the command line: a backplane password would show in ps.
+                        stdin=subprocess.PIPE,
                         env={
-                            **os.environ,
-                            WORKER_CONFIG_VARIABLE: json.dumps(self._config.to_dict()),
+                            name: value
+                            for name, value in os.environ.items()
+                            if not name.startswith(ENV_PREFIX)
                         },
                     )
                 self.processes[index] = process
                 self._controls[index] = master_end
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
+                    watching.start_soon(self._hand_config, process)
                     watching.start_soon(self._kill_when_silent, index, process, control, master_end)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
@@ -227,7 +249,9 @@ class Supervisor:
             await process.wait()
 
 
-async def publish_heartbeats(backplane_url: str, interval: float) -> None:
+async def publish_heartbeats(
+    backplane_url: str, interval: float, credentials: Credentials | None = None
+) -> None:
     """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds.
 
     Through an outage of the backplane it keeps counting (clients see the gap in ``seq``) and
@@ -238,7 +262,7 @@ async def publish_heartbeats(backplane_url: str, interval: float) -> None:
     next_beat = trio.current_time()
     while True:
         try:
-            async with open_backplane(backplane_url) as backplane:
+            async with open_backplane(backplane_url, credentials=credentials) as backplane:
                 while True:
                     seq += 1
                     frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
@@ -272,12 +296,15 @@ async def run_master(
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
-                        partial(serve_proxy, history=config.history_policy),
+                        partial(
+                            serve_proxy, history=config.history_policy, curve=proxy_keys(config)
+                        ),
                         config.proxy_host,
                         config.proxy_port,
                     )
-                    # Workers and the heartbeat meet at the port the proxy really bound.
-                    config = attrs.evolve(config, proxy_port=proxy_port)
+                    # Workers and the heartbeat meet at the port the proxy really bound, and
+                    # with CURVE they are clients of the proxy's own key pair.
+                    config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
                 supervisor = Supervisor(config, listeners)
                 # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
                 # publishes its own, so a master on it does not.
@@ -286,7 +313,10 @@ async def run_master(
                 )
                 if config.heartbeat_interval > 0 and not external_proxy:
                     nursery.start_soon(
-                        publish_heartbeats, config.backplane_url, config.heartbeat_interval
+                        publish_heartbeats,
+                        config.backplane_url,
+                        config.heartbeat_interval,
+                        config.backplane_credentials,
                     )
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
@@ -298,7 +328,7 @@ async def run_master(
                     host,
                     port,
                     config.workers,
-                    config.backplane_url,
+                    redact_url(config.backplane_url),
                 )
                 task_status.started(port)
                 async for signum in signals:
@@ -317,6 +347,13 @@ async def run_master(
     logger.info("stopped")
 
 
+def proxy_keys(config: Config) -> CurveProxyKeys | None:
+    """The proxy's CURVE keys, if ``curve_secret_key_file`` turns CURVE on."""
+    if config.curve_secret_key_file is None:
+        return None
+    return CurveProxyKeys.load(config.curve_secret_key_file, config.curve_allowed_keys_dir)
+
+
 async def run_proxy(config: Config) -> None:
     """`trio-fanout proxy`: the ZeroMQ proxy and the heartbeat, until SIGINT or SIGTERM.
 
@@ -326,15 +363,20 @@ async def run_proxy(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
-                partial(serve_proxy, history=config.history_policy),
+                partial(serve_proxy, history=config.history_policy, curve=proxy_keys(config)),
                 config.proxy_host,
                 config.proxy_port,
             )
             nursery.start_soon(give_back_memory_forever)
             if config.heartbeat_interval > 0:
-                config = attrs.evolve(config, proxy_port=port, backplane=None)
+                config = attrs.evolve(
+                    config, proxy_port=port, backplane=None, curve_server_key_file=None
+                )
                 nursery.start_soon(
-                    publish_heartbeats, config.backplane_url, config.heartbeat_interval
+                    publish_heartbeats,
+                    config.backplane_url,
+                    config.heartbeat_interval,
+                    config.backplane_credentials,
                 )
             async for signum in signals:
                 logger.info("%s: stopping", signal.Signals(signum).name)

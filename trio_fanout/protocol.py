@@ -41,6 +41,11 @@ RATE_LIMITED = "rate_limited"
 FORBIDDEN = "forbidden"
 BACKPLANE_UNAVAILABLE = "backplane_unavailable"
 
+# The close code for a connection without a valid token where the server requires one: no
+# ``auth`` first frame, a bad token, none in time, or a token that expired without a refresh.
+# In the 4000-4999 range RFC 6455 leaves to applications.
+CLOSE_UNAUTHENTICATED = 4001
+
 
 class RequestError(Exception):
     """A client frame that is refused with an ``error`` frame; the connection stays open."""
@@ -94,9 +99,19 @@ class HistoryRequest:
     limit: int = HISTORY_DEFAULT_LIMIT
 
 
-Request = Join | Leave | Publish | Ping | HistoryRequest
+@attrs.frozen
+class Auth:
+    """``auth`` (the first frame, where tokens are required) or ``refresh`` (a new token for
+    an authenticated connection)."""
 
-_TYPES = ("join", "leave", "publish", "ping", "history")
+    token: str = attrs.field(repr=False)  # the request is logged at debug level: never a token
+    id: int | None = None
+    refresh: bool = False
+
+
+Request = Join | Leave | Publish | Ping | HistoryRequest | Auth
+
+_TYPES = ("join", "leave", "publish", "ping", "history", "auth", "refresh")
 
 
 def _reject_constant(name: str) -> None:
@@ -138,6 +153,11 @@ def parse_request(payload: bytes, *, is_text: bool = True) -> Request:
         return Ping(request_id)
     if kind not in _TYPES:
         raise RequestError(UNKNOWN_TYPE, f"type must be one of {', '.join(_TYPES)}", request_id)
+    if kind in ("auth", "refresh"):
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise RequestError(BAD_FRAME, f"{kind} needs a token, a non-empty string", request_id)
+        return Auth(token, request_id, refresh=kind == "refresh")
     room = check_room(obj.get("room"), request_id)
     if kind == "join":
         return Join(room, request_id, _since(obj, request_id))
@@ -316,6 +336,14 @@ def history_frame(
     head["messages"] = []
     items = b",".join(b'{"offset":%d,"data":%b}' % (number, data) for number, data in messages)
     return _dump(head)[: -len(b"[]}")] + b"[" + items + b"]}"
+
+
+def authed_frame(request_id: int | None, sub: str, exp: int) -> bytes:
+    return _with_id({"type": "authed", "sub": sub, "exp": exp}, request_id)
+
+
+def token_expiring_frame(exp: int) -> bytes:
+    return _dump({"type": "token_expiring", "exp": exp})
 
 
 def pong_frame(request_id: int | None) -> bytes:

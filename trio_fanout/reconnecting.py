@@ -26,11 +26,12 @@ not count as silence from the server.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ __all__ = [
     "Recovered",
     "RejoinFailed",
     "ServerError",
+    "TokenSource",
+    "TokenUnavailable",
     "Unrecovered",
     "open_reconnecting_client",
 ]
@@ -81,8 +84,19 @@ CLOSE_TIMEOUT = 2.0
 # queue for one client, so that the client is no slower to drain than the server to fill.
 BUFFER_SIZE = 1000
 
+# A token, or a function that returns a fresh one (plain or async): called before every
+# connection attempt and on every ``token_expiring``.
+TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+class TokenUnavailable(Exception):
+    """The token function raised (its exception is the cause); a connection attempt that needs
+    it fails, and is retried after a backoff like any other."""
+
+
 # How a connection attempt, or a connection, fails without being the application's fault.
 _CONNECTION_ERRORS = (
+    TokenUnavailable,
     OSError,
     trio.TooSlowError,
     trio.BrokenResourceError,
@@ -171,6 +185,8 @@ class _Pending:
     error: Exception | None = None
     rejoin: bool = False
     """A rejoin after a reconnection: nobody waits for it; its outcome is an event."""
+    background: bool = False
+    """A refresh the client makes by itself: nobody waits for it."""
 
 
 class ReconnectingClient:
@@ -185,8 +201,10 @@ class ReconnectingClient:
         backoff_base: float,
         backoff_cap: float,
         rng: random.Random,
+        token: TokenSource | None = None,
     ) -> None:
         self.url = url
+        self._token = token
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._backoff_base = backoff_base
@@ -323,8 +341,12 @@ class ReconnectingClient:
             up_since: float | None = None
             code: int | None = None
             try:
+                token = await self._fresh_token()
                 async with open_client(
-                    self.url, connect_timeout=self._connect_timeout, close_timeout=CLOSE_TIMEOUT
+                    self.url,
+                    connect_timeout=self._connect_timeout,
+                    close_timeout=CLOSE_TIMEOUT,
+                    token=token,
                 ) as connection:
                     if not started:
                         task_status.started()
@@ -376,6 +398,37 @@ class ReconnectingClient:
                 pending.done.set()
             self._pending.clear()
 
+    async def _fresh_token(self) -> str | None:
+        """The token for the next connection or refresh, from the application; at most
+        ``request_timeout`` for a token function (it runs in the task that reads frames)."""
+        if self._token is None or isinstance(self._token, str):
+            return self._token
+        try:
+            with trio.fail_after(self._request_timeout):
+                token = self._token()
+                if inspect.isawaitable(token):
+                    token = await token
+        except Exception as error:
+            raise TokenUnavailable(f"the token function failed: {error!r}") from error
+        if not isinstance(token, str) or not token:
+            raise TokenUnavailable("the token function returned no token (a non-empty str)")
+        return token
+
+    async def _refresh(self, connection: Client) -> None:
+        """Answer ``token_expiring`` with a fresh token. Nobody waits for the answer: a refused
+        refresh is logged, and the server closes the connection at the old token's ``exp``
+        (4001); the client then reconnects with a fresh token."""
+        try:
+            token = await self._fresh_token()
+        except TokenUnavailable as unavailable:
+            logger.warning("cannot refresh the token: %s", unavailable)
+            return
+        if token is None:
+            return  # no token was configured: a server that asks has nothing to get
+        frame: Frame = {"type": "refresh", "token": token, "id": next(self._ids)}
+        self._pending[frame["id"]] = _Pending(frame, "authed", background=True)
+        await connection.send(frame)
+
     async def _rejoin(self, connection: Client, room: str) -> None:
         frame: Frame = {"type": "join", "room": room, "id": next(self._ids)}
         since = self._positions.since(room)
@@ -395,9 +448,12 @@ class ReconnectingClient:
         elif kind == "message":
             if self._positions.deliver(frame):
                 await self._items_in.send(frame)
+        elif kind == "token_expiring" and self._connection is not None:
+            await self._refresh(self._connection)
         elif kind == "joined" and "id" not in frame and frame.get("room") in self._positions.rooms:
             # Version 2: the room's numbering started again (its sequencer restarted, or its
-            # history expired); messages of the old epoch may be lost, the new ones follow.
+            # history expired), or the server missed messages it could not read back; those
+            # may be lost, the ones after the joined's offset follow.
             self._positions.renumbered(frame)
             await self._items_in.send(Unrecovered(frame["room"], frame))
         elif kind == "error":
@@ -408,6 +464,10 @@ class ReconnectingClient:
         request = pending.request
         if pending.rejoin:
             await self._settle_rejoin(request["room"], reply)
+            return
+        if pending.background:
+            if reply["type"] == "error":
+                logger.warning("the server refused the refreshed token: %s", reply.get("message"))
             return
         if reply["type"] == "error":
             pending.error = ServerError(reply)
@@ -451,6 +511,7 @@ async def open_reconnecting_client(
     backoff_base: float = BACKOFF_BASE,
     backoff_cap: float = BACKOFF_CAP,
     rng: random.Random | None = None,
+    token: TokenSource | None = None,
 ) -> AsyncIterator[ReconnectingClient]:
     """Connect to ``url`` and keep connected until the block ends; see the module docstring.
 
@@ -458,6 +519,11 @@ async def open_reconnecting_client(
     ``connect_timeout`` bounds each connection attempt; ``request_timeout`` each request's wait
     for its reply (``trio.TooSlowError``). ``backoff_base`` and ``backoff_cap`` (seconds) shape
     the waits between attempts; ``rng`` draws their jitter (seed one to make it repeatable).
+
+    ``token``, for a server that requires tokens: a token, or a function (plain or async) that
+    returns a fresh one, called before every connection attempt and whenever the server sends
+    ``token_expiring``. It is sent as the first frame (``auth``) and as ``refresh``, never in
+    the URL, where proxies and servers would log it.
     """
     for name, value in (
         ("connect_timeout", connect_timeout),
@@ -475,6 +541,7 @@ async def open_reconnecting_client(
         backoff_base=backoff_base,
         backoff_cap=backoff_cap,
         rng=rng or random.Random(),
+        token=token,
     )
     with unwrap_single_errors():
         async with trio.open_nursery() as nursery:

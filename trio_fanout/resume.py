@@ -110,9 +110,10 @@ class RoomPositions:
         return Rejoin.UNRECOVERED
 
     def renumbered(self, frame: Frame) -> None:
-        """The server says a room's numbering started again (a ``joined`` without ``id``):
-        the position becomes the one it gives, so that the new epoch's offsets, which start
-        again from 1, are not mistaken for repeats."""
+        """The server says a room's numbering started again, or that messages up to its
+        offset will not come (a ``joined`` without ``id``): the position becomes the one it
+        gives, so that a new epoch's offsets, which start again from 1, are not mistaken for
+        repeats."""
         self._positions[frame["room"]] = _position_of(frame)
 
     def left(self, room: str) -> None:

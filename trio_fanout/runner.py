@@ -20,9 +20,6 @@ from trio_fanout.worker import Worker
 
 logger = logging.getLogger(__name__)
 
-# The environment variable through which the master hands a worker its configuration (JSON).
-WORKER_CONFIG_VARIABLE = "_TRIO_FANOUT_WORKER_CONFIG"
-
 # How often a process hands back to the system what glibc's heap keeps after frees. Under churn
 # and steady traffic a worker's RSS grew about 1 MB a minute with a constant number of live
 # Python objects and no cyclic garbage; malloc_trim(0) returned all of it: it was freed memory
@@ -98,7 +95,11 @@ async def serve(
     """
     listener = open_listener(config.host, config.port)
     try:
-        async with open_backplane(config.backplane_url, history=config.history_policy) as backplane:
+        async with open_backplane(
+            config.backplane_url,
+            history=config.history_policy,
+            credentials=config.backplane_credentials,
+        ) as backplane:
             worker = Worker(config, backplane, hooks=hooks)
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker.serve, listener)
@@ -131,7 +132,11 @@ async def run_worker_process(
             control.start_soon(
                 answer_master, socket.socket(fileno=control_fd), master_gone, reload_requests
             )
-        async with open_backplane(config.backplane_url, history=config.history_policy) as backplane:
+        async with open_backplane(
+            config.backplane_url,
+            history=config.history_policy,
+            credentials=config.backplane_credentials,
+        ) as backplane:
             worker = Worker(config, backplane, index, hooks)
             worker.gc_pauses = GcPauses()
             worker.gc_pauses.install()

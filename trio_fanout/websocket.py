@@ -267,6 +267,7 @@ def websocket_accept_response(request: Request) -> bytes:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",

@@ -21,8 +21,8 @@ from collections.abc import Collection
 import attrs
 import trio
 
-from trio_fanout import envelope, protocol, websocket
-from trio_fanout.backplane import Backplane, History, Position, Received
+from trio_fanout import envelope, protocol, tokens, websocket
+from trio_fanout.backplane import Backplane, BackplaneUnavailable, History, Position, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
 from trio_fanout.connection import Connection
@@ -69,6 +69,13 @@ HISTORY_ANSWER_MAX_BYTES = 512 * 1024
 # messages, numbers that skip) must not flood the log too.
 INVALID_WARNING_INTERVAL = 10.0
 
+# A room whose live messages skip offsets (its subscription was down for a moment: a Redis
+# restart, a link to the proxy re-established) has the missing ones read from the history. A
+# backplane that cannot answer yet (the link that reads is still reconnecting) is asked again
+# after this pause, for at most this long; then the room's members are told they missed some.
+REPAIR_RETRY_PAUSE = 0.1
+REPAIR_TIMEOUT = 5.0
+
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
@@ -100,6 +107,20 @@ def relay_problem(frame: bytes) -> str | None:
     if not isinstance(value.get("type"), str):
         return "no string type"
     return None
+
+
+def _log_delivery(
+    room: Room, position: Position | None, skipped: Collection[Connection | None]
+) -> None:
+    """The debug line for a room message queued for this worker's members: which room and
+    offset, and for how many of them (those held back or excluded left out)."""
+    delivered = sum(conn not in skipped for conn in room.members)
+    fields: dict[str, object] = {"room": room.name, "delivered": delivered}
+    where = f"room={room.name!r}"
+    if position is not None:
+        fields["epoch"], fields["offset"] = position.epoch, position.offset
+        where += f" epoch={position.epoch} offset={position.offset}"
+    logger.debug("delivered %s to %d connections", where, delivered, extra=fields)
 
 
 class LogThrottle:
@@ -157,6 +178,45 @@ class CatchUp:
 
 
 @attrs.define(eq=False)
+class Repair:
+    """The live messages of a room held back while the messages that its subscription missed
+    (a jump in the offsets) are read from the history, so that they are delivered in order.
+
+    ``since`` is the last message the room delivered before the jump, ``first`` the first
+    numbered message after it. Bounded like :class:`CatchUp`, by the queue limits of one
+    connection: past them the frames are dropped, only the last position is kept, and the
+    room's members are told that they missed messages (an unasked ``joined`` with
+    ``recovered: false``) instead of getting them.
+    """
+
+    since: Position
+    first: Position
+    max_frames: int
+    max_bytes: int
+    # (position, frame, the connection it must not reach): one per live message held back;
+    # a None frame is a numbered message that was not relayable (only its offset counts).
+    held: list[tuple[Position | None, bytes | None, Connection | None]] = attrs.field(factory=list)
+    held_bytes: int = 0
+    overflowed: bool = False
+    last: Position | None = None  # the last numbered message held back, kept past overflow
+
+    def hold(
+        self, position: Position | None, frame: bytes | None, excluded: Connection | None
+    ) -> None:
+        if position is not None:
+            self.last = position
+        if self.overflowed:
+            return
+        size = 0 if frame is None else len(frame)
+        if len(self.held) >= self.max_frames or self.held_bytes + size > self.max_bytes:
+            self.overflowed = True
+            self.held = []
+            return
+        self.held.append((position, frame, excluded))
+        self.held_bytes += size
+
+
+@attrs.define(eq=False)
 class Room:
     """A room with members on this worker.
 
@@ -168,7 +228,8 @@ class Room:
     joined, were already sent to it (or were before its join) and are not sent again.
     ``subscribing`` is the event that joiners wait on while the first member's subscription is
     being made, and None once it is live: an event (and its set of waiters) kept for the room's
-    whole life was a quarter of what the room cost.
+    whole life was a quarter of what the room cost. ``repair`` holds the room's live messages
+    while offsets that its subscription missed are read from the history (None otherwise).
     """
 
     name: str
@@ -177,6 +238,7 @@ class Room:
     position: Position | None = None
     catching_up: dict[Connection, CatchUp] = attrs.field(factory=dict)
     floors: dict[Connection, Position] = attrs.field(factory=dict)
+    repair: Repair | None = None
 
     @property
     def empty(self) -> bool:
@@ -210,6 +272,17 @@ class Worker:
         self.gc_pauses: GcPauses | None = None
         self.port: int | None = None  # known once serve() has started
         self.connections: dict[int, Connection] = {}
+        # Set where tokens are required (token_secret_file or token_public_key_file).
+        self.tokens = tokens.verifier(
+            config.token_secret_file, config.token_public_key_file, config.token_leeway
+        )
+        # Open WebSockets still waiting for their auth frame: no broadcast reaches them yet.
+        self.unauthenticated: set[Connection] = set()
+        # When each connection's token needs attention next (auth frame, token_expiring,
+        # expiry): one timer task for the worker, not a task per connection, which would cost
+        # each idle connection a few KiB and a dozen objects for the garbage collector.
+        self._token_timers = tokens.Deadlines()
+        self._token_timers_changed = trio.Event()
         self.rooms: dict[bytes, Room] = {}
         self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
@@ -219,6 +292,9 @@ class Worker:
         self._gap_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
         self._numberer = envelope.Numberer()
         self._dirty: list[Connection] = []
+        # Where the reads that repair a room's missed offsets run (see _start_repair): opened
+        # by fan_out_forever, so that a repair never outlives the fan-out.
+        self._repairs: trio.Nursery | None = None
         # Connections that were written to less than write_delay ago and have frames waiting:
         # _flush_deferred_forever writes them all at once, write_delay after the first came.
         self._deferred: list[Connection] = []
@@ -236,6 +312,8 @@ class Worker:
         # Refusals at a limit, by limit, for the log.
         self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
         self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
+        # Clients closed for their own conduct (too slow, over the rate limit), by reason.
+        self._closes: dict[str, LogThrottle] = {}
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -311,7 +389,7 @@ class Worker:
             start = catch_up.last or Position(history.epoch, history.offset)
             last = start.offset
             recovered = False
-            logger.info(
+            logger.debug(
                 "connection %d joins room %r without recovery: %s during the history read",
                 conn.id, room.name,
                 "too many messages" if catch_up.overflowed else "a new epoch",
@@ -344,6 +422,12 @@ class Worker:
             )
         )  # fmt: skip
         conn.send_encoded_many(frames)
+        logger.debug(
+            "connection %d joined room=%r epoch=%s offset=%d, with %d earlier messages",
+            conn.id, room.name, start.epoch, start.offset, len(frames),
+            extra={"connection": conn.id, "room": room.name, "epoch": start.epoch,
+                   "offset": start.offset},
+        )  # fmt: skip
 
     async def _live_room(self, topic: bytes, room_name: str) -> Room:
         """The room of ``topic``, subscribed and live; the first joiner subscribes."""
@@ -360,6 +444,7 @@ class Worker:
                     raise
                 room.subscribing = None
                 subscribing.set()
+                logger.debug("subscribed room=%r: its first member here", room_name)
                 return room
             if room.subscribing is None:
                 return room
@@ -404,6 +489,7 @@ class Worker:
         if room.empty:
             del self.rooms[topic]
             self.backplane.unsubscribe(topic)
+            logger.debug("unsubscribed room=%r: its last member here left", room_name)
             self.gaps.forget(topic)
             if self._rooms_shrink.should_rebuild(len(self.rooms)):
                 rebuild_dict(self.rooms)
@@ -415,7 +501,12 @@ class Worker:
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         position = await self.backplane.append(topic, self._numberer.wrap(topic, frame, exclude))
-        logger.debug("published %d bytes to room %r at %s", len(frame), request.room, position)
+        logger.debug(
+            "connection %d published room=%r epoch=%s offset=%d (%d bytes)",
+            conn.id, request.room, position.epoch, position.offset, len(frame),
+            extra={"connection": conn.id, "room": request.room, "epoch": position.epoch,
+                   "offset": position.offset},
+        )  # fmt: skip
         return position
 
     async def read_history(self, request: protocol.HistoryRequest) -> bytes:
@@ -501,6 +592,32 @@ class Worker:
                 self.index, limit, getattr(self.config, limit), count, what,
             )  # fmt: skip
 
+    def set_token_timer(self, conn: Connection, when: float) -> None:
+        """Call ``conn.token_timer_fired()`` at ``when`` (Trio's clock), unless ``conn`` is
+        gone or has had a new token by then."""
+        if self._token_timers.add(when, conn.id, conn.token_version):
+            self._token_timers_changed.set()  # sooner than what the timer task sleeps until
+
+    async def _token_timers_forever(self) -> None:
+        while True:
+            for conn_id, version in self._token_timers.pop_due(trio.current_time()):
+                conn = self.connections.get(conn_id)
+                if conn is not None and conn.token_version == version:
+                    conn.token_timer_fired()
+            self._token_timers_changed = trio.Event()
+            with trio.move_on_at(self._token_timers.next_deadline):
+                await self._token_timers_changed.wait()
+
+    def note_close(self, reason: str) -> None:
+        """Count a client closed for ``reason`` and log the count now and then: a crowd of slow
+        or flooding clients must not write a line each (each is logged at debug)."""
+        throttle = self._closes.setdefault(reason, LogThrottle(REFUSAL_LOG_INTERVAL))
+        if count := throttle.note():
+            logger.warning(
+                "worker %d closed connections %s: %d since the last such line",
+                self.index, reason, count,
+            )  # fmt: skip
+
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
         self.connections[conn.id] = conn
@@ -511,6 +628,7 @@ class Worker:
         connections closing at once never hold the loop for long. It still counts among the
         handshakes until :meth:`release`."""
         self.connections.pop(conn.id, None)
+        self.unauthenticated.discard(conn)
         for count, room_name in enumerate(list(conn.rooms), 1):
             self.leave(conn, room_name)
             if count % ROOMS_LEFT_PER_TURN == 0:
@@ -553,8 +671,13 @@ class Worker:
 
     async def fan_out_forever(self) -> None:
         """Deliver every backplane message to the local members of its topic; batch by batch."""
-        while True:
-            self.fan_out(await self.backplane.receive_batch())
+        async with trio.open_nursery() as repairs:
+            self._repairs = repairs
+            try:
+                while True:
+                    self.fan_out(await self.backplane.receive_batch())
+            finally:
+                self._repairs = None
 
     def fan_out(self, batch: list[Received]) -> None:
         """Queue each message's frame, encoded once, for each recipient; then flush each
@@ -567,24 +690,20 @@ class Worker:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
             except struct.error:
-                self._drop_invalid(topic, "no envelope")
+                self._drop_invalid(topic, "no envelope", position)
                 continue
             body = payload[envelope.HEADER_SIZE :]
             problem = relay_problem(body)  # once per message, whatever the number of recipients
             if problem is not None:
-                self._drop_invalid(topic, problem)
+                self._drop_invalid(topic, problem, position)
                 continue
-            recipients: Collection[Connection]
             room: Room | None = None  # None: the broadcast topic
-            if topic == envelope.BROADCAST_TOPIC:
-                recipients = self.connections.values()
-            else:
+            if topic != envelope.BROADCAST_TOPIC:
                 room = self.rooms.get(topic)
                 if room is None:
                     continue  # we left the room while this message was on its way
-                recipients = room.members
-                if position is not None:
-                    body = protocol.with_offset(body, position.offset)
+            if room is not None and position is not None:
+                body = protocol.with_offset(body, position.offset)
             room_name = room.name if room is not None else None
             if self.gaps.observe(topic, origin, seq) and (count := self._gap_warnings.note()):
                 logger.warning(
@@ -596,30 +715,22 @@ class Worker:
                 )  # fmt: skip
             frame = websocket.encode_text_frame(body)
             excluded = self.connections.get(exclude_id) if origin == own_origin else None
-            if debug:
-                logger.debug(
-                    "delivering seq %d of %s in room %r to %d connections, at %s",
-                    seq, origin.hex(), room_name, len(recipients), position,
-                )  # fmt: skip
-            held_back: set[Connection] | None = None
-            if room is not None and position is not None:
-                self._advance(room, position)
-                if room.floors:
-                    held_back = room.below_floor(position)
-            if held_back:  # rare: right after a join that read the history
-                if excluded is not None:
-                    held_back.add(excluded)
+            if room is None:
+                recipients: Collection[Connection] = self.connections.values()
+                if self.unauthenticated:  # rare, and brief: handshake_timeout at most
+                    recipients = [c for c in recipients if c not in self.unauthenticated]
                 for conn in recipients:
-                    if conn not in held_back:
+                    if conn is not excluded:
                         conn.enqueue(frame)
+                if debug:
+                    delivered = len(recipients) - (excluded is not None)
+                    logger.debug(
+                        "delivered broadcast (publisher %s seq %d) to %d connections",
+                        origin.hex(), seq, delivered,
+                        extra={"origin": origin.hex(), "seq": seq, "delivered": delivered},
+                    )  # fmt: skip
             else:
-                for conn in recipients:
-                    if conn is not excluded:
-                        conn.enqueue(frame)
-            if room is not None and room.catching_up:
-                for conn, catch_up in room.catching_up.items():
-                    if conn is not excluded:
-                        catch_up.hold(position, frame)
+                self._room_message(topic, room, position, frame, excluded)
         self._flush_dirty()
 
     def _flush_dirty(self) -> None:
@@ -659,6 +770,55 @@ class Worker:
                     conn.last_flush = now
                     conn.flush()
 
+    def _room_message(
+        self,
+        topic: bytes,
+        room: Room,
+        position: Position | None,
+        frame: bytes | None,
+        excluded: Connection | None,
+    ) -> None:
+        """Deliver a live message of ``room`` (a None ``frame``: only its offset counts), or
+        hold it back while the room's missed offsets are read (see :meth:`_start_repair`)."""
+        if room.repair is not None:
+            room.repair.hold(position, frame, excluded)
+        elif position is not None and (since := self._missed_since(room, position)) is not None:
+            self._start_repair(topic, room, since, position).hold(position, frame, excluded)
+        else:
+            self._deliver(room, position, frame, excluded)
+
+    def _deliver(
+        self,
+        room: Room,
+        position: Position | None,
+        frame: bytes | None,
+        excluded: Connection | None,
+    ) -> None:
+        """Queue ``frame`` for the members of ``room`` (and for those catching up) in its turn."""
+        held_back: set[Connection] | None = None
+        if position is not None:
+            self._advance(room, position)
+            if room.floors:
+                held_back = room.below_floor(position)
+        if frame is None:
+            return
+        if held_back:  # rare: right after a join that read the history
+            if excluded is not None:
+                held_back.add(excluded)
+            for conn in room.members:
+                if conn not in held_back:
+                    conn.enqueue(frame)
+        else:
+            for conn in room.members:
+                if conn is not excluded:
+                    conn.enqueue(frame)
+        if room.catching_up:
+            for conn, catch_up in room.catching_up.items():
+                if conn is not excluded:
+                    catch_up.hold(position, frame)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_delivery(room, position, held_back or {excluded})
+
     def _advance(self, room: Room, position: Position) -> None:
         """Record ``position`` as the room's latest here. When its epoch is not the one the
         members know, their numbering started again (the sequencer restarted, or the room's
@@ -667,17 +827,115 @@ class Worker:
         room.position = position
         if known is None or known.epoch == position.epoch:
             return
-        logger.info(
+        logger.debug(
             "room %r starts epoch %s at offset %d (was %s at %d)",
             room.name, position.epoch, position.offset, known.epoch, known.offset,
         )  # fmt: skip
+        self._tell_unrecovered(room, Position(position.epoch, position.offset - 1))
+
+    def _tell_unrecovered(self, room: Room, position: Position) -> None:
+        """Tell every member of ``room`` that what it missed up to ``position`` will not come:
+        a ``joined`` without id, with ``recovered: false``."""
         notice = websocket.encode_text_frame(
-            protocol.joined_frame(room.name, None, position.epoch, position.offset - 1, False)
+            protocol.joined_frame(room.name, None, position.epoch, position.offset, False)
         )
         for conn in room.members:
+            floor = room.floors.get(conn)
+            if (
+                floor is not None
+                and floor.epoch == position.epoch
+                and floor.offset >= position.offset
+            ):
+                continue  # it joined since, and its join sent it everything up to its floor
             conn.enqueue(notice)
 
-    def _drop_invalid(self, topic: bytes, problem: str) -> None:
+    # ---- repairing a room's missed offsets ------------------------------------------------
+
+    @staticmethod
+    def _missed_since(room: Room, position: Position) -> Position | None:
+        """Where the offsets this worker missed start, if ``position`` skips some; else None.
+
+        Every message appended to a room while this worker is subscribed to it arrives here,
+        in offset order; a jump means the subscription was down for a while (the backplane's
+        link was re-established, by us or by a restarted Redis) and the messages published
+        meanwhile never came. The first message of a new epoch is offset 1, so a new epoch
+        that starts later missed its beginning.
+        """
+        known = room.position
+        if known is None:
+            return None
+        if known.epoch == position.epoch:
+            return known if position.offset > known.offset + 1 else None
+        return Position(position.epoch, 0) if position.offset > 1 else None
+
+    def _start_repair(self, topic: bytes, room: Room, since: Position, first: Position) -> Repair:
+        """Hold ``room``'s live messages from ``first`` on (in the :class:`Repair` returned),
+        and read the offsets between ``since`` and ``first`` from the history, in a task of its
+        own."""
+        assert self._repairs is not None, "live messages arrive only within fan_out_forever"
+        logger.warning(
+            "room %r missed offsets %d to %d of epoch %s on the backplane; reading them from "
+            "the history", room.name, since.offset + 1, first.offset - 1, first.epoch,
+        )  # fmt: skip
+        config = self.config
+        repair = room.repair = Repair(
+            since, first, config.max_queued_frames, config.max_queued_bytes
+        )
+        self._repairs.start_soon(self._repair, topic, room, repair)
+        return repair
+
+    async def _repair(self, topic: bytes, room: Room, repair: Repair) -> None:
+        """Read what ``repair`` misses, then deliver it and the held messages in order."""
+        missing = repair.first.offset - repair.since.offset - 1
+        history: History | None = None
+        with trio.move_on_after(REPAIR_TIMEOUT):
+            while not repair.overflowed:
+                try:
+                    history = await self.backplane.history(topic, repair.since, missing)
+                    break
+                except BackplaneUnavailable as error:
+                    logger.info("room %r: history not readable yet (%s)", room.name, error)
+                await trio.sleep(REPAIR_RETRY_PAUSE)
+        if self.rooms.get(topic) is not room:
+            return  # its last member left meanwhile
+        room.repair = None
+        expected = list(range(repair.since.offset + 1, repair.first.offset))
+        if (
+            history is not None
+            and not repair.overflowed
+            and history.epoch == repair.first.epoch
+            and [offset for offset, _ in history.messages] == expected
+        ):
+            for offset, payload in history.messages:
+                frame, excluded = self._recorded_frame(room, offset, payload), None
+                if frame is not None:
+                    origin, _, exclude_id = envelope.unpack_header(payload)
+                    if origin == self._numberer.origin:
+                        excluded = self.connections.get(exclude_id)
+                self._deliver(room, Position(history.epoch, offset), frame, excluded)
+            logger.info("room %r: offsets %d to %d recovered", room.name, expected[0], expected[-1])
+        else:
+            resume = repair.last if repair.overflowed else None
+            resume = resume or Position(repair.first.epoch, repair.first.offset - 1)
+            logger.warning(
+                "room %r: offsets up to %d of epoch %s are lost to its %d members here (%s); "
+                "they are told so", room.name, resume.offset, resume.epoch, len(room.members),
+                "too many messages held back" if repair.overflowed
+                else "history not readable" if history is None
+                else "not in the history",
+            )  # fmt: skip
+            self._tell_unrecovered(room, resume)
+            room.position = resume
+        for position, frame, excluded in repair.held:
+            self._room_message(topic, room, position, frame, excluded)
+        self._flush_dirty()
+
+    def _drop_invalid(self, topic: bytes, problem: str, position: Position | None = None) -> None:
+        """Count (and now and then log) a backplane message not relayed; a numbered one of a
+        room here still takes its offset, so that the next one is no jump."""
+        room = self.rooms.get(topic)
+        if room is not None and position is not None:
+            self._room_message(topic, room, position, None, None)
         self.dropped_invalid += 1
         if self._invalid_warnings.note():
             logger.warning(
@@ -710,6 +968,8 @@ class Worker:
             async with trio.open_nursery() as serving:
                 serving.start_soon(self.fan_out_forever)
                 serving.start_soon(self._flush_deferred_forever)
+                if self.tokens is not None:
+                    serving.start_soon(self._token_timers_forever)
                 serving.start_soon(self._accept_forever, listener, connections)
                 host, port = listener.getsockname()[:2]
                 self.port = port

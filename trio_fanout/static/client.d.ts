@@ -16,6 +16,10 @@ export interface FanoutClientOptions {
   connectTimeoutMs: number;
   /** Time a publish waits for its ack, in ms (default 10000). */
   publishTimeoutMs: number;
+  /** For a server that requires tokens: a token (a JWT), or a function returning one or a
+   * promise of one, called on every connection and whenever the server announces the current
+   * token's expiry (default null: no token). Sent as a frame, never in the URL. */
+  token: string | (() => string | Promise<string>) | null;
 }
 
 /** The connection's state: trying to connect, connected (welcome received), waiting before the
@@ -45,7 +49,11 @@ export type FanoutErrorCode =
   /** join of a room this client is already in */
   | "already_joined"
   /** the URL could not be used (the client then closes) */
-  | "bad_url";
+  | "bad_url"
+  /** the token option threw, or gave no token */
+  | "token"
+  /** the server refused the token, or it expired without a refresh (close code 4001) */
+  | "unauthenticated";
 
 export class FanoutError extends Error {
   readonly name: "FanoutError";
@@ -96,7 +104,9 @@ export interface FanoutEvents {
   /** A message to every connection (without a room). */
   broadcast: { data: unknown };
   /** An error frame that answers no pending request, or a rejoin refused for good (`room` is
-   * then the room, which the client has left). */
+   * then the room, which the client has left); `unauthenticated` when the server closed the
+   * connection for its token (the client reconnects, asking the token option again), `token`
+   * when the token option failed. */
   error: { room: string | null; code: FanoutErrorCode | string; message: string };
 }
 
@@ -108,6 +118,8 @@ export class FanoutClient {
   readonly state: FanoutState;
   /** The current connection's welcome, or null while not connected. */
   readonly welcome: Welcome | null;
+  /** What the server answered to the current token, or null (no token, or not connected). */
+  readonly auth: { sub: string; exp: number } | null;
 
   /** Listen to an event; returns a function that stops listening. */
   on<E extends keyof FanoutEvents>(event: E, listener: (detail: FanoutEvents[E]) => void): () => void;

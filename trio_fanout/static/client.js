@@ -5,6 +5,8 @@
 // from missing heartbeats, reconnects with exponential backoff and full jitter, rejoins its
 // rooms, and on a server that speaks protocol version 2 asks for the messages it missed
 // (`join` with `since`) and delivers each message of a room at most once, in offset order.
+// Where the server requires tokens, it sends one as its first frame (`auth`) on every
+// connection, and a fresh one (`refresh`) whenever the server says the current one expires.
 
 /** Defaults of {@link FanoutClientOptions}, each with its reason. */
 const DEFAULTS = Object.freeze({
@@ -24,6 +26,11 @@ const DEFAULTS = Object.freeze({
   connectTimeoutMs: 10_000,
   // A publish whose ack has not come in this long is reported as failed.
   publishTimeoutMs: 10_000,
+  // For a server that requires tokens: a token, or a function returning one (or a promise of
+  // one), called on every connection and on every token_expiring so that it can fetch a fresh
+  // token from the application's own server. It goes in the first frame, never in the URL,
+  // which proxies and servers write to their access logs.
+  token: null,
 });
 
 /** A refused or failed request: `code` is a protocol error code (`bad_room`, `forbidden`, …)
@@ -62,6 +69,8 @@ export class FanoutClient {
     this.state = "connecting";
     /** The current welcome frame's fields, or null while not connected. */
     this.welcome = null;
+    /** What the server answered to the current token (`sub`, `exp`), or null. */
+    this.auth = null;
     /** @type {Map<string, Room>} the rooms the application is in, joined or still joining. */
     this._rooms = new Map();
     /** @type {Map<number, Pending>} requests awaiting their reply, by id. */
@@ -229,6 +238,12 @@ export class FanoutClient {
     clearTimeout(this._timer);
     const wasConnected = this.state === "connected";
     this.welcome = null;
+    this.auth = null;
+    if (code === 4001) {
+      // The server refused the token, or it expired without a refresh: the next connection
+      // asks the token option again; the application may want to sign the user in again.
+      this._emit("error", { room: null, code: "unauthenticated", message: reason });
+    }
     this._failPending(new FanoutError("disconnected", "the connection ended"));
     if (wasConnected && Date.now() - this._connectedAt >= this.options.stableAfterMs) {
       this._attempt = 0;
@@ -267,15 +282,81 @@ export class FanoutClient {
       case "ack":
       case "left":
       case "pong":
+      case "authed":
         return this._settle(frame.id, (pending) => pending.resolve(frame));
       case "error":
         return this._onError(frame);
+      case "token_expiring":
+        return this._refresh();
       default:
         return; // heartbeat (its arrival was the point), or a frame from a newer version
     }
   }
 
   _onWelcome(frame) {
+    if (this.options.token === null) {
+      this._onConnected(frame);
+      return;
+    }
+    // The server sends nothing more (heartbeats included) until it has the token: the
+    // connect timeout's watchdog stays armed until then.
+    const socket = this._socket;
+    this._freshToken()
+      .then((token) => {
+        if (socket !== this._socket) return Promise.resolve(null); // given up meanwhile
+        return this._request({ type: "auth", token }, 0);
+      })
+      .then(
+        (authed) => {
+          if (authed === null || socket !== this._socket) return;
+          this.auth = { sub: authed.sub, exp: authed.exp };
+          this._onConnected(frame);
+        },
+        (error) => {
+          // A refused token closes the connection (4001), which does the rest.
+          if (error.code !== "disconnected" && socket === this._socket) {
+            this._emit("error", { room: null, code: error.code ?? "token", message: String(error.message) });
+            this._onDisconnect(null, "no token to authenticate with");
+          }
+        }
+      );
+  }
+
+  /** The token for the next `auth` or `refresh`, from the `token` option. */
+  async _freshToken() {
+    const option = this.options.token;
+    const token = typeof option === "function" ? await option() : option;
+    if (typeof token !== "string" || token === "") {
+      throw new FanoutError("token", "the token option gave no token (a non-empty string)");
+    }
+    return token;
+  }
+
+  /** Answer the server's `token_expiring` with a fresh token. Nobody waits for the answer: if
+   * the refresh fails, the server closes the connection at the old token's `exp` (4001) and
+   * the client reconnects, asking the token option again. */
+  _refresh() {
+    const socket = this._socket;
+    this._freshToken()
+      .then((token) => {
+        if (socket !== this._socket || this.state !== "connected") return null;
+        return this._request({ type: "refresh", token }, 0);
+      })
+      .then(
+        (authed) => {
+          if (authed !== null && socket === this._socket) {
+            this.auth = { sub: authed.sub, exp: authed.exp };
+          }
+        },
+        (error) => {
+          if (error.code !== "disconnected") {
+            this._emit("error", { room: null, code: error.code ?? "token", message: String(error.message) });
+          }
+        }
+      );
+  }
+
+  _onConnected(frame) {
     this.state = "connected";
     this.welcome = { worker: frame.worker, pid: frame.pid, heartbeatInterval: frame.heartbeat_interval };
     this._connectedAt = Date.now();
@@ -327,7 +408,8 @@ export class FanoutClient {
   }
 
   /** The server's unasked `joined` (version 2): the room's numbering started again (its
-   * sequencer restarted, or its history expired), so messages may have been lost. */
+   * sequencer restarted, or its history expired), or the server missed messages it could not
+   * read back; either way messages may have been lost. */
   _onNewEpoch(frame) {
     const state = this._rooms.get(frame.room);
     if (!state || typeof frame.epoch !== "string" || typeof frame.offset !== "number") return;

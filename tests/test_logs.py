@@ -1,0 +1,226 @@
+"""What `trio-fanout` writes to standard error: the path of a message at debug, one JSON object a
+line with --log-format json, nothing per message or connection at info, and no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    ClusterProcess,
+    LoggedProcess,
+    RedisServer,
+    connect_on_each_worker,
+    receive_message,
+    trio_fanout_command,
+)
+from trio_fanout.client import open_client
+from trio_fanout.emitter import open_emitter
+from trio_fanout.logs import JsonFormatter, TextFormatter
+
+JSON_KEYS = {"time", "level", "logger", "role", "pid", "message"}
+
+
+def run_cli(
+    *args: str, cwd: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        trio_fanout_command(*args),
+        capture_output=True, text=True, timeout=30, cwd=cwd,
+        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@asynccontextmanager
+async def running_cluster(*args: str) -> AsyncIterator[ClusterProcess]:
+    """`trio-fanout run --workers 2 ARGS`, stopped (and its log complete) at the end."""
+    cluster = await trio.to_thread.run_sync(
+        lambda: ClusterProcess("--workers", "2", "--heartbeat-interval", "0", *args)
+    )
+    try:
+        await trio.to_thread.run_sync(cluster.wait_for_workers, 2)
+        yield cluster
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+async def send_one_message_across(cluster: ClusterProcess, room: str) -> int:
+    """A client on worker 1 publishes to ``room``, whose one member is on worker 2; the offset
+    the member received."""
+    async with AsyncExitStack() as stack:
+        clients = await connect_on_each_worker(stack, cluster.url)
+        sender, member = clients[1][0], clients[2][0]
+        await member.join(room)
+        await sender.publish(room, {"text": "hello"}, ack=True)
+        message = await receive_message(member)
+        assert message["data"] == {"text": "hello"}
+        offset: int = message["offset"]
+        return offset
+
+
+@pytest.fixture(params=["zmq", "redis"])
+def backplane_args(request: pytest.FixtureRequest) -> list[str]:
+    if request.param == "redis":
+        return ["--backplane", request.getfixturevalue("redis_server").url]
+    return []
+
+
+async def test_debug_shows_the_path_of_one_message_through_the_cluster(backplane_args):
+    room = "path of one message"
+    async with running_cluster("--log-level", "debug", *backplane_args) as cluster:
+        offset = await send_one_message_across(cluster, room)
+    log = cluster.log()
+    # Greppable by room and offset: each step names the process, the room and the offset.
+    received = re.search(
+        rf"DEBUG worker 1 \(pid \d+\) trio_fanout.connection: connection (\d+) received "
+        rf"Publish\(room='{room}', data={{'text': 'hello'}}",
+        log,
+    )
+    assert received, log
+    connection = received.group(1)
+    published = re.search(
+        rf"DEBUG worker 1 .*: connection {connection} published room='{room}' "
+        rf"epoch=(\S+) offset={offset} ",
+        log,
+    )
+    assert published, log
+    epoch = published.group(1)
+    delivered = rf"DEBUG worker 2 .*: delivered room='{room}' epoch={epoch} offset={offset} "
+    assert re.search(delivered + r"to 1 connections", log), log
+    assert re.search(rf"DEBUG worker 2 .*: subscribed room='{room}'", log), log
+    # Worker 1's two lines in order; worker 2 may write its line first: it receives the
+    # message from the sequencer as worker 1 receives its offset.
+    assert log.index(received.group(0)) < log.index(published.group(0))
+
+
+async def test_json_logs_are_one_object_a_line_with_the_fields_of_the_path():
+    room = "json path"
+    async with running_cluster("--log-level", "debug", "--log-format", "json") as cluster:
+        offset = await send_one_message_across(cluster, room)
+    lines = [line for line in cluster.log().splitlines() if line != "<end of log>"]
+    entries = [json.loads(line) for line in lines]  # every line parses
+    for entry in entries:
+        assert entry.keys() >= JSON_KEYS, entry
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
+        assert entry["level"] in {"debug", "info", "warning", "error"}, entry
+    assert {entry["role"] for entry in entries} >= {"master", "worker 1", "worker 2"}
+    assert len({entry["pid"] for entry in entries}) == 3  # the master and two workers
+    path = [entry for entry in entries if entry.get("room") == room and "offset" in entry]
+    published = [e for e in path if e["role"] == "worker 1" and "published" in e["message"]]
+    assert [(e["offset"], e["logger"]) for e in published] == [(offset, "trio_fanout.worker")]
+    assert isinstance(published[0]["connection"], int)
+    deliveries = [e for e in path if e["role"] == "worker 2" and e.get("delivered") == 1]
+    assert [e["offset"] for e in deliveries] == [offset]
+    assert deliveries[0]["epoch"] == published[0]["epoch"]
+
+
+def test_each_process_names_itself_in_the_json_log():
+    commands = {
+        "worker 3": ["worker", "--index", "3", "--port", "0", "--backplane", "memory://alone"],
+        "proxy": ["proxy", "--port", "0", "--heartbeat-interval", "0"],
+    }
+    for role, command in commands.items():
+        process = LoggedProcess(trio_fanout_command(*command, "--log-format", "json"))
+        try:
+            process.wait_for_log("serving ws://|clients connect to")
+        finally:
+            process.stop()
+        lines = process.lines[:-1]  # without "<end of log>"
+        assert lines, role
+        assert {json.loads(line)["role"] for line in lines} == {role}
+
+
+async def test_at_info_a_burst_of_traffic_adds_no_line(backplane_args):
+    async with running_cluster(*backplane_args) as cluster:
+        started = len(cluster.lines)
+        async with AsyncExitStack() as stack:
+            clients = await connect_on_each_worker(stack, cluster.url, per_worker=5)
+            members = [client for placed in clients.values() for client in placed]
+            for number, client in enumerate(members):
+                await client.join(f"room {number % 3}")
+            for round_ in range(20):
+                for number, client in enumerate(members):
+                    await client.publish(f"room {number % 3}", round_)
+            async with open_emitter(cluster.backplane_url) as emitter:
+                for round_ in range(20):
+                    await emitter.publish("room 0", round_)
+            for number, client in enumerate(members):
+                # 20 from each member of its room, and 20 from the emitter in room 0.
+                expected = 20 * len(members[number % 3 :: 3]) + (20 if number % 3 == 0 else 0)
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    for _ in range(expected):
+                        assert (await client.receive())["type"] == "message"
+            # Short-lived connections too: opened, used and closed.
+            for _ in range(10):
+                async with open_client(cluster.url) as client:
+                    await client.join("room 1")
+                    await client.publish("room 1", "hi", ack=True)
+        during = cluster.lines[started:]
+    assert during == [], during
+    # Only the start and the stop were logged.
+    lifecycle = re.compile(
+        r"ZeroMQ proxy|listening on|serving ws://|SIGTERM|closing \d+ clients|stopped"
+    )
+    assert [line for line in cluster.lines[:-1] if not lifecycle.search(line)] == []
+
+
+async def test_no_secret_reaches_the_log():
+    with tempfile.TemporaryDirectory() as directory:
+        server = await trio.to_thread.run_sync(
+            lambda: RedisServer(directory, "--requirepass", "the-redis-password")
+        )
+        try:
+            url = f"redis://:the-redis-password@127.0.0.1:{server.port}"
+            args = ("--backplane", url, "--log-level", "debug")
+            async with running_cluster(*args) as cluster:
+                await send_one_message_across(cluster, "secrets")
+        finally:
+            await trio.to_thread.run_sync(server.stop)
+    log = cluster.log()
+    assert "listening on" in log
+    assert "the-redis-password" not in log
+    assert f"redis://:[redacted]@127.0.0.1:{server.port}" in log
+
+
+def test_the_formatters_redact_url_passwords_and_tokens():
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    for formatter in (TextFormatter("worker 1"), JsonFormatter("worker 1")):
+        output = io.StringIO()
+        handler = logging.StreamHandler(output)
+        handler.setFormatter(formatter)
+        log = logging.getLogger("tests.redaction")
+        log.addHandler(handler)
+        try:
+            log.warning("backplane %s, token %s", "rediss://user:pass@host:6380/0", token)
+        finally:
+            log.removeHandler(handler)
+        written = output.getvalue()
+        assert "pass@" not in written and token not in written, written
+        assert "rediss://user:[redacted]@host:6380/0" in written
+        assert "token [redacted]" in written
+
+
+def test_log_format_is_a_setting_like_the_others(tmp_path):
+    settings = tmp_path / "settings.toml"
+    settings.write_text('log_format = "json"\n')
+    shown = run_cli("config", "--config", str(settings), cwd=tmp_path)
+    assert 'log_format = "json"  # file ' in shown.stdout
+    shown = run_cli("config", "--log-format", "TEXT", cwd=tmp_path)
+    assert 'log_format = "text"  # flag --log-format' in shown.stdout
+    refused = run_cli("config", cwd=tmp_path, env={"TRIO_FANOUT_LOG_FORMAT": "xml"})
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "trio-fanout: error: log_format: must be one of text, json, not 'xml' "
+        "(from environment TRIO_FANOUT_LOG_FORMAT)\n"
+    )

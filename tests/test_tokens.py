@@ -1,0 +1,699 @@
+"""Tokens (JWT) and origins against real clusters: each rule of docs/protocol.md, "Tokens",
+with real clients, and the pure parts of trio_fanout/tokens.py on their own."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import trio
+import trio_websocket
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests import browser
+from tests.helpers import (
+    RECEIVE_TIMEOUT,
+    START_TIMEOUT,
+    ClusterProcess,
+    free_port,
+    receive_data,
+    trio_fanout_command,
+)
+from tests.test_cluster import http_get
+from trio_fanout import Config, Hooks, serve, tokens
+from trio_fanout.client import Client, ServerError, open_client
+from trio_fanout.emitter import open_emitter
+from trio_fanout.reconnecting import (
+    Connected,
+    Disconnected,
+    Recovered,
+    Unrecovered,
+    open_reconnecting_client,
+)
+
+# The handshake timeout of the clusters here: it is also how long a client has for its auth
+# frame, and the auth-timeout test waits for it.
+HANDSHAKE_TIMEOUT = 5
+ALLOWED_ORIGIN = "https://app.example"
+# Every token these tests make, valid or not: none may appear in a cluster's log.
+MINTED: list[str] = []
+
+
+class Keys:
+    """A secret and two key pairs, written where the clusters read them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.secret = b"0123456789abcdef0123456789abcdef-test-secret"
+        self.secret_file = directory / "secret"
+        self.secret_file.write_bytes(self.secret + b"\n")
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.rsa_public_pem = _public_pem(self.rsa)
+        self.public_files = {"RS256": directory / "rsa.pem", "ES256": directory / "ec.pem"}
+        self.public_files["RS256"].write_bytes(self.rsa_public_pem)
+        self.public_files["ES256"].write_bytes(_public_pem(self.ec))
+        self.private = {"HS256": self.secret, "RS256": self.rsa, "ES256": self.ec}
+
+
+def _public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("keys"))
+
+
+def token(
+    keys: Keys, sub: str = "ann", *, ttl: float = 600, algorithm: str = "HS256", **claims: Any
+) -> str:
+    now = int(time.time())
+    payload = {"sub": sub, "exp": now + round(ttl), **claims}
+    minted = jwt.encode(payload, keys.private[algorithm], algorithm=algorithm)
+    MINTED.append(minted)
+    return minted
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(header: dict[str, Any], payload: dict[str, Any], sign: Any = None) -> str:
+    """A JWT assembled by hand, for the forgeries PyJWT refuses to make: ``alg: none``, or HS256
+    with a public key as the secret."""
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}"
+    signature = sign(signing_input.encode()) if sign else b""
+    forged = f"{signing_input}.{_b64(signature)}"
+    MINTED.append(forged)
+    return forged
+
+
+def write_config(directory: Path, **settings: Any) -> str:
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    path = directory / "trio-fanout.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
+    """Two workers requiring HS256 tokens, no leeway (so that expiry is exact), and two allowed
+    origins, one of them the cluster's own (for pages it serves to a browser); at debug level,
+    so that every log line a request can cause is written."""
+    port = free_port()
+    config = write_config(
+        tmp_path_factory.mktemp("hs256"),
+        token_secret_file=str(keys.secret_file),
+        token_leeway=0,
+        handshake_timeout=HANDSHAKE_TIMEOUT,
+        allowed_origins=[ALLOWED_ORIGIN, f"http://127.0.0.1:{port}"],
+    )
+    process = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", "0.2", "--config", config, "--log-level", "debug",
+        "--port", str(port),
+    )  # fmt: skip
+    try:
+        process.wait_for_workers(2)
+        yield process
+    finally:
+        process.stop()
+
+
+async def closed_with(client: Client) -> trio_websocket.CloseReason:
+    """How the server closed ``client`` (every frame until then is read and dropped)."""
+    with trio.fail_after(RECEIVE_TIMEOUT + HANDSHAKE_TIMEOUT):
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await client.receive()
+    return closed.value.reason
+
+
+async def witnesses(stack: AsyncExitStack, cluster: ClusterProcess, keys: Keys) -> list[Client]:
+    """One authenticated client on each worker, in room ``witness``: whichever worker refuses
+    a client in a test, one of these shares its worker and must still be served."""
+    by_worker: dict[int, Client] = {}
+    for _ in range(100):
+        client = await stack.enter_async_context(
+            open_client(cluster.url, token=token(keys, "witness"), connect_timeout=START_TIMEOUT)
+        )
+        if client.worker not in by_worker:
+            by_worker[client.worker] = client
+            await client.join("witness")
+        if len(by_worker) == 2:
+            return list(by_worker.values())
+    raise AssertionError("could not place a client on each worker")
+
+
+async def still_served(clients: list[Client], text: str) -> None:
+    await clients[0].publish("witness", text)
+    for client in clients:
+        assert await receive_data(client, 1) == [text]
+
+
+async def test_a_valid_token_as_the_first_frame_is_answered_authed_and_the_client_is_served(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with open_client(cluster.url, token=token(keys, "ann")) as ann:
+        assert ann.authed is not None
+        assert ann.authed["sub"] == "ann"
+        assert ann.authed["exp"] > time.time()
+        assert ann.authed["id"] == 1
+        await ann.join("lobby")
+        await ann.publish("lobby", "hello")
+        assert await receive_data(ann, 1) == ["hello"]
+
+
+async def test_a_valid_token_in_the_query_string_needs_no_auth_frame(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with open_client(f"{cluster.url}?token={token(keys, 'bob')}") as bob:
+        await bob.join("lobby")
+        await bob.publish("lobby", "from bob")
+        assert await receive_data(bob, 1) == ["from bob"]
+
+
+@pytest.mark.parametrize(
+    "problem, make",
+    [
+        ("forged", lambda keys: jwt.encode(
+            {"sub": "ann", "exp": int(time.time()) + 600}, b"another secret" * 4, "HS256"
+        )),
+        ("expired", lambda keys: token(keys, ttl=-60)),
+        ("not yet valid", lambda keys: token(keys, nbf=int(time.time()) + 60)),
+        ("without exp", lambda keys: jwt.encode({"sub": "ann"}, keys.secret, "HS256")),
+        ("not a JWT", lambda keys: "not-a-token"),
+    ],
+)  # fmt: skip
+async def test_a_bad_token_is_refused_401_in_the_query_and_4001_as_auth_while_others_are_served(
+    cluster: ClusterProcess, keys: Keys, problem: str, make: Any
+):
+    bad = make(keys)
+    MINTED.append(bad)
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with open_client(f"{cluster.url}?token={bad}"):
+                pass
+        assert rejected.value.status_code == 401
+        assert bad.encode() not in rejected.value.body
+        await still_served(served, f"after the 401 for a {problem} token")
+
+        async with open_client(cluster.url) as client:
+            await client.send({"type": "auth", "token": bad, "id": 1})
+            reason = await closed_with(client)
+        assert reason.code == 4001
+        assert bad not in (reason.reason or "")
+        await still_served(served, f"after the 4001 for a {problem} token")
+
+
+async def test_a_first_frame_other_than_auth_closes_4001(cluster: ClusterProcess, keys: Keys):
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        for first in (
+            {"type": "join", "room": "lobby", "id": 1},
+            {"type": "refresh", "token": token(keys), "id": 1},
+            {"type": "auth", "id": 1},
+        ):
+            async with open_client(cluster.url) as client:
+                await client.send(first)
+                reason = await closed_with(client)
+            assert reason.code == 4001, first
+            assert "the first frame must be auth" in reason.reason
+        await still_served(served, "after the clients without auth")
+
+
+async def test_no_auth_frame_within_the_handshake_timeout_closes_4001(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        opened = trio.current_time()  # before the server's timer starts, whatever the load
+        async with open_client(cluster.url) as silent:
+            reason = await closed_with(silent)
+        assert reason.code == 4001
+        assert reason.reason == f"no auth frame within {HANDSHAKE_TIMEOUT} s"
+        assert trio.current_time() - opened >= HANDSHAKE_TIMEOUT
+        await still_served(served, "after the silent client")
+
+
+async def test_the_join_and_publish_claims_limit_rooms_history_included(
+    cluster: ClusterProcess, keys: Keys
+):
+    limited = token(keys, "carol", join=["team-*", "lobby"], publish=["team-a"])
+    async with open_client(cluster.url, token=limited) as carol:
+        await carol.join("team-b")
+        await carol.join("lobby")
+        with pytest.raises(ServerError) as refused:
+            await carol.join("admin")
+        assert refused.value.code == "forbidden"
+        assert refused.value.frame["message"] == "the token does not allow joining room 'admin'"
+
+        await carol.publish("team-a", "allowed", ack=True)
+        for room in ("team-b", "lobby"):
+            with pytest.raises(ServerError) as refused:
+                await carol.publish(room, "refused", ack=True)
+            assert refused.value.code == "forbidden"
+
+        with pytest.raises(ServerError) as refused:
+            await carol._request(
+                {"type": "history", "room": "admin"}, lambda f: f["type"] == "history"
+            )
+        assert refused.value.code == "forbidden"
+        history = await carol._request(
+            {"type": "history", "room": "team-a"}, lambda f: f["type"] == "history"
+        )
+        assert [m["data"] for m in history["messages"]] == ["allowed"]
+        await carol.ping()  # the refusals left the connection open
+
+
+async def test_token_expiring_then_refresh_keeps_the_connection_past_the_first_exp(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with open_client(cluster.url, token=token(keys, "dan", ttl=5)) as dan:
+        assert dan.authed is not None
+        first_exp = dan.authed["exp"]
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            expiring = await dan.receive()
+        assert expiring == {"type": "token_expiring", "exp": first_exp}
+        authed = await dan.refresh(token(keys, "dan", ttl=600))
+        assert authed["sub"] == "dan"
+        assert authed["exp"] > first_exp
+        await trio.sleep(max(first_exp + 1 - time.time(), 0))  # past the first token's end
+        await dan.ping()
+        await dan.join("after-refresh")
+
+
+async def test_without_a_refresh_the_connection_closes_4001_at_exp(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with open_client(cluster.url, token=token(keys, "eve", ttl=4)) as eve:
+        assert eve.authed is not None
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert (await eve.receive())["type"] == "token_expiring"
+        reason = await closed_with(eve)
+    assert reason.code == 4001
+    assert reason.reason == "the token has expired"
+    assert time.time() >= eve.authed["exp"] - 0.1
+
+
+async def test_a_refresh_with_another_sub_or_a_bad_token_is_refused_and_the_token_stays(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with open_client(cluster.url, token=token(keys, "fay")) as fay:
+        for bad in (token(keys, "mallory"), token(keys, "fay", ttl=-60)):
+            with pytest.raises(ServerError) as refused:
+                await fay.refresh(bad)
+            assert refused.value.code == "forbidden"
+        await fay.join("lobby")
+
+
+async def test_an_origin_outside_the_allowed_list_is_refused_403(
+    cluster: ClusterProcess, keys: Keys
+):
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        for target in ("/ws", f"/ws?token={token(keys)}"):
+            status, body = await http_get(
+                cluster.port, target, upgrade + "Origin: https://evil.example\r\n"
+            )
+            assert (status, body) == (403, b"this origin may not connect\n")
+        await still_served(served, "after the refused origins")
+    for origin in (ALLOWED_ORIGIN, ALLOWED_ORIGIN.upper()):
+        async with trio_websocket.open_websocket_url(
+            cluster.url, extra_headers=[(b"Origin", origin.encode())]
+        ) as ws:
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert json.loads(await ws.get_message())["type"] == "welcome"
+    async with open_client(cluster.url, token=token(keys)):  # no Origin: not a browser
+        pass
+
+
+async def test_no_broadcast_nor_heartbeat_reaches_a_client_before_its_auth(
+    cluster: ClusterProcess, keys: Keys
+):
+    async with AsyncExitStack() as stack:
+        waiting = await stack.enter_async_context(open_client(cluster.url))
+        for _ in range(100):  # an authenticated client on the same worker, to see the broadcast
+            same = await stack.enter_async_context(open_client(cluster.url, token=token(keys)))
+            if same.worker == waiting.worker:
+                break
+        else:
+            raise AssertionError("no client on the same worker")
+        async with open_emitter(cluster.backplane_url) as emitter:
+            await emitter.broadcast("for authenticated clients only")
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert (await same.receive())["data"] == "for authenticated clients only"
+        # The worker has fanned that broadcast out, and heartbeats went by meanwhile: none of
+        # them may be queued for the client still waiting to authenticate.
+        await waiting.send({"type": "auth", "token": token(keys, "hal"), "id": 7})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert (await waiting.receive(heartbeats=True))["type"] == "authed"
+
+
+async def test_the_reconnecting_client_refreshes_on_token_expiring_and_stays_connected(
+    cluster: ClusterProcess, keys: Keys
+):
+    calls: list[str] = []
+
+    async def fresh_token() -> str:  # an async function, as one that asks a web app would be
+        calls.append(token(keys, "ida", ttl=4))
+        return calls[-1]
+
+    async with open_reconnecting_client(cluster.url, token=fresh_token) as ida:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await ida.receive(), Connected)
+        await ida.join("ida-room")
+        first_exp = jwt.decode(calls[0], options={"verify_signature": False})["exp"]
+        # Refreshed at least once (each token is refreshed halfway through its 4 s), and still
+        # on the first connection past the first token's end:
+        await trio.sleep(max(first_exp + 1 - time.time(), 0))
+        assert len(calls) >= 2
+        await ida.publish("ida-room", "still here", ack=True)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            item = await ida.receive()
+        assert isinstance(item, dict) and item["data"] == "still here", item
+
+
+async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection(
+    cluster: ClusterProcess, keys: Keys
+):
+    subs = iter(["joe", "not-joe", "joe", "joe", "joe"])
+
+    def next_token() -> str:  # a plain function; its second token is refused (another sub)
+        return token(keys, next(subs), ttl=4)
+
+    async with open_reconnecting_client(cluster.url, token=next_token, backoff_base=0.1) as joe:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await joe.receive(), Connected)
+        await joe.join("joe-room")
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            lost = await joe.receive()
+            assert isinstance(lost, Disconnected) and lost.code == 4001, lost
+            assert isinstance(await joe.receive(), Connected)
+            rejoined = await joe.receive()
+        assert isinstance(rejoined, Recovered | Unrecovered) and rejoined.room == "joe-room"
+        assert joe.connected
+
+
+# The browser client in a page, given its tokens one by one by the test (its token option is a
+# function, as an application's would be that fetches them from its own server).
+BROWSER_SETUP = """
+(async () => {
+  // Tried three times, as in test_browser_client.py: a fresh Chromium on a loaded machine
+  // sometimes fails its first fetch of the module.
+  let imported;
+  for (let attempt = 1; ; attempt++) {
+    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
+    catch (error) {
+      if (attempt === 3) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  const { FanoutClient } = imported;
+  window.tokens = TOKENS;
+  window.tokensTaken = 0;
+  window.events = [];
+  window.received = [];
+  window.client = new FanoutClient(WS_URL, {
+    token: async () => tokens[tokensTaken++],
+    backoffBaseMs: 100,
+  });
+  for (const name of ["connected", "disconnected", "error"]) {
+    client.on(name, (detail) => events.push([name, detail]));
+  }
+  await new Promise((resolve) => client.on("connected", resolve));
+  await client.join("browser-room", (data) => received.push(data));
+  return client.auth;
+})().catch((error) => `the page could not set up the client: ${error.stack}`)
+"""
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
+    cluster: ClusterProcess, keys: Keys
+):
+    origin = f"http://127.0.0.1:{cluster.port}"
+    async with browser.open_page(f"{origin}/healthz") as page:
+        # Minted once the browser is up, which may take seconds on a loaded machine.
+        first, second = token(keys, "page", ttl=8), token(keys, "page", ttl=600)
+        first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+        setup = (
+            BROWSER_SETUP.replace("ORIGIN", json.dumps(origin))
+            .replace("WS_URL", json.dumps(cluster.url))
+            .replace("TOKENS", json.dumps([first, second]))
+        )
+        with trio.fail_after(START_TIMEOUT):
+            auth = await page.evaluate(setup)
+        assert auth == {"sub": "page", "exp": first_exp}, auth
+        # token_expiring comes halfway through the first token's 8 s: the page asks for the
+        # next token and refreshes with it.
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while await page.evaluate("client.auth.exp") == first_exp:
+                await page.evaluate("new Promise((resolve) => setTimeout(resolve, 100))")
+        await trio.sleep(max(first_exp + 1 - time.time(), 0))  # past the first token's end
+        async with open_client(cluster.url, token=token(keys, "sender")) as sender:
+            await sender.publish("browser-room", "after the refresh", ack=True)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while not await page.evaluate("received.length"):
+                await page.evaluate("new Promise((resolve) => setTimeout(resolve, 100))")
+        assert await page.evaluate("received") == ["after the refresh"]
+        assert await page.evaluate("events.map((event) => event[0])") == ["connected"]
+        assert await page.evaluate("tokensTaken") == 2
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_a_page_of_another_origin_cannot_open_a_websocket(cluster: ClusterProcess):
+    # localhost is the same server, but another origin than the allowed http://127.0.0.1:PORT.
+    async with browser.open_page(f"http://localhost:{cluster.port}/healthz") as page:
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            outcome = await page.evaluate(
+                f"""new Promise((resolve) => {{
+                    const ws = new WebSocket({json.dumps(cluster.url)});
+                    ws.onopen = () => resolve("open");
+                    ws.onclose = (event) => resolve(event.code);
+                }})"""
+            )
+    assert outcome == 1006  # what a browser reports for a refused handshake
+
+
+async def test_an_embedded_workers_hooks_apply_on_top_of_the_token_and_see_its_sub(
+    keys: Keys,
+):
+    seen: list[tuple[object, str]] = []
+
+    async def authorize_join(identity: object, room: str) -> bool:
+        seen.append((identity, room))
+        return room != "closed-by-the-hook"
+
+    config = Config(
+        port=0,
+        heartbeat_interval=0,
+        backplane="memory://tokens-and-hooks",
+        token_secret_file=str(keys.secret_file),
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(
+            functools.partial(serve, config, hooks=Hooks(authorize_join=authorize_join))
+        )
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with open_client(url, token=token(keys, "lea", join=["open", "closed-*"])) as lea:
+            await lea.join("open")
+            for room in ("closed-by-the-hook", "not-in-the-token"):
+                with pytest.raises(ServerError) as refused:
+                    await lea.join(room)
+                assert refused.value.code == "forbidden"
+            # The hook ran for the rooms the token allows, with the token's sub as identity.
+            assert seen == [("lea", "open"), ("lea", "closed-by-the-hook")]
+        worker.stop()
+
+
+def test_tokens_never_reach_the_log(cluster: ClusterProcess):
+    """Runs last: every token of this module, valid or not, was sent to this cluster."""
+    log = cluster.log()
+    assert "closing 4001" in log  # the refusals were logged, at debug level
+    assert MINTED
+    for minted in MINTED:
+        assert minted not in log
+        signature = minted.rsplit(".", 1)[-1]
+        assert len(signature) < 16 or signature not in log
+
+
+# ---- algorithms: the one the key allows, whatever the token says ----------------------------
+
+
+@pytest.fixture(scope="module", params=["RS256", "ES256"])
+def key_cluster(
+    request: pytest.FixtureRequest, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, ClusterProcess]]:
+    algorithm = request.param
+    config = write_config(
+        tmp_path_factory.mktemp(algorithm),
+        token_public_key_file=str(keys.public_files[algorithm]),
+        token_leeway=0,
+    )
+    process = ClusterProcess("--workers", "1", "--heartbeat-interval", "0", "--config", config)
+    try:
+        process.wait_for_workers(1)
+        yield algorithm, process
+    finally:
+        process.stop()
+
+
+async def test_a_public_key_takes_its_own_algorithm_and_refuses_every_other(
+    key_cluster: tuple[str, ClusterProcess], keys: Keys
+):
+    algorithm, cluster = key_cluster
+    async with open_client(cluster.url, token=token(keys, "ivy", algorithm=algorithm)) as ivy:
+        assert ivy.authed is not None and ivy.authed["sub"] == "ivy"
+
+    payload = {"sub": "ivy", "exp": int(time.time()) + 600}
+    other = "ES256" if algorithm == "RS256" else "RS256"
+    public_pem = keys.public_files[algorithm].read_bytes()
+    forgeries = {
+        "alg none": unsigned_token({"alg": "none", "typ": "JWT"}, payload),
+        "HS256 with the public key as secret": unsigned_token(
+            {"alg": "HS256", "typ": "JWT"},
+            payload,
+            lambda data: hmac.new(public_pem, data, hashlib.sha256).digest(),
+        ),
+        f"{other} with another key": token(keys, "ivy", algorithm=other),
+        "HS256 with a secret": token(keys, "ivy"),
+    }
+    for what, forged in forgeries.items():
+        async with open_client(cluster.url) as client:
+            await client.send({"type": "auth", "token": forged})
+            reason = await closed_with(client)
+        assert reason.code == 4001, what
+        assert reason.reason in (
+            "the token is signed with an algorithm this server does not take",
+            "the token's signature does not verify",
+        ), what
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with open_client(f"{cluster.url}?token={forged}"):
+                pass
+        assert rejected.value.status_code == 401, what
+
+
+# ---- the pure parts ---------------------------------------------------------------------------
+
+
+def test_room_patterns():
+    assert tokens.room_allowed(None, "anything")
+    assert not tokens.room_allowed([], "anything")
+    assert tokens.room_allowed(["team-*"], "team-")
+    assert tokens.room_allowed(["team-*"], "team-a")
+    assert not tokens.room_allowed(["team-*"], "team")
+    assert tokens.room_allowed(["*"], "x")
+    assert tokens.room_allowed(["a", "b"], "b")
+    assert not tokens.room_allowed(["a*b"], "axb")  # only a trailing * is a wildcard
+
+
+def test_deadlines_come_due_in_order_and_only_when_due():
+    deadlines = tokens.Deadlines()
+    assert deadlines.next_deadline == float("inf")
+    assert deadlines.add(10.0, 1, 1)  # the earliest: a sleeper must wake
+    assert not deadlines.add(20.0, 2, 1)
+    assert deadlines.add(5.0, 3, 7)
+    assert not deadlines.add(5.0, 4, 1)  # a tie is not sooner
+    assert deadlines.pop_due(4.9) == []
+    assert deadlines.pop_due(10.0) == [(3, 7), (4, 1), (1, 1)]
+    assert deadlines.next_deadline == 20.0
+    assert deadlines.pop_due(100.0) == [(2, 1)]
+
+
+def test_leeway_accepts_a_token_just_expired_and_no_more(keys: Keys):
+    verifier = tokens.Verifier(tokens.read_secret(str(keys.secret_file)), leeway=30)
+    assert verifier.verify(token(keys, ttl=-10)).sub == "ann"
+    with pytest.raises(tokens.InvalidToken, match="expired"):
+        verifier.verify(token(keys, ttl=-60))
+
+
+def test_claims_of_the_wrong_type_are_refused(keys: Keys):
+    verifier = tokens.Verifier(tokens.read_secret(str(keys.secret_file)), leeway=0)
+    with pytest.raises(tokens.InvalidToken, match="join claim"):
+        verifier.verify(token(keys, join="lobby"))
+    with pytest.raises(tokens.InvalidToken, match="sub"):
+        verifier.verify(token(keys, sub=""))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        trio_fanout_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_unusable_key_files_stop_the_command_with_a_clear_error(keys: Keys, tmp_path: Path):
+    short = tmp_path / "short"
+    short.write_text("hunter2\n")
+    private = tmp_path / "private.pem"
+    private.write_bytes(
+        keys.rsa.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cases = [
+        (["--token-secret-file", str(short)], "needs at least 32"),
+        (["--token-secret-file", str(tmp_path / "missing")], "cannot read"),
+        (["--token-public-key-file", str(private)], "holds a private key"),
+        (["--token-public-key-file", str(keys.secret_file)], "not a PEM public key"),
+        (
+            ["--token-secret-file", str(keys.secret_file), "--token-public-key-file",
+             str(keys.public_files["RS256"])],
+            "not both",
+        ),
+        (["--allowed-origins", "example.com"], "scheme://host"),
+    ]  # fmt: skip
+    for flags, problem in cases:
+        result = run_cli("worker", "--port", "0", *flags)
+        assert result.returncode == 2, result.stderr
+        assert problem in result.stderr
+        assert "Traceback" not in result.stderr
+        assert "hunter2" not in result.stderr
+
+
+def test_the_token_command_mints_a_token_the_server_takes_and_never_prints_the_secret(
+    keys: Keys,
+):
+    result = run_cli(
+        "token", "kim", "--join", "team-*", "--publish", "team-a", "--ttl", "60",
+        "--token-secret-file", str(keys.secret_file),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    minted = result.stdout.strip()
+    grant = tokens.Verifier(tokens.read_secret(str(keys.secret_file)), 0).verify(minted)
+    assert (grant.sub, grant.join, grant.publish) == ("kim", ("team-*",), ("team-a",))
+    assert grant.exp - time.time() <= 60
+    assert keys.secret.decode() not in result.stdout + result.stderr
+
+    shown = run_cli("config", env={"TRIO_FANOUT_TOKEN_SECRET_FILE": str(keys.secret_file)})
+    assert str(keys.secret_file) in shown.stdout
+    assert keys.secret.decode() not in shown.stdout
+
+    refused = run_cli("token", "kim", "--token-public-key-file", str(keys.public_files["RS256"]))
+    assert refused.returncode == 2
+    assert "needs token_secret_file" in refused.stderr
