@@ -44,6 +44,14 @@ FAST_BACKOFF = {"backoff_base": 0.1, "backoff_cap": 0.5}
 SCENARIO_TIMEOUT = 60.0
 
 
+# The clusters of this module keep more than the default 100 messages a room. A client whose
+# reconnection lands in the killed worker's listening socket waits there for its replacement
+# (half a second, more on a loaded machine), while the publishers send as fast as their
+# acknowledgements come (hundreds a second): with 100 kept, such a client would rightly be told
+# that it cannot recover.
+CLUSTER_OPTIONS = ("--history-size", "10000")
+
+
 async def wait_for_restart(cluster: ClusterProcess, victim: int) -> None:
     """The master restarts a killed worker; later tests of the module expect both workers."""
     await trio.to_thread.run_sync(

@@ -309,7 +309,12 @@ async def test_a_client_that_stops_reading_is_cut_by_the_bytes_bound_alone(monke
 
 
 async def test_healthz_queued_bytes_is_the_total_queued_for_slow_clients():
-    async with running_worker(max_queued_bytes=1 << 20, max_queued_frames=10**6) as (worker, url):
+    # No write delay: a deferred write between the /healthz answer and the sum taken here
+    # would change the total in between.
+    async with running_worker(max_queued_bytes=1 << 20, max_queued_frames=10**6, write_delay=0) as (
+        worker,
+        url,
+    ):
         port = port_of(url)
         slow = [
             await RawClient.connect(port, receive_buffer=SMALL_RECEIVE_BUFFER) for _ in range(3)

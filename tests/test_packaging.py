@@ -44,6 +44,7 @@ def test_the_wheel_installs_only_trio_fanout(wheel: Path):
     assert "trio_fanout/static/chat.html" in names
     assert "trio_fanout/static/client.js" in names
     assert "trio_fanout/static/client.d.ts" in names
+    assert "trio_fanout/static/status.html" in names
 
 
 def test_the_wheel_ships_type_information_for_each_package(wheel: Path):

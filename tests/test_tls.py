@@ -107,13 +107,6 @@ def tls_cluster(
         process.stop()
 
 
-def wait_for_lines(process: LoggedProcess, pattern: str, count: int, start: int) -> None:
-    """Wait until ``count`` log lines from index ``start`` on match ``pattern``."""
-    for _ in range(count):
-        match = process.wait_for_log(pattern, start=start)
-        start = process.lines.index(match.string, start) + 1
-
-
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -338,9 +331,9 @@ async def test_sighup_reloads_a_new_certificate_and_connected_clients_stay(
             server_files.renew(trustme.CA())  # a new CA: the old one cannot verify it
             logged = len(cluster.lines)
             os.kill(cluster.process.pid, signal.SIGHUP)
-            # The master checks the files, then each worker reloads: until all three have, a
-            # new client might still get the old certificate.
-            wait_for_lines(cluster, "TLS certificate reloaded", 3, start=logged)
+            # The master checks the files, then has each worker reload them: until both have,
+            # a new client might still get the old certificate.
+            cluster.wait_for_log("TLS certificate reloaded by workers 1, 2 of 2", start=logged)
 
             new = await connect_on_each_worker(
                 stack, cluster.url, ssl_context=server_files.client_context()

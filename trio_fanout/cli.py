@@ -78,6 +78,21 @@ def _history(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _admin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve /metrics, /status and /api on this HTTP port; 0 picks a free one "
+        "(default: none)",
+    )
+    parser.add_argument("--admin-host", help="address of the admin port (default: 127.0.0.1)")
+    parser.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the key of the admin port's /api (default: none, the API is off)",
+    )
+
+
 def _tls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-cert-file",
@@ -162,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _history(run)
     _access(run)
+    _admin(run)
     _tls(run)
     _common(run)
 
@@ -184,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _history(worker)
     _access(worker)
+    _admin(worker)
     _tls(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
@@ -210,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
     _history(proxy)
+    _admin(proxy)
     _common(proxy)
 
     publish = commands.add_parser(
@@ -375,7 +393,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
             listener = open_listener(config.host, config.port)
         trio.run(
             lambda: run_worker_process(
-                config, listener, index=args.index or 1, control_fd=args.control_fd
+                config,
+                listener,
+                index=args.index or 1,
+                control_fd=args.control_fd,
+                admin=args.listen_fd is None,  # a master's worker: the master has the port
             )
         )
     elif args.command == "proxy":

@@ -85,6 +85,24 @@ def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None
         )
 
 
+def _optional_port(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None:
+        _port(instance, attribute, value)
+
+
+def _readable_file(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """A file that can be read and is not empty (what it holds is a secret: never shown)."""
+    if value is None:
+        return
+    try:
+        with open(value, "rb") as file:
+            empty = not file.read().strip()
+    except OSError as error:
+        raise InvalidSetting(attribute.name, f"cannot read {value}: {error.strerror}") from None
+    if empty:
+        raise InvalidSetting(attribute.name, f"{value} is empty")
+
+
 def _backplane_url(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
         try:
@@ -273,6 +291,12 @@ class Config:
         default=(), converter=_origin_list, validator=_origins
     )
     """Origins whose pages may open a WebSocket here; empty: any. Not for non-browser clients."""
+    admin_port: int | None = attrs.field(default=None, validator=_optional_port)
+    """Port of the admin HTTP server (/metrics, /status, /api); unset: none."""
+    admin_host: str = "127.0.0.1"
+    """Address of the admin port: loopback by default, as it shows the node's figures."""
+    api_key_file: str | None = attrs.field(default=None, validator=_readable_file)
+    """File holding the admin API's key; unset: the API is off."""
     tls_cert_file: str | None = None
     """PEM certificate chain; with tls_key_file, workers serve wss:// and https:// only."""
     tls_key_file: str | None = None
@@ -340,7 +364,9 @@ class Config:
 
 KEYS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Config))
 _KINDS: dict[str, type] = {
-    field.name: {"int": int, "float": float, "tuple[str, ...]": tuple}.get(str(field.type), str)
+    field.name: {"int": int, "int | None": int, "float": float, "tuple[str, ...]": tuple}.get(
+        str(field.type), str
+    )
     for field in attrs.fields(Config)
 }
 

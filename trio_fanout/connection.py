@@ -224,6 +224,7 @@ class Connection:
             or len(self._pending) >= self._max_queued_frames
             or self._queued_bytes + size > self._max_queued_bytes
         ) and not self._room(size):
+            self.worker.stats.frames_dropped += 1
             return
         self._pending.append(frame)
         self._queued_bytes += size
@@ -316,6 +317,7 @@ class Connection:
         self._closing = True
         if drop_pending or self.id not in self.worker.connections:
             # Not the unsent rest of a frame, though: the close frame must not land inside it.
+            self.worker.stats.frames_dropped += len(self._pending)
             self._pending.clear()
             self._count_queued(len(self._unsent) - self._queued_bytes)
         if self.id in self.worker.connections:
@@ -336,13 +338,14 @@ class Connection:
 
     def send_encoded_many(self, frames: list[bytes]) -> None:
         """Queue encoded frames, under the same limits as one, and write them together."""
-        for frame in frames:
+        for position, frame in enumerate(frames):
             size = len(frame)
             if (
                 self._closing
                 or len(self._pending) >= self._max_queued_frames
                 or self._queued_bytes + size > self._max_queued_bytes
             ) and not self._room(size):
+                self.worker.stats.frames_dropped += len(frames) - position
                 return
             self._append(frame)
         self.flush()
@@ -358,6 +361,7 @@ class Connection:
 
     def _drop_queued(self) -> None:
         """Forget whatever is still queued: the client is gone, or its socket is closed."""
+        self.worker.stats.frames_dropped += len(self._pending) + bool(self._unsent)
         self._pending.clear()
         self._unsent = b""
         self._count_queued(-self._queued_bytes)
@@ -383,6 +387,7 @@ class Connection:
                 " closing it 1013",
                 self.id, self.peer, len(self._pending), queued,
             )  # fmt: skip
+            self.worker.stats.slow_closes += 1
             self.worker.note_close("too slow (1013)")
             self.close(
                 websocket.CLOSE_TRY_AGAIN_LATER, "too slow: queue over the limit", drop_pending=True
@@ -454,6 +459,7 @@ class Connection:
                 return None
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
+                self.worker.stats.count_refusal(refusal.status)
                 self._respond(http.refusal_response(refusal))
                 return None
             self._append(accept)
@@ -574,6 +580,7 @@ class Connection:
             try:
                 events = parser.feed(data)
             except websocket.MessageTooBig as too_big:
+                self.worker.stats.count_error(protocol.TOO_LARGE)
                 self.reply(protocol.error_frame(protocol.TOO_LARGE, str(too_big)))
                 self.close(too_big.close_code, "frame too large")
                 return
@@ -615,6 +622,7 @@ class Connection:
         if self._limiter.abusive:
             self._close_abusive()
             return
+        self.worker.stats.count_error(protocol.RATE_LIMITED)
         self.reply(
             protocol.error_frame(
                 protocol.RATE_LIMITED,
@@ -644,6 +652,7 @@ class Connection:
             if awaiting_auth:
                 self._close_unauthenticated(f"the first frame must be auth: {refusal.message}")
                 return
+            self.worker.stats.count_error(refusal.code)
             self.reply(protocol.error_frame(refusal.code, refusal.message, refusal.request_id))
 
     async def _handle_request(self, request: protocol.Request) -> None:

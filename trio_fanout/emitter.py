@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from trio_fanout import envelope, protocol
-from trio_fanout.backplane import Backplane, Credentials, open_backplane, redact_url
+from trio_fanout.backplane import Backplane, Credentials, Position, open_backplane, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ class Emitter:
         Raises ``ValueError`` for a room name clients could not use or data JSON cannot carry,
         and ``backplane.BackplaneUnavailable`` when the backplane refuses the message.
         """
+        return (await self.append(room, data)).offset
+
+    async def append(self, room: str, data: Any) -> Position:
+        """:meth:`publish`, answering with the whole position (the room's epoch and offset)."""
         try:
             protocol.check_room(room)
             frame = protocol.message_frame(room, data)
@@ -47,7 +51,7 @@ class Emitter:
             room, position.epoch, position.offset, len(frame),
             extra={"room": room, "epoch": position.epoch, "offset": position.offset},
         )  # fmt: skip
-        return position.offset
+        return position
 
     async def broadcast(self, data: Any) -> None:
         """Send ``data`` to every connection on every worker, as a ``message`` with no room."""

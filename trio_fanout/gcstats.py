@@ -63,6 +63,7 @@ class GcPauses:
     def __init__(self) -> None:
         self.collections = [0, 0, 0]
         self.longest_ms = 0.0
+        self.total_ms = 0.0  # every pause added up, for the metrics (a counter)
         self.longest_cpu_ms = 0.0
         self.recent_ms: deque[float] = deque(maxlen=RECENT_PAUSES)
         self._started = 0.0
@@ -77,6 +78,7 @@ class GcPauses:
         cpu_ms = (time.thread_time() - self._started_cpu) * 1000
         self.collections[info["generation"]] += 1
         self.recent_ms.append(pause_ms)
+        self.total_ms += pause_ms
         self.longest_ms = max(self.longest_ms, pause_ms)
         self.longest_cpu_ms = max(self.longest_cpu_ms, cpu_ms)
 

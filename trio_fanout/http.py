@@ -40,8 +40,9 @@ def plain_response(
     request: websocket.Request, health: Callable[[], tuple[int, bytes]]
 ) -> bytes | None:
     """The answer to ``request`` if it is plain HTTP, or None if it is for the WebSocket at
-    ``/ws`` (whose handshake may still be refused, see :func:`refusal_response`). ``health``
-    gives the status and body of ``/healthz``."""
+    ``/ws`` (whose handshake may still be refused, see :func:`refusal_response`);
+    ``HandshakeError`` 404 for any other path. ``health`` gives the status and body of
+    ``/healthz``."""
     if request.path == "/healthz" and request.method == "GET":
         status, body = health()
         return websocket.http_response(status, body, "application/json")
@@ -51,7 +52,8 @@ def plain_response(
         body, content_type = STATIC_FILES[request.path]
         return websocket.http_response(200, body, content_type, headers=_ANY_ORIGIN)
     if request.path != "/ws":
-        return refusal_response(websocket.HandshakeError(404, "not found: the WebSocket is at /ws"))
+        # Raised, not answered here: the connection answers and counts refusals in one place.
+        raise websocket.HandshakeError(404, "not found: the WebSocket is at /ws")
     return None
 
 

@@ -28,11 +28,13 @@ import subprocess
 import sys
 import time
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
 
-from trio_fanout import envelope, protocol
+from trio_fanout import control, envelope, protocol
+from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import (
     BackplaneError,
     Credentials,
@@ -42,12 +44,8 @@ from trio_fanout.backplane import (
     serve_proxy,
 )
 from trio_fanout.config import ENV_PREFIX, Config
-from trio_fanout.runner import (
-    CONTROL_RECEIVE_BYTES,
-    RELOAD,
-    give_back_memory_forever,
-    open_listeners,
-)
+from trio_fanout.metrics import NodeStats
+from trio_fanout.runner import CONTROL_RECEIVE_BYTES, give_back_memory_forever, open_listeners
 from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
@@ -66,8 +64,9 @@ WORKER_STOP_TIMEOUT = 4.0
 # machine, and a worker killed for a slow start would only start slowly again.
 FIRST_ANSWER_TIMEOUT = 30.0
 
-# What the master sends on a worker's control channel; the worker sends each byte back.
-PING = b"?"
+# How long a scrape or /api/info waits for a worker's answer; one that takes longer (stopped,
+# or busy past this) is left out of that answer and shown as not up.
+REQUEST_TIMEOUT = 2.0
 
 
 def describe_exit(returncode: int) -> str:
@@ -79,6 +78,70 @@ def describe_exit(returncode: int) -> str:
     except ValueError:  # a real-time signal has no name
         name = f"signal {-returncode}"
     return f"was killed by {name}"
+
+
+class WorkerLink:
+    """The master's end of one worker's control channel (``trio_fanout.control``): it takes
+    the worker's answers, notes when the last one came, and asks for reports."""
+
+    def __init__(self, sock: trio.socket.SocketType, stdlib_sock: socket.socket) -> None:
+        self.sock = sock
+        self._stdlib_sock = stdlib_sock  # the same socket, read without waiting
+        self._reader = control.AnswerReader()
+        self.last_answer: float | None = None
+        self._asking = trio.Lock()  # one request at a time: answers come in order
+        self._asked: bytes | None = None
+        self._answer: bytes | None = None
+        self._answered = trio.Event()
+        self._broken = False
+
+    def _take(self, data: bytes) -> None:
+        if self._broken:
+            return  # no answer counts any more: the liveness check replaces the worker
+        try:
+            answers = self._reader.feed(data)
+        except control.ChannelBroken as error:
+            logger.error("control channel: %s; the worker will be replaced", error)
+            self._broken = True
+            return
+        for kind, body in answers:
+            self.last_answer = trio.current_time()
+            if kind == self._asked:
+                self._answer = body
+                self._answered.set()
+
+    def take_waiting_answers(self) -> None:
+        """Take every answer already in the socket, without waiting for more."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while data := self._stdlib_sock.recv(CONTROL_RECEIVE_BYTES):
+                self._take(data)
+
+    async def take_answers(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := await self.sock.recv(CONTROL_RECEIVE_BYTES):
+                self._take(data)
+
+    async def ask(self, kind: bytes) -> dict[str, Any] | None:
+        """The worker's answer to request ``kind``, or None if it gave none in time (or is
+        still starting)."""
+        async with self._asking:
+            self._asked, self._answer, self._answered = kind, None, trio.Event()
+            try:
+                await self.sock.send(kind)
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    await self._answered.wait()
+            except OSError:
+                return None
+            finally:
+                self._asked = None
+        if not self._answer:
+            return None
+        try:
+            answer: dict[str, Any] = json.loads(self._answer)
+        except ValueError:
+            logger.error("control channel: an answer that is not JSON")
+            return None
+        return answer
 
 
 class Supervisor:
@@ -96,8 +159,8 @@ class Supervisor:
         self._config = config
         self._listeners = listeners
         self.processes: dict[int, trio.Process] = {}
-        # The master's end of each running worker's control channel.
-        self._controls: dict[int, socket.socket] = {}
+        self.links: dict[int, WorkerLink] = {}
+        self.node = NodeStats()
         self._stopping = False
 
     def _listener(self, index: int) -> socket.socket:
@@ -137,16 +200,18 @@ class Supervisor:
                         },
                     )
                 self.processes[index] = process
-                self._controls[index] = master_end
+                link = self.links[index] = WorkerLink(control, master_end)
                 started = trio.current_time()
                 async with trio.open_nursery() as watching:
                     watching.start_soon(self._hand_config, process)
-                    watching.start_soon(self._kill_when_silent, index, process, control, master_end)
+                    watching.start_soon(self._kill_when_silent, index, process, link)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
-            del self.processes[index], self._controls[index]
+            del self.processes[index]
+            del self.links[index]
             if self._stopping:
                 return
+            self.node.restarts[index] = self.node.restarts.get(index, 0) + 1
             how = describe_exit(returncode)
             failures = failures + 1 if trio.current_time() - started < STABLE_RUN_SECONDS else 0
             pause = 0.0
@@ -161,8 +226,7 @@ class Supervisor:
         self,
         index: int,
         process: trio.Process,
-        control: trio.socket.SocketType,
-        control_stdlib: socket.socket,
+        link: WorkerLink,
     ) -> None:
         """Ping the worker on its control channel; SIGKILL it once it has answered nothing for
         ``liveness_timeout`` seconds (``FIRST_ANSWER_TIMEOUT`` until its first answer).
@@ -170,45 +234,28 @@ class Supervisor:
         Silence is judged only against the master's own clock running: answers already waiting
         in the socket are read before judging, and when the master's own sleep overshot by more
         than the interval (its loop was stalled, not the worker's), the silence clock starts
-        again instead of blaming the worker for time the master did not see pass.
-        ``control_stdlib`` is the same socket as ``control`` (non-blocking), read without
-        waiting."""
+        again instead of blaming the worker for time the master did not see pass."""
         started = trio.current_time()
-        last_answer: float | None = None
-
-        def note_waiting_answers() -> None:
-            """Take every answer already in the socket, without waiting for more."""
-            nonlocal last_answer
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                while control_stdlib.recv(CONTROL_RECEIVE_BYTES):
-                    last_answer = trio.current_time()
-
-        async def take_answers() -> None:
-            nonlocal last_answer
-            with contextlib.suppress(OSError):
-                while await control.recv(CONTROL_RECEIVE_BYTES):
-                    last_answer = trio.current_time()
-
         interval, timeout = self._config.liveness_interval, self._config.liveness_timeout
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(take_answers)
+            nursery.start_soon(link.take_answers)
             try:
                 while True:
-                    await control.send(PING)
+                    await link.sock.send(control.PING)
                     asleep = trio.current_time()
                     await trio.sleep(interval)
                     now = trio.current_time()
                     if now - asleep > 2 * interval:
                         # This loop was stalled: the worker's silence was not observed.
                         started = now
-                        if last_answer is not None:
-                            last_answer = now
+                        if link.last_answer is not None:
+                            link.last_answer = now
                         continue
-                    note_waiting_answers()
-                    if last_answer is None:
+                    link.take_waiting_answers()
+                    if link.last_answer is None:
                         silent, limit = now - started, FIRST_ANSWER_TIMEOUT
                     else:
-                        silent, limit = now - last_answer, timeout
+                        silent, limit = now - link.last_answer, timeout
                     if silent >= limit:
                         logger.error(
                             "worker %d (pid %d) has answered no ping for %.1f s: killing it",
@@ -221,15 +268,29 @@ class Supervisor:
             finally:
                 nursery.cancel_scope.cancel()
 
-    def reload_all(self) -> None:
-        """Ask every running worker to reload its TLS certificate. A request is one byte on its
-        control channel, taken by its Trio loop as soon as it runs: a worker still starting
-        loads the files itself anyway."""
-        for index, control in self._controls.items():
-            try:
-                control.send(RELOAD)
-            except OSError as error:  # full of unanswered pings, or the worker is exiting
-                logger.warning("worker %d not asked to reload: %s", index, error)
+    async def ask_workers(self, kind: bytes) -> list[dict[str, Any]]:
+        """Every live worker's answer to request ``kind``, asked all at once; those that
+        give none in time are left out."""
+        answers: list[dict[str, Any]] = []
+
+        async def ask_one(link: WorkerLink) -> None:
+            if (answer := await link.ask(kind)) is not None:
+                answers.append(answer)
+
+        async with trio.open_nursery() as asking:
+            for link in list(self.links.values()):
+                asking.start_soon(ask_one, link)
+        return sorted(answers, key=lambda answer: int(answer.get("worker", 0)))
+
+    async def reload_all(self) -> None:
+        """Ask every running worker to reload its TLS certificate (``control.RELOAD``) and log
+        how many did. A worker still starting is not asked: it loads the files itself."""
+        answers = await self.ask_workers(control.RELOAD)
+        reloaded = [answer["worker"] for answer in answers if answer.get("reloaded")]
+        logger.info(
+            "TLS certificate reloaded by workers %s of %d",
+            ", ".join(map(str, reloaded)) or "none", len(self.links),
+        )  # fmt: skip
 
     async def stop_all(self) -> None:
         """SIGTERM every worker, wait for them, and kill those still running after the timeout."""
@@ -250,7 +311,10 @@ class Supervisor:
 
 
 async def publish_heartbeats(
-    backplane_url: str, interval: float, credentials: Credentials | None = None
+    backplane_url: str,
+    interval: float,
+    credentials: Credentials | None = None,
+    node: NodeStats | None = None,
 ) -> None:
     """Publish ``{"type":"heartbeat"}`` to every connection every ``interval`` seconds.
 
@@ -268,11 +332,15 @@ async def publish_heartbeats(
                     frame = protocol.heartbeat_frame(seq, round(time.time(), 3))
                     payload = numberer.wrap(envelope.BROADCAST_TOPIC, frame)
                     await backplane.publish(envelope.BROADCAST_TOPIC, payload)
+                    if node is not None:
+                        node.heartbeats_sent += 1
                     # Beats missed while the process was busy are skipped, not sent in a burst.
                     next_beat = max(next_beat + interval, trio.current_time())
                     await trio.sleep_until(next_beat)
         except BackplaneError as error:
             seq += 1  # this beat is lost: the count goes on, so that clients see the gap
+            if node is not None:
+                node.heartbeats_failed += 1
             logger.warning("heartbeat %d not sent: %s; trying again", seq, error)
             next_beat = max(next_beat + interval, trio.current_time())
             await trio.sleep_until(next_beat)
@@ -306,6 +374,14 @@ async def run_master(
                     # with CURVE they are clients of the proxy's own key pair.
                     config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
                 supervisor = Supervisor(config, listeners)
+                if config.admin_port is not None:
+                    admin = AdminServer(
+                        config,
+                        supervisor.node,
+                        supervisor.ask_workers,
+                        range(1, config.workers + 1),
+                    )
+                    await nursery.start(admin.serve)
                 # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
                 # publishes its own, so a master on it does not.
                 external_proxy = (
@@ -317,6 +393,7 @@ async def run_master(
                         config.backplane_url,
                         config.heartbeat_interval,
                         config.backplane_credentials,
+                        supervisor.node,
                     )
                 for index in range(1, config.workers + 1):
                     nursery.start_soon(supervisor.keep_running, index)
@@ -338,13 +415,18 @@ async def run_master(
                     if certificate is None:
                         logger.info("SIGHUP: TLS is not configured; nothing to reload")
                     elif certificate.reload():
-                        supervisor.reload_all()
+                        await supervisor.reload_all()
                 await supervisor.stop_all()
                 nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
             listener.close()
     logger.info("stopped")
+
+
+async def _no_workers(kind: bytes) -> list[dict[str, Any]]:
+    """What a proxy alone asks of its workers: it has none."""
+    return []
 
 
 def proxy_keys(config: Config) -> CurveProxyKeys | None:
@@ -368,15 +450,20 @@ async def run_proxy(config: Config) -> None:
                 config.proxy_port,
             )
             nursery.start_soon(give_back_memory_forever)
+            # The heartbeat and the API are clients of the proxy's own key pair (with CURVE).
+            config = attrs.evolve(
+                config, proxy_port=port, backplane=None, curve_server_key_file=None
+            )
+            node = NodeStats()
+            if config.admin_port is not None:
+                await nursery.start(AdminServer(config, node, _no_workers, ()).serve)
             if config.heartbeat_interval > 0:
-                config = attrs.evolve(
-                    config, proxy_port=port, backplane=None, curve_server_key_file=None
-                )
                 nursery.start_soon(
                     publish_heartbeats,
                     config.backplane_url,
                     config.heartbeat_interval,
                     config.backplane_credentials,
+                    node,
                 )
             async for signum in signals:
                 logger.info("%s: stopping", signal.Signals(signum).name)

@@ -3,19 +3,24 @@ its own with signals and a tie to its master (:func:`run_worker_process`)."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
+from trio_fanout import control, metrics
+from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import open_backplane
 from trio_fanout.backplane._shrink import give_back_freed_memory
 from trio_fanout.config import Config
 from trio_fanout.gcstats import GcPauses, freeze_survivors_forever, keep_pauses_short
 from trio_fanout.hooks import Hooks
+from trio_fanout.metrics import NodeStats
 from trio_fanout.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -30,10 +35,6 @@ GIVE_BACK_INTERVAL = 60.0
 # The listen backlog: connections wait here while workers start or are busy; a fan-out server
 # is opened by thousands of clients at once after a deploy. The kernel caps it at somaxconn.
 LISTEN_BACKLOG = 4096
-
-# What the master sends on a worker's control channel to have it reload its TLS certificate
-# (after a SIGHUP to the master); any other byte is a liveness ping. Every byte is sent back.
-RELOAD = b"R"
 
 # Pings on the control channel are single bytes; a worker that was stopped for a while finds
 # several waiting and answers them with one send.
@@ -115,22 +116,35 @@ async def run_worker_process(
     index: int = 1,
     control_fd: int | None = None,
     hooks: Hooks | None = None,
+    admin: bool = False,
 ) -> None:
     """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone;
-    reload the TLS certificate on SIGHUP, or when the master asks on the control channel.
+    reload the TLS certificate on SIGHUP, or when the master asks on the control channel
+    (``control.RELOAD``).
 
     ``control_fd`` is this worker's end of its control channel to the master (see
     ``master.Supervisor``): :func:`answer_master` answers the master's liveness pings on it
     from this Trio loop, from before the backplane is opened until the process ends, and end of
-    file on it means that the master is gone, however it died.
+    file on it means that the master is gone, however it died. With ``admin`` (a worker
+    that runs alone, not one of a master's), it serves the admin port of ``config``.
     """
     master_gone = trio.Event()
-    # One request waiting is enough: a reload reads the files as they are when it runs.
-    reload_requests, reloads_requested = trio.open_memory_channel[None](1)
-    async with trio.open_nursery() as control:
+    worker: Worker | None = None
+
+    def report(kind: bytes) -> bytes:
+        if worker is None:
+            return b""  # still starting: it loads the TLS files itself
+        if kind == control.RELOAD:
+            reloaded = reload_tls(worker, "asked by the master")
+            return json.dumps({"worker": worker.index, "reloaded": reloaded}).encode()
+        if kind == control.INFO:
+            return json.dumps(metrics.worker_info(worker)).encode()
+        return json.dumps(metrics.worker_report(worker)).encode()
+
+    async with trio.open_nursery() as controlling:
         if control_fd is not None:
-            control.start_soon(
-                answer_master, socket.socket(fileno=control_fd), master_gone, reload_requests
+            controlling.start_soon(
+                answer_master, socket.socket(fileno=control_fd), master_gone, report
             )
         async with open_backplane(
             config.backplane_url,
@@ -142,17 +156,23 @@ async def run_worker_process(
             worker.gc_pauses.install()
             keep_pauses_short()
             async with trio.open_nursery() as nursery:
+                if admin and config.admin_port is not None:
+
+                    async def ask_self(kind: bytes) -> list[dict[str, Any]]:
+                        return [json.loads(report(kind))]
+
+                    server = AdminServer(config, NodeStats(), ask_self, [index])
+                    await nursery.start(server.serve)
                 nursery.start_soon(freeze_survivors_forever)
                 nursery.start_soon(give_back_memory_forever)
                 nursery.start_soon(_stop_on_signal, worker)
                 # Started (its handler installed) before the worker says it serves: a SIGHUP
                 # sent after that line must reload, not kill the process.
                 await nursery.start(_reload_on_signal, worker)
-                nursery.start_soon(_reload_when_master_asks, worker, reloads_requested)
                 nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
                 await worker.serve(listener)
                 nursery.cancel_scope.cancel()
-        control.cancel_scope.cancel()
+        controlling.cancel_scope.cancel()
     logger.info("worker %d (pid %d) stopped", index, os.getpid())
 
 
@@ -165,21 +185,25 @@ async def give_back_memory_forever() -> None:
 
 
 async def answer_master(
-    control: socket.socket,
-    master_gone: trio.Event,
-    reload_requests: trio.MemorySendChannel[None],
+    channel: socket.socket, master_gone: trio.Event, report: Callable[[bytes], bytes]
 ) -> None:
-    """Send back every byte the master sends on the control channel, pass on its requests to
-    reload (``RELOAD``), and set ``master_gone`` at end of file. It runs as a task of the
-    worker's Trio loop, not on a thread, on purpose: a loop that is stuck (a task that never
-    yields, a stopped process) answers nothing, and the master replaces the worker."""
-    with trio.socket.from_stdlib_socket(control) as sock:
+    """Answer what the master sends on the control channel (``trio_fanout.control``): a
+    ping with itself, a request with ``report(kind)``; set ``master_gone`` at end of file. It
+    runs as a task of the worker's Trio loop, not on a thread, on purpose: a loop that is
+    stuck (a task that never yields, a stopped process) answers nothing, and the master
+    replaces the worker."""
+    with trio.socket.from_stdlib_socket(channel) as sock:
         try:
-            while ping := await sock.recv(CONTROL_RECEIVE_BYTES):
-                if RELOAD in ping:
-                    with contextlib.suppress(trio.WouldBlock):  # one is already waiting
-                        reload_requests.send_nowait(None)
-                await sock.send(ping)
+            while received := await sock.recv(CONTROL_RECEIVE_BYTES):
+                answer = bytearray()
+                for kind in (received[i : i + 1] for i in range(len(received))):
+                    if kind in control.REQUESTS:
+                        answer += control.encode_answer(kind, report(kind))
+                    else:
+                        answer += kind
+                view = memoryview(answer)
+                while view:
+                    view = view[await sock.send(view) :]
         except OSError:
             pass  # the master's end is gone: the same news as end of file
     master_gone.set()
@@ -201,21 +225,14 @@ async def _reload_on_signal(
             reload_tls(worker, "SIGHUP")
 
 
-async def _reload_when_master_asks(
-    worker: Worker, requests: trio.MemoryReceiveChannel[None]
-) -> None:
-    async for _ in requests:
-        reload_tls(worker, "asked by the master")
-
-
-def reload_tls(worker: Worker, why: str) -> None:
+def reload_tls(worker: Worker, why: str) -> bool:
     """Load the worker's TLS certificate and key again for the connections to come; keep the
-    current ones if that fails (and log why)."""
+    current ones if that fails (and log why). Whether it loaded them."""
     if worker.tls is None:
         logger.info("worker %d: asked to reload (%s), but TLS is not configured", worker.index, why)
-        return
+        return False
     logger.info("worker %d: reloading the TLS certificate (%s)", worker.index, why)
-    worker.tls.reload()
+    return worker.tls.reload()
 
 
 async def _stop_when_master_is_gone(master_gone: trio.Event, worker: Worker) -> None:

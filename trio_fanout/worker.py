@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import struct
+import time
 from collections.abc import Collection
 
 import attrs
@@ -28,6 +29,7 @@ from trio_fanout.config import Config
 from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
 from trio_fanout.hooks import Hooks
+from trio_fanout.metrics import WorkerStats, heartbeat_sent_at
 from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
@@ -286,6 +288,7 @@ class Worker:
         self.rooms: dict[bytes, Room] = {}
         self._rooms_shrink = ShrinkWatch()
         self.gaps = envelope.GapCounter()
+        self.stats = WorkerStats()  # the counters of /metrics (trio_fanout.metrics)
         # Backplane messages not relayed because they were invalid (see relay_problem).
         self.dropped_invalid = 0
         self._invalid_warnings = LogThrottle(INVALID_WARNING_INTERVAL)
@@ -345,6 +348,7 @@ class Worker:
             # The position may come from a history read, with older messages still on their
             # way here: they are not this connection's.
             room.floors[conn] = room.position
+            self.stats.joins += 1
             conn.reply(
                 protocol.joined_frame(
                     room_name, request_id, room.position.epoch, room.position.offset
@@ -415,6 +419,7 @@ class Worker:
         room.members.add(conn)
         # What was sent or came before: copies of it still on their way are not sent again.
         room.floors[conn] = Position(start.epoch, last)
+        self.stats.joins += 1
         conn.reply(
             protocol.joined_frame(
                 room.name, request_id, start.epoch, start.offset,
@@ -482,6 +487,7 @@ class Worker:
     def leave(self, conn: Connection, room_name: str) -> None:
         topic = envelope.room_topic(room_name)
         conn.rooms.discard(room_name)
+        self.stats.leaves += 1
         room = self.rooms[topic]
         room.members.discard(conn)
         room.catching_up.pop(conn, None)
@@ -501,6 +507,7 @@ class Worker:
         frame = protocol.message_frame(request.room, request.data, request.id)
         exclude = 0 if request.echo else conn.id
         position = await self.backplane.append(topic, self._numberer.wrap(topic, frame, exclude))
+        self.stats.published += 1
         logger.debug(
             "connection %d published room=%r epoch=%s offset=%d (%d bytes)",
             conn.id, request.room, position.epoch, position.offset, len(frame),
@@ -686,6 +693,8 @@ class Worker:
         A room message's offset is spliced into its frame here, once for all recipients."""
         own_origin = self._numberer.origin
         debug = logger.isEnabledFor(logging.DEBUG)
+        stats = self.stats
+        stats.received += len(batch)
         for topic, payload, position in batch:
             try:
                 origin, seq, exclude_id = envelope.unpack_header(payload)
@@ -698,7 +707,10 @@ class Worker:
                 self._drop_invalid(topic, problem, position)
                 continue
             room: Room | None = None  # None: the broadcast topic
-            if topic != envelope.BROADCAST_TOPIC:
+            if topic == envelope.BROADCAST_TOPIC:
+                if (sent_at := heartbeat_sent_at(body)) is not None:
+                    stats.latency.observe(max(0.0, time.time() - sent_at))
+            else:
                 room = self.rooms.get(topic)
                 if room is None:
                     continue  # we left the room while this message was on its way
@@ -722,6 +734,8 @@ class Worker:
                 for conn in recipients:
                     if conn is not excluded:
                         conn.enqueue(frame)
+                # Counted once per message, not per recipient (excluded is a connection).
+                stats.delivered += len(self.connections) - (excluded is not None)
                 if debug:
                     delivered = len(recipients) - (excluded is not None)
                     logger.debug(
@@ -808,10 +822,13 @@ class Worker:
             for conn in room.members:
                 if conn not in held_back:
                     conn.enqueue(frame)
+                    self.stats.delivered += 1
         else:
             for conn in room.members:
                 if conn is not excluded:
                     conn.enqueue(frame)
+            # Counted once per message, not per recipient.
+            self.stats.delivered += len(room.members) - (excluded in room.members)
         if room.catching_up:
             for conn, catch_up in room.catching_up.items():
                 if conn is not excluded:
