@@ -17,12 +17,16 @@
 // Lines {"event": "start"} and {"event": "end"} on stdout bracket the measured part of a run.
 // The rate and recover results carry our CPU, and every result our event loop's lag (how late
 // our timers ran): when either is high, the figure is ours, not the server's.
+// A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
 import WebSocket from "ws";
+import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 
 const config = JSON.parse(process.argv[2]);
 const CONNECT_CONCURRENCY = 200;
+const CLIENT_OPTIONS = { perMessageDeflate: false };
+if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 
 function log(...args) {
   process.stderr.write(`loadgen: ${args.join(" ")}\n`);
@@ -40,7 +44,7 @@ function sleep(ms) {
 // Open one client; resolve once it is welcomed (and has joined `room`, if given).
 function openClient(url, room, onFrame) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    const ws = new WebSocket(url, CLIENT_OPTIONS);
     ws.on("error", reject);
     ws.on("message", (data) => {
       const text = data.toString();
@@ -259,7 +263,7 @@ class Member {
   open() {
     return new Promise((resolve, reject) => {
       if (this.lost) this.lost.attempted = wallMs();
-      const ws = new WebSocket(config.url, { perMessageDeflate: false });
+      const ws = new WebSocket(config.url, CLIENT_OPTIONS);
       let welcomed = false;
       ws.on("open", () => {
         if (this.lost) this.lost.opened = wallMs();
@@ -344,7 +348,7 @@ class Member {
 
 function openPublisher() {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(config.url, { perMessageDeflate: false });
+    const ws = new WebSocket(config.url, CLIENT_OPTIONS);
     ws.on("error", reject);
     ws.on("message", (data) => {
       const frame = JSON.parse(data.toString());
