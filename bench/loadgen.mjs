@@ -26,13 +26,17 @@
 // shares), found by looking for the one "~" byte in the raw frame. Every step also reports this
 // process's CPU (process.cpuUsage) and event-loop delay (perf_hooks.monitorEventLoopDelay), so
 // that the orchestrator can refuse a step in which the load generator itself was the limit.
+// A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
 import WebSocket from "ws";
+import { readFileSync } from "node:fs";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
 
 const config = JSON.parse(process.argv[2]);
 const { system, url, shard = 0, shards = 1 } = config;
 const SOCKET_IO = system === "socket.io";
+const CLIENT_OPTIONS = { perMessageDeflate: false, skipUTF8Validation: true };
+if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 // Handshakes in flight at once per process: enough to connect thousands of clients in seconds
 // without a burst that overflows the server's accept backlog.
 const CONNECT_CONCURRENCY = Math.max(20, Math.floor(200 / shards));
@@ -106,7 +110,7 @@ const ENGINE_IO_PING = 0x32; // "2": engine.io's ping, which a client must answe
 function openClient(room, onFrame) {
   return new Promise((resolve, reject) => {
     const target = SOCKET_IO ? `${url}/socket.io/?EIO=4&transport=websocket` : url;
-    const ws = new WebSocket(target, { perMessageDeflate: false, skipUTF8Validation: true });
+    const ws = new WebSocket(target, CLIENT_OPTIONS);
     ws.ready = false;
     ws.on("error", reject);
     ws.on("close", (code) => {

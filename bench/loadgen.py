@@ -48,6 +48,7 @@ class LoadGenerator:
     ``session`` is ``rate`` (members in ``rooms`` rooms, one publisher per room), ``broadcast``
     (every member in one room, one publisher) or ``idle`` (connections that join nothing).
     ``system`` is ``trio-fanout`` or ``socket.io`` (the protocol the clients speak).
+    ``ca_file``: a PEM CA certificate against which a wss:// ``url`` is verified.
     """
 
     def __init__(
@@ -58,12 +59,13 @@ class LoadGenerator:
         clients: int,
         rooms: int = 1,
         processes: int = DEFAULT_PROCESSES,
+        ca_file: str | None = None,
     ) -> None:
         self.clients = clients
         self.processes: list[subprocess.Popen[str]] = []
         try:
             for shard in range(processes):
-                config = {
+                config: dict[str, Any] = {
                     "system": system,
                     "url": url,
                     "session": session,
@@ -72,6 +74,8 @@ class LoadGenerator:
                     "shard": shard,
                     "shards": processes,
                 }
+                if ca_file is not None:
+                    config["ca_file"] = ca_file
                 self.processes.append(
                     subprocess.Popen(
                         ["node", str(HERE / "loadgen.mjs"), json.dumps(config)],

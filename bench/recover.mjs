@@ -14,7 +14,9 @@
 //
 // Unlike loadgen.mjs, which measures steady fan-out and never parses a delivery, these clients
 // parse every frame: they must follow each room's epoch and offsets to ask for what they missed.
+// A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
 import WebSocket from "ws";
+import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 
@@ -22,6 +24,8 @@ const config = JSON.parse(process.argv[2]);
 // Handshakes in flight at once: enough to connect thousands of clients in seconds without a
 // burst that overflows the server's accept backlog.
 const CONNECT_CONCURRENCY = 200;
+const CLIENT_OPTIONS = { perMessageDeflate: false };
+if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 
 function log(...args) {
   process.stderr.write(`recover: ${args.join(" ")}\n`);
@@ -86,7 +90,7 @@ class Member {
   open() {
     return new Promise((resolve, reject) => {
       if (this.lost) this.lost.attempted = wallMs();
-      const ws = new WebSocket(config.url, { perMessageDeflate: false });
+      const ws = new WebSocket(config.url, CLIENT_OPTIONS);
       let welcomed = false;
       ws.on("open", () => {
         if (this.lost) this.lost.opened = wallMs();
@@ -171,7 +175,7 @@ class Member {
 
 function openPublisher() {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(config.url, { perMessageDeflate: false });
+    const ws = new WebSocket(config.url, CLIENT_OPTIONS);
     ws.on("error", reject);
     ws.on("message", (data) => {
       const frame = JSON.parse(data.toString());

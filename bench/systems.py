@@ -71,7 +71,8 @@ def free_port() -> int:
 
 class TrioFanout(Server):
     """`trio-fanout run --workers 2` on free ports, with limits that do not get in the way;
-    ``options`` are more command-line options (``--history-size 0``, ``--backplane URL``).
+    ``options`` are more command-line options (``--history-size 0``, ``--backplane URL``,
+    ``--tls-cert-file``; with TLS, ``url`` is wss://).
 
     Workers the master starts later, in the place of one that died, are added to
     ``started_pids`` as its log announces them (history_bench.py kills one).
@@ -115,9 +116,10 @@ class TrioFanout(Server):
         self.worker_pids: list[int] = []
         assert self.process.stderr is not None
         port = None
+        scheme = "ws"
         for line in self.process.stderr:
-            if match := re.search(r"listening on ws://[\d.]+:(\d+)/ws", line):
-                port = int(match.group(1))
+            if match := re.search(r"listening on (wss?)://[\d.]+:(\d+)/ws", line):
+                scheme, port = match.group(1), int(match.group(2))
             if match := WORKER_SERVING.search(line):
                 self.worker_pids.append(int(match.group(1)))
             if len(self.worker_pids) == workers:
@@ -126,7 +128,7 @@ class TrioFanout(Server):
             self.stop()
             raise RuntimeError("trio-fanout run did not start")
         self.port = port
-        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.url = f"{scheme}://127.0.0.1:{port}/ws"
         self.pids = [self.process.pid, *self.worker_pids]
         self.started_pids: list[int] = []
         # Keep reading its log so that a full pipe never stalls the master.

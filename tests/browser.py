@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,13 +94,14 @@ async def _command(
 
 
 @asynccontextmanager
-async def open_page(url: str) -> AsyncIterator[Page]:
-    """Open ``url`` in a fresh headless Chromium; the browser is gone when the block ends."""
+async def open_page(url: str, extra_flags: Sequence[str] = ()) -> AsyncIterator[Page]:
+    """Open ``url`` in a fresh headless Chromium started with ``extra_flags`` too; the browser
+    is gone when the block ends."""
     assert CHROMIUM is not None
     # The profile may still be written to by a dying helper process; its removal is best effort.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         async with trio.open_nursery() as nursery:
-            command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+            command = [CHROMIUM, *CHROMIUM_FLAGS, *extra_flags, f"--user-data-dir={profile}"]
             with trio.fail_after(30):
                 devtools_url = await nursery.start(_run_chromium, command)
             async with trio_websocket.open_websocket_url(

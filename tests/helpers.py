@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -106,10 +107,12 @@ class ClusterProcess(LoggedProcess):
     def __init__(self, *args: str) -> None:
         super().__init__(trio_fanout_command("run", "--port", "0", "--proxy-port", "0", *args))
         # The URL ends at a space or, with --log-format json, at the message's closing quote.
-        match = self.wait_for_log(r"listening on ws://([\d.]+):(\d+)/ws .* backplane ([^\s\"]+)")
-        self.port = int(match.group(2))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
-        self.backplane_url = match.group(3)
+        match = self.wait_for_log(
+            r"listening on (wss?)://([\d.]+):(\d+)/ws .* backplane ([^\s\"]+)"
+        )
+        self.port = int(match.group(3))
+        self.url = f"{match.group(1)}://127.0.0.1:{self.port}/ws"
+        self.backplane_url = match.group(4)
 
     def wait_for_workers(self, count: int) -> None:
         for index in range(1, count + 1):
@@ -232,7 +235,12 @@ def exited_within(pid: int, timeout: float) -> bool:
 
 
 async def connect_on_each_worker(
-    stack: AsyncExitStack, url: str, workers: int = 2, per_worker: int = 1, attempts: int = 200
+    stack: AsyncExitStack,
+    url: str,
+    workers: int = 2,
+    per_worker: int = 1,
+    attempts: int = 200,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[int, list[Client]]:
     """Open clients until each worker holds ``per_worker`` of them; extra ones are closed.
 
@@ -249,7 +257,9 @@ async def connect_on_each_worker(
     )
 
     async def hold_one() -> None:
-        async with open_client(url, connect_timeout=START_TIMEOUT) as client:
+        async with open_client(
+            url, connect_timeout=START_TIMEOUT, ssl_context=ssl_context
+        ) as client:
             decided, keep = trio.Event(), []
             await opened_send.send((client, decided, keep))
             await decided.wait()

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -46,19 +47,28 @@ class RawClient:
     """A WebSocket client on a bare TCP socket, so that a test decides when (and whether) it
     reads, and how large its receive buffer is."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
         self._position = 0  # frames before it have been taken from _buffer
 
     @classmethod
-    async def connect(cls, port: int, *, receive_buffer: int | None = None) -> RawClient:
+    async def connect(
+        cls,
+        port: int,
+        *,
+        receive_buffer: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RawClient:
         sock = trio.socket.socket()
         if receive_buffer is not None:
             # Before connecting, so that the window the client announces is small from the start.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect(("127.0.0.1", port))
-        client = cls(trio.SocketStream(sock))
+        stream: trio.abc.Stream = trio.SocketStream(sock)
+        if ssl_context is not None:  # wss://
+            stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
+        client = cls(stream)
         await client.stream.send_all(UPGRADE)
         with trio.fail_after(RECEIVE_TIMEOUT):
             while b"\r\n\r\n" not in client._buffer:

@@ -10,6 +10,7 @@ from trio_fanout.config import Config, ConfigError, load_config
 from trio_fanout.emitter import Emitter, SyncEmitter, open_emitter
 from trio_fanout.hooks import Forbidden, Hooks
 from trio_fanout.runner import serve
+from trio_fanout.tls import TLSFileError
 from trio_fanout.websocket import Request
 from trio_fanout.worker import Worker
 
@@ -21,6 +22,7 @@ __all__ = [
     "Hooks",
     "Request",
     "SyncEmitter",
+    "TLSFileError",
     "Worker",
     "__version__",
     "load_config",

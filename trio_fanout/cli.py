@@ -15,6 +15,7 @@ from trio_fanout import __version__, protocol, tokens
 from trio_fanout.backplane import BackplaneError, parse_backplane_url, redact_url
 from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_config
 from trio_fanout.logs import setup_logging
+from trio_fanout.tls import TLSFileError
 
 EXIT_USAGE = 2
 
@@ -92,6 +93,16 @@ def _admin(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-cert-file",
+        metavar="FILE",
+        help="PEM certificate chain: serve wss:// and https:// (with --tls-key-file; "
+        "SIGHUP reloads both)",
+    )
+    parser.add_argument("--tls-key-file", metavar="FILE", help="PEM private key of the certificate")
+
+
 def _tokens(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-secret-file",
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole cluster: master, workers and the embedded ZeroMQ proxy",
         description=(
             "Run a master process with N worker processes that share one port. Clients connect "
-            "to ws://HOST:PORT/ws; a message published in a room reaches its members on every "
+            "to ws://HOST:PORT/ws (wss:// with --tls-cert-file and --tls-key-file; SIGHUP "
+            "reloads them); a message published in a room reaches its members on every "
             "worker through the embedded ZeroMQ proxy, or through --backplane if given. "
             "Stop it with Ctrl-C or SIGTERM: clients are closed with 1001."
         ),
@@ -166,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _history(run)
     _access(run)
     _admin(run)
+    _tls(run)
     _common(run)
 
     worker = commands.add_parser(
@@ -188,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _history(worker)
     _access(worker)
     _admin(worker)
+    _tls(worker)
     _common(worker)
     # Set by the master when it starts a worker on its own listening socket.
     for hidden in ("--listen-fd", "--control-fd"):
@@ -338,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         for backplane_failure in failures.exceptions:
             print(f"trio-fanout: error: {backplane_failure}", file=sys.stderr)
         exit_code = 1
+    except* TLSFileError as failures:
+        # A certificate or key that cannot be used, at startup: the files and the problem.
+        for tls_failure in failures.exceptions:
+            print(f"trio-fanout: error: {tls_failure}", file=sys.stderr)
+        exit_code = EXIT_USAGE
     return exit_code
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -130,13 +131,15 @@ async def open_client(
     connect_timeout: float = 10.0,
     close_timeout: float | None = None,
     token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/ws`` or ``wss://…``) and wait for the welcome.
 
     ``connect_timeout`` bounds the connection, the handshake and the welcome (and the token's
     ``authed``), and the close unless ``close_timeout`` is given (a connection known to be dead
     needs no long close). ``token``, for a server that requires tokens, is sent as the first
-    frame (``auth``), not in the URL, where proxies and servers would log it.
+    frame (``auth``), not in the URL, where proxies and servers would log it. ``ssl_context``
+    verifies a ``wss://`` server (by default, against the system's CAs).
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -153,7 +156,7 @@ async def open_client(
             with trio.fail_after(connect_timeout):
                 if secure:
                     stream: _ClientStream = await trio.open_ssl_over_tcp_stream(
-                        parts.hostname, port, https_compatible=True
+                        parts.hostname, port, https_compatible=True, ssl_context=ssl_context
                     )
                 else:
                     stream = await trio.open_tcp_stream(parts.hostname, port)

@@ -297,12 +297,19 @@ class Config:
     """Address of the admin port: loopback by default, as it shows the node's figures."""
     api_key_file: str | None = attrs.field(default=None, validator=_readable_file)
     """File holding the admin API's key; unset: the API is off."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain; with tls_key_file, workers serve wss:// and https:// only."""
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file (unencrypted); reloaded with it on SIGHUP."""
 
     def __attrs_post_init__(self) -> None:
         if self.token_secret_file is not None and self.token_public_key_file is not None:
             raise InvalidSetting(
                 "token_public_key_file", "set token_secret_file or token_public_key_file, not both"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file")[:: 1 if self.tls_cert_file else -1]
+            raise InvalidSetting(given, f"needs {missing} too: set both, or neither")
         if self.liveness_timeout <= self.liveness_interval:
             raise InvalidSetting(
                 "liveness_timeout",

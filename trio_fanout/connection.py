@@ -18,13 +18,14 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import http, protocol, tokens, websocket
+from trio_fanout import http, protocol, tls, tokens, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -146,6 +147,7 @@ class Connection:
         "_pending",
         "_queued_bytes",
         "_sock",
+        "_tls",
         "_token_end",
         "_token_warned",
         "_unsent",
@@ -176,6 +178,8 @@ class Connection:
         self._token_warned = False
         self._token_end = math.inf
         self._sock = sock
+        # With TLS, what is pending is plaintext, and what is unsent is already encrypted.
+        self._tls: tls.Session | None = worker.tls.session() if worker.tls is not None else None
         self._pending: list[bytes] = []
         # Bytes of a frame that a send wrote only partly: they must go out before anything else.
         self._unsent: bytes | memoryview = b""
@@ -260,12 +264,18 @@ class Connection:
                     return
                 self._unsent = b""  # an empty view would still hold the whole buffer
             pending = self._pending
-            if not pending:
+            session = self._tls
+            if not pending and (session is None or not session.wants_write):
                 return
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             self.worker.sends += 1
             self.worker.frames_sent += len(pending)
             pending.clear()  # their bytes, now in data, stay counted until sent
+            if session is not None:
+                # The batch is encrypted as a whole: a few records, not one per frame.
+                wire = session.seal(data)
+                self._count_queued(len(wire) - len(data))
+                data = wire
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
@@ -275,7 +285,7 @@ class Connection:
                 self._unsent = memoryview(data)[sent:]
         except BlockingIOError:
             return  # the unsent rest is kept as it was
-        except OSError as error:
+        except OSError as error:  # ssl.SSLError included
             self._lost(error)
 
     async def _write_when_writable(self) -> None:
@@ -523,7 +533,8 @@ class Connection:
         self._close_timeout = HTTP_ANSWER_LINGER
 
     async def _receive(self) -> bytes:
-        """The next bytes from the client; b"" at end of stream (or when it reset)."""
+        """The next bytes from the client (decrypted, with TLS); b"" at end of stream, when it
+        reset, or when its TLS failed."""
         while True:
             try:
                 data = self._sock.recv(RECEIVE_BYTES)
@@ -536,7 +547,30 @@ class Connection:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
             await trio.lowlevel.checkpoint()
-            return data
+            session = self._tls
+            if session is None or not data:
+                return data
+            try:
+                data = session.receive(data)
+            except ssl.SSLError as error:
+                self._tls_failed(error)
+                return b""
+            if session.wants_write:  # the handshake's answers, a key update
+                self._send_now()
+                self._write_later()
+            if data or session.peer_closed:
+                return data
+
+    def _tls_failed(self, error: ssl.SSLError) -> None:
+        """The client's TLS failed (a plain HTTP client, a handshake we refuse, a corrupt
+        record): send the alert that says why, if any, and close. A plain HTTP request gets a
+        plain HTTP answer that says this port speaks TLS."""
+        logger.debug("connection %d (%s): TLS failed: %s", self.id, self.peer, error.reason)
+        if error.reason == "HTTP_REQUEST" and self.id not in self.worker.connections:
+            self._tls = None
+            self._respond(http.plain_http_to_tls_port_response())
+            return
+        self._send_now()  # the alert, best effort: the connection closes without waiting
 
     async def _read_frames(self, data: bytes) -> None:
         """Parse the client's frames and act on each, charging every frame to its budget."""
@@ -768,9 +802,11 @@ class Connection:
         sock = self._sock
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
-                while self._pending or self._unsent:
-                    await trio.lowlevel.wait_writable(sock)
+                await self._write_all()
+                if self._tls is not None:
+                    self._tls.close_notify()
                     self._send_now()
+                    await self._write_all()
                 sock.shutdown(socket.SHUT_WR)
                 # Read until the client closes too: closing with unread input would reset the
                 # connection and could destroy our close frame before the client reads it.
@@ -781,6 +817,12 @@ class Connection:
                 pass
         trio.lowlevel.notify_closing(sock)
         sock.close()
+
+    async def _write_all(self) -> None:
+        """Wait until everything pending and unsent is written."""
+        while self._pending or self._unsent:
+            await trio.lowlevel.wait_writable(self._sock)
+            self._send_now()
 
 
 @contextlib.contextmanager

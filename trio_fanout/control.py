@@ -2,7 +2,8 @@
 
 The master sends single bytes: :data:`PING` (the liveness ping, which the worker sends back
 as it is) or a request, :data:`REPORT` (the worker's figures, for ``/metrics`` and
-``/status``) or :data:`INFO` (its rooms, for ``/api/info``). The worker answers a request with
+``/status``), :data:`INFO` (its rooms, for ``/api/info``) or :data:`RELOAD` (load the TLS
+certificate again, and say whether it did). The worker answers a request with
 the same byte, a 4-byte big-endian length and that many bytes of JSON (an empty body while it
 is still starting). Any answer counts as a sign of life. Pure: bytes in, answers out; the
 master and the worker do the I/O.
@@ -21,7 +22,8 @@ import struct
 PING = b"?"
 REPORT = b"M"
 INFO = b"I"
-REQUESTS = (REPORT, INFO)
+RELOAD = b"R"  # load the TLS certificate and key again (after a SIGHUP to the master)
+REQUESTS = (REPORT, INFO, RELOAD)
 
 _LENGTH = struct.Struct("!I")
 

@@ -66,6 +66,12 @@ def check_origin(request: websocket.Request, allowed_origins: tuple[str, ...]) -
         raise websocket.HandshakeError(403, "this origin may not connect")
 
 
+def plain_http_to_tls_port_response() -> bytes:
+    """The answer to a plain HTTP request (``ws://``, ``http://``) on a port that speaks TLS,
+    sent in plain HTTP so that the client can show why."""
+    return websocket.http_response(400, b"this port speaks TLS: use wss:// or https://\n")
+
+
 def refusal_response(refusal: websocket.HandshakeError) -> bytes:
     """The answer to a request refused with ``refusal``: its status, its message as the body,
     for 503 (this worker is full) a ``Retry-After``, and for 401 (a bad token) the

@@ -6,7 +6,9 @@ inherits its own (never a fork of a running Trio loop, never after a ``zmq.Conte
 The master keeps every socket open, so that the connections waiting in a dead worker's socket are
 not reset: its replacement, given the same socket, accepts them. It
 restarts a worker that dies, with a growing pause when one keeps dying, and on SIGINT or SIGTERM
-it asks every worker to close its clients with 1001, then stops the proxy and returns.
+it asks every worker to close its clients with 1001, then stops the proxy and returns. On
+SIGHUP it checks the TLS certificate and key files and, if they load, asks every worker to
+reload them on its control channel (a signal sent to a worker still starting would kill it).
 
 A worker gets its configuration as JSON on its standard input, never in its argv or
 environment, where ``ps`` and ``/proc`` would show a password in the backplane URL to anyone on
@@ -44,6 +46,7 @@ from trio_fanout.backplane import (
 from trio_fanout.config import ENV_PREFIX, Config
 from trio_fanout.metrics import NodeStats
 from trio_fanout.runner import CONTROL_RECEIVE_BYTES, give_back_memory_forever, open_listeners
+from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +282,16 @@ class Supervisor:
                 asking.start_soon(ask_one, link)
         return sorted(answers, key=lambda answer: int(answer.get("worker", 0)))
 
+    async def reload_all(self) -> None:
+        """Ask every running worker to reload its TLS certificate (``control.RELOAD``) and log
+        how many did. A worker still starting is not asked: it loads the files itself."""
+        answers = await self.ask_workers(control.RELOAD)
+        reloaded = [answer["worker"] for answer in answers if answer.get("reloaded")]
+        logger.info(
+            "TLS certificate reloaded by workers %s of %d",
+            ", ".join(map(str, reloaded)) or "none", len(self.links),
+        )  # fmt: skip
+
     async def stop_all(self) -> None:
         """SIGTERM every worker, wait for them, and kill those still running after the timeout."""
         self._stopping = True
@@ -338,10 +351,16 @@ async def run_master(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port."""
+    """Run the whole cluster until SIGINT or SIGTERM; ``started`` reports the bound port.
+
+    SIGHUP reloads the TLS certificate: the master loads the files first, and asks the workers
+    to reload them only if they load, so that a bad file is reported once, here."""
+    certificate = None
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        certificate = ServerCertificate(config.tls_cert_file, config.tls_key_file)
     listeners = open_listeners(config.host, config.port, config.workers)
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 if config.backplane is None:
                     proxy_port = await nursery.start(
@@ -381,7 +400,8 @@ async def run_master(
                 nursery.start_soon(give_back_memory_forever)
                 host, port = listeners[0].getsockname()[:2]
                 logger.info(
-                    "listening on ws://%s:%d/ws with %d workers, backplane %s",
+                    "listening on %s://%s:%d/ws with %d workers, backplane %s",
+                    "ws" if certificate is None else "wss",
                     host,
                     port,
                     config.workers,
@@ -389,8 +409,13 @@ async def run_master(
                 )
                 task_status.started(port)
                 async for signum in signals:
-                    logger.info("%s: stopping", signal.Signals(signum).name)
-                    break
+                    if signum != signal.SIGHUP:
+                        logger.info("%s: stopping", signal.Signals(signum).name)
+                        break
+                    if certificate is None:
+                        logger.info("SIGHUP: TLS is not configured; nothing to reload")
+                    elif certificate.reload():
+                        await supervisor.reload_all()
                 await supervisor.stop_all()
                 nursery.cancel_scope.cancel()
     finally:

@@ -118,7 +118,9 @@ async def run_worker_process(
     hooks: Hooks | None = None,
     admin: bool = False,
 ) -> None:
-    """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone.
+    """Serve on ``listener`` until SIGINT/SIGTERM (graceful) or until the master is gone;
+    reload the TLS certificate on SIGHUP, or when the master asks on the control channel
+    (``control.RELOAD``).
 
     ``control_fd`` is this worker's end of its control channel to the master (see
     ``master.Supervisor``): :func:`answer_master` answers the master's liveness pings on it
@@ -131,7 +133,10 @@ async def run_worker_process(
 
     def report(kind: bytes) -> bytes:
         if worker is None:
-            return b""  # still starting
+            return b""  # still starting: it loads the TLS files itself
+        if kind == control.RELOAD:
+            reloaded = reload_tls(worker, "asked by the master")
+            return json.dumps({"worker": worker.index, "reloaded": reloaded}).encode()
         if kind == control.INFO:
             return json.dumps(metrics.worker_info(worker)).encode()
         return json.dumps(metrics.worker_report(worker)).encode()
@@ -161,6 +166,9 @@ async def run_worker_process(
                 nursery.start_soon(freeze_survivors_forever)
                 nursery.start_soon(give_back_memory_forever)
                 nursery.start_soon(_stop_on_signal, worker)
+                # Started (its handler installed) before the worker says it serves: a SIGHUP
+                # sent after that line must reload, not kill the process.
+                await nursery.start(_reload_on_signal, worker)
                 nursery.start_soon(_stop_when_master_is_gone, master_gone, worker)
                 await worker.serve(listener)
                 nursery.cancel_scope.cancel()
@@ -206,6 +214,25 @@ async def _stop_on_signal(worker: Worker) -> None:
         async for signum in signals:
             logger.info("worker %d: %s, closing clients", worker.index, signal.Signals(signum).name)
             worker.stop()
+
+
+async def _reload_on_signal(
+    worker: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            reload_tls(worker, "SIGHUP")
+
+
+def reload_tls(worker: Worker, why: str) -> bool:
+    """Load the worker's TLS certificate and key again for the connections to come; keep the
+    current ones if that fails (and log why). Whether it loaded them."""
+    if worker.tls is None:
+        logger.info("worker %d: asked to reload (%s), but TLS is not configured", worker.index, why)
+        return False
+    logger.info("worker %d: reloading the TLS certificate (%s)", worker.index, why)
+    return worker.tls.reload()
 
 
 async def _stop_when_master_is_gone(master_gone: trio.Event, worker: Worker) -> None:

@@ -30,6 +30,7 @@ from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
 from trio_fanout.hooks import Hooks
 from trio_fanout.metrics import WorkerStats, heartbeat_sent_at
+from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,10 @@ class Worker:
         self.backplane = backplane
         self.index = index
         self.hooks = hooks or Hooks()
+        # With TLS configured, the context new connections get; SIGHUP reloads it.
+        self.tls: ServerCertificate | None = None
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            self.tls = ServerCertificate(config.tls_cert_file, config.tls_key_file)
         # Set where the worker owns its process (run_worker_process): GC pauses are per process.
         self.gc_pauses: GcPauses | None = None
         self.port: int | None = None  # known once serve() has started
@@ -987,8 +992,9 @@ class Worker:
                 self.port = port
                 task_status.started()
                 logger.info(
-                    "worker %d (pid %d) serving ws://%s:%d/ws", self.index, os.getpid(), host, port
-                )
+                    "worker %d (pid %d) serving %s://%s:%d/ws",
+                    self.index, os.getpid(), "ws" if self.tls is None else "wss", host, port,
+                )  # fmt: skip
                 await self._stop_requested.wait()
                 serving.cancel_scope.cancel()
             # Accepting is over: our copy of the listening socket goes now, not after the drain,
