@@ -9,11 +9,14 @@ import json
 import os
 import re
 import signal
+import socket
 from collections import Counter
 
 import trio
 
 from tests.helpers import ClusterProcess
+from trio_fanout.runner import open_listeners
+from trio_fanout.steering import steer
 
 TIMEOUT = 30
 
@@ -82,7 +85,11 @@ async def test_two_thousand_connections_land_evenly_on_two_workers():
 
 
 async def test_connections_waiting_for_a_dead_worker_are_served_by_its_replacement():
-    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0")
+    # A long liveness timeout: the master must not steer connections away from the stopped
+    # worker (it does after half of it), since this test needs some to wait in its socket.
+    cluster = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", "0", "--liveness-timeout", "60"
+    )  # fmt: skip
     streams: list[trio.SocketStream] = []
     try:
         cluster.wait_for_workers(2)
@@ -105,6 +112,69 @@ async def test_connections_waiting_for_a_dead_worker_are_served_by_its_replaceme
         assert sum(by_pid.values()) == 200
         assert re.search(rf"worker 1 \(pid {victim}\) was killed by SIGKILL", cluster.log())
     finally:
+        for stream in streams:
+            await stream.aclose()
+        cluster.stop()
+
+
+def accepted_by(listeners: list[socket.socket], count: int) -> Counter[int]:
+    """Open ``count`` connections to the listeners' port: how many each listener got."""
+    port = listeners[0].getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(count)]
+    got: Counter[int] = Counter()
+    for position, listener in enumerate(listeners):
+        while True:
+            try:
+                accepted, _ = listener.accept()
+            except BlockingIOError:
+                break
+            accepted.close()
+            got[position] += 1
+    for client in clients:
+        client.close()
+    return got
+
+
+def test_steering_gives_new_connections_only_to_the_ready_sockets():
+    listeners = open_listeners("127.0.0.1", 0, 3)
+    try:
+        assert set(accepted_by(listeners, 60)) == {0, 1, 2}  # the kernel's own spread
+        steer(listeners, {0, 2})
+        assert set(accepted_by(listeners, 60)) == {0, 2}
+        steer(listeners, {1})
+        assert accepted_by(listeners, 60) == {1: 60}
+        steer(listeners, {0, 1, 2})  # all ready: the kernel's own spread again
+        assert set(accepted_by(listeners, 60)) == {0, 1, 2}
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+async def test_new_connections_go_around_a_silent_worker():
+    # Pinged every 0.2 s and killed after 4 s of silence: steered around after 2 s.
+    cluster = ClusterProcess(
+        "--workers", "2", "--heartbeat-interval", "0",
+        "--liveness-interval", "0.2", "--liveness-timeout", "4",
+    )  # fmt: skip
+    streams: list[trio.SocketStream] = []
+    stopped: list[int] = []
+    try:
+        cluster.wait_for_workers(2)
+        silent = int(cluster.wait_for_log(r"worker 1 \(pid (\d+)\) serving").group(1))
+        other = int(cluster.wait_for_log(r"worker 2 \(pid (\d+)\) serving").group(1))
+        os.kill(silent, signal.SIGSTOP)
+        stopped.append(silent)
+        await trio.to_thread.run_sync(
+            cluster.wait_for_log, rf"worker 1 \(pid {silent}\) has answered no ping .* other"
+        )
+        # Every new connection goes to worker 2, none waits in the stopped worker's socket.
+        with trio.fail_after(TIMEOUT):
+            streams = await open_many(cluster.port, 100)
+            answered = await welcomes(streams)
+        assert Counter(welcome["pid"] for welcome in answered) == {other: 100}
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         for stream in streams:
             await stream.aclose()
         cluster.stop()

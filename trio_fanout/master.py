@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from trio_fanout import control, envelope, protocol
+from trio_fanout import control, envelope, protocol, steering
 from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import (
     BackplaneError,
@@ -89,6 +89,8 @@ class WorkerLink:
         self._stdlib_sock = stdlib_sock  # the same socket, read without waiting
         self._reader = control.AnswerReader()
         self.last_answer: float | None = None
+        # Set while new connections go to other workers because this one is silent.
+        self.steered_away = False
         self._asking = trio.Lock()  # one request at a time: answers come in order
         self._asked: bytes | None = None
         self._answer: bytes | None = None
@@ -162,9 +164,32 @@ class Supervisor:
         self.links: dict[int, WorkerLink] = {}
         self.node = NodeStats()
         self._stopping = False
+        # Positions (index - 1) of the workers that answer their pings: new connections go only
+        # to their sockets while another is dead, starting or silent (steering.py).
+        self._ready: set[int] = set()
+        self._steering = True
 
     def _listener(self, index: int) -> socket.socket:
         return self._listeners[index - 1]
+
+    def _set_ready(self, index: int, ready: bool) -> None:
+        """Note whether worker ``index`` takes new connections, and steer them accordingly."""
+        position = index - 1
+        if (position in self._ready) == ready or not self._steering:
+            return
+        if ready:
+            self._ready.add(position)
+        else:
+            self._ready.discard(position)
+        try:
+            steering.steer(self._listeners, self._ready)
+        except OSError as error:
+            self._steering = False
+            logger.warning(
+                "cannot steer new connections away from workers that are down (%s): the "
+                "kernel spreads them over every worker's socket",
+                error,
+            )
 
     def _command(self, index: int, control_fd: int) -> list[str]:
         return [
@@ -207,6 +232,7 @@ class Supervisor:
                     watching.start_soon(self._kill_when_silent, index, process, link)
                     returncode = await process.wait()
                     watching.cancel_scope.cancel()
+            self._set_ready(index, False)
             del self.processes[index]
             del self.links[index]
             if self._stopping:
@@ -256,6 +282,7 @@ class Supervisor:
                         silent, limit = now - started, FIRST_ANSWER_TIMEOUT
                     else:
                         silent, limit = now - link.last_answer, timeout
+                    self._note_silence(index, process, link, silent)
                     if silent >= limit:
                         logger.error(
                             "worker %d (pid %d) has answered no ping for %.1f s: killing it",
@@ -267,6 +294,29 @@ class Supervisor:
                 return  # its end is closed: the worker is exiting, and wait() tells how
             finally:
                 nursery.cancel_scope.cancel()
+
+    def _note_silence(
+        self, index: int, process: trio.Process, link: WorkerLink, silent: float
+    ) -> None:
+        """A worker that has answered is ready for new connections; one silent for half of
+        ``liveness_timeout`` is not, until it answers again or is replaced: the connections the
+        kernel would give it would wait in its socket."""
+        if link.last_answer is None:
+            return  # still starting: not ready yet
+        was_ready = index - 1 in self._ready
+        ready = silent < self._config.liveness_timeout / 2
+        if was_ready and not ready:
+            link.steered_away = True
+            logger.warning(
+                "worker %d (pid %d) has answered no ping for %.1f s: new connections go to the "
+                "other workers",
+                index, process.pid, silent,
+            )  # fmt: skip
+        elif ready and link.steered_away:
+            link.steered_away = False
+            logger.info("worker %d (pid %d) answers again: it gets new connections again",
+                        index, process.pid)  # fmt: skip
+        self._set_ready(index, ready)
 
     async def ask_workers(self, kind: bytes) -> list[dict[str, Any]]:
         """Every live worker's answer to request ``kind``, asked all at once; those that
