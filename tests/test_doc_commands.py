@@ -541,6 +541,7 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         )
         answer = json.loads(published)
         assert answer["room"] == "lobby" and answer["offset"] == 1, answer
+        assert re.fullmatch(r"[0-9a-f]{16}", answer["epoch"]), answer
         broadcast = shell.run(
             'curl -s -X POST http://127.0.0.1:9100/api/publish -H "Authorization: Bearer $KEY" '
             '-d \'{"data": "maintenance in 5 minutes"}\'',
@@ -550,7 +551,8 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         info = shell.run(
             'curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:9100/api/info', key
         )
-        assert isinstance(json.loads(info), dict)
+        (worker,) = json.loads(info)["workers"]
+        assert (worker["worker"], worker["connections"], worker["rooms"]) == (1, 0, {})
 
         # A token from the documented command: three base64url parts, the secret not printed.
         token = shell.run(
