@@ -136,7 +136,8 @@ DOCUMENTED_ONLY = "documented only"
 NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     "pip install .": (
         DOCUMENTED_ONLY,
-        "installs into the reader's environment; .ci/run installs the same project with "
+        "installs into the reader's environment; tests/test_packaging.py builds the wheel it "
+        "installs and checks what the wheel holds, and .ci/run installs the checkout with "
         "pip install -e '.[test]'",
     ),
     "pip install -e '.[test]'": (CI_SET_UP, ".ci/run runs it as written"),
