@@ -197,6 +197,9 @@ async def test_a_valid_token_in_the_query_string_needs_no_auth_frame(
         ("not yet valid", lambda keys: token(keys, nbf=int(time.time()) + 60)),
         ("without exp", lambda keys: jwt.encode({"sub": "ann"}, keys.secret, "HS256")),
         ("not a JWT", lambda keys: "not-a-token"),
+        ("exp past what a float holds", lambda keys: jwt.encode(
+            {"sub": "ann", "exp": 10**400}, keys.secret, "HS256"
+        )),
     ],
 )  # fmt: skip
 async def test_a_bad_token_is_refused_401_in_the_query_and_4001_as_auth_while_others_are_served(

@@ -39,6 +39,10 @@ MIN_RSA_BITS = 2048
 # ``sub`` is the identity the connection acts as.
 REQUIRED_CLAIMS = ("sub", "exp")
 
+# The latest ``exp`` taken: the last second of the year 9999. A later one is no real expiry, and
+# one past what a float holds could not be turned into a timer at all.
+MAX_EXP = 253402300799
+
 
 class KeyFileError(ValueError):
     """A key file that cannot be used; the message names the problem, never the key."""
@@ -163,6 +167,8 @@ class Verifier:
             raise InvalidToken("the token's sub must be a non-empty string")
         if type(exp) is not int:
             raise InvalidToken("the token's exp must be an integer (Unix seconds)")
+        if exp > MAX_EXP:
+            raise InvalidToken("the token's exp is past the year 9999")
         return Grant(sub, exp, _rooms(claims, "join"), _rooms(claims, "publish"))
 
 
