@@ -240,6 +240,17 @@ async def test_a_first_frame_other_than_auth_closes_4001(cluster: ClusterProcess
         await still_served(served, "after the clients without auth")
 
 
+async def test_a_token_that_is_not_ascii_closes_4001_without_an_internal_error(
+    cluster: ClusterProcess, keys: Keys
+):
+    """JSON can carry a lone surrogate ("\\ud800"), which no JWT holds: a clear refusal."""
+    async with open_client(cluster.url) as client:
+        await client.send({"type": "auth", "token": "\ud800", "id": 1})
+        reason = await closed_with(client)
+    assert reason.code == 4001
+    assert reason.reason == "the token is not a well-formed JWT"
+
+
 async def test_no_auth_frame_within_the_handshake_timeout_closes_4001(
     cluster: ClusterProcess, keys: Keys
 ):

@@ -152,6 +152,8 @@ class Verifier:
 
     def verify(self, token: str) -> Grant:
         """The :class:`Grant` of a valid token, else :class:`InvalidToken` saying why."""
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT fails on a lone surrogate
+            raise InvalidToken(_refusal(jwt.DecodeError()))
         try:
             claims = jwt.decode(
                 token,
