@@ -223,27 +223,47 @@ def mint(
 
 class Deadlines:
     """Timers for many connections in one heap: ``(when, connection id, token version)`` in,
-    the due ones out, earliest first. A timer is never removed: one set for a token that was
-    replaced since, or a connection that is gone, is skipped by the caller when it comes due,
-    so that setting one costs O(log n) and nothing else."""
+    the due ones out, earliest first. Setting a timer costs O(log n): one set for a token that
+    was replaced since, or a connection that is gone (:meth:`forget`), is not removed at once
+    but skipped by the caller when it comes due, and swept out whenever such stale timers come
+    to outnumber the live ones, so that a client sending ``refresh`` in a loop cannot grow the
+    heap without bound (its stale timers could otherwise wait for the token's ``exp``)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, int]] = []
         self._order = itertools.count()  # ties in time keep the order they were set in
+        self._latest: dict[int, int] = {}  # each key's latest version with a timer pending
 
     def add(self, when: float, key: int, version: int) -> bool:
         """Set a timer; return whether it is now the earliest (a sleeper should wake)."""
+        self._latest[key] = version
+        if len(self._heap) > 2 * len(self._latest) + 64:
+            self._sweep()
         earliest = not self._heap or when < self._heap[0][0]
         heapq.heappush(self._heap, (when, next(self._order), key, version))
         return earliest
+
+    def forget(self, key: int) -> None:
+        """``key``'s timers are no longer wanted (its connection is gone)."""
+        self._latest.pop(key, None)
+
+    def _sweep(self) -> None:
+        latest = self._latest
+        self._heap = [entry for entry in self._heap if latest.get(entry[2]) == entry[3]]
+        heapq.heapify(self._heap)
 
     def pop_due(self, now: float) -> list[tuple[int, int]]:
         """The ``(key, version)`` of every timer due at ``now``, removed, earliest first."""
         due = []
         while self._heap and self._heap[0][0] <= now:
             _, _, key, version = heapq.heappop(self._heap)
+            if self._latest.get(key) == version:
+                del self._latest[key]
             due.append((key, version))
         return due
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
     @property
     def next_deadline(self) -> float:
