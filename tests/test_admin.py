@@ -320,6 +320,7 @@ async def test_bad_requests_do_not_hurt_the_admin_port(node: AdminCluster):
         b"GET /metrics HTTP/9.9\r\n\r\n",
         b"POST /api/publish HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}",
         b"POST /api/publish HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /api/publish HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",  # a digit, not ASCII
         b"POST /api/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000,
     ]

@@ -197,6 +197,9 @@ async def test_a_valid_token_in_the_query_string_needs_no_auth_frame(
         ("not yet valid", lambda keys: token(keys, nbf=int(time.time()) + 60)),
         ("without exp", lambda keys: jwt.encode({"sub": "ann"}, keys.secret, "HS256")),
         ("not a JWT", lambda keys: "not-a-token"),
+        ("exp past what a float holds", lambda keys: jwt.encode(
+            {"sub": "ann", "exp": 10**400}, keys.secret, "HS256"
+        )),
     ],
 )  # fmt: skip
 async def test_a_bad_token_is_refused_401_in_the_query_and_4001_as_auth_while_others_are_served(
@@ -235,6 +238,17 @@ async def test_a_first_frame_other_than_auth_closes_4001(cluster: ClusterProcess
             assert reason.code == 4001, first
             assert "the first frame must be auth" in reason.reason
         await still_served(served, "after the clients without auth")
+
+
+async def test_a_token_that_is_not_ascii_closes_4001_without_an_internal_error(
+    cluster: ClusterProcess, keys: Keys
+):
+    """JSON can carry a lone surrogate ("\\ud800"), which no JWT holds: a clear refusal."""
+    async with open_client(cluster.url) as client:
+        await client.send({"type": "auth", "token": "\ud800", "id": 1})
+        reason = await closed_with(client)
+    assert reason.code == 4001
+    assert reason.reason == "the token is not a well-formed JWT"
 
 
 async def test_no_auth_frame_within_the_handshake_timeout_closes_4001(
@@ -697,3 +711,24 @@ def test_the_token_command_mints_a_token_the_server_takes_and_never_prints_the_s
     refused = run_cli("token", "kim", "--token-public-key-file", str(keys.public_files["RS256"]))
     assert refused.returncode == 2
     assert "needs token_secret_file" in refused.stderr
+
+
+def test_timers_of_replaced_tokens_and_gone_connections_do_not_pile_up():
+    """A client refreshing in a loop sets a timer per refresh, each for near its token's exp:
+    the stale ones are swept, so the heap stays near the number of live timers."""
+    deadlines = tokens.Deadlines()
+    for version in range(100_000):
+        deadlines.add(86_400.0 + version, key=1, version=version)
+    deadlines.add(50.0, key=2, version=0)
+    assert len(deadlines) < 200
+    due = deadlines.pop_due(86_400.0 + 100_000)
+    assert due[0] == (2, 0)
+    assert due[-1] == (1, 99_999)  # the live one; the few stale ones left are skipped
+    for key in range(3, 1000):  # connections that set a timer and closed before it came due
+        deadlines.add(10.0, key=key, version=0)
+        deadlines.forget(key)
+    deadlines.add(5.0, key=1000, version=0)
+    assert len(deadlines) < 200
+    due = deadlines.pop_due(10.0)
+    assert due[0] == (1000, 0)
+    assert len(due) < 200  # the rest, if any, are skipped by the caller: gone connections

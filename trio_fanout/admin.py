@@ -226,7 +226,7 @@ class AdminServer:
         if "transfer-encoding" in request.headers:
             raise _Refused(_error(411, "length_required", "send the body with Content-Length"))
         text = request.headers.get("content-length", "0")
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # "²".isdigit(), but int("²") fails
             raise _Refused(_error(400, "bad_request", "Content-Length is not a number"))
         length = int(text)
         if length > MAX_BODY_BYTES:

@@ -39,6 +39,10 @@ MIN_RSA_BITS = 2048
 # ``sub`` is the identity the connection acts as.
 REQUIRED_CLAIMS = ("sub", "exp")
 
+# The latest ``exp`` taken: the last second of the year 9999. A later one is no real expiry, and
+# one past what a float holds could not be turned into a timer at all.
+MAX_EXP = 253402300799
+
 
 class KeyFileError(ValueError):
     """A key file that cannot be used; the message names the problem, never the key."""
@@ -148,6 +152,8 @@ class Verifier:
 
     def verify(self, token: str) -> Grant:
         """The :class:`Grant` of a valid token, else :class:`InvalidToken` saying why."""
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT fails on a lone surrogate
+            raise InvalidToken(_refusal(jwt.DecodeError()))
         try:
             claims = jwt.decode(
                 token,
@@ -163,6 +169,8 @@ class Verifier:
             raise InvalidToken("the token's sub must be a non-empty string")
         if type(exp) is not int:
             raise InvalidToken("the token's exp must be an integer (Unix seconds)")
+        if exp > MAX_EXP:
+            raise InvalidToken("the token's exp is past the year 9999")
         return Grant(sub, exp, _rooms(claims, "join"), _rooms(claims, "publish"))
 
 
@@ -215,27 +223,47 @@ def mint(
 
 class Deadlines:
     """Timers for many connections in one heap: ``(when, connection id, token version)`` in,
-    the due ones out, earliest first. A timer is never removed: one set for a token that was
-    replaced since, or a connection that is gone, is skipped by the caller when it comes due,
-    so that setting one costs O(log n) and nothing else."""
+    the due ones out, earliest first. Setting a timer costs O(log n): one set for a token that
+    was replaced since, or a connection that is gone (:meth:`forget`), is not removed at once
+    but skipped by the caller when it comes due, and swept out whenever such stale timers come
+    to outnumber the live ones, so that a client sending ``refresh`` in a loop cannot grow the
+    heap without bound (its stale timers could otherwise wait for the token's ``exp``)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, int]] = []
         self._order = itertools.count()  # ties in time keep the order they were set in
+        self._latest: dict[int, int] = {}  # each key's latest version with a timer pending
 
     def add(self, when: float, key: int, version: int) -> bool:
         """Set a timer; return whether it is now the earliest (a sleeper should wake)."""
+        self._latest[key] = version
+        if len(self._heap) > 2 * len(self._latest) + 64:
+            self._sweep()
         earliest = not self._heap or when < self._heap[0][0]
         heapq.heappush(self._heap, (when, next(self._order), key, version))
         return earliest
+
+    def forget(self, key: int) -> None:
+        """``key``'s timers are no longer wanted (its connection is gone)."""
+        self._latest.pop(key, None)
+
+    def _sweep(self) -> None:
+        latest = self._latest
+        self._heap = [entry for entry in self._heap if latest.get(entry[2]) == entry[3]]
+        heapq.heapify(self._heap)
 
     def pop_due(self, now: float) -> list[tuple[int, int]]:
         """The ``(key, version)`` of every timer due at ``now``, removed, earliest first."""
         due = []
         while self._heap and self._heap[0][0] <= now:
             _, _, key, version = heapq.heappop(self._heap)
+            if self._latest.get(key) == version:
+                del self._latest[key]
             due.append((key, version))
         return due
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
     @property
     def next_deadline(self) -> float:

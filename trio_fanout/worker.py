@@ -644,6 +644,7 @@ class Worker:
     def release(self, conn: Connection) -> None:
         """Called once ``conn``'s socket is closed: its slot among the handshakes is free."""
         self._accepted.discard(conn)
+        self._token_timers.forget(conn.id)
 
     def health(self) -> tuple[int, bytes]:
         """The HTTP status and JSON body of ``/healthz``.
