@@ -33,6 +33,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient
+from trio_fanout import admin
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
 
@@ -340,6 +341,25 @@ async def test_bad_requests_do_not_hurt_the_admin_port(node: AdminCluster):
     metrics = await scrape(node)
     assert metrics("trio_fanout_worker_up", worker="1") == 1
     assert metrics("trio_fanout_worker_up", worker="2") == 1
+
+
+async def test_idle_connections_cannot_lock_the_scraper_out(node: AdminCluster):
+    """As many connections as the admin port serves at once, each saying nothing: a scrape
+    still gets its answer, taking the place of the one that waited longest."""
+    idle = [
+        await trio.open_tcp_stream("127.0.0.1", node.admin_port)
+        for _ in range(admin.MAX_CONNECTIONS)
+    ]
+    try:
+        # Within half the admin port's request timeout, so that no idle connection is closed
+        # for its silence: only to make room.
+        with trio.fail_after(admin.REQUEST_TIMEOUT / 2):
+            for worker in ("1", "2", "1"):
+                assert (await scrape(node))("trio_fanout_worker_up", worker=worker) == 1
+            assert await idle[0].receive_some(1) == b""  # the oldest made room
+    finally:
+        for stream in idle:
+            await stream.aclose()
 
 
 async def test_the_python_example_publishes_through_the_api(node: AdminCluster, key_file: Path):

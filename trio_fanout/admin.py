@@ -56,8 +56,11 @@ REQUEST_TIMEOUT = 10.0
 ANSWER_LINGER = 1.0
 LINGER_BYTES = 2 * MAX_BODY_BYTES
 
-# Admin connections served at once; past it a new one is closed at once. A scraper and a few
-# operators need a handful; the bound keeps a flood from taking the master's descriptors.
+# Admin connections served at once. A scraper and a few operators need a handful; the bound
+# keeps a flood from taking the master's descriptors. Past it, a new connection takes the place
+# of the one that has waited longest for its request head (a client that connects and says
+# nothing), and is closed at once only if none is waiting: idle connections cannot lock the
+# scraper out.
 MAX_CONNECTIONS = 64
 
 # After the backplane could not be opened for API publishes, the pause before trying again.
@@ -149,6 +152,8 @@ class AdminServer:
         self._api_key = None if config.api_key_file is None else read_api_key(config.api_key_file)
         self._emitter: Emitter | None = None
         self._open_connections = 0
+        # The connections still waiting for their request head, oldest first.
+        self._waiting_for_heads: dict[trio.CancelScope, None] = {}
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on ``admin_host:admin_port`` until cancelled; ``started`` gives the port."""
@@ -182,8 +187,12 @@ class AdminServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection, one answer; nothing a client sends escapes as an exception."""
         if self._open_connections >= MAX_CONNECTIONS:
-            await trio.aclose_forcefully(stream)
-            return
+            if not self._waiting_for_heads:
+                await trio.aclose_forcefully(stream)
+                return
+            oldest = next(iter(self._waiting_for_heads))  # dicts keep their insertion order
+            del self._waiting_for_heads[oldest]
+            oldest.cancel()
         self._open_connections += 1
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
@@ -204,12 +213,20 @@ class AdminServer:
     async def _answer(self, stream: trio.SocketStream) -> bytes | None:
         head = websocket.RequestHeadReader()
         try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return None
-                if (complete := head.feed(data)) is not None:
-                    break
+            complete = None
+            # Until the head is complete, a newcomer may take this connection's place.
+            with trio.CancelScope() as waiting:
+                self._waiting_for_heads[waiting] = None
+                try:
+                    while complete is None:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return None
+                        complete = head.feed(data)
+                finally:
+                    self._waiting_for_heads.pop(waiting, None)
+            if complete is None:
+                return None  # its place was taken
             request, body = complete
             body = await self._read_body(stream, request, body)
         except websocket.NotHTTP:
