@@ -159,7 +159,12 @@ class AdminServer:
         """Serve on ``admin_host:admin_port`` until cancelled; ``started`` gives the port."""
         config = self._config
         assert config.admin_port is not None
-        listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
+        try:
+            listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
+        except OSError as error:  # say which port: the WebSocket port fails the same way
+            raise OSError(
+                error.errno, f"admin port {config.admin_host}:{config.admin_port}: {error.strerror}"
+            ) from None
         port = listeners[0].socket.getsockname()[1]
         host = f"[{config.admin_host}]" if ":" in config.admin_host else config.admin_host
         logger.info("admin port on http://%s:%d/ (/metrics, /status, /api)", host, port)

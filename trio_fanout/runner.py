@@ -68,7 +68,10 @@ def open_listeners(host: str, port: int, count: int) -> list[socket.socket]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+        try:
+            probe.bind((host, port))
+        except OSError as error:  # say which port: the proxy's and the admin's fail alike
+            raise OSError(error.errno, f"port {host}:{port}: {error.strerror}") from None
         free_port = probe.getsockname()[1]
     listeners: list[socket.socket] = []
     try:
