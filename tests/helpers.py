@@ -234,6 +234,10 @@ def exited_within(pid: int, timeout: float) -> bool:
         os.close(pidfd)
 
 
+# Between two rounds of connections that did not yet reach every worker.
+PLACING_PAUSE = 0.05
+
+
 async def connect_on_each_worker(
     stack: AsyncExitStack,
     url: str,
@@ -279,6 +283,9 @@ async def connect_on_each_worker(
             decided.set()
         if all(len(clients) >= per_worker for clients in by_worker.values()):
             return by_worker
+        # A worker that is still starting gets no new connection (the master steers them to
+        # the others until it answers): give it a moment before the next round.
+        await trio.sleep(PLACING_PAUSE)
     raise AssertionError(f"could not place {per_worker} client(s) on each of {workers} workers")
 
 

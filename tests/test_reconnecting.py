@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.helpers import (
+    PLACING_PAUSE,
     RECEIVE_TIMEOUT,
     START_TIMEOUT,
     ClusterProcess,
@@ -336,6 +337,9 @@ async def reconnecting_on_workers(
             decided.set()
         if all(len(by_worker[worker]) == count for worker, count in wanted.items()):
             return by_worker
+        # A worker that is still starting gets no new connection (the master steers them to
+        # the others until it answers): give it a moment before the next round.
+        await trio.sleep(PLACING_PAUSE)
     raise AssertionError(f"could not place clients on the workers as wanted: {wanted}")
 
 

@@ -89,6 +89,7 @@ class WorkerLink:
         self._stdlib_sock = stdlib_sock  # the same socket, read without waiting
         self._reader = control.AnswerReader()
         self.last_answer: float | None = None
+        self.first_answer = trio.Event()  # the worker has answered once: it is starting up
         # Set while new connections go to other workers because this one is silent.
         self.steered_away = False
         self._asking = trio.Lock()  # one request at a time: answers come in order
@@ -108,6 +109,7 @@ class WorkerLink:
             return
         for kind, body in answers:
             self.last_answer = trio.current_time()
+            self.first_answer.set()
             if kind == self._asked:
                 self._answer = body
                 self._answered.set()
@@ -265,6 +267,7 @@ class Supervisor:
         interval, timeout = self._config.liveness_interval, self._config.liveness_timeout
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.take_answers)
+            nursery.start_soon(self._ready_at_first_answer, index, link)
             try:
                 while True:
                     await link.sock.send(control.PING)
@@ -294,6 +297,13 @@ class Supervisor:
                 return  # its end is closed: the worker is exiting, and wait() tells how
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _ready_at_first_answer(self, index: int, link: WorkerLink) -> None:
+        """A new worker gets new connections as soon as it answers its first ping (it answers
+        while it opens its backplane, just before it accepts), not at the next liveness check
+        up to ``liveness_interval`` later."""
+        await link.first_answer.wait()
+        self._set_ready(index, True)
 
     def _note_silence(
         self, index: int, process: trio.Process, link: WorkerLink, silent: float
