@@ -423,3 +423,37 @@ async def test_a_closed_connection_leaves_no_cycles_behind():
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+
+
+async def test_a_flush_while_a_connection_is_ending_does_not_stop_the_worker():
+    # A connection's nursery closes when its last task ends, and its serve() resumes a moment
+    # later: a deferred flush that finds the socket full in between could not start a writer,
+    # and its RuntimeError used to stop the whole worker. The scheduling race cannot be forced
+    # from outside, so this test puts the connection in that moment by hand: its nursery closed,
+    # frames pending, its socket full.
+    async with running_worker() as (worker, url), open_client(url) as bystander:
+        raw = await RawClient.connect(url)
+        await raw.send_frame(0x1, b'{"type":"join","room":"full","id":1}')
+        assert (await raw.receive_json())["type"] == "joined"
+        (conn,) = (c for c in worker.connections.values() if "full" in c.rooms)
+        payload = "x" * 65536
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while not conn.queued_bytes:  # the raw client reads nothing: its socket fills
+                await publish_from_outside(worker, "full", payload)
+                await trio.sleep(0.01)
+        async with trio.open_nursery() as closed_nursery:
+            pass
+        # The writer that waits for the full socket is running: in that moment it has ended.
+        assert conn._writer_running
+        live_nursery, conn._nursery = conn._nursery, closed_nursery
+        conn._writer_running = False
+        try:
+            conn.enqueue(protocol.message_frame("full", "one more"))
+            conn.flush()  # must neither raise nor leave a writer marked as running
+            assert not conn._writer_running
+        finally:
+            conn._nursery, conn._writer_running = live_nursery, True
+        await bystander.join("elsewhere")
+        await bystander.publish("elsewhere", "still served")
+        assert await receive_data(bystander, 1) == ["still served"]
+        await raw.stream.aclose()

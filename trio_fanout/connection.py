@@ -249,7 +249,12 @@ class Connection:
             and self._nursery is not None
         ):
             self._writer_running = True
-            self._nursery.start_soon(self._write_when_writable)
+            try:
+                self._nursery.start_soon(self._write_when_writable)
+            except RuntimeError:
+                # The nursery closed when its last task ended, and serve() has not yet resumed
+                # to forget it: the connection is ending, and _finish_close writes what is left.
+                self._writer_running = False
 
     def _send_now(self) -> None:
         """Write the unsent rest of a frame, then every pending frame, as far as the socket
