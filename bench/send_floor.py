@@ -1,8 +1,9 @@
 """The floor under trio-fanout's cost per delivery: the least a Python process can spend to
 put one frame on one client's socket. A single-threaded server with no framework at all (the
 selectors module, blocking-free sockets, one ``send`` per recipient) that speaks just enough of
-the protocol for loadgen.mjs's broadcast mode. fanout_bench.py runs it in the same session as
-trio-fanout and reports trio-fanout's cost per delivery as a multiple of this floor.
+the protocol for loadgen.mjs's broadcast and rate sessions (join a room, publish to a room).
+fanout_bench.py and cpu_floor.py run it in the same session as the systems they measure and
+report their cost per delivery beside this floor's.
 
     python send_floor.py PORT_FILE      # writes its port to PORT_FILE; SIGTERM stops it
 
@@ -31,7 +32,7 @@ def main() -> None:
     Path(sys.argv[1]).write_text(str(listener.getsockname()[1]))
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
-    members: list[socket.socket] = []
+    rooms: dict[str, list[socket.socket]] = {}
     state: dict[socket.socket, tuple[bytearray, websocket.FrameParser | None]] = {}
     sent = 0
     cpu_first = cpu_last = 0.0
@@ -64,8 +65,9 @@ def main() -> None:
                 selector.unregister(sock)
                 sock.close()
                 state.pop(sock, None)
-                if sock in members:
-                    members.remove(sock)
+                for members in rooms.values():
+                    if sock in members:
+                        members.remove(sock)
                 continue
             buffer, parser = state[sock]
             if parser is None:
@@ -83,7 +85,7 @@ def main() -> None:
                     continue
                 request = protocol.parse_request(event.payload)
                 if isinstance(request, protocol.Join):
-                    members.append(sock)
+                    rooms.setdefault(request.room, []).append(sock)
                     joined = protocol.joined_frame(request.room, 1, "floor", 0)
                     sock.send(websocket.encode_text_frame(joined))
                 elif isinstance(request, protocol.Publish):
@@ -92,6 +94,7 @@ def main() -> None:
                     frame = websocket.encode_text_frame(
                         protocol.message_frame(request.room, request.data)
                     )
+                    members = rooms.get(request.room, [])
                     for member in members:  # the measured loop: one send per recipient
                         member.send(frame)
                     sent += len(members)

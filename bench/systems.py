@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -214,6 +215,39 @@ class SocketIO(Server):
                 self.cluster.wait()
         self.redis.terminate()
         self.redis.wait(15)
+
+
+class SendFloor(Server):
+    """bench/send_floor.py: one Python process with no framework, one ``send`` per recipient.
+
+    Not a system a user would pick: the least any server written in Python can spend per
+    delivery when every delivery is its own ``send``, measured under the same load as the others.
+    """
+
+    name = "send-floor"
+    protocol = "trio-fanout"
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory()
+        port_file = Path(self._directory.name) / "port"
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "send_floor.py"), str(port_file)],
+            stdout=subprocess.DEVNULL,
+            process_group=0,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError("send_floor.py did not start")
+            time.sleep(0.05)
+        self.url = f"ws://127.0.0.1:{port_file.read_text()}/ws"
+        self.pids = [self.process.pid]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(15)
+        self._directory.cleanup()
 
 
 def _wait_for_port(port: int) -> None:
