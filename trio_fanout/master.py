@@ -19,6 +19,7 @@ Secrets kept in files (``*_file`` settings) are read by each worker itself.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -92,8 +93,9 @@ class WorkerLink:
         self.first_answer = trio.Event()  # the worker has answered once: it is starting up
         # Set while new connections go to other workers because this one is silent.
         self.steered_away = False
-        self._asking = trio.Lock()  # one request at a time: answers come in order
-        self._asked: bytes | None = None
+        self._asking = trio.Lock()  # one request at a time: one place for its answer
+        self._asked: tuple[bytes, int] | None = None  # the kind and id of the question open
+        self._request_ids = itertools.count(1)
         self._answer: bytes | None = None
         self._answered = trio.Event()
         self._broken = False
@@ -107,10 +109,11 @@ class WorkerLink:
             logger.error("control channel: %s; the worker will be replaced", error)
             self._broken = True
             return
-        for kind, body in answers:
+        for kind, request_id, body in answers:
             self.last_answer = trio.current_time()
             self.first_answer.set()
-            if kind == self._asked:
+            # A late answer to a question given up on has another id: a sign of life only.
+            if (kind, request_id) == self._asked:
                 self._answer = body
                 self._answered.set()
 
@@ -129,9 +132,10 @@ class WorkerLink:
         """The worker's answer to request ``kind``, or None if it gave none in time (or is
         still starting)."""
         async with self._asking:
-            self._asked, self._answer, self._answered = kind, None, trio.Event()
+            request_id = next(self._request_ids) % control.REQUEST_ID_LIMIT
+            self._asked, self._answer, self._answered = (kind, request_id), None, trio.Event()
             try:
-                await self.sock.send(kind)
+                await self.sock.send(control.encode_request(kind, request_id))
                 with trio.move_on_after(REQUEST_TIMEOUT):
                     await self._answered.wait()
             except OSError:
