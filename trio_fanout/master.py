@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import attrs
@@ -42,8 +41,8 @@ from trio_fanout.backplane import (
     CurveProxyKeys,
     open_backplane,
     redact_url,
-    serve_proxy,
 )
+from trio_fanout.backplane.proxy import ZmqProxy
 from trio_fanout.config import ENV_PREFIX, Config
 from trio_fanout.metrics import NodeStats
 from trio_fanout.runner import CONTROL_RECEIVE_BYTES, give_back_memory_forever, open_listeners
@@ -426,18 +425,21 @@ async def run_master(
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                proxy: ZmqProxy | None = None
                 if config.backplane is None:
-                    proxy_port = await nursery.start(
-                        partial(
-                            serve_proxy, history=config.history_policy, curve=proxy_keys(config)
-                        ),
+                    proxy = ZmqProxy(
                         config.proxy_host,
                         config.proxy_port,
+                        history=config.history_policy,
+                        curve=proxy_keys(config),
                     )
+                    proxy_port = await nursery.start(proxy.serve)
                     # Workers and the heartbeat meet at the port the proxy really bound, and
                     # with CURVE they are clients of the proxy's own key pair.
                     config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
                 supervisor = Supervisor(config, listeners)
+                if proxy is not None:
+                    supervisor.node.proxy_stats = proxy.stats
                 if config.admin_port is not None:
                     admin = AdminServer(
                         config,
@@ -508,17 +510,19 @@ async def run_proxy(config: Config) -> None:
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(serve_proxy, history=config.history_policy, curve=proxy_keys(config)),
+            proxy = ZmqProxy(
                 config.proxy_host,
                 config.proxy_port,
+                history=config.history_policy,
+                curve=proxy_keys(config),
             )
+            port = await nursery.start(proxy.serve)
             nursery.start_soon(give_back_memory_forever)
             # The heartbeat and the API are clients of the proxy's own key pair (with CURVE).
             config = attrs.evolve(
                 config, proxy_port=port, backplane=None, curve_server_key_file=None
             )
-            node = NodeStats()
+            node = NodeStats(proxy_stats=proxy.stats)
             if config.admin_port is not None:
                 await nursery.start(AdminServer(config, node, _no_workers, ()).serve)
             if config.heartbeat_interval > 0:
