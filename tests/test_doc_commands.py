@@ -46,8 +46,8 @@ replacements, which keep them on loopback and off the machine's files:
 - ``redis://127.0.0.1:6379`` becomes the test session's own redis-server;
 - the admin port ``9100`` becomes a free port, ``--host 0.0.0.0`` becomes ``--host 127.0.0.1``
   and ``--port 443`` becomes ``--port 0``;
-- ``examples/publish_api`` runs the project's example, ``api.key`` is the admin port's key, and
-  ``cert.pem``/``key.pem`` a certificate for 127.0.0.1 (made by the test);
+- ``examples/publish_api`` runs the project's example, and ``cert.pem``/``key.pem`` are a
+  certificate for 127.0.0.1 (made by the test);
 - ``trio-fanout publish`` gets ``TRIO_FANOUT_BACKPLANE``, the backplane of a ``trio-fanout run``
   of the test, as it would get it from a settings file;
 - every ``trio-fanout run`` gets ``TRIO_FANOUT_PORT=0``, ``TRIO_FANOUT_PROXY_PORT=0`` and
@@ -152,10 +152,10 @@ RUN_HERE: dict[str, str] = {
         "test_the_two_hosts_example_on_curve",
     "trio-fanout run --tls-cert-file cert.pem --tls-key-file key.pem":
         "test_the_run_commands_serve",
-    "python examples/publish_api.py --admin http://127.0.0.1:9100 --key-file api.key lobby "
-    "'\"hi\"'": "test_the_run_commands_serve",
-    "node examples/publish_api.mjs http://127.0.0.1:9100 api.key lobby '{\"text\": \"hi\"}'":
-        "test_the_run_commands_serve",
+    "python examples/publish_api.py --admin http://127.0.0.1:9100 "
+    "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'": "test_the_run_commands_serve",
+    "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
+    "'{\"text\": \"hi\"}'": "test_the_run_commands_serve",
     "trio-fanout publish lobby '{\"text\": \"from the emitter\"}'": "test_the_run_commands_serve",
     "trio-fanout --version": "test_the_version_command_names_the_version",
     "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem":
@@ -702,14 +702,14 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             key,
         )
         assert json.loads(broadcast) == {"broadcast": True}
-        (tmp_path / "api.key").write_text((tmp_path / "etc/trio-fanout/api.key").read_text())
         from_python = shell.run(
-            "python examples/publish_api.py --admin http://127.0.0.1:9100 --key-file api.key "
-            "lobby '\"hi\"'"
+            "python examples/publish_api.py --admin http://127.0.0.1:9100 "
+            "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'"
         )
         assert from_python == "published to lobby at offset 2\n"
         from_node = shell.run(
-            'node examples/publish_api.mjs http://127.0.0.1:9100 api.key lobby \'{"text": "hi"}\''
+            "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
+            '\'{"text": "hi"}\''
         )
         assert from_node == "published to lobby at offset 3\n"
         info = shell.run(
