@@ -42,6 +42,7 @@ import logging
 import os
 import time
 
+import attrs
 import trio
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -184,6 +185,21 @@ class _Peer:
         self.malformed_logged = -MALFORMED_LOG_INTERVAL
 
 
+@attrs.frozen
+class ProxyStats:
+    """A snapshot of :meth:`ZmqProxy.stats` (docs/operations.md names each as a metric)."""
+
+    peers: int  # clients connected: workers, masters, emitters
+    topics: int  # topics with at least one subscriber
+    publishes: int
+    appends: int
+    routed: int
+    dropped: int  # messages not sent to subscribers that had not taken the earlier ones
+    replies_dropped: int
+    history_topics: int  # topics whose numbering (and history) the proxy holds
+    history_bytes: int  # what that history costs, as the history_max_bytes setting counts it
+
+
 class ZmqProxy:
     """The routing table and the loop; :func:`serve_proxy` runs one."""
 
@@ -205,6 +221,23 @@ class ZmqProxy:
         self.peers: dict[bytes, _Peer] = {}
         self.dropped_total = 0
         self.replies_dropped = 0  # replies to peers that do not read them (SEND_HIGH_WATER_MARK)
+        self.publishes = 0  # PUBLISH commands: plain messages (heartbeats, broadcasts)
+        self.appends = 0  # APPEND commands: messages numbered into a topic's history
+        self.routed = 0  # messages sent to subscribers (one per subscriber)
+
+    def stats(self) -> ProxyStats:
+        """What the proxy counts and holds now, for the admin port of its process."""
+        return ProxyStats(
+            peers=len(self.peers),
+            topics=len(self.subscribers),
+            publishes=self.publishes,
+            appends=self.appends,
+            routed=self.routed,
+            dropped=self.dropped_total,
+            replies_dropped=self.replies_dropped,
+            history_topics=len(self.sequencer.series),
+            history_bytes=self.sequencer.bytes,
+        )
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; ``started`` reports the bound port.
@@ -312,10 +345,12 @@ class ZmqProxy:
         head = frames[1] if len(frames) > 1 else b""
         command, request_id = head[:1], head[1:ID_END]
         if command == PUBLISH and len(frames) == 3 and len(head) > ID_END:
+            self.publishes += 1
             self._route(sock, head[ID_END:], frames[2], None)
             self._reply(sock, peer, [REPLY + request_id])
         elif command == APPEND and len(frames) == 3 and len(head) > ID_END:
             topic, payload = head[ID_END:], frames[2]
+            self.appends += 1
             series = self.sequencer.append(topic, payload, trio.current_time())
             position = pack_position(series.offset, series.epoch_bytes)
             self._route(sock, topic, payload, NUMBERED + position + topic)
@@ -384,6 +419,7 @@ class ZmqProxy:
         if head is None:
             head = MESSAGE + topic
         gone: list[_Peer] = []
+        routed = 0
         for peer in subscribers:
             if peer.unacknowledged >= SUBSCRIBER_BACKLOG_LIMIT_BYTES:
                 self._drop(peer)
@@ -399,6 +435,8 @@ class ZmqProxy:
                 gone.append(peer)
                 continue
             peer.unacknowledged += cost
+            routed += 1
+        self.routed += routed
         for peer in gone:
             logger.info("peer %s disconnected", peer.identity.hex())
             self._forget(peer)

@@ -29,6 +29,7 @@ from tests.helpers import (
     ClusterProcess,
     LoggedProcess,
     connect_on_each_worker,
+    receive_data,
     receive_message,
     trio_fanout_command,
 )
@@ -473,6 +474,8 @@ async def test_backplane_latency_and_worker_restarts():
         assert worker_two >= 1
         assert after("trio_fanout_backplane_latency_seconds_sum", worker="2") > 0
         assert after("trio_fanout_heartbeats_total", result="sent") >= worker_two
+        # The master runs the proxy too: the heartbeats went through it.
+        assert after("trio_fanout_proxy_publishes_total", kind="plain") >= worker_two
         # A worker that cannot answer (stopped) is shown as not up, and the scrape still comes.
         stopped_pid = int(after("trio_fanout_worker_pid", worker="2"))
         os.kill(stopped_pid, signal.SIGSTOP)
@@ -540,6 +543,47 @@ async def test_a_proxy_alone_reports_its_heartbeats():
                     break
                 await trio.sleep(0.1)
     finally:
+        proxy.stop()
+
+
+async def test_a_proxy_alone_reports_what_it_routes_and_holds():
+    proxy = LoggedProcess(
+        trio_fanout_command(
+            "proxy", "--port", "0", "--heartbeat-interval", "0", "--admin-port", "0"
+        )
+    )
+    worker: LoggedProcess | None = None
+    try:
+        admin_port = int(proxy.wait_for_log(r"admin port on http://[\d.]+:(\d+)/").group(1))
+        proxy_port = int(proxy.wait_for_log(r"clients connect to tcp://[\d.]+:(\d+)").group(1))
+        backplane = f"zmq://127.0.0.1:{proxy_port}"
+        worker = LoggedProcess(
+            trio_fanout_command("worker", "--backplane", backplane, "--port", "0")
+        )
+        ws_port = int(worker.wait_for_log(r"serving ws://[\d.]+:(\d+)/ws").group(1))
+        async with (
+            open_client(f"ws://127.0.0.1:{ws_port}/ws", connect_timeout=START_TIMEOUT) as client,
+            open_emitter(backplane) as emitter,
+        ):
+            await client.join("lobby")
+            for number in range(3):
+                await emitter.publish("lobby", number)
+            await emitter.broadcast("to all")
+            assert await receive_data(client, 4) == [0, 1, 2, "to all"]
+            _, _, body = await http(f"http://127.0.0.1:{admin_port}/metrics")
+        metrics = Scrape(body.decode())
+        assert metrics("trio_fanout_proxy_publishes_total", kind="numbered") == 3
+        assert metrics("trio_fanout_proxy_publishes_total", kind="plain") == 1
+        # Each went to the one worker whose client is in the room (or, broadcast, anywhere).
+        assert metrics("trio_fanout_proxy_messages_routed_total") == 4
+        assert metrics("trio_fanout_proxy_messages_dropped_total") == 0
+        assert metrics("trio_fanout_proxy_peers") == 2  # the worker and the emitter
+        assert metrics("trio_fanout_proxy_topics") == 2  # the room's, and the broadcasts'
+        assert metrics("trio_fanout_proxy_history_topics") == 1
+        assert metrics("trio_fanout_proxy_history_bytes") > 0
+    finally:
+        if worker is not None:
+            worker.stop()
         proxy.stop()
 
 

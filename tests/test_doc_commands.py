@@ -11,6 +11,14 @@ whose language is a shell's (``sh``, ``bash``, ``shell``, ``console``, ``shell-s
 - ``A && B`` are two commands, A and B; ``cd DIR`` is not one: the commands after it, to the
   end of the block, run in DIR (relative to the project's root).
 
+Commands are written in prose too, in code spans: a span is a command when it starts with one
+of the programs of ``INLINE_COMMAND`` (``trio-fanout``, ``python``, ``node``, ``curl``,
+``openssl``, ``systemctl``, ...), unless it only names a program or one of its sub-commands
+(``trio-fanout run``, ``systemctl stop``) or quotes what a program printed (``trio-fanout run:
+error: …``). Such a span is read as a line of a ``sh`` block. A command whose capitals (or
+``…``) stand for the reader's values is listed as ``FORM``; a ``trio-fanout`` command that is
+not run here must take the options it shows (its ``--help`` lists them).
+
 A fenced block without a language that holds a line starting with ``$ `` or with a command this
 project's docs use (``trio-fanout``, ``curl``, ``python``, ``pip``) fails the test: it must say
 it is a shell block, so that its commands are counted.
@@ -38,6 +46,10 @@ replacements, which keep them on loopback and off the machine's files:
 - ``redis://127.0.0.1:6379`` becomes the test session's own redis-server;
 - the admin port ``9100`` becomes a free port, ``--host 0.0.0.0`` becomes ``--host 127.0.0.1``
   and ``--port 443`` becomes ``--port 0``;
+- ``examples/publish_api`` runs the project's example, and ``cert.pem``/``key.pem`` are a
+  certificate for 127.0.0.1 (made by the test);
+- ``trio-fanout publish`` gets ``TRIO_FANOUT_BACKPLANE``, the backplane of a ``trio-fanout run``
+  of the test, as it would get it from a settings file;
 - every ``trio-fanout run`` gets ``TRIO_FANOUT_PORT=0``, ``TRIO_FANOUT_PROXY_PORT=0`` and
   ``TRIO_FANOUT_WORKERS=1`` in its environment (a flag given in the command still wins), so
   that several run at once on free ports, and each is told apart by its log.
@@ -51,21 +63,34 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import pytest
 import trustme
 
+import trio_fanout
 from tests.helpers import LoggedProcess, RedisServer, free_port
 from tests.test_examples import two_hosts_configs
+from trio_fanout import tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console", "shell-session"}
 PROMPT_LANGUAGES = {"console", "shell-session"}
 # An unlabelled block with such a line holds commands and must say it is a shell block.
 LOOKS_LIKE_A_COMMAND = re.compile(r"^(\$ |(trio-fanout|curl|python3?|pip) )")
+# A code span in prose that starts with one of these programs is a command (`kill -9` or
+# `chmod 600` name what to do to a process or a file of the reader's, with no program to run)...
+INLINE_COMMAND = re.compile(
+    r"(cd|trio-fanout|python3?|node|npm|pip|curl|openssl|systemctl|journalctl|nginx|"
+    r"redis-server|redis-cli)( |$)"
+)
+# ...unless it only names a program or one of its sub-commands (`trio-fanout run`, `systemctl
+# stop`), or quotes what a program printed (`trio-fanout run: error: …`).
+A_NAME = re.compile(r"\S+( [a-z][a-z-]*)?|\S+ \S+: .*")
 # A command of the documentation takes a second or two when things are well.
 COMMAND_TIMEOUT = 30.0
 
@@ -125,12 +150,31 @@ RUN_HERE: dict[str, str] = {
     "TRIO_FANOUT_CURVE_SERVER_KEY_FILE=keys/proxy.key": "test_the_two_hosts_example_on_curve",
     "trio-fanout worker --config examples/two_hosts/worker-a.toml --index 1":
         "test_the_two_hosts_example_on_curve",
+    "trio-fanout run --tls-cert-file cert.pem --tls-key-file key.pem":
+        "test_the_run_commands_serve",
+    "python examples/publish_api.py --admin http://127.0.0.1:9100 "
+    "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'": "test_the_run_commands_serve",
+    "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
+    "'{\"text\": \"hi\"}'": "test_the_run_commands_serve",
+    "trio-fanout publish lobby '{\"text\": \"from the emitter\"}'": "test_the_run_commands_serve",
+    "trio-fanout --version": "test_the_version_command_names_the_version",
+    "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem":
+        "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
+    "openssl pkey -in private.pem -pubout -out public.pem":
+        "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
 }  # fmt: skip
 
 ELSEWHERE = "run elsewhere"
 CI_SET_UP = "set-up, run by .ci/run"
 BENCHMARK = "benchmark, run by hand"
 DOCUMENTED_ONLY = "documented only"
+FORM = "the form of a command"  # its capitals (or …) stand for the reader's values
+
+# The cluster most tests share (tests/conftest.py), and the tests that run one worker.
+CLUSTER_TESTS = "tests/conftest.py's cluster fixture, used by tests/test_cluster.py and others"
+ONE_WORKER_TESTS = "tests/test_limits.py (run_one_worker)"
+# Commands that change the machine's services: the units they start are checked instead.
+SERVICES = "acts on the machine's services; tests/test_deployment.py verifies the units"
 
 # Every other command of the documentation: (kind, the test that runs it, or why it is not run).
 NOT_RUN_HERE: dict[str, tuple[str, str]] = {
@@ -202,6 +246,73 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     "python history_bench.py rate": (BENCHMARK, "bench/history_bench.py"),
     "python history_bench.py kill": (BENCHMARK, "bench/history_bench.py"),
     "python history_bench.py kill --backplane redis": (BENCHMARK, "bench/history_bench.py"),
+    "python compare.py --report FILE": (BENCHMARK, "bench/compare.py"),
+    "python bench/flood_bench.py": (BENCHMARK, "bench/flood_bench.py"),
+    "python bench/slow_clients.py": (BENCHMARK, "bench/slow_clients.py"),
+    "python bench/proxy_throughput.py": (BENCHMARK, "bench/proxy_throughput.py"),
+    "python bench/recovery_bench.py --rounds 30": (BENCHMARK, "bench/recovery_bench.py"),
+    "python bench/token_cost.py": (BENCHMARK, "bench/token_cost.py"),
+    "python bench/soak.py": (BENCHMARK, "bench/soak.py"),
+    "trio-fanout run --workers 2": (ELSEWHERE, CLUSTER_TESTS),
+    "trio-fanout run --workers 1": (ELSEWHERE, ONE_WORKER_TESTS),
+    "trio-fanout run --workers 2 --log-level debug": (
+        ELSEWHERE,
+        "tests/test_logs.py::test_debug_shows_the_path_of_one_message_through_the_cluster",
+    ),
+    "trio-fanout worker --backplane memory://autobahn": (
+        ELSEWHERE,
+        "bench/autobahn/run.py starts it; tests/test_autobahn.py, in the slow suite",
+    ),
+    "python -m trio_fanout": (
+        ELSEWHERE,
+        "how the master starts its workers (every cluster test); tests/test_limits.py runs it "
+        "directly",
+    ),
+    "trio-fanout COMMAND --help": (FORM, "COMMAND: run, worker, proxy, publish, ..."),
+    "trio-fanout publish ROOM DATA": (FORM, "the room and the JSON to publish"),
+    "trio-fanout publish --log-level debug ROOM DATA": (FORM, "the room and the JSON to publish"),
+    "trio-fanout publish --backplane zmq://10.0.0.5:5559 ROOM DATA": (
+        FORM,
+        "the room and the JSON to publish, to a proxy on another host",
+    ),
+    "trio-fanout keygen NAME": (FORM, "the name of the key pair"),
+    "trio-fanout keygen NAME [--directory DIR]": (FORM, "the name, and where to write"),
+    "trio-fanout token SUB": (FORM, "the token's subject"),
+    "trio-fanout worker --index N": (FORM, "the worker's number"),
+    "trio-fanout run --backplane zmq://…": (FORM, "the proxy's address"),
+    "trio-fanout run --backplane redis://…": (FORM, "the Redis server's address"),
+    "python -m trio_fanout worker …": (FORM, "the worker's options, given by the master"),
+    "openssl rand -hex 32 > FILE": (FORM, "the secret's file"),
+    "/opt/trio-fanout/bin/pip install /path/to/trio-fanout": (
+        FORM,
+        "the reader's checkout or wheel; tests/test_packaging.py builds the wheel",
+    ),
+    "python3 -m venv /opt/trio-fanout": (
+        DOCUMENTED_ONLY,
+        "makes a directory in /opt, with Python's own venv module",
+    ),
+    "systemctl daemon-reload": (DOCUMENTED_ONLY, SERVICES),
+    "systemctl enable --now trio-fanout": (DOCUMENTED_ONLY, SERVICES),
+    "systemctl enable --now trio-fanout-worker@1 trio-fanout-worker@2": (
+        DOCUMENTED_ONLY,
+        SERVICES,
+    ),
+    "journalctl -u trio-fanout": (DOCUMENTED_ONLY, "reads the machine's journal"),
+    "pip install 'PyJWT[crypto]'": (
+        DOCUMENTED_ONLY,
+        "installs into the reader's application; trio-fanout itself requires PyJWT[crypto] "
+        "(pyproject.toml), so it is installed wherever the suite runs",
+    ),
+    "npm install jsonwebtoken": (
+        DOCUMENTED_ONLY,
+        "installs a Node.js library from the network into the reader's application",
+    ),
+    "redis-cli pubsub channels": (
+        DOCUMENTED_ONLY,
+        "asks the example's Redis on its default port; "
+        "tests/test_examples.py::test_two_hosts_on_redis_differ_in_one_line_and_use_redis asks "
+        "the test's Redis for the room's channel with redis-cli pubsub numsub",
+    ),
 }
 
 
@@ -286,6 +397,27 @@ def commands_of_block(name: str, language: str, lines: list[tuple[int, str]]) ->
     return found
 
 
+def inline_commands(name: str, text: str) -> list[DocCommand]:
+    """The commands written in code spans of the prose of a Markdown file (see the module's
+    docstring)."""
+    prose: list[str] = []  # the file's lines, those of fenced blocks left blank
+    in_block = False
+    for line in text.splitlines():
+        if re.match(r"\s*```", line):
+            in_block = not in_block
+            prose.append("")
+        else:
+            prose.append("" if in_block else line)
+    joined = "\n".join(prose)
+    found: list[DocCommand] = []
+    for span in re.finditer(r"`([^`]+)`", joined):
+        command = " ".join(span.group(1).split())  # a span may go on over a line break
+        if INLINE_COMMAND.match(command) and not A_NAME.fullmatch(command):
+            line = joined.count("\n", 0, span.start()) + 1
+            found.extend(commands_of_block(name, "sh", [(line, command)]))
+    return found
+
+
 def documented_commands() -> list[DocCommand]:
     found: list[DocCommand] = []
     for path in documentation():
@@ -293,6 +425,7 @@ def documented_commands() -> list[DocCommand]:
         for language, lines in blocks(path):
             if language in SHELL_LANGUAGES:
                 found.extend(commands_of_block(name, language, lines))
+        found.extend(inline_commands(name, path.read_text()))
     return found
 
 
@@ -334,6 +467,15 @@ def test_the_collection_finds_commands_and_reads_them_as_a_shell_would():
     assert [command.text for command in commands_of_block("f.md", "sh", lines[1:3])] == [
         "FOO=1 trio-fanout config",
         "port = 1",
+    ]
+    prose = (
+        "Run `trio-fanout run` (`trio-fanout run: error: …` if not), or\n"
+        "`trio-fanout run --workers\n2`, then `kill -9` or `cd bench && python x.py`.\n"
+        "```sh\necho `python y.py`\n```\n"
+    )
+    assert inline_commands("f.md", prose) == [
+        DocCommand("f.md", 2, "", "trio-fanout run --workers 2"),
+        DocCommand("f.md", 3, "bench", "python x.py"),
     ]
 
 
@@ -410,12 +552,12 @@ class Shell:
             script = script.replace(placeholder, value)
         return script
 
-    def run(self, command: str, *before: str) -> str:
-        """Run ``command`` (after the documented ``before`` ones, in the same shell); its
-        output, once it exited 0."""
+    def run(self, command: str, *before: str, environment: dict[str, str] | None = None) -> str:
+        """Run ``command`` (after the documented ``before`` ones, in the same shell, with
+        ``environment`` added); its output, once it exited 0."""
         result = subprocess.run(
             ["bash", "-c", "set -e\n" + self.script(command, *before)],
-            cwd=self.directory, env={**os.environ, **self.environment},
+            cwd=self.directory, env={**os.environ, **self.environment, **(environment or {})},
             capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
         )  # fmt: skip
         assert result.returncode == 0, (command, result.stderr)
@@ -484,6 +626,7 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             "--admin-port 9100": f"--admin-port {admin_port}",
             "--host 0.0.0.0": "--host 127.0.0.1",
             "--port 443": "--port 0",
+            "examples/publish_api": str(ROOT / "examples/publish_api"),
         },
     )
     ca = trustme.CA()
@@ -491,6 +634,8 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     certificate.private_key_pem.write_to_path(str(tmp_path / "etc/fanout/privkey.pem"))
     chain = b"".join(blob.bytes() for blob in certificate.cert_chain_pems)
     (tmp_path / "etc/fanout/fullchain.pem").write_bytes(chain)
+    certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (tmp_path / "cert.pem").write_bytes(chain)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     try:
@@ -521,13 +666,21 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
                 "trio-fanout run --token-public-key-file /etc/trio-fanout/token-public.pem",
                 "trio-fanout run --host 0.0.0.0 --port 443 --tls-cert-file "
                 "/etc/fanout/fullchain.pem --tls-key-file /etc/fanout/privkey.pem",
+                "trio-fanout run --tls-cert-file cert.pem --tls-key-file key.pem",
             )
         ]
         for process in started:
             scheme, port = serving_port(process)
             assert health(shell, scheme, port, ca_file)["status"] == "ready"
-        assert serving_port(started[-1])[0] == "https"
+        assert serving_port(started[-2])[0] == serving_port(started[-1])[0] == "https"
         assert redis_server.url in started[1].wait_for_log("listening on").string
+
+        # From a shell, to the cluster on Redis.
+        published = shell.run(
+            'trio-fanout publish lobby \'{"text": "from the emitter"}\'',
+            environment={"TRIO_FANOUT_BACKPLANE": redis_server.url},
+        )
+        assert re.fullmatch(r"published to room 'lobby' at offset \d+\n", published)
 
         # The admin port of the third, as operations.md asks it.
         started[2].wait_for_log(r"admin port on http://127\.0\.0\.1:\d+")
@@ -549,6 +702,16 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             key,
         )
         assert json.loads(broadcast) == {"broadcast": True}
+        from_python = shell.run(
+            "python examples/publish_api.py --admin http://127.0.0.1:9100 "
+            "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'"
+        )
+        assert from_python == "published to lobby at offset 2\n"
+        from_node = shell.run(
+            "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
+            '\'{"text": "hi"}\''
+        )
+        assert from_node == "published to lobby at offset 3\n"
         info = shell.run(
             'curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:9100/api/info', key
         )
@@ -615,3 +778,39 @@ def test_the_two_hosts_example_on_curve(tmp_path: Path):
         shell.assert_ran_what_is_listed_for("test_the_two_hosts_example_on_curve")
     finally:
         shell.stop()
+
+
+def test_the_version_command_names_the_version(shell: Shell):
+    assert shell.run("trio-fanout --version") == f"trio-fanout {trio_fanout.__version__}\n"
+    shell.assert_ran_what_is_listed_for("test_the_version_command_names_the_version")
+
+
+def test_an_rsa_key_made_as_documented_verifies_rs256_tokens(shell: Shell):
+    shell.run("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem")
+    shell.run("openssl pkey -in private.pem -pubout -out public.pem")
+    verifier = tokens.Verifier(tokens.read_public_key(str(shell.directory / "public.pem")), 0)
+    claims = {"sub": "ann", "exp": int(time.time()) + 600, "join": ["lobby"]}
+    token = jwt.encode(claims, (shell.directory / "private.pem").read_bytes(), algorithm="RS256")
+    assert verifier.verify(token).sub == "ann"
+    shell.assert_ran_what_is_listed_for("test_an_rsa_key_made_as_documented_verifies_rs256_tokens")
+
+
+def test_the_commands_not_run_take_the_options_they_show():
+    """A ``trio-fanout`` command that no test runs as written (a form, a command run with other
+    values) still shows only options its sub-command has."""
+    helps: dict[str, str] = {}
+    for command in documented_commands():
+        kind, _ = NOT_RUN_HERE.get(command.text, ("", ""))
+        words = command.text.split()
+        if kind not in {FORM, DOCUMENTED_ONLY, ELSEWHERE} or words[0] != "trio-fanout":
+            continue
+        sub = words[1] if re.fullmatch(r"[a-z]+", words[1]) else ""
+        if sub not in helps:
+            result = subprocess.run(
+                [sys.executable, "-m", "trio_fanout", *([sub] if sub else []), "--help"],
+                capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+            )  # fmt: skip
+            assert result.returncode == 0, (command.where, result.stderr)
+            helps[sub] = result.stdout
+        for option in re.findall(r"--[a-z][a-z-]*", command.text):
+            assert re.search(rf"{option}\b", helps[sub]), (command.where, option)

@@ -187,6 +187,27 @@ async def test_a_valid_token_in_the_query_string_needs_no_auth_frame(
         assert await receive_data(bob, 1) == ["from bob"]
 
 
+async def test_two_tokens_in_the_query_are_refused_400_while_others_are_served(
+    cluster: ClusterProcess, keys: Keys
+):
+    first, second = token(keys, "ann"), token(keys, "bob")
+    async with AsyncExitStack() as stack:
+        served = await witnesses(stack, cluster, keys)
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with open_client(f"{cluster.url}?token={first}&token={second}"):
+                pass
+        assert rejected.value.status_code == 400
+        assert b"more than one token" in rejected.value.body
+        assert first.encode() not in rejected.value.body
+        assert second.encode() not in rejected.value.body
+        await still_served(served, "after the 400 for two tokens")
+        # One token, with an empty second, is one token.
+        async with open_client(f"{cluster.url}?token={first}&token=") as ann:
+            await ann.join("lobby")
+            await ann.publish("lobby", "from ann")
+            assert await receive_data(ann, 1) == ["from ann"]
+
+
 @pytest.mark.parametrize(
     "problem, make",
     [

@@ -493,11 +493,15 @@ class Connection:
             )
 
     def _check_query_token(self, request: websocket.Request) -> None:
-        """Take a ``?token=`` where the worker requires tokens; refuse a bad one with 401."""
+        """Take a ``?token=`` where the worker requires tokens; refuse a bad one with 401, and
+        two with 400: which one the client meant is not for the server to guess."""
         verifier = self.worker.tokens
-        token = request.params.get("token")
-        if verifier is None or token is None:
+        given = request.param_values("token")
+        if verifier is None or not given:
             return
+        if len(given) > 1:
+            raise websocket.HandshakeError(400, "the query string gives more than one token")
+        (token,) = given
         try:
             self.grant = verifier.verify(token)
         except tokens.InvalidToken as invalid:

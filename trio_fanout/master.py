@@ -19,6 +19,7 @@ Secrets kept in files (``*_file`` settings) are read by each worker itself.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import attrs
@@ -41,8 +41,8 @@ from trio_fanout.backplane import (
     CurveProxyKeys,
     open_backplane,
     redact_url,
-    serve_proxy,
 )
+from trio_fanout.backplane.proxy import ZmqProxy
 from trio_fanout.config import ENV_PREFIX, Config
 from trio_fanout.metrics import NodeStats
 from trio_fanout.runner import CONTROL_RECEIVE_BYTES, give_back_memory_forever, open_listeners
@@ -92,8 +92,9 @@ class WorkerLink:
         self.first_answer = trio.Event()  # the worker has answered once: it is starting up
         # Set while new connections go to other workers because this one is silent.
         self.steered_away = False
-        self._asking = trio.Lock()  # one request at a time: answers come in order
-        self._asked: bytes | None = None
+        self._asking = trio.Lock()  # one request at a time: one place for its answer
+        self._asked: tuple[bytes, int] | None = None  # the kind and id of the question open
+        self._request_ids = itertools.count(1)
         self._answer: bytes | None = None
         self._answered = trio.Event()
         self._broken = False
@@ -107,10 +108,11 @@ class WorkerLink:
             logger.error("control channel: %s; the worker will be replaced", error)
             self._broken = True
             return
-        for kind, body in answers:
+        for kind, request_id, body in answers:
             self.last_answer = trio.current_time()
             self.first_answer.set()
-            if kind == self._asked:
+            # A late answer to a question given up on has another id: a sign of life only.
+            if (kind, request_id) == self._asked:
                 self._answer = body
                 self._answered.set()
 
@@ -129,9 +131,10 @@ class WorkerLink:
         """The worker's answer to request ``kind``, or None if it gave none in time (or is
         still starting)."""
         async with self._asking:
-            self._asked, self._answer, self._answered = kind, None, trio.Event()
+            request_id = next(self._request_ids) % control.REQUEST_ID_LIMIT
+            self._asked, self._answer, self._answered = (kind, request_id), None, trio.Event()
             try:
-                await self.sock.send(kind)
+                await self.sock.send(control.encode_request(kind, request_id))
                 with trio.move_on_after(REQUEST_TIMEOUT):
                     await self._answered.wait()
             except OSError:
@@ -422,18 +425,21 @@ async def run_master(
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                proxy: ZmqProxy | None = None
                 if config.backplane is None:
-                    proxy_port = await nursery.start(
-                        partial(
-                            serve_proxy, history=config.history_policy, curve=proxy_keys(config)
-                        ),
+                    proxy = ZmqProxy(
                         config.proxy_host,
                         config.proxy_port,
+                        history=config.history_policy,
+                        curve=proxy_keys(config),
                     )
+                    proxy_port = await nursery.start(proxy.serve)
                     # Workers and the heartbeat meet at the port the proxy really bound, and
                     # with CURVE they are clients of the proxy's own key pair.
                     config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
                 supervisor = Supervisor(config, listeners)
+                if proxy is not None:
+                    supervisor.node.proxy_stats = proxy.stats
                 if config.admin_port is not None:
                     admin = AdminServer(
                         config,
@@ -504,17 +510,19 @@ async def run_proxy(config: Config) -> None:
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(serve_proxy, history=config.history_policy, curve=proxy_keys(config)),
+            proxy = ZmqProxy(
                 config.proxy_host,
                 config.proxy_port,
+                history=config.history_policy,
+                curve=proxy_keys(config),
             )
+            port = await nursery.start(proxy.serve)
             nursery.start_soon(give_back_memory_forever)
             # The heartbeat and the API are clients of the proxy's own key pair (with CURVE).
             config = attrs.evolve(
                 config, proxy_port=port, backplane=None, curve_server_key_file=None
             )
-            node = NodeStats()
+            node = NodeStats(proxy_stats=proxy.stats)
             if config.admin_port is not None:
                 await nursery.start(AdminServer(config, node, _no_workers, ()).serve)
             if config.heartbeat_interval > 0:

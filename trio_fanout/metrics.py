@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -24,6 +24,7 @@ from prometheus_client.core import (
 )
 
 if TYPE_CHECKING:
+    from trio_fanout.backplane.proxy import ProxyStats
     from trio_fanout.worker import Worker
 
 # Upper bounds, in seconds, of the backplane latency histogram's buckets: on one host a
@@ -136,12 +137,14 @@ def worker_info(worker: Worker) -> dict[str, Any]:
 @attrs.define
 class NodeStats:
     """What the process with the admin port counts itself: the master's restarts, the
-    heartbeats it published, the API's publishes."""
+    heartbeats it published, the API's publishes; and, where it runs the ZeroMQ proxy, what
+    the proxy counts (``proxy_stats``, asked at each scrape)."""
 
     restarts: dict[int, int] = attrs.field(factory=dict)  # by worker index
     heartbeats_sent: int = 0
     heartbeats_failed: int = 0
     api_publishes: dict[str, int] = attrs.field(factory=dict)  # by result
+    proxy_stats: Callable[[], ProxyStats] | None = None
 
     def count_api_publish(self, result: str) -> None:
         self.api_publishes[result] = self.api_publishes.get(result, 0) + 1
@@ -259,4 +262,34 @@ def metric_families(
     for result, count in sorted(node.api_publishes.items()):
         api.add_metric([result], count)
     families += [restarts, heartbeats, api]
+    if node.proxy_stats is not None:
+        families += proxy_families(node.proxy_stats())
+    return families
+
+
+def proxy_families(stats: ProxyStats) -> list[Metric]:
+    """The ZeroMQ proxy's metrics: the process runs one proxy, so they have no label but
+    ``kind``."""
+    publishes = CounterMetricFamily(
+        "trio_fanout_proxy_publishes", "Messages published to the proxy", labels=["kind"]
+    )
+    publishes.add_metric(["plain"], stats.publishes)
+    publishes.add_metric(["numbered"], stats.appends)
+    families: list[Metric] = [publishes]
+    for name, documentation, value in (
+        ("trio_fanout_proxy_messages_routed", "Messages sent to subscribers", stats.routed),
+        ("trio_fanout_proxy_messages_dropped", "Messages dropped for slow subscribers",
+         stats.dropped),
+        ("trio_fanout_proxy_replies_dropped", "Replies dropped for peers that read none",
+         stats.replies_dropped),
+    ):  # fmt: skip
+        families.append(CounterMetricFamily(name, documentation, value=value))
+    for name, documentation, value in (
+        ("trio_fanout_proxy_peers", "Clients connected to the proxy", stats.peers),
+        ("trio_fanout_proxy_topics", "Topics with a subscriber", stats.topics),
+        ("trio_fanout_proxy_history_topics", "Topics the proxy numbers", stats.history_topics),
+        ("trio_fanout_proxy_history_bytes", "Bytes of history the proxy holds",
+         stats.history_bytes),
+    ):  # fmt: skip
+        families.append(GaugeMetricFamily(name, documentation, value=value))
     return families

@@ -195,20 +195,25 @@ async def answer_master(
     runs as a task of the worker's Trio loop, not on a thread, on purpose: a loop that is
     stuck (a task that never yields, a stopped process) answers nothing, and the master
     replaces the worker."""
+    requests = control.RequestReader()
     with trio.socket.from_stdlib_socket(channel) as sock:
         try:
             while received := await sock.recv(CONTROL_RECEIVE_BYTES):
                 answer = bytearray()
-                for kind in (received[i : i + 1] for i in range(len(received))):
-                    if kind in control.REQUESTS:
-                        answer += control.encode_answer(kind, report(kind))
-                    else:
+                for kind, request_id in requests.feed(received):
+                    if kind == control.PING:
                         answer += kind
+                    else:
+                        answer += control.encode_answer(kind, request_id, report(kind))
                 view = memoryview(answer)
                 while view:
                     view = view[await sock.send(view) :]
         except OSError:
             pass  # the master's end is gone: the same news as end of file
+        except control.ChannelBroken as error:
+            # Silent from now on: the master finds the worker hung and replaces it.
+            logger.error("control channel: %s; no more answers to the master", error)
+            return
     master_gone.set()
 
 

@@ -115,6 +115,10 @@ class Request:
         """The query string's parameters (the last value of a repeated one)."""
         return dict(urllib.parse.parse_qsl(self.query))
 
+    def param_values(self, name: str) -> list[str]:
+        """Every non-empty value of the query string's parameter ``name``, in order."""
+        return [value for key, value in urllib.parse.parse_qsl(self.query) if key == name]
+
     def wants_websocket(self) -> bool:
         connection = {
             token.strip() for token in self.headers.get("connection", "").lower().split(",")
