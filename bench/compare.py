@@ -212,6 +212,7 @@ def gc_step(workers: dict[int, dict[str, Any]] | None) -> dict[str, Any] | None:
     return {
         "workers": {str(index): figures for index, figures in sorted(workers.items())},
         "longest_pause_ms": max(w["longest_pause_ms"] for w in workers.values()),
+        "longest_pause_cpu_ms": max(w["longest_pause_cpu_ms"] for w in workers.values()),
         "p99_pause_ms": max(w["p99_pause_ms"] for w in workers.values()),
     }
 
@@ -219,7 +220,10 @@ def gc_step(workers: dict[int, dict[str, Any]] | None) -> dict[str, Any] | None:
 def _gc_line(gc: dict[str, Any] | None) -> str:
     if gc is None:
         return ""
-    return f", GC pauses longest {gc['longest_pause_ms']:.1f} ms p99 {gc['p99_pause_ms']:.1f} ms"
+    return (
+        f", GC pauses longest {gc['longest_pause_ms']:.1f} ms (CPU "
+        f"{gc['longest_pause_cpu_ms']:.1f} ms) p99 {gc['p99_pause_ms']:.1f} ms"
+    )
 
 
 def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -387,7 +391,11 @@ def connections_metrics() -> list[tuple[str, Any, bool]]:
             )
         )
     for step in CONNECTION_STEPS:
-        for key, what in (("longest_pause_ms", "longest"), ("p99_pause_ms", "p99")):
+        for key, what in (
+            ("longest_pause_ms", "longest"),
+            ("longest_pause_cpu_ms", "longest (CPU)"),
+            ("p99_pause_ms", "p99"),
+        ):
             table.append(
                 (
                     f"GC pause {what}, ms, after {_step_label(step)} connections",

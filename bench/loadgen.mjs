@@ -24,9 +24,9 @@
 //        heartbeats that arrived here between A and B (give or take HEARTBEAT_MARGIN_MS).
 // Session "idle" connects without joining and waits for "quit".
 //
-// Clients connect from the addresses in `source_addresses` (all in 127.0.0.0/8), global client
-// g from address g mod their number: one source address gives only ~28,000 ephemeral ports
-// towards one server port. "ready" says when this process began and finished connecting its
+// Clients connect from the addresses in `source_addresses` (all in 127.0.0.0/8), a process's
+// i-th client from address i mod their number: one source address gives only ~28,000 ephemeral
+// ports towards one server port. "ready" says when this process began and finished connecting its
 // members and how much CPU it used meanwhile, from which the orchestrator makes the rate of new
 // connections.
 //
@@ -169,8 +169,8 @@ function openClient(room, onFrame, localAddress) {
   });
 }
 
-// Open a client for each of `rooms` (null: joins none); the one at index i is this shard's
-// i-th, global client shard + i * shards, and connects from that client's source address.
+// Open a client for each of `rooms` (null: joins none), the i-th from source address i mod
+// their number.
 async function openMany(rooms, onFrame) {
   const clients = new Array(rooms.length);
   let next = 0;
@@ -183,7 +183,7 @@ async function openMany(rooms, onFrame) {
     while (next < rooms.length) {
       const index = next++;
       const address = SOURCE_ADDRESSES.length
-        ? SOURCE_ADDRESSES[(shard + index * shards) % SOURCE_ADDRESSES.length]
+        ? SOURCE_ADDRESSES[index % SOURCE_ADDRESSES.length]
         : undefined;
       clients[index] = await openClient(rooms[index], onFrame, address);
       clients[index].index = index;

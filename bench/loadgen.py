@@ -36,9 +36,13 @@ CPU_LIMIT_PERCENT = 85.0
 LAG_P99_LIMIT_MS = 25.0
 DEFAULT_PROCESSES = 2
 # Clients per source address: one loopback address gives ~28,000 ephemeral ports towards one
-# server port (net.ipv4.ip_local_port_range), and the ports of closed connections stay taken
-# (TIME_WAIT) for a minute, across the steps of a run; this leaves room for both.
-CLIENTS_PER_SOURCE_ADDRESS = 8000
+# server port (net.ipv4.ip_local_port_range), and the kernel finds a free one the more slowly
+# the fuller the range is (a step that reused the addresses of the step before, whose ports were
+# still in TIME_WAIT, connected its last thousand clients at under 100/s). So each group of
+# clients gets addresses of its own, and no address more than this many clients.
+CLIENTS_PER_SOURCE_ADDRESS = 4000
+# The source addresses handed out so far (see source_addresses): 127.0.1.1 onwards.
+_addresses_given = 0
 # Clients per load-generator process: a process may open 20,000 descriptors (ulimit -n), one
 # per client; this leaves a margin for the rest.
 CLIENTS_PER_PROCESS = 10_000
@@ -288,9 +292,16 @@ def processes_for(clients: int, processes: int = DEFAULT_PROCESSES) -> int:
 
 
 def source_addresses(clients: int) -> list[str]:
-    """Loopback source addresses for ``clients`` clients, 127.0.0.2 onwards, enough that
-    none carries more than CLIENTS_PER_SOURCE_ADDRESS."""
-    return [f"127.0.0.{2 + i}" for i in range(-(-clients // CLIENTS_PER_SOURCE_ADDRESS))]
+    """Loopback source addresses for ``clients`` clients, none carrying more than
+    CLIENTS_PER_SOURCE_ADDRESS, and none given out before in this run (127.0.1.1, 127.0.1.2,
+    ...: the host part never 0 or 255)."""
+    global _addresses_given
+    addresses = []
+    for _ in range(-(-clients // CLIENTS_PER_SOURCE_ADDRESS)):
+        number = 256 * (1 + _addresses_given // 254) + 1 + _addresses_given % 254
+        _addresses_given += 1
+        addresses.append(f"127.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}")
+    return addresses
 
 
 def _machine_cpu() -> tuple[float, float]:
