@@ -14,9 +14,9 @@ Each round runs, for each system (the order alternates from one round to the nex
   workers. Each step connects its clients as fast as the load generator can (connections/s,
   with the load generator's CPU), reads the system's RSS once they are connected, times the
   heartbeats from their first arrival at a client to their last (HEARTBEAT_WINDOW_S), sends
-  one message at a time to all of them (20 messages, 200 ms apart: the time from the publish
-  to its arrival at the last member), and reads trio-fanout's GC pauses from each worker's
-  /healthz;
+  one message at a time to all of them (20 messages, 200 ms apart, 25 us per member apart past
+  8,000 members: the time from the publish to its arrival at the last member), and reads
+  trio-fanout's GC pauses from each worker's /healthz;
 - rates: 1,000 and 4,000 clients in 10 rooms, one publisher per room, stepping the delivery rate
   up (RATE_STEPS, --duration s each) on the same connections. A step passes when p99 latency is
   under P99_LIMIT_MS and nothing is lost, duplicated or reordered; the maximum sustainable rate is
@@ -77,6 +77,10 @@ RATE_CLIENTS = (1000, 4000)
 ROOMS = 10
 BROADCAST_MESSAGES = 20
 BROADCAST_INTERVAL_MS = 200
+# ... or longer with more members: each message must have reached every member before the next
+# is sent, or the step measures a delivery rate (36,000 members, 5 messages a second, is a
+# load that saturated the load generator), not one message's way to the last member.
+BROADCAST_INTERVAL_MS_PER_MEMBER = 0.025
 # Between the systems' turns, so that one's exit (sockets in TIME_WAIT, memory handed back)
 # settles before the other starts.
 PAUSE_BETWEEN_SYSTEMS_S = 10
@@ -181,12 +185,13 @@ def connections_step(
         for _attempt in range(args.retries + 1):
             quiet = wait_for_quiet(server.pids + generator.pids, args.quiet_limit, args.quiet_wait)
             result = generator.broadcast(
-                BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
+                BROADCAST_MESSAGES, broadcast_interval_ms(count), server.cpu_seconds
             )
             result["others_cpu_percent_before"] = quiet
             if not result["loadgen_saturated"]:
                 break
             log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
+    result["interval_ms"] = broadcast_interval_ms(count)
     result["rss_bytes"] = rss
     result["rss_over_idle_bytes"] = rss - base_rss
     result["rss_per_connection_kib"] = (rss - base_rss) / count / 1024
@@ -201,6 +206,11 @@ def connections_step(
         f"{result['incomplete']}){_gc_line(result['gc'])}{_saturation(result)}"
     )
     return result
+
+
+def broadcast_interval_ms(members: int) -> float:
+    """Milliseconds between two messages to ``members`` members (see BROADCAST_INTERVAL_MS)."""
+    return max(BROADCAST_INTERVAL_MS, members * BROADCAST_INTERVAL_MS_PER_MEMBER)
 
 
 def gc_step(workers: dict[int, dict[str, Any]] | None) -> dict[str, Any] | None:
