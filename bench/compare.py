@@ -601,7 +601,14 @@ def plot_connections(results: dict[str, Any], images: Path, colours: dict[str, s
                     step = {**step, "rss_over_idle": _rss_over_idle(step, r[name])}
                     steps_by_count.setdefault(int(count), []).append(step)
         counts = sorted(steps_by_count)
-        series: dict[str, list[float]] = {"rss": [], "last": [], "refused": [], "hb": [], "cps": []}
+        series: dict[str, list[float]] = {
+            "rss": [],
+            "last": [],
+            "refused": [],
+            "hb": [],
+            "hb refused": [],
+            "cps": [],
+        }
         for count in counts:
             steps = steps_by_count[count]
             kept = [x for x in steps if not x["loadgen_saturated"]]
@@ -611,31 +618,37 @@ def plot_connections(results: dict[str, Any], images: Path, colours: dict[str, s
                 for x in steps
                 if x["loadgen_saturated"] and x["median_to_last_ms"] is not None
             ]
-            spreads = [
-                x["heartbeat"]["median_spread_ms"]
+            beats = [
+                x["heartbeat"]
                 for x in steps
                 if x.get("heartbeat") and x["heartbeat"]["median_spread_ms"] is not None
             ]
+            spreads = [b["median_spread_ms"] for b in beats if not b["loadgen_saturated"]]
+            refused_spreads = [b["median_spread_ms"] for b in beats if b["loadgen_saturated"]]
             rates = [x["connect"]["connections_per_second"] for x in steps if x.get("connect")]
             series["rss"].append(statistics.median(x["rss_over_idle"] for x in steps) / 2**20)
             series["last"].append(_median_or_nan(lasts))
             series["refused"].append(_median_or_nan(refused) if not lasts else float("nan"))
             series["hb"].append(_median_or_nan(spreads))
+            series["hb refused"].append(
+                _median_or_nan(refused_spreads) if not spreads else float("nan")
+            )
             series["cps"].append(_median_or_nan(rates))
         colour = colours[name]
         memory.plot(counts, series["rss"], marker="o", color=colour, label=name)
         latency.plot(counts, series["last"], marker="o", color=colour, label=name)
         heartbeat.plot(counts, series["hb"], marker="o", color=colour, label=name)
         accepts.plot(counts, series["cps"], marker="o", color=colour, label=name)
-        if any(value == value for value in series["refused"]):  # not all NaN
-            latency.plot(
-                counts,
-                series["refused"],
-                marker="x",
-                linestyle="none",
-                color=colour,
-                label=f"{name} (refused: provisional)",
-            )
+        for axis, key in ((latency, "refused"), (heartbeat, "hb refused")):
+            if any(value == value for value in series[key]):  # not all NaN
+                axis.plot(
+                    counts,
+                    series[key],
+                    marker="x",
+                    linestyle="none",
+                    color=colour,
+                    label=f"{name} (refused: provisional)",
+                )
     memory.set_title("Server memory (RSS of all its processes) over idle")
     memory.set_ylabel("MiB")
     latency.set_title("One message to every connection: time to the last")
@@ -657,6 +670,8 @@ def plot_connections(results: dict[str, Any], images: Path, colours: dict[str, s
     ]
     xlabel = "connections" + (f" (the last point: {max(workers)} workers)" if workers else "")
     for axis in axes.flat:
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
         axis.legend()
