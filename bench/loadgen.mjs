@@ -17,18 +17,18 @@
 //   {"cmd": "broadcast", "messages": M, "interval_ms": I}   session "broadcast": every member is
 //        in one room; shard 0 publishes M messages I ms apart; each shard reports, for each
 //        message, how many of its members got it and when the last one did.
-//   {"cmd": "quit"}   close every connection and exit.
 //   {"cmd": "heartbeats", "from_ms": A, "until_ms": B}   session "broadcast": wait until B
 //        (CLOCK_MONOTONIC ms) and a little more, then print {"event": "heartbeats", "beats":
 //        [[seq, received, first arrival, last arrival, sent at (Unix s)], ...]} for the
 //        heartbeats that arrived here between A and B (give or take HEARTBEAT_MARGIN_MS).
+//   {"cmd": "quit"}   close every connection and exit.
 // Session "idle" connects without joining and waits for "quit".
 //
 // Clients connect from the addresses in `source_addresses` (all in 127.0.0.0/8), a process's
 // i-th client from address i mod their number: one source address gives only ~28,000 ephemeral
-// ports towards one server port. "ready" says when this process began and finished connecting its
-// members and how much CPU it used meanwhile, from which the orchestrator makes the rate of new
-// connections.
+// ports towards one server port. "ready" says when this process began and finished connecting
+// its members and how much CPU it used meanwhile, from which the orchestrator makes the rate of
+// new connections.
 //
 // Receiving costs as little as we can make it: no JSON parsing of deliveries. Every published
 // datum is a JSON string of fixed layout, "~PPPSSSSSSSSSTTTTTTTTTTTTTTT" (publisher, sequence
