@@ -5,12 +5,18 @@ Not part of the test suite; run it by hand:
     pip install -e '.[bench]' && (cd bench && npm ci)
     python bench/compare.py                         # 3 rounds, 15-30 minutes
     python bench/compare.py --rounds 1 --quick      # a smoke run, a few minutes
+    python bench/compare.py --rounds 1 --quick --scenarios connections --max-connections 36000
     python bench/compare.py --report bench/results/compare-….json   # table and pictures again
 
 Each round runs, for each system (the order alternates from one round to the next):
-- connections: 1,000, 4,000 and 10,000 (--quick: 1,000 and 4,000) clients in one room; the
-  system's RSS once they are connected, then one message at a time to all of them (20 messages,
-  200 ms apart): the time from the publish to its arrival at the last member;
+- connections: 1,000, 4,000 and 10,000 (--quick: 1,000 and 4,000) clients in one room, then
+  --max-connections (default 36,000; --quick: none) on the system started anew with more
+  workers. Each step connects its clients as fast as the load generator can (connections/s,
+  with the load generator's CPU), reads the system's RSS once they are connected, times the
+  heartbeats from their first arrival at a client to their last (HEARTBEAT_WINDOW_S), sends
+  one message at a time to all of them (20 messages, 200 ms apart, 25 us per member apart past
+  8,000 members: the time from the publish to its arrival at the last member), and reads
+  trio-fanout's GC pauses from each worker's /healthz;
 - rates: 1,000 and 4,000 clients in 10 rooms, one publisher per room, stepping the delivery rate
   up (RATE_STEPS, --duration s each) on the same connections. A step passes when p99 latency is
   under P99_LIMIT_MS and nothing is lost, duplicated or reordered; the maximum sustainable rate is
@@ -40,7 +46,10 @@ from loadgen import (
     DEFAULT_PROCESSES,
     LAG_P99_LIMIT_MS,
     LoadGenerator,
+    LoadGeneratorError,
     log,
+    processes_for,
+    source_addresses,
     wait_for_quiet,
 )
 from systems import SYSTEMS
@@ -68,9 +77,24 @@ RATE_CLIENTS = (1000, 4000)
 ROOMS = 10
 BROADCAST_MESSAGES = 20
 BROADCAST_INTERVAL_MS = 200
+# ... or longer with more members: each message must have reached every member before the next
+# is sent, or the step measures a delivery rate (36,000 members, 5 messages a second, is a
+# load that saturated the load generator), not one message's way to the last member.
+BROADCAST_INTERVAL_MS_PER_MEMBER = 0.025
 # Between the systems' turns, so that one's exit (sockets in TIME_WAIT, memory handed back)
 # settles before the other starts.
 PAUSE_BETWEEN_SYSTEMS_S = 10
+SCENARIOS = ("connections", "rates")
+CONNECTION_COUNTS = (1000, 4000, 10_000)
+QUICK_CONNECTION_COUNTS = (1000, 4000)
+# The connections scenario's last step, on a system started for it alone (--max-connections).
+DEFAULT_MAX_CONNECTIONS = 36_000
+# Connections per worker process at that step: a process may open 20,000 descriptors here
+# (ulimit -n), and the kernel spreads connections over the workers only roughly evenly.
+CONNECTIONS_PER_WORKER = 10_000
+# Seconds of heartbeats timed at every step of the connections scenario (about one a second).
+HEARTBEAT_WINDOW_S = 5.0
+QUICK_HEARTBEAT_WINDOW_S = 3.0
 
 
 def verdict(step: dict[str, Any]) -> str:
@@ -93,39 +117,123 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1)
         base_rss = server.rss_bytes()
         figures["rss_before_bytes"] = base_rss
-        figures["connections"] = {}
-        counts = (1000, 4000) if args.quick else (1000, 4000, 10_000)
-        for count in counts:
-            with LoadGenerator(
-                server.protocol, server.url, "broadcast", count, processes=args.processes
-            ) as generator:
-                time.sleep(2)  # let the handshakes' garbage go before reading RSS
-                rss = server.rss_bytes()
-                for _attempt in range(args.retries + 1):
-                    quiet = wait_for_quiet(
-                        server.pids + generator.pids, args.quiet_limit, args.quiet_wait
-                    )
-                    result = generator.broadcast(
-                        BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
-                    )
-                    result["others_cpu_percent_before"] = quiet
-                    if not result["loadgen_saturated"]:
-                        break
-                    log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
-            result["rss_bytes"] = rss
-            result["rss_per_connection_kib"] = (rss - base_rss) / count / 1024
-            result["verdict"] = "saturated" if result["loadgen_saturated"] else "pass"
-            figures["connections"][str(count)] = result
-            log(
-                f"  {name}: {count} connections: {result['rss_per_connection_kib']:.1f} KiB each,"
-                f" to the last {_ms(result['median_to_last_ms'])} (incomplete "
-                f"{result['incomplete']}){_saturation(result)}"
-            )
-        for clients in RATE_CLIENTS:
-            figures[f"rate_{clients}"] = rate_search(server, clients, args)
+        if "connections" in args.scenarios:
+            figures["connections"] = {}
+            for count in QUICK_CONNECTION_COUNTS if args.quick else CONNECTION_COUNTS:
+                figures["connections"][str(count)] = connections_step(server, count, base_rss, args)
+        if "rates" in args.scenarios:
+            for clients in RATE_CLIENTS:
+                figures[f"rate_{clients}"] = rate_search(server, clients, args)
     finally:
         server.stop()
+    if "connections" in args.scenarios and args.max_connections:
+        time.sleep(PAUSE_BETWEEN_SYSTEMS_S)
+        figures["connections"][str(args.max_connections)] = max_connections_step(name, args)
     return figures
+
+
+def max_connections_step(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The connections scenario's last step, --max-connections clients, on the system started
+    anew with --max-workers workers; where it cannot be reached, why."""
+    log(f"  {name}: {args.max_connections:,} connections, {args.max_workers} workers")
+    server = SYSTEMS[name](workers=args.max_workers)
+    try:
+        time.sleep(1)
+        step = connections_step(server, args.max_connections, server.rss_bytes(), args)
+    except LoadGeneratorError as error:
+        log(f"  {name}: {args.max_connections:,} connections not reached: {error}")
+        step = {"clients": args.max_connections, "failed": str(error)}
+    finally:
+        server.stop()
+    step.update(maximum=True, workers=args.max_workers)
+    return step
+
+
+def connections_step(
+    server: Any, count: int, base_rss: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``count`` clients in one room, connected as fast as the load generator can: the rate of
+    new connections, RSS over ``base_rss``, the heartbeat's spread over the clients, one
+    message at a time to all of them, and the workers' GC pauses (where the system tells)."""
+    name = server.name
+    processes = processes_for(count, args.processes)
+    wait_for_quiet(server.pids, args.quiet_limit, args.quiet_wait)
+    log(f"  {name}: connecting {count:,} clients ({processes} load-generator processes)")
+    with LoadGenerator(
+        server.protocol,
+        server.url,
+        "broadcast",
+        count,
+        processes=processes,
+        source_addresses=source_addresses(count),
+    ) as generator:
+        connect = generator.connect_rate()
+        log(
+            f"  {name}: {count:,} connected in {connect['connect_seconds']:.1f} s, "
+            f"{connect['connections_per_second']:,.0f}/s (load generator CPU "
+            f"{connect['loadgen_cpu_percent_total']:.0f} % of a core in all)"
+        )
+        time.sleep(2)  # let the handshakes' garbage go before reading RSS
+        rss = server.rss_bytes()
+        heartbeat = generator.heartbeats(args.heartbeat_window)
+        log(
+            f"  {name}: {count:,} connections: {heartbeat['heartbeats']} heartbeats, spread "
+            f"first to last {_ms(heartbeat['median_spread_ms'])} (max "
+            f"{_ms(heartbeat['max_spread_ms'])}), incomplete "
+            f"{heartbeat['heartbeats_incomplete']}{_saturation(heartbeat)}"
+        )
+        for _attempt in range(args.retries + 1):
+            quiet = wait_for_quiet(server.pids + generator.pids, args.quiet_limit, args.quiet_wait)
+            result = generator.broadcast(
+                BROADCAST_MESSAGES, broadcast_interval_ms(count), server.cpu_seconds
+            )
+            result["others_cpu_percent_before"] = quiet
+            if not result["loadgen_saturated"]:
+                break
+            log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
+    result["interval_ms"] = broadcast_interval_ms(count)
+    result["rss_bytes"] = rss
+    result["rss_over_idle_bytes"] = rss - base_rss
+    result["rss_per_connection_kib"] = (rss - base_rss) / count / 1024
+    result["verdict"] = "saturated" if result["loadgen_saturated"] else "pass"
+    result["connect"] = connect
+    result["heartbeat"] = heartbeat
+    result["gc"] = gc_step(server.gc_pauses())
+    result["loadgen_processes_count"] = processes
+    log(
+        f"  {name}: {count:,} connections: {result['rss_per_connection_kib']:.1f} KiB each,"
+        f" to the last {_ms(result['median_to_last_ms'])} (incomplete "
+        f"{result['incomplete']}){_gc_line(result['gc'])}{_saturation(result)}"
+    )
+    return result
+
+
+def broadcast_interval_ms(members: int) -> float:
+    """Milliseconds between two messages to ``members`` members (see BROADCAST_INTERVAL_MS)."""
+    return max(BROADCAST_INTERVAL_MS, members * BROADCAST_INTERVAL_MS_PER_MEMBER)
+
+
+def gc_step(workers: dict[int, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The workers' GC figures after a step: the longest pause since each started (the
+    connections scenario's steps share a server, so a longer one than the last step's is this
+    step's) and the p99 of each one's last 1,000 pauses; the worst worker's of each."""
+    if not workers:
+        return None
+    return {
+        "workers": {str(index): figures for index, figures in sorted(workers.items())},
+        "longest_pause_ms": max(w["longest_pause_ms"] for w in workers.values()),
+        "longest_pause_cpu_ms": max(w["longest_pause_cpu_ms"] for w in workers.values()),
+        "p99_pause_ms": max(w["p99_pause_ms"] for w in workers.values()),
+    }
+
+
+def _gc_line(gc: dict[str, Any] | None) -> str:
+    if gc is None:
+        return ""
+    return (
+        f", GC pauses longest {gc['longest_pause_ms']:.1f} ms (CPU "
+        f"{gc['longest_pause_cpu_ms']:.1f} ms) p99 {gc['p99_pause_ms']:.1f} ms"
+    )
 
 
 def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +292,7 @@ def _saturation(result: dict[str, Any]) -> str:
 
 
 def step_at(figures: dict[str, Any], clients: int, rate: int) -> dict[str, Any] | None:
-    for step in figures[f"rate_{clients}"]["steps"]:
+    for step in figures.get(f"rate_{clients}", {"steps": []})["steps"]:
         if step["target_deliveries_per_second"] == rate:
             return step  # type: ignore[no-any-return]
     return None
@@ -197,7 +305,7 @@ def metrics() -> list[tuple[str, Any, bool]]:
         table.append(
             (
                 f"max sustainable deliveries/s, {clients:,} clients",
-                lambda f, c=clients: (_max_sustainable(f[f"rate_{c}"]), False),
+                lambda f, c=clients: (_max_sustainable(f.get(f"rate_{c}")), False),
                 True,
             )
         )
@@ -219,30 +327,106 @@ def metrics() -> list[tuple[str, Any, bool]]:
                         False,
                     )
                 )
-    for count in ("1000", "4000", "10000"):
+    table.extend(connections_metrics())
+    return table
+
+
+# The connections scenario's steps in the table: a count, or "max" for --max-connections.
+CONNECTION_STEPS = ("1000", "4000", "10000", "max")
+
+
+def connection_step(figures: dict[str, Any], step: str) -> dict[str, Any] | None:
+    """One step of the connections scenario (``step`` as in CONNECTION_STEPS), if it ran."""
+    steps = figures.get("connections", {})
+    if step != "max":
+        found: dict[str, Any] | None = steps.get(step)
+        return found if found is not None and not found.get("maximum") else None
+    return next((x for x in steps.values() if x.get("maximum") and "failed" not in x), None)
+
+
+def _step_label(step: str) -> str:
+    return "the maximum" if step == "max" else f"{int(step):,}"
+
+
+def connections_metrics() -> list[tuple[str, Any, bool]]:
+    """The connections scenario's rows of the table."""
+    table: list[tuple[str, Any, bool]] = [
+        (
+            "connections at the maximum step",
+            lambda f: _figure(connection_step(f, "max"), "clients", False),
+            True,
+        )
+    ]
+    for step in CONNECTION_STEPS:
         table.append(
             (
-                f"one message to {int(count):,} members: ms to the last",
-                lambda f, n=count: _figure(f["connections"].get(n), "median_to_last_ms"),
+                f"RSS KiB per connection, {_step_label(step)} connections",
+                lambda f, n=step: _figure(connection_step(f, n), "rss_per_connection_kib", False),
                 False,
             )
         )
-    for count in ("4000", "10000"):
+    for step in CONNECTION_STEPS:
         table.append(
             (
-                f"RSS KiB per connection, {int(count):,} connections",
-                lambda f, n=count: _figure(
-                    f["connections"].get(n), "rss_per_connection_kib", False
+                f"heartbeat first to last client, ms, {_step_label(step)} connections",
+                lambda f, n=step: _nested(connection_step(f, n), "heartbeat", "median_spread_ms"),
+                False,
+            )
+        )
+    for step in CONNECTION_STEPS:
+        table.append(
+            (
+                f"one message to {_step_label(step)} members: ms to the last",
+                lambda f, n=step: _figure(connection_step(f, n), "median_to_last_ms"),
+                False,
+            )
+        )
+    for step in CONNECTION_STEPS:
+        table.append(
+            (
+                f"new connections/s, {_step_label(step)} connections",
+                lambda f, n=step: _nested(
+                    connection_step(f, n), "connect", "connections_per_second"
+                ),
+                True,
+            )
+        )
+        table.append(
+            (
+                "  load generator CPU %, all processes, meanwhile",
+                lambda f, n=step: _nested(
+                    connection_step(f, n), "connect", "loadgen_cpu_percent_total"
                 ),
                 False,
             )
         )
+    for step in CONNECTION_STEPS:
+        for key, what in (
+            ("longest_pause_ms", "longest"),
+            ("longest_pause_cpu_ms", "longest (CPU)"),
+            ("p99_pause_ms", "p99"),
+        ):
+            table.append(
+                (
+                    f"GC pause {what}, ms, after {_step_label(step)} connections",
+                    lambda f, n=step, k=key: _nested(connection_step(f, n), "gc", k),
+                    False,
+                )
+            )
     return table
 
 
-def _max_sustainable(search: dict[str, Any]) -> float | None:
+def _nested(step: dict[str, Any] | None, part: str, key: str) -> tuple[float | None, bool]:
+    """A figure of one part of a step (its heartbeat, connect or GC figures), refused when
+    that part was (the heartbeats' load generator saturated)."""
+    return _figure(None if step is None else step.get(part), key)
+
+
+def _max_sustainable(search: dict[str, Any] | None) -> float | None:
     """The search's result; 0 when the lowest step failed (nothing is sustainable), None when it
     was refused (nothing is known). A search ended by a refusal gives only a lower bound."""
+    if search is None:
+        return None
     if search["max_sustainable"] is not None:
         return float(search["max_sustainable"])
     return 0.0 if search["stopped_by"] == "fail" else None
@@ -282,7 +466,11 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list
     for clients in RATE_CLIENTS:
         row = {"metric": f"searches at {clients:,} clients ended by", "higher_is_better": None}
         for name in names:
-            row[name] = ", ".join(r[name][f"rate_{clients}"]["stopped_by"] for r in rounds)
+            row[name] = ", ".join(
+                r[name][f"rate_{clients}"]["stopped_by"]
+                for r in rounds
+                if f"rate_{clients}" in r[name]
+            )
             row[f"{name} provisional"] = False
         row["ratio"] = None
         rows.append(row)
@@ -303,24 +491,39 @@ def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
         provisional = any(row[f"{name} provisional"] for name in names)
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}{'*' if provisional else ''}"
         print(f"{row['metric']:<{width}}  {cells[0]:>14}  {cells[1]:>14}  {ratio:>7}")
-    print(f"(ratio = {names[0]} / {names[1]}; higher is better only for the deliveries/s rows;")
+    print(
+        f"(ratio = {names[0]} / {names[1]}; higher is better only for the deliveries/s, "
+        "connections/s and connections rows;"
+    )
     print(" * only from steps refused as load generator saturated: provisional)")
 
 
 def plot(results: dict[str, Any], images: Path) -> list[Path]:
-    """Delivery rate against p99 latency; memory and broadcast latency against connections."""
+    """The pictures of the scenarios that ran in every round."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names: list[str] = results["systems"]
     rounds: list[dict[str, Any]] = results["rounds"]
     colours = dict(zip(names, ("tab:blue", "tab:orange"), strict=True))
     images.mkdir(parents=True, exist_ok=True)
     written = []
 
+    if all(f"rate_{c}" in r[name] for r in rounds for name in names for c in RATE_CLIENTS):
+        written.append(plot_rates(results, images, colours))
+    if all("connections" in r[name] for r in rounds for name in names):
+        written.append(plot_connections(results, images, colours))
+    return written
+
+
+def plot_rates(results: dict[str, Any], images: Path, colours: dict[str, str]) -> Path:
+    """Delivery rate against p99 latency, for each number of clients."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    names: list[str] = results["systems"]
+    rounds: list[dict[str, Any]] = results["rounds"]
     figure, axes = plt.subplots(1, len(RATE_CLIENTS), figsize=(11, 4.2), sharey=True)
     for axis, clients in zip(axes, RATE_CLIENTS, strict=True):
         for name in names:
@@ -377,58 +580,118 @@ def plot(results: dict[str, Any], images: Path) -> list[Path]:
     path = images / "fanout-rate-p99.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(path)
+    return path
 
-    figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+def plot_connections(results: dict[str, Any], images: Path, colours: dict[str, str]) -> Path:
+    """Memory, broadcast and heartbeat latency, and the connect rate, against connections (the
+    last point: the --max-connections step, on more workers)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    names: list[str] = results["systems"]
+    rounds: list[dict[str, Any]] = results["rounds"]
+    figure, axes = plt.subplots(2, 2, figsize=(11, 8.4))
+    memory, latency, heartbeat, accepts = axes.flat
     for name in names:
-        counts = sorted({int(n) for r in rounds for n in r[name]["connections"]})
-        rss: list[float] = []
-        to_last: list[float] = []
-        provisional: list[float] = []
+        steps_by_count: dict[int, list[dict[str, Any]]] = {}
+        for r in rounds:
+            for count, step in r[name]["connections"].items():
+                if "failed" not in step:
+                    step = {**step, "rss_over_idle": _rss_over_idle(step, r[name])}
+                    steps_by_count.setdefault(int(count), []).append(step)
+        counts = sorted(steps_by_count)
+        series: dict[str, list[float]] = {
+            "rss": [],
+            "last": [],
+            "refused": [],
+            "hb": [],
+            "hb refused": [],
+            "cps": [],
+        }
         for count in counts:
-            grown: list[float] = []
-            lasts: list[float] = []
-            refused_lasts: list[float] = []
-            for r in rounds:
-                x = r[name]["connections"].get(str(count))
-                if x is None:
-                    continue
-                grown.append((x["rss_bytes"] - r[name]["rss_before_bytes"]) / 2**20)
-                if x["median_to_last_ms"] is not None:
-                    kept = not x["loadgen_saturated"]
-                    (lasts if kept else refused_lasts).append(x["median_to_last_ms"])
-            rss.append(statistics.median(grown))
-            to_last.append(statistics.median(lasts) if lasts else float("nan"))
-            only_refused = statistics.median(refused_lasts) if refused_lasts and not lasts else None
-            provisional.append(float("nan") if only_refused is None else only_refused)
-        memory.plot(counts, rss, marker="o", color=colours[name], label=name)
-        latency.plot(counts, to_last, marker="o", color=colours[name], label=name)
-        if any(value == value for value in provisional):  # not all NaN
-            latency.plot(
-                counts,
-                provisional,
-                marker="x",
-                linestyle="none",
-                color=colours[name],
-                label=f"{name} (refused: provisional)",
+            steps = steps_by_count[count]
+            kept = [x for x in steps if not x["loadgen_saturated"]]
+            lasts = [x["median_to_last_ms"] for x in kept if x["median_to_last_ms"] is not None]
+            refused = [
+                x["median_to_last_ms"]
+                for x in steps
+                if x["loadgen_saturated"] and x["median_to_last_ms"] is not None
+            ]
+            beats = [
+                x["heartbeat"]
+                for x in steps
+                if x.get("heartbeat") and x["heartbeat"]["median_spread_ms"] is not None
+            ]
+            spreads = [b["median_spread_ms"] for b in beats if not b["loadgen_saturated"]]
+            refused_spreads = [b["median_spread_ms"] for b in beats if b["loadgen_saturated"]]
+            rates = [x["connect"]["connections_per_second"] for x in steps if x.get("connect")]
+            series["rss"].append(statistics.median(x["rss_over_idle"] for x in steps) / 2**20)
+            series["last"].append(_median_or_nan(lasts))
+            series["refused"].append(_median_or_nan(refused) if not lasts else float("nan"))
+            series["hb"].append(_median_or_nan(spreads))
+            series["hb refused"].append(
+                _median_or_nan(refused_spreads) if not spreads else float("nan")
             )
+            series["cps"].append(_median_or_nan(rates))
+        colour = colours[name]
+        memory.plot(counts, series["rss"], marker="o", color=colour, label=name)
+        latency.plot(counts, series["last"], marker="o", color=colour, label=name)
+        heartbeat.plot(counts, series["hb"], marker="o", color=colour, label=name)
+        accepts.plot(counts, series["cps"], marker="o", color=colour, label=name)
+        for axis, key in ((latency, "refused"), (heartbeat, "hb refused")):
+            if any(value == value for value in series[key]):  # not all NaN
+                axis.plot(
+                    counts,
+                    series[key],
+                    marker="x",
+                    linestyle="none",
+                    color=colour,
+                    label=f"{name} (refused: provisional)",
+                )
     memory.set_title("Server memory (RSS of all its processes) over idle")
     memory.set_ylabel("MiB")
     latency.set_title("One message to every connection: time to the last")
-    latency.set_yscale("log")
-    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    latency.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     latency.set_ylabel("ms, median of 20 messages (log)")
-    for axis in (memory, latency):
-        axis.set_xlabel("connections")
+    heartbeat.set_title("Heartbeat: first client to last")
+    heartbeat.set_ylabel("ms, median of the heartbeats (log)")
+    accepts.set_title("New connections per second (connect, welcome, join)")
+    accepts.set_ylabel("connections/s")
+    for axis in (latency, heartbeat):
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    workers = [
+        step["workers"]
+        for r in rounds
+        for name in names
+        for step in r[name]["connections"].values()
+        if step.get("maximum")
+    ]
+    xlabel = "connections" + (f" (the last point: {max(workers)} workers)" if workers else "")
+    for axis in axes.flat:
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
     path = images / "fanout-connections.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(path)
-    return written
+    return path
+
+
+def _rss_over_idle(step: dict[str, Any], figures: dict[str, Any]) -> float:
+    """A step's RSS over the idle RSS of the system it ran on (older results have only the
+    round's idle RSS, ``rss_before_bytes``)."""
+    if "rss_over_idle_bytes" in step:
+        return float(step["rss_over_idle_bytes"])
+    return float(step["rss_bytes"] - figures["rss_before_bytes"])
+
+
+def _median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -473,6 +736,23 @@ def main() -> None:
         help="... but at most this many seconds (default 20; 0: do not wait)",
     )
     parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated, some of: " + ", ".join(SCENARIOS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        help="clients of the connections scenario's last step, on a system started anew with "
+        f"--max-workers workers; 0: no such step (default {DEFAULT_MAX_CONNECTIONS:,}, quick 0)",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        help="workers of each system at that step (default: one per "
+        f"{CONNECTIONS_PER_WORKER:,} connections, at least 2)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="print the table and draw the pictures of a results file"
     )
     parser.add_argument("--images", type=Path, default=IMAGES)
@@ -482,6 +762,19 @@ def main() -> None:
         return
     if args.duration is None:
         args.duration = 3.0 if args.quick else 5.0
+    args.heartbeat_window = QUICK_HEARTBEAT_WINDOW_S if args.quick else HEARTBEAT_WINDOW_S
+    args.scenarios = args.scenarios.split(",")
+    if not args.scenarios or any(name not in SCENARIOS for name in args.scenarios):
+        parser.error(f"--scenarios takes some of {', '.join(SCENARIOS)}")
+    if args.max_connections is None:
+        args.max_connections = 0 if args.quick else DEFAULT_MAX_CONNECTIONS
+    largest = max(QUICK_CONNECTION_COUNTS if args.quick else CONNECTION_COUNTS)
+    if args.max_connections and args.max_connections <= largest:
+        parser.error(f"--max-connections takes 0 or more than {largest:,}")
+    if args.max_workers is None:
+        args.max_workers = max(2, -(-args.max_connections // CONNECTIONS_PER_WORKER))
+    if args.max_workers < 1:
+        parser.error("--max-workers takes 1 or more")
     names = args.systems.split(",")
     if len(names) != 2 or any(name not in SYSTEMS for name in names):
         parser.error(f"--systems takes two of {', '.join(SYSTEMS)}")
@@ -501,6 +794,10 @@ def main() -> None:
             "retries": args.retries,
             "quiet_limit_percent": args.quiet_limit,
             "quiet_wait_s": args.quiet_wait,
+            "scenarios": args.scenarios,
+            "max_connections": args.max_connections,
+            "max_workers": args.max_workers,
+            "heartbeat_window_s": args.heartbeat_window,
         },
         "rounds": [],
     }

@@ -17,8 +17,18 @@
 //   {"cmd": "broadcast", "messages": M, "interval_ms": I}   session "broadcast": every member is
 //        in one room; shard 0 publishes M messages I ms apart; each shard reports, for each
 //        message, how many of its members got it and when the last one did.
+//   {"cmd": "heartbeats", "from_ms": A, "until_ms": B}   session "broadcast": wait until B
+//        (CLOCK_MONOTONIC ms) and a little more, then print {"event": "heartbeats", "beats":
+//        [[seq, received, first arrival, last arrival, sent at (Unix s)], ...]} for the
+//        heartbeats that arrived here between A and B (give or take HEARTBEAT_MARGIN_MS).
 //   {"cmd": "quit"}   close every connection and exit.
 // Session "idle" connects without joining and waits for "quit".
+//
+// Clients connect from the addresses in `source_addresses` (all in 127.0.0.0/8), a process's
+// i-th client from address i mod their number: one source address gives only ~28,000 ephemeral
+// ports towards one server port. "ready" says when this process began and finished connecting
+// its members and how much CPU it used meanwhile, from which the orchestrator makes the rate of
+// new connections.
 //
 // Receiving costs as little as we can make it: no JSON parsing of deliveries. Every published
 // datum is a JSON string of fixed layout, "~PPPSSSSSSSSSTTTTTTTTTTTTTTT" (publisher, sequence
@@ -40,6 +50,12 @@ if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 // Handshakes in flight at once per process: enough to connect thousands of clients in seconds
 // without a burst that overflows the server's accept backlog.
 const CONNECT_CONCURRENCY = Math.max(20, Math.floor(200 / shards));
+// A client that is not ready this long after it began connecting makes the process fail,
+// rather than leave the orchestrator waiting for ever.
+const READY_TIMEOUT_MS = 60_000;
+// How often a process says how many clients it has connected, while it connects.
+const PROGRESS_INTERVAL_MS = 5000;
+const SOURCE_ADDRESSES = config.source_addresses || [];
 // How long members may take to receive the last of a step's messages before the rest counts
 // as lost.
 const DRAIN_MS = 3000;
@@ -107,14 +123,28 @@ const ENGINE_IO_PING = 0x32; // "2": engine.io's ping, which a client must answe
 
 // Open one client; resolve once it is welcomed (and has joined `room`, if given). After that,
 // every frame goes to onFrame(ws, buffer).
-function openClient(room, onFrame) {
+function openClient(room, onFrame, localAddress) {
   return new Promise((resolve, reject) => {
     const target = SOCKET_IO ? `${url}/socket.io/?EIO=4&transport=websocket` : url;
-    const ws = new WebSocket(target, CLIENT_OPTIONS);
+    const options = localAddress ? { ...CLIENT_OPTIONS, localAddress } : CLIENT_OPTIONS;
+    const ws = new WebSocket(target, options);
     ws.ready = false;
-    ws.on("error", reject);
+    const timer = setTimeout(() => {
+      ws.terminate();
+      reject(new Error(`not ready after ${READY_TIMEOUT_MS} ms (from ${localAddress})`));
+    }, READY_TIMEOUT_MS);
+    const fail = (error) => {
+      clearTimeout(timer);
+      reject(error);
+    };
+    const ready = () => {
+      clearTimeout(timer);
+      ws.ready = true;
+      resolve(ws);
+    };
+    ws.on("error", fail);
     ws.on("close", (code) => {
-      if (!ws.ready) reject(new Error(`closed (${code}) before it was ready`));
+      if (!ws.ready) fail(new Error(`closed (${code}) before it was ready`));
     });
     ws.on("message", (buffer) => {
       if (SOCKET_IO && buffer.length === 1 && buffer[0] === ENGINE_IO_PING) {
@@ -128,34 +158,113 @@ function openClient(room, onFrame) {
       const text = buffer.toString();
       const event = speak.onOpenFrame(ws, text);
       if (event === "welcome") {
-        if (room === null) {
-          ws.ready = true;
-          resolve(ws);
-        } else {
-          ws.send(speak.join(room));
-        }
+        if (room === null) ready();
+        else ws.send(speak.join(room));
       } else if (event === "joined") {
-        ws.ready = true;
-        resolve(ws);
+        ready();
       } else if (event === "error") {
-        reject(new Error(text));
+        fail(new Error(text));
       }
     });
   });
 }
 
+// Open a client for each of `rooms` (null: joins none), the i-th from source address i mod
+// their number.
 async function openMany(rooms, onFrame) {
   const clients = new Array(rooms.length);
   let next = 0;
+  let opened = 0;
+  const progress = setInterval(
+    () => log(`${opened} of ${rooms.length} clients ready`),
+    PROGRESS_INTERVAL_MS,
+  );
   async function opener() {
     while (next < rooms.length) {
       const index = next++;
-      clients[index] = await openClient(rooms[index], onFrame);
+      const address = SOURCE_ADDRESSES.length
+        ? SOURCE_ADDRESSES[index % SOURCE_ADDRESSES.length]
+        : undefined;
+      clients[index] = await openClient(rooms[index], onFrame, address);
       clients[index].index = index;
+      opened++;
     }
   }
-  await Promise.all(Array.from({ length: Math.min(CONNECT_CONCURRENCY, rooms.length) }, opener));
+  try {
+    await Promise.all(Array.from({ length: Math.min(CONNECT_CONCURRENCY, rooms.length) }, opener));
+  } finally {
+    clearInterval(progress);
+  }
   return clients;
+}
+
+// openMany, timed: the clients, and when this process began and finished connecting them
+// (CLOCK_MONOTONIC ms) with the CPU it used meanwhile, for the rate of new connections.
+async function openManyTimed(rooms, onFrame) {
+  const cpuStart = process.cpuUsage();
+  const started = monotonicMs();
+  const clients = await openMany(rooms, onFrame);
+  const ended = monotonicMs();
+  const cpu = process.cpuUsage(cpuStart);
+  const connect = {
+    connected: clients.length,
+    started_ms: started,
+    ended_ms: ended,
+    cpu_seconds: (cpu.user + cpu.system) / 1e6,
+  };
+  return { clients, connect };
+}
+
+// The heartbeats that reach this process's clients, by sequence number: how many clients got
+// each, when the first and the last did (CLOCK_MONOTONIC ms), and the send time it carries.
+// trio-fanout's is {"type":"heartbeat","seq":N,"ts":T}; Socket.IO's, emitted by the primary,
+// 42["heartbeat",{"seq":N,"ts":T}]; T is Unix time in seconds, to the millisecond.
+const HEARTBEAT_PREFIX = Buffer.from(SOCKET_IO ? '42["heartbeat",' : '{"type":"heartbeat",');
+const SEQ_KEY = Buffer.from('"seq":');
+const TS_KEY = Buffer.from('"ts":');
+// Arrivals this much before or after a report's window are still reported, so that the
+// orchestrator sees every arrival of a heartbeat whose first arrival anywhere is in the window.
+const HEARTBEAT_MARGIN_MS = 2000;
+// Heartbeats older than this are forgotten (the record stays bounded over a long session).
+const HEARTBEAT_KEEP_MS = 60_000;
+
+function heartbeatRecorder() {
+  const beats = new Map(); // seq -> [received, first, last, sent at]
+  return {
+    // Whether `buffer` was a heartbeat (and so recorded).
+    onFrame(buffer) {
+      const n = HEARTBEAT_PREFIX.length;
+      if (buffer.length < n || buffer.compare(HEARTBEAT_PREFIX, 0, n, 0, n) !== 0) return false;
+      const now = monotonicMs();
+      const at = buffer.indexOf(SEQ_KEY) + SEQ_KEY.length;
+      let end = at;
+      while (buffer[end] >= 48 && buffer[end] <= 57) end++;
+      const seq = digits(buffer, at, end - at);
+      const seen = beats.get(seq);
+      if (seen) {
+        seen[0]++;
+        seen[2] = now;
+        return true;
+      }
+      const tsAt = buffer.indexOf(TS_KEY) + TS_KEY.length;
+      const sentAt = parseFloat(buffer.toString("latin1", tsAt, buffer.indexOf(0x7d, tsAt)));
+      beats.set(seq, [1, now, now, sentAt]);
+      for (const [old, entry] of beats) {
+        if (now - entry[1] > HEARTBEAT_KEEP_MS) beats.delete(old);
+        else break; // a Map keeps insertion order: the rest are younger
+      }
+      return true;
+    },
+    async report(fromMs, untilMs) {
+      const wait = untilMs + HEARTBEAT_MARGIN_MS - monotonicMs();
+      if (wait > 0) await sleep(wait);
+      const inWindow = [...beats].filter(
+        ([, entry]) =>
+          entry[1] >= fromMs - HEARTBEAT_MARGIN_MS && entry[1] <= untilMs + HEARTBEAT_MARGIN_MS,
+      );
+      return inWindow.map(([seq, entry]) => [seq, ...entry]);
+    },
+  };
 }
 
 // This process's CPU and event-loop delay between start() and stop().
@@ -289,9 +398,13 @@ async function broadcastSession() {
   // is cleared only after a report (another process may publish before this one reads its
   // command).
   let arrivals = new Map();
+  const heartbeats = heartbeatRecorder();
   const onFrame = (ws, buffer) => {
     const at = buffer.indexOf(MARK);
-    if (at < 0) return;
+    if (at < 0) {
+      heartbeats.onFrame(buffer);
+      return;
+    }
     const seq = digits(buffer, at + 4, 9);
     const now = monotonicMs();
     const seen = arrivals.get(seq);
@@ -302,14 +415,23 @@ async function broadcastSession() {
       arrivals.set(seq, [1, now]);
     }
   };
-  const members = await openMany(new Array(count).fill("everyone"), onFrame);
+  const { clients: members, connect } = await openManyTimed(
+    new Array(count).fill("everyone"),
+    onFrame,
+  );
   const publishers = shard === 0 ? await openMany([null], () => {}) : [];
-  reply({ event: "ready", members: members.length, publishers: publishers.length });
+  reply({ event: "ready", members: members.length, publishers: publishers.length, connect });
   const meter = resourceMeter();
   let seq = 0;
   for (;;) {
     const command = await commands();
     if (command.cmd === "quit") break;
+    if (command.cmd === "heartbeats") {
+      meter.start();
+      const beats = await heartbeats.report(command.from_ms, command.until_ms);
+      reply({ event: "heartbeats", beats, ...meter.stop() });
+      continue;
+    }
     meter.start();
     const sentAt = [];
     for (let i = 0; i < command.messages && publishers.length; i++) {

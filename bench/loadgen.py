@@ -17,6 +17,7 @@ on one machine shares.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,17 @@ CPU_LIMIT_PERCENT = 85.0
 # process's receive times are not to be trusted to the precision of a 100 ms p99 criterion.
 LAG_P99_LIMIT_MS = 25.0
 DEFAULT_PROCESSES = 2
+# Clients per source address: one loopback address gives ~28,000 ephemeral ports towards one
+# server port (net.ipv4.ip_local_port_range), and the kernel finds a free one the more slowly
+# the fewer are left: 6,000 clients took 8.4 s to connect from an address whose last 6,000
+# connections were in TIME_WAIT, 3.4 s from a fresh one. So each group of clients gets
+# addresses of its own, and no address more than this many clients.
+CLIENTS_PER_SOURCE_ADDRESS = 4000
+# The source addresses handed out so far (see source_addresses): 127.0.1.1 onwards.
+_addresses_given = 0
+# Clients per load-generator process: a process may open 20,000 descriptors (ulimit -n), one
+# per client; this leaves a margin for the rest.
+CLIENTS_PER_PROCESS = 10_000
 
 CpuReader = Callable[[], tuple[float, float]]
 
@@ -60,6 +72,7 @@ class LoadGenerator:
         rooms: int = 1,
         processes: int = DEFAULT_PROCESSES,
         ca_file: str | None = None,
+        source_addresses: list[str] | None = None,
     ) -> None:
         self.clients = clients
         self.processes: list[subprocess.Popen[str]] = []
@@ -76,6 +89,8 @@ class LoadGenerator:
                 }
                 if ca_file is not None:
                     config["ca_file"] = ca_file
+                if source_addresses:
+                    config["source_addresses"] = source_addresses
                 self.processes.append(
                     subprocess.Popen(
                         ["node", str(HERE / "loadgen.mjs"), json.dumps(config)],
@@ -195,6 +210,64 @@ class LoadGenerator:
         result.update(_loadgen_usage(steps))
         return result
 
+    def connect_rate(self) -> dict[str, Any]:
+        """How fast the members connected (through their welcome and join): from the first
+        process's start to the last one's end, with each process's CPU meanwhile."""
+        connects = [answer["connect"] for answer in self.ready]
+        seconds = (
+            max(c["ended_ms"] for c in connects) - min(c["started_ms"] for c in connects)
+        ) / 1000
+        cpu = [
+            100 * c["cpu_seconds"] / max((c["ended_ms"] - c["started_ms"]) / 1000, 1e-3)
+            for c in connects
+        ]
+        connected = sum(c["connected"] for c in connects)
+        return {
+            "connected": connected,
+            "connect_seconds": seconds,
+            "connections_per_second": connected / max(seconds, 1e-3),
+            "loadgen_cpu_percent_max": max(cpu),
+            # All processes together over the whole connect, in % of one core.
+            "loadgen_cpu_percent_total": 100
+            * sum(c["cpu_seconds"] for c in connects)
+            / max(seconds, 1e-3),
+        }
+
+    def heartbeats(self, seconds: float) -> dict[str, Any]:
+        """The heartbeats that reach the members over the next ``seconds`` s (session
+        ``broadcast``): for each, the spread from its first arrival at a member to its last, and
+        the time from its send (the Unix time it carries, to the millisecond) to its last
+        arrival. A heartbeat not received by every member is counted as incomplete."""
+        now_ms = time.monotonic() * 1000
+        wall_minus_monotonic_ms = time.time() * 1000 - now_ms
+        self._send_all(
+            {"cmd": "heartbeats", "from_ms": now_ms, "until_ms": now_ms + seconds * 1000}
+        )
+        answers = self._read_all("heartbeats")
+        beats: dict[int, list[float]] = {}  # seq -> [received, first, last, sent at]
+        for answer in answers:
+            for seq, received, first, last, sent_at in answer["beats"]:
+                beat = beats.setdefault(seq, [0, first, last, sent_at])
+                beat[0] += received
+                beat[1] = min(beat[1], first)
+                beat[2] = max(beat[2], last)
+        in_window = {
+            seq: beat for seq, beat in beats.items() if now_ms <= beat[1] <= now_ms + seconds * 1000
+        }
+        complete = [beat for beat in in_window.values() if beat[0] >= self.clients]
+        spreads = sorted(beat[2] - beat[1] for beat in complete)
+        to_last = sorted(beat[2] + wall_minus_monotonic_ms - beat[3] * 1000 for beat in complete)
+        result: dict[str, Any] = {
+            "heartbeats": len(in_window),
+            "heartbeats_incomplete": len(in_window) - len(complete),
+            "spread_ms": spreads,
+            "median_spread_ms": statistics.median(spreads) if spreads else None,
+            "max_spread_ms": spreads[-1] if spreads else None,
+            "median_sent_to_last_ms": statistics.median(to_last) if to_last else None,
+        }
+        result.update(_loadgen_usage(answers))
+        return result
+
     def close(self) -> None:
         for process in self.processes:
             if process.poll() is None and process.stdin is not None:
@@ -211,6 +284,24 @@ class LoadGenerator:
                 process.wait()
             if process.stdout is not None:
                 process.stdout.close()
+
+
+def processes_for(clients: int, processes: int = DEFAULT_PROCESSES) -> int:
+    """At least ``processes``, and enough that none holds more than CLIENTS_PER_PROCESS."""
+    return max(processes, -(-clients // CLIENTS_PER_PROCESS))
+
+
+def source_addresses(clients: int) -> list[str]:
+    """Loopback source addresses for ``clients`` clients, none carrying more than
+    CLIENTS_PER_SOURCE_ADDRESS, and none given out before in this run (127.0.1.1, 127.0.1.2,
+    ...: the host part never 0 or 255)."""
+    global _addresses_given
+    addresses = []
+    for _ in range(-(-clients // CLIENTS_PER_SOURCE_ADDRESS)):
+        number = 256 * (1 + _addresses_given // 254) + 1 + _addresses_given % 254
+        _addresses_given += 1
+        addresses.append(f"127.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}")
+    return addresses
 
 
 def _machine_cpu() -> tuple[float, float]:

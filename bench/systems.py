@@ -17,6 +17,7 @@ a busy machine from the load generator and from the other system than a system t
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -28,12 +29,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 START_TIMEOUT = 30.0
 WORKER_SERVING = re.compile(r"worker \d+ \(pid (\d+)\) serving")
+# /healthz requests, per worker, in which to find every worker's: the kernel gives each new
+# connection to a worker by a hash of its addresses, so a few dozen reach them all.
+HEALTHZ_TRIES_PER_WORKER = 25
 
 
 class Server:
@@ -58,6 +63,10 @@ class Server:
         return sum(
             int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE for pid in self.pids
         )
+
+    def gc_pauses(self) -> dict[int, dict[str, Any]] | None:
+        """Each worker's garbage-collector pauses so far, by worker, where the system tells."""
+        return None
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -92,6 +101,8 @@ class TrioFanout(Server):
             TRIO_FANOUT_RATE_LIMIT_BYTES_PER_SECOND="1000000000",
             TRIO_FANOUT_RATE_LIMIT_BYTES_BURST="1000000000",
             TRIO_FANOUT_MAX_ROOMS_PER_CONNECTION="100",
+            # A worker's own limit would refuse clients before the descriptors run out.
+            TRIO_FANOUT_MAX_CONNECTIONS="100000",
         )
         self.process = subprocess.Popen(
             [
@@ -134,6 +145,23 @@ class TrioFanout(Server):
         self.started_pids: list[int] = []
         # Keep reading its log so that a full pipe never stalls the master.
         threading.Thread(target=self._read_log, daemon=True).start()
+
+    def gc_pauses(self) -> dict[int, dict[str, Any]] | None:
+        """Each worker's `gc` figures from its /healthz (longest pause so far, p99 of its last
+        1,000), asked on new connections until every worker has answered one."""
+        figures: dict[int, dict[str, Any]] = {}
+        workers = len(self.worker_pids)
+        for _ in range(HEALTHZ_TRIES_PER_WORKER * workers):
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("GET", "/healthz")
+                health = json.load(connection.getresponse())
+            finally:
+                connection.close()
+            figures[health["worker"]] = health["gc"]
+            if len(figures) == workers:
+                break
+        return figures
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None

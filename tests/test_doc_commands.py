@@ -235,6 +235,10 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     ),
     "python compare.py": (BENCHMARK, "bench/compare.py"),
     "python compare.py --rounds 1 --quick": (BENCHMARK, "bench/compare.py"),
+    "python compare.py --rounds 1 --scenarios connections --max-connections 36000": (
+        BENCHMARK,
+        "bench/compare.py",
+    ),
     "python fanout_bench.py": (BENCHMARK, "bench/fanout_bench.py"),
     "python fanout_bench.py --tls": (BENCHMARK, "bench/fanout_bench.py"),
     "python tls_cost.py": (BENCHMARK, "bench/tls_cost.py"),
