@@ -7,6 +7,7 @@ Not part of the test suite; run it by hand:
     python bench/compare.py --rounds 1 --quick      # a smoke run, a few minutes
     python bench/compare.py --rounds 1 --quick --scenarios connections --max-connections 36000
     python bench/compare.py --report bench/results/compare-….json   # table and pictures again
+    python bench/compare.py --rounds 1 --scenarios firehose        # one scenario only
 
 Each round runs, for each system (the order alternates from one round to the next):
 - connections: 1,000, 4,000 and 10,000 (--quick: 1,000 and 4,000) clients in one room, then
@@ -24,6 +25,12 @@ Each round runs, for each system (the order alternates from one round to the nex
   run (for their latency and CPU per delivery); after that the search stops at the first step
   that does not pass. A step in which the load generator was saturated (loadgen.py says when) is
   refused: it counts neither for nor against the server, and ends the search.
+- firehose: 100 clients in one room and its publisher at 500, 1,000 and 2,000 messages/s
+  (FIREHOSE_MESSAGE_RATES; every client receives them all: 50,000 to 200,000 deliveries/s), each
+  step run whatever the one before gave. Where a system counts its socket sends (trio-fanout's
+  workers do), the frames written per send over the step; FIREHOSE_TARGETS says what is aimed at.
+
+`--scenarios` picks some of them (default: all three).
 
 Server CPU is read from /proc for every process of the system (trio-fanout: master and workers;
 Socket.IO: primary, workers and its redis-server) over each step. Results go to
@@ -75,6 +82,12 @@ RATE_STEPS = [
 ALWAYS_RUN = {20_000, 40_000}
 RATE_CLIENTS = (1000, 4000)
 ROOMS = 10
+FIREHOSE_CLIENTS = 100
+FIREHOSE_MESSAGE_RATES = (500, 1000, 2000)
+# What the firehose is checked against: many frames a second to one client should leave in a
+# few sends (trio-fanout's write_delay lets them gather), and that gathering should not cost
+# more than this much p99 latency.
+FIREHOSE_TARGETS = {"frames_per_send_min": 3.0, "p99_ms_max": 50.0}
 BROADCAST_MESSAGES = 20
 BROADCAST_INTERVAL_MS = 200
 # ... or longer with more members: each message must have reached every member before the next
@@ -84,7 +97,7 @@ BROADCAST_INTERVAL_MS_PER_MEMBER = 0.025
 # Between the systems' turns, so that one's exit (sockets in TIME_WAIT, memory handed back)
 # settles before the other starts.
 PAUSE_BETWEEN_SYSTEMS_S = 10
-SCENARIOS = ("connections", "rates")
+SCENARIOS = ("connections", "rates", "firehose")
 CONNECTION_COUNTS = (1000, 4000, 10_000)
 QUICK_CONNECTION_COUNTS = (1000, 4000)
 # The connections scenario's last step, on a system started for it alone (--max-connections).
@@ -124,6 +137,8 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if "rates" in args.scenarios:
             for clients in RATE_CLIENTS:
                 figures[f"rate_{clients}"] = rate_search(server, clients, args)
+        if "firehose" in args.scenarios:
+            figures["firehose"] = firehose(server, args)
     finally:
         server.stop()
     if "connections" in args.scenarios and args.max_connections:
@@ -276,6 +291,105 @@ def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str
                 stopped_by = step["verdict"]
             time.sleep(1)
     return {"steps": steps, "max_sustainable": best, "stopped_by": stopped_by}
+
+
+def firehose(server: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """FIREHOSE_CLIENTS clients in one room, its one publisher stepping through
+    FIREHOSE_MESSAGE_RATES: every step is run (a saturated one still says how far the load
+    generator got), each tried again while it is refused."""
+    steps: list[dict[str, Any]] = []
+    with LoadGenerator(
+        server.protocol, server.url, "rate", FIREHOSE_CLIENTS, rooms=1, processes=args.processes
+    ) as generator:
+        for messages in FIREHOSE_MESSAGE_RATES:
+            refused: list[dict[str, Any]] = []
+            for _attempt in range(args.retries + 1):
+                quiet = wait_for_quiet(
+                    server.pids + generator.pids, args.quiet_limit, args.quiet_wait
+                )
+                sends_before = server.send_counters()
+                step = generator.rate_step(
+                    messages * FIREHOSE_CLIENTS, args.duration, server.cpu_seconds
+                )
+                step.update(_frames_per_send(sends_before, server.send_counters()))
+                step["messages_per_second"] = messages
+                step["others_cpu_percent_before"] = quiet
+                step["verdict"] = verdict(step)
+                step["targets_met"] = _firehose_targets_met(step)
+                if step["verdict"] != "saturated":
+                    break
+                refused.append({key: step[key] for key in SUMMARY_OF_REFUSED if key in step})
+                log(f"  {server.name}: firehose {messages:,} msg/s refused{_saturation(step)}")
+            step["refused_attempts"] = refused[:-1] if step["verdict"] == "saturated" else refused
+            steps.append(step)
+            per_send = step["frames_per_send"]
+            log(
+                f"  {server.name}: firehose {messages:,} msg/s to {FIREHOSE_CLIENTS} clients: "
+                f"{step['verdict']}, {step['achieved_deliveries_per_second']:,.0f} deliveries/s, "
+                f"p50 {_ms(step['p50_ms'])} p99 {_ms(step['p99_ms'])}, lost {step['lost']} dup "
+                f"{step['duplicated']} reordered {step['reordered']}, server "
+                f"{step['server_cpu_us_per_delivery']:.2f} us/delivery, frames/send "
+                f"{'-' if per_send is None else f'{per_send:.1f}'}, loadgen CPU max "
+                f"{step['loadgen_cpu_percent_max']:.0f} %, machine "
+                f"{step['machine_cpu_percent']:.0f} % busy{_saturation(step)}"
+            )
+            time.sleep(1)
+    return {"clients": FIREHOSE_CLIENTS, "targets": FIREHOSE_TARGETS, "steps": steps}
+
+
+def _frames_per_send(
+    before: tuple[int, int] | None, after: tuple[int, int] | None
+) -> dict[str, Any]:
+    """The server's socket sends over a step and the frames they carried (heartbeats
+    included), or None each where the system does not count them."""
+    if before is None or after is None:
+        return {"sends": None, "frames_sent": None, "frames_per_send": None}
+    sends = after[0] - before[0]
+    frames = after[1] - before[1]
+    return {
+        "sends": sends,
+        "frames_sent": frames,
+        "frames_per_send": frames / sends if sends else None,
+    }
+
+
+def _firehose_targets_met(step: dict[str, Any]) -> bool | None:
+    """Whether a firehose step met FIREHOSE_TARGETS (None: refused, or no send counters)."""
+    if step["loadgen_saturated"] or step["frames_per_send"] is None or step["p99_ms"] is None:
+        return None
+    return (
+        step["frames_per_send"] >= FIREHOSE_TARGETS["frames_per_send_min"]
+        and step["p99_ms"] < FIREHOSE_TARGETS["p99_ms_max"]
+    )
+
+
+def firehose_step(figures: dict[str, Any], messages: int) -> dict[str, Any] | None:
+    for step in figures.get("firehose", {}).get("steps", []):
+        if step["messages_per_second"] == messages:
+            return step  # type: ignore[no-any-return]
+    return None
+
+
+def firehose_metrics() -> list[tuple[str, Any, bool]]:
+    """The firehose rows of the table: per message rate, what each system achieved."""
+    table: list[tuple[str, Any, bool]] = []
+    for messages in FIREHOSE_MESSAGE_RATES:
+        where = f"firehose {messages:,} msg/s to {FIREHOSE_CLIENTS}"
+        for label, key, higher_is_better in (
+            ("deliveries/s", "achieved_deliveries_per_second", True),
+            ("p50 ms", "p50_ms", False),
+            ("p99 ms", "p99_ms", False),
+            ("server CPU us/delivery", "server_cpu_us_per_delivery", False),
+            ("frames per send", "frames_per_send", True),
+        ):
+            table.append(
+                (
+                    f"{where}: {label}",
+                    lambda f, m=messages, k=key: _figure(firehose_step(f, m), k),
+                    higher_is_better,
+                )
+            )
+    return table
 
 
 # What is kept of a refused attempt that was retried.
@@ -449,7 +563,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list
     refused, the median of those, marked provisional (it says more about the machine than
     about the server)."""
     rows = []
-    for label, read, higher_is_better in metrics():
+    for label, read, higher_is_better in metrics() + firehose_metrics():
         row: dict[str, Any] = {"metric": label, "higher_is_better": higher_is_better}
         for name in names:
             figures = [read(r[name]) for r in rounds if name in r]
@@ -462,7 +576,8 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> list
             row[name] = statistics.median(values) if values else None
         first, second = (row[name] for name in names)
         row["ratio"] = first / second if first and second else None
-        rows.append(row)
+        if first is not None or second is not None:  # a scenario not run has no row
+            rows.append(row)
     for clients in RATE_CLIENTS:
         row = {"metric": f"searches at {clients:,} clients ended by", "higher_is_better": None}
         for name in names:
@@ -788,6 +903,8 @@ def main() -> None:
             "duration_s": args.duration,
             "loadgen_processes": args.processes,
             "rate_steps": RATE_STEPS,
+            "firehose_message_rates": FIREHOSE_MESSAGE_RATES,
+            "firehose_clients": FIREHOSE_CLIENTS,
             "p99_limit_ms": P99_LIMIT_MS,
             "loadgen_cpu_limit_percent": CPU_LIMIT_PERCENT,
             "loadgen_lag_p99_limit_ms": LAG_P99_LIMIT_MS,

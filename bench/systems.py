@@ -2,7 +2,8 @@
 workers, and what the benchmarks read of them from /proc. Not part of the test suite.
 
 - ``TrioFanout``: `trio-fanout run --workers 2` (master with the embedded proxy and the
-  heartbeat, two workers), rate limits lifted. Its processes: the master and the workers.
+  heartbeat, two workers), rate limits lifted, an admin port (for the workers' send counters).
+  Its processes: the master and the workers.
 - ``SocketIO``: bench/socketio/server.mjs, a node:cluster primary with two Socket.IO 4.8 workers
   and the Redis adapter, on a redis-server started here. Its processes: the primary, the workers
   and that redis-server.
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 START_TIMEOUT = 30.0
+SENDS_METRIC = "trio_fanout_socket_sends_total"
+FRAMES_SENT_METRIC = "trio_fanout_frames_sent_total"
 WORKER_SERVING = re.compile(r"worker \d+ \(pid (\d+)\) serving")
 # /healthz requests, per worker, in which to find every worker's: the kernel gives each new
 # connection to a worker by a hash of its addresses, so a few dozen reach them all.
@@ -66,6 +70,11 @@ class Server:
 
     def gc_pauses(self) -> dict[int, dict[str, Any]] | None:
         """Each worker's garbage-collector pauses so far, by worker, where the system tells."""
+        return None
+
+    def send_counters(self) -> tuple[int, int] | None:
+        """Socket sends and the frames they carried so far, all workers together; None for a
+        system that does not count them."""
         return None
 
     def stop(self) -> None:
@@ -104,6 +113,7 @@ class TrioFanout(Server):
             # A worker's own limit would refuse clients before the descriptors run out.
             TRIO_FANOUT_MAX_CONNECTIONS="100000",
         )
+        self.admin_port = free_port()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -118,6 +128,8 @@ class TrioFanout(Server):
                 "0",
                 "--heartbeat-interval",
                 str(heartbeat_interval),
+                "--admin-port",
+                str(self.admin_port),
                 *options,
             ],
             env=env,
@@ -162,6 +174,18 @@ class TrioFanout(Server):
             if len(figures) == workers:
                 break
         return figures
+
+    def send_counters(self) -> tuple[int, int]:
+        """The workers' ``sends`` and ``frames_sent``, summed, from the admin port's /metrics."""
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        totals = {SENDS_METRIC: 0.0, FRAMES_SENT_METRIC: 0.0}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+        return int(totals[SENDS_METRIC]), int(totals[FRAMES_SENT_METRIC])
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
