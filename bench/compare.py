@@ -357,7 +357,7 @@ def _firehose_targets_met(step: dict[str, Any]) -> bool | None:
     """Whether a firehose step met FIREHOSE_TARGETS (None: refused, or no send counters)."""
     if step["loadgen_saturated"] or step["frames_per_send"] is None or step["p99_ms"] is None:
         return None
-    return (
+    return bool(
         step["frames_per_send"] >= FIREHOSE_TARGETS["frames_per_send_min"]
         and step["p99_ms"] < FIREHOSE_TARGETS["p99_ms_max"]
     )

@@ -239,6 +239,7 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
         BENCHMARK,
         "bench/compare.py",
     ),
+    "python compare.py --rounds 1 --scenarios firehose": (BENCHMARK, "bench/compare.py"),
     "python fanout_bench.py": (BENCHMARK, "bench/fanout_bench.py"),
     "python fanout_bench.py --tls": (BENCHMARK, "bench/fanout_bench.py"),
     "python tls_cost.py": (BENCHMARK, "bench/tls_cost.py"),
