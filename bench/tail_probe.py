@@ -7,6 +7,7 @@ run it by hand:
     python bench/tail_probe.py --system socket.io
     python bench/tail_probe.py --clients 100 --rooms 1 --deliveries 100000   # the firehose
     python bench/tail_probe.py --tap                      # publish-to-backplane latency too
+    python bench/tail_probe.py --hops                     # each publish followed in the log
 
 Each step prints one JSON line: the load generator's p50/p99 and counts (bench/loadgen.py), and,
 from /proc/PID/task/*/schedstat, the CPU time and the run-queue wait (time runnable but not
@@ -19,13 +20,19 @@ Options that change the server: ``--workers``, ``--write-delay`` (trio-fanout's 
 embedded ZeroMQ proxy), ``--pin`` (the server on CPU 0, the load generator on CPU 1).
 ``--tap`` subscribes a backplane client in this process to every room and reports the time from
 each publish to its arrival there (the worker's parsing and the proxy's hop; this process's own
-scheduling included), beside the clients' end-to-end figures. For trio-fanout, also the frames
-per socket send over the step, and the workers' GC pauses at the end.
+scheduling included), beside the clients' end-to-end figures. ``--hops`` runs trio-fanout with
+its debug log in JSON and follows each publish through it: from the client's send (the datum's
+time) to the publishing worker's reading it (``received``), to the sequencer's answer
+(``published``), to each worker's fan-out (``delivered``, matched by room and offset). The log
+has millisecond timestamps and costs the workers some work and wake-ups of its own: read its
+figures for where the time goes, not as the latency without it. For trio-fanout, also the
+frames per socket send over the step, and the workers' GC pauses at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import subprocess
@@ -119,6 +126,73 @@ class BackplaneTap:
         }
 
 
+class LoggedTrioFanout(TrioFanout):
+    """trio-fanout with its log kept (``log_lines``), for :func:`hops`."""
+
+    def __init__(self, workers: int, options: tuple[str, ...]) -> None:
+        self.log_lines: list[str] = []
+        super().__init__(workers=workers, options=options)
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log_lines.append(line)
+
+
+def _log_time(entry: dict[str, Any], wall_minus_monotonic: float) -> float:
+    """A JSON log line's time (UTC, milliseconds) on CLOCK_MONOTONIC, in seconds."""
+    stamp = entry["time"]  # 2026-11-30T05:55:16.123Z
+    seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    return seconds + int(stamp[20:23]) / 1000 - wall_minus_monotonic
+
+
+def hops(lines: list[str], wall_minus_monotonic: float) -> dict[str, Any]:
+    """p50/p99 in ms of each part of the publishes' paths in ``lines`` (the log of a step)."""
+    waiting: dict[tuple[int, int], list[tuple[float, float]]] = {}  # (pid, connection)
+    published: dict[tuple[str, int], tuple[float, float, float]] = {}  # (room, offset)
+    delivered: list[tuple[str, int, float]] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # not a log line of ours
+        message = entry.get("message", "")
+        if " received Publish(" in message and (mark := message.find("~")) >= 0:
+            sent = int(message[mark + 13 : mark + 28]) / 1e6  # the datum's send time
+            key = (entry["pid"], entry["connection"])
+            waiting.setdefault(key, []).append((sent, _log_time(entry, wall_minus_monotonic)))
+        elif " published room=" in message:
+            queue = waiting.get((entry["pid"], entry["connection"]))
+            if queue:  # a connection's requests are handled one at a time, in order
+                sent, read = queue.pop(0)
+                answered = _log_time(entry, wall_minus_monotonic)
+                published[(entry["room"], entry["offset"])] = (sent, read, answered)
+        elif message.startswith("delivered room=") and "offset" in entry:
+            delivered.append(
+                (entry["room"], entry["offset"], _log_time(entry, wall_minus_monotonic))
+            )
+    parts: dict[str, list[float]] = {
+        "send_to_worker_read": [],
+        "worker_read_to_append_answered": [],
+        "worker_read_to_fan_out": [],
+        "send_to_fan_out": [],
+    }
+    for sent, read, answered in published.values():
+        parts["send_to_worker_read"].append(read - sent)
+        parts["worker_read_to_append_answered"].append(answered - read)
+    for room, offset, fanned_out in delivered:
+        if (path := published.get((room, offset))) is not None:
+            parts["worker_read_to_fan_out"].append(fanned_out - path[1])
+            parts["send_to_fan_out"].append(fanned_out - path[0])
+    figures: dict[str, Any] = {"hops_publishes": len(published)}
+    for name, values in parts.items():
+        values.sort()
+        if values:
+            figures[f"{name}_p50_ms"] = round(values[len(values) // 2] * 1000, 1)
+            figures[f"{name}_p99_ms"] = round(values[len(values) * 99 // 100] * 1000, 1)
+    return figures
+
+
 def gc_pauses(url: str, workers: int) -> dict[int, Any]:
     """Each trio-fanout worker's GC figures from /healthz (asked until every worker answered,
     the port handing each request to one of them; bounded)."""
@@ -141,6 +215,7 @@ def main() -> None:
     parser.add_argument("--redis", action="store_true", help="trio-fanout on a Redis backplane")
     parser.add_argument("--pin", action="store_true", help="server on CPU 0, load on CPU 1")
     parser.add_argument("--tap", action="store_true", help="publish-to-backplane latency too")
+    parser.add_argument("--hops", action="store_true", help="follow publishes in the debug log")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--deliveries", type=int, default=20_000, help="per second, in all")
@@ -148,8 +223,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--loadgen-processes", type=int, default=DEFAULT_PROCESSES)
     args = parser.parse_args()
-    if args.system == "socket.io" and (args.redis or args.tap or args.write_delay is not None):
-        parser.error("--redis, --tap and --write-delay are trio-fanout's")
+    if args.system == "socket.io" and (
+        args.redis or args.tap or args.hops or args.write_delay is not None
+    ):
+        parser.error("--redis, --tap, --hops and --write-delay are trio-fanout's")
     if args.pin:
         os.sched_setaffinity(0, {0})  # the server's processes inherit it
     redis: subprocess.Popen[bytes] | None = None
@@ -174,7 +251,11 @@ def main() -> None:
             if args.tap:
                 proxy_port = free_port()
                 options += ["--proxy-port", str(proxy_port)]  # the last --proxy-port counts
-            server = TrioFanout(workers=args.workers, options=tuple(options))
+            if args.hops:
+                options += ["--log-level", "debug", "--log-format", "json"]
+                server = LoggedTrioFanout(args.workers, tuple(options))
+            else:
+                server = TrioFanout(workers=args.workers, options=tuple(options))
             if redis is not None:
                 server.pids.append(redis.pid)
             if args.tap:
@@ -222,6 +303,9 @@ def run(server: TrioFanout | SocketIO, tap: BackplaneTap | None, args: argparse.
                 load = float(loadavg.read().split()[0])
             if tap is not None:
                 tap.take()
+            if isinstance(server, LoggedTrioFanout):
+                server.log_lines.clear()
+                wall_minus_monotonic = time.time() - time.monotonic()
             sends_before = server.send_counters()
             server_before = thread_times(server.pids, *roles)
             loadgen_before = thread_times(generator.pids, "loadgen", "loadgen")
@@ -240,6 +324,8 @@ def run(server: TrioFanout | SocketIO, tap: BackplaneTap | None, args: argparse.
             )
             if tap is not None:
                 result.update(tap.take())
+            if isinstance(server, LoggedTrioFanout):
+                result.update(hops(list(server.log_lines), wall_minus_monotonic))
             print(json.dumps(result), flush=True)
         if isinstance(server, TrioFanout):
             print(json.dumps({"gc": gc_pauses(server.url, args.workers)}), flush=True)
