@@ -942,13 +942,8 @@ def report(results: dict[str, Any], path: Path, images: Path) -> None:
     rows = summarize(results["rounds"], results["systems"])
     print_table(rows, results["systems"])
     print(f"\nmedians of {len(results['rounds'])} round(s); every figure in {path}")
-    # The pictures show the connections and rates scenarios together: a run without both would
-    # replace complete pictures with partial ones.
-    if {"connections", "rates"} <= set(results["config"].get("scenarios", SCENARIOS)):
-        for image in plot(results, images):
-            print(f"picture: {image}")
-    else:
-        print("no pictures: they need the connections and rates scenarios")
+    for image in plot(results, images):
+        print(f"picture: {image}")
 
 
 if __name__ == "__main__":
