@@ -38,7 +38,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.request
 from typing import Any
 
 from loadgen import DEFAULT_PROCESSES, LoadGenerator
@@ -193,20 +192,6 @@ def hops(lines: list[str], wall_minus_monotonic: float) -> dict[str, Any]:
     return figures
 
 
-def gc_pauses(url: str, workers: int) -> dict[int, Any]:
-    """Each trio-fanout worker's GC figures from /healthz (asked until every worker answered,
-    the port handing each request to one of them; bounded)."""
-    seen: dict[int, Any] = {}
-    health = url.replace("ws://", "http://").replace("/ws", "/healthz")
-    for _attempt in range(10 * workers):
-        with urllib.request.urlopen(health, timeout=10) as response:
-            figures = json.loads(response.read())
-        seen[figures["worker"]] = figures["gc"]
-        if len(seen) == workers:
-            break
-    return seen
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", choices=("trio-fanout", "socket.io"), default="trio-fanout")
@@ -328,7 +313,7 @@ def run(server: TrioFanout | SocketIO, tap: BackplaneTap | None, args: argparse.
                 result.update(hops(list(server.log_lines), wall_minus_monotonic))
             print(json.dumps(result), flush=True)
         if isinstance(server, TrioFanout):
-            print(json.dumps({"gc": gc_pauses(server.url, args.workers)}), flush=True)
+            print(json.dumps({"gc": server.gc_pauses()}), flush=True)
 
 
 if __name__ == "__main__":
