@@ -123,6 +123,10 @@ class Scrape:
     def __call__(self, name: str, **labels: str) -> float:
         return self.samples.get((name, frozenset(labels.items())), 0.0)
 
+    def exposed(self, name: str, **labels: str) -> bool:
+        """Whether the sample is in the scrape at all (``__call__`` reads a missing one as 0)."""
+        return (name, frozenset(labels.items())) in self.samples
+
     def total(self, name: str, **labels: str) -> float:
         """The sum over every sample of ``name`` whose labels include ``labels``."""
         wanted = set(labels.items())
@@ -460,6 +464,12 @@ async def test_backplane_latency_and_worker_restarts():
         node.wait_for_workers(2)
         first = await scrape(node)
         old_pid = int(first("trio_fanout_worker_pid", worker="1"))
+        # Counters are exposed at 0 before their first event, so that Prometheus's increase()
+        # sees that event: a series that first appears at 1 increases by nothing.
+        for worker in ("1", "2"):
+            assert first.exposed("trio_fanout_worker_restarts_total", worker=worker)
+        for result in ("published", "refused", "unavailable"):
+            assert first.exposed("trio_fanout_api_publishes_total", result=result)
         assert first("trio_fanout_worker_restarts_total", worker="1") == 0
         log_lines = len(node.lines)
         os.kill(old_pid, signal.SIGKILL)

@@ -134,20 +134,28 @@ def worker_info(worker: Worker) -> dict[str, Any]:
     }
 
 
+# The results counted by ``trio_fanout_api_publishes_total``. Each is exposed from the start, at
+# 0, so that Prometheus sees a result's first occurrence as an increase rather than as a new
+# series already at 1 (which ``increase()`` and ``rate()`` would not count).
+API_PUBLISH_RESULTS = ("published", "refused", "unavailable")
+
+
 @attrs.define
 class NodeStats:
     """What the process with the admin port counts itself: the master's restarts, the
     heartbeats it published, the API's publishes; and, where it runs the ZeroMQ proxy, what
     the proxy counts (``proxy_stats``, asked at each scrape)."""
 
-    restarts: dict[int, int] = attrs.field(factory=dict)  # by worker index
+    restarts: dict[int, int] = attrs.field(factory=dict)  # by worker index, from its first start
     heartbeats_sent: int = 0
     heartbeats_failed: int = 0
-    api_publishes: dict[str, int] = attrs.field(factory=dict)  # by result
+    api_publishes: dict[str, int] = attrs.field(
+        factory=lambda: dict.fromkeys(API_PUBLISH_RESULTS, 0)
+    )  # by result
     proxy_stats: Callable[[], ProxyStats] | None = None
 
     def count_api_publish(self, result: str) -> None:
-        self.api_publishes[result] = self.api_publishes.get(result, 0) + 1
+        self.api_publishes[result] += 1
 
 
 def _by_worker(
