@@ -294,6 +294,9 @@ async def test_the_api_needs_the_key(node: AdminCluster):
         (b'{"room": "", "data": 1}', "invalid_room", "room"),
         (b'{"room": "' + b"r" * 201 + b'", "data": 1}', "invalid_room", "room"),
         (b'{"room": "r", "data": NaN}', "invalid_data", ""),
+        # Neither a misspelt room nor a null one may become a broadcast to every connection.
+        (b'{"rooms": "r", "data": 1}', "unknown_field", "'rooms'"),
+        (b'{"room": null, "data": 1}', "invalid_room", "leave it out to broadcast"),
     ],
 )
 async def test_bad_publishes_get_a_400_naming_the_problem(
