@@ -607,7 +607,12 @@ class RedisBackplane(Backplane):
 
     def last_connect_error(self) -> str:
         error = self._publisher.last_error or self._subscriber.last_error
-        return f"{type(error).__name__}: {error.__cause__ or error}" if error else "no answer"
+        if error is None:
+            return "no answer"
+        cause = error.__cause__ or error
+        if isinstance(cause, BaseExceptionGroup):  # trio's "all attempts to connect failed"
+            return "; ".join(str(attempt) for attempt in cause.exceptions)
+        return f"{type(error).__name__}: {cause}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
