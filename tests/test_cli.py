@@ -181,3 +181,11 @@ def test_a_worker_that_cannot_start_says_which_it_is_in_the_nodes_log():
     assert "Connection refused" in why  # the refused connection itself, not a group of them
     assert "sub-exception" not in why
     assert "trio-fanout: error:" not in node.log()
+
+
+@pytest.mark.parametrize("command", ["publish", "worker"])
+def test_the_backplane_help_offers_no_password_on_the_command_line(command: str):
+    help_text = " ".join(trio_fanout(command, "--help").stdout.split())
+    assert "backplane_password_file" in help_text
+    assert "PASSWORD" not in help_text  # ps shows every process's command line
+    assert "memory://" not in help_text  # refused by publish, useless to a worker alone

@@ -29,9 +29,11 @@ _CONFIG_HELP = (
     "settings file (TOML); by default trio-fanout.toml in the working directory, if present. "
     "TRIO_FANOUT_* environment variables override it, and flags override both"
 )
+# No password in the URL shown (a command line is visible to every user through ps) and no
+# memory://, which reaches no other process.
 _BACKPLANE_HELP = (
-    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] "
-    "or rediss://… (Redis), memory://NAME (in-process only); "
+    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), redis://[USER@]HOST[:PORT][/DB] "
+    "or rediss://… (Redis, its password in backplane_password_file); "
     "default: the ZeroMQ proxy at proxy_host:proxy_port (127.0.0.1:5559)"
 )
 
