@@ -407,6 +407,38 @@ async def test_the_node_example_publishes_through_the_api(node: AdminCluster, ke
             )  # fmt: skip
         assert refused.returncode == 1
         assert b"publish refused (401)" in refused.stderr
+        # Without ROOM, a broadcast: every connection gets it, the member included.
+        with trio.fail_after(START_TIMEOUT):
+            broadcast = await trio.run_process(
+                ["node", str(EXAMPLES / "publish_api.mjs"), node.admin, str(key_file), '"all"'],
+                capture_stdout=True, capture_stderr=True,
+            )  # fmt: skip
+        assert broadcast.stdout == b"sent to every connection\n"
+        frame = await receive_message(member)
+        assert frame["data"] == "all"
+        assert "room" not in frame  # a broadcast: a message with no room
+
+
+@pytest.mark.parametrize(
+    ("admin_url", "data", "exit_code", "complaint"),
+    [
+        ("{admin}", "hi", 2, "DATA is not JSON: 'hi'"),
+        ("http://127.0.0.1:1", '"hi"', 1, "cannot reach http://127.0.0.1:1"),
+    ],
+)
+async def test_the_python_example_says_what_went_wrong_in_one_line(
+    node: AdminCluster, key_file: Path, admin_url: str, data: str, exit_code: int, complaint: str
+):
+    with trio.fail_after(START_TIMEOUT):
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLES / "publish_api.py"),
+             "--admin", admin_url.format(admin=node.admin), "--key-file", str(key_file),
+             "lobby", data],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert result.returncode == exit_code
+    assert complaint in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
