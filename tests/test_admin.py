@@ -34,7 +34,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient
-from trio_fanout import admin
+from trio_fanout import admin, protocol
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
 
@@ -503,6 +503,8 @@ async def test_backplane_latency_and_worker_restarts():
         # sees that event: a series that first appears at 1 increases by nothing.
         for worker in ("1", "2"):
             assert first.exposed("trio_fanout_worker_restarts_total", worker=worker)
+            for code in protocol.ERROR_CODES:
+                assert first.exposed("trio_fanout_errors_total", worker=worker, code=code)
         for result in ("published", "refused", "unavailable"):
             assert first.exposed("trio_fanout_api_publishes_total", result=result)
         assert first("trio_fanout_worker_restarts_total", worker="1") == 0

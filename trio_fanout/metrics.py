@@ -23,6 +23,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from trio_fanout import protocol
+
 if TYPE_CHECKING:
     from trio_fanout.backplane.proxy import ProxyStats
     from trio_fanout.worker import Worker
@@ -69,7 +71,9 @@ class WorkerStats:
     delivered: int = 0  # frames of those messages queued for this worker's clients
     frames_dropped: int = 0  # frames thrown away: their client was too slow, or gone
     slow_closes: int = 0  # clients closed 1013 for a full queue
-    errors: dict[str, int] = attrs.field(factory=dict)  # error frames, by code
+    # Error frames, by code; every code from 0, so that Prometheus's increase() counts a
+    # code's first error (a series that first appears at 1 increases by nothing).
+    errors: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(protocol.ERROR_CODES, 0))
     refused: dict[int, int] = attrs.field(factory=dict)  # HTTP refusals, by status
     latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
