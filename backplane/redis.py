@@ -183,15 +183,21 @@ class _Link:
         """Stay connected until cancelled; ``started`` once the first connection is ready."""
         pause = FIRST_RECONNECT_PAUSE
         started = False
+        # One failed attempt per outage is logged at warning, the others at debug: an outage
+        # of a minute is otherwise ~60 lines per link and process; "connected again" ends it.
+        outage_told = False
         while True:
+            failure_level = logging.WARNING if started and not outage_told else logging.DEBUG
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await self._connect()
             except trio.TooSlowError:
                 self.last_error = TimeoutError(f"no answer within {CONNECT_TIMEOUT} s")
-                logger.warning(
-                    "Redis %s link: %s from %s", self._role, self.last_error, self.endpoint
-                )
+                logger.log(
+                    failure_level if started else logging.WARNING,
+                    "Redis %s link: %s from %s", self._role, self.last_error, self.endpoint,
+                )  # fmt: skip
+                outage_told = outage_told or started
                 stream = None
             except BackplaneError as error:
                 if not started:
@@ -201,16 +207,18 @@ class _Link:
             except (OSError, trio.BrokenResourceError) as error:
                 self.last_error = error
                 logger.log(
-                    logging.WARNING if started else logging.DEBUG,
+                    failure_level,
                     "Redis %s link: cannot connect to %s (%s); retrying in %.2f s",
-                    self._role, self.endpoint, error, pause,
+                    self._role, self.endpoint, _describe(error), pause,
                 )  # fmt: skip
+                outage_told = outage_told or started
                 stream = None
             if stream is None:
                 await trio.sleep(pause)
                 pause = min(pause * 2, LONGEST_RECONNECT_PAUSE)
                 continue
             pause = FIRST_RECONNECT_PAUSE
+            outage_told = False
             # Closed forcefully: the connection is lost, aborted or shut down, and a TLS
             # close_notify to a Redis that is not reading could block the reconnection.
             async with _closed_forcefully(stream):
@@ -607,13 +615,25 @@ class RedisBackplane(Backplane):
 
     def last_connect_error(self) -> str:
         error = self._publisher.last_error or self._subscriber.last_error
-        return f"{type(error).__name__}: {error.__cause__ or error}" if error else "no answer"
+        if error is None:
+            return "no answer"
+        if isinstance(error.__cause__, BaseExceptionGroup):
+            return _describe(error)
+        return f"{type(error).__name__}: {error.__cause__ or error}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._publisher.run)
             await nursery.start(self._subscriber.run)
             task_status.started()
+
+
+def _describe(error: BaseException) -> str:
+    """Why a connection attempt failed: for trio's "all attempts to connect failed", the
+    attempts' own errors (such as "Connection refused"), which say why."""
+    if isinstance(error.__cause__, BaseExceptionGroup):
+        return "; ".join(str(attempt) for attempt in error.__cause__.exceptions)
+    return str(error)
 
 
 @asynccontextmanager

@@ -3,7 +3,9 @@
 //
 //   node examples/publish_api.mjs http://127.0.0.1:9100 api.key lobby '{"text": "hi"}'
 //
-// prints the offset the room gave the message.
+// prints the offset the room gave the message. Without ROOM, every connection receives it:
+//
+//   node examples/publish_api.mjs http://127.0.0.1:9100 api.key '"maintenance in 5 minutes"'
 
 import { readFile } from "node:fs/promises";
 
@@ -21,15 +23,18 @@ export async function publish(adminUrl, key, room, data) {
   return answer; // { room, epoch, offset }
 }
 
-const [adminUrl, keyFile, room, data] = process.argv.slice(2);
-if (data === undefined) {
-  console.error("usage: node publish_api.mjs ADMIN_URL KEY_FILE ROOM JSON_DATA");
+const args = process.argv.slice(2);
+if (args.length !== 3 && args.length !== 4) {
+  console.error("usage: node publish_api.mjs ADMIN_URL KEY_FILE [ROOM] JSON_DATA");
   process.exit(2);
 }
-const key = (await readFile(keyFile, "utf8")).trim();
+const [adminUrl, keyFile] = args;
+const [room, data] = args.length === 4 ? args.slice(2) : [null, args[2]];
 try {
+  const key = (await readFile(keyFile, "utf8")).trim();
   const answer = await publish(adminUrl, key, room, JSON.parse(data));
-  console.log(`published to ${room} at offset ${answer.offset}`);
+  const done = room === null ? "sent to every connection" : `published to ${room} at offset`;
+  console.log(room === null ? done : `${done} ${answer.offset}`);
 } catch (error) {
   console.error(error.message);
   process.exit(1);

@@ -31,6 +31,8 @@ def publish(admin_url: str, key: str, room: str | None, data: object) -> dict:
         # 400 (bad room or data), 401 (wrong key), 503 (backplane down): the body says why.
         problem = json.load(error)
         raise SystemExit(f"publish refused ({error.code}): {problem['message']}") from None
+    except urllib.error.URLError as error:  # no admin port there (HTTPError is one too)
+        raise SystemExit(f"cannot reach {admin_url}: {error.reason}") from None
 
 
 def main() -> None:
@@ -43,9 +45,16 @@ def main() -> None:
     args = parser.parse_args()
     if (args.room is None) != args.broadcast:
         parser.error("give ROOM, or --broadcast without ROOM")
-    with open(args.key_file) as file:
-        key = file.read().strip()
-    answer = publish(args.admin, key, args.room, json.loads(args.data))
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        parser.error(f"DATA is not JSON: {args.data!r} (a string needs quotes: '\"hi\"')")
+    try:
+        with open(args.key_file) as file:
+            key = file.read().strip()
+    except OSError as error:
+        parser.error(f"--key-file: {error}")
+    answer = publish(args.admin, key, args.room, data)
     if args.room is None:
         print("sent to every connection")
     else:

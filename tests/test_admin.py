@@ -34,7 +34,7 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient
-from trio_fanout import admin
+from trio_fanout import admin, protocol
 from trio_fanout.client import open_client
 from trio_fanout.emitter import open_emitter
 
@@ -122,6 +122,10 @@ class Scrape:
 
     def __call__(self, name: str, **labels: str) -> float:
         return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def exposed(self, name: str, **labels: str) -> bool:
+        """Whether the sample is in the scrape at all (``__call__`` reads a missing one as 0)."""
+        return (name, frozenset(labels.items())) in self.samples
 
     def total(self, name: str, **labels: str) -> float:
         """The sum over every sample of ``name`` whose labels include ``labels``."""
@@ -290,6 +294,9 @@ async def test_the_api_needs_the_key(node: AdminCluster):
         (b'{"room": "", "data": 1}', "invalid_room", "room"),
         (b'{"room": "' + b"r" * 201 + b'", "data": 1}', "invalid_room", "room"),
         (b'{"room": "r", "data": NaN}', "invalid_data", ""),
+        # Neither a misspelt room nor a null one may become a broadcast to every connection.
+        (b'{"rooms": "r", "data": 1}', "unknown_field", "'rooms'"),
+        (b'{"room": null, "data": 1}', "invalid_room", "leave it out to broadcast"),
     ],
 )
 async def test_bad_publishes_get_a_400_naming_the_problem(
@@ -400,6 +407,38 @@ async def test_the_node_example_publishes_through_the_api(node: AdminCluster, ke
             )  # fmt: skip
         assert refused.returncode == 1
         assert b"publish refused (401)" in refused.stderr
+        # Without ROOM, a broadcast: every connection gets it, the member included.
+        with trio.fail_after(START_TIMEOUT):
+            broadcast = await trio.run_process(
+                ["node", str(EXAMPLES / "publish_api.mjs"), node.admin, str(key_file), '"all"'],
+                capture_stdout=True, capture_stderr=True,
+            )  # fmt: skip
+        assert broadcast.stdout == b"sent to every connection\n"
+        frame = await receive_message(member)
+        assert frame["data"] == "all"
+        assert "room" not in frame  # a broadcast: a message with no room
+
+
+@pytest.mark.parametrize(
+    ("admin_url", "data", "exit_code", "complaint"),
+    [
+        ("{admin}", "hi", 2, "DATA is not JSON: 'hi'"),
+        ("http://127.0.0.1:1", '"hi"', 1, "cannot reach http://127.0.0.1:1"),
+    ],
+)
+async def test_the_python_example_says_what_went_wrong_in_one_line(
+    node: AdminCluster, key_file: Path, admin_url: str, data: str, exit_code: int, complaint: str
+):
+    with trio.fail_after(START_TIMEOUT):
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLES / "publish_api.py"),
+             "--admin", admin_url.format(admin=node.admin), "--key-file", str(key_file),
+             "lobby", data],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert result.returncode == exit_code
+    assert complaint in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
@@ -460,6 +499,14 @@ async def test_backplane_latency_and_worker_restarts():
         node.wait_for_workers(2)
         first = await scrape(node)
         old_pid = int(first("trio_fanout_worker_pid", worker="1"))
+        # Counters are exposed at 0 before their first event, so that Prometheus's increase()
+        # sees that event: a series that first appears at 1 increases by nothing.
+        for worker in ("1", "2"):
+            assert first.exposed("trio_fanout_worker_restarts_total", worker=worker)
+            for code in protocol.ERROR_CODES:
+                assert first.exposed("trio_fanout_errors_total", worker=worker, code=code)
+        for result in ("published", "refused", "unavailable"):
+            assert first.exposed("trio_fanout_api_publishes_total", result=result)
         assert first("trio_fanout_worker_restarts_total", worker="1") == 0
         log_lines = len(node.lines)
         os.kill(old_pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -140,3 +141,51 @@ def test_a_second_cluster_on_the_port_of_a_running_one_is_refused():
         assert "Address already in use" in result.stderr
     finally:
         cluster.stop()
+
+
+def test_a_start_failure_with_json_logs_is_a_json_line():
+    # A log shipper reading a JSON log must get JSON even when the command stops at once.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = trio_fanout(
+            "run", "--workers", "1", "--port", port, "--proxy-port", "0", "--log-format", "json"
+        )
+    assert result.returncode == 2
+    records = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    (failure,) = [record for record in records if record["level"] == "error"]
+    assert failure["role"] == "master"
+    assert failure["message"].startswith("cannot start: ")
+    assert "Address already in use" in failure["message"]
+
+
+def test_a_worker_that_cannot_start_says_which_it_is_in_the_nodes_log():
+    # A bound socket that does not listen: connections to it are refused at once.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        redis_url = f"redis://127.0.0.1:{closed.getsockname()[1]}"
+        node = ClusterProcess(
+            "--workers", "1", "--backplane", redis_url, "--heartbeat-interval", "0"
+        )
+        try:
+            # Within the Redis connection timeout (5 s) and the ClusterProcess start timeout.
+            match = node.wait_for_log(
+                r"ERROR worker 1 \(pid (\d+)\) trio_fanout\.cli: cannot start: (.*)"
+            )
+            node.wait_for_log(rf"worker 1 \(pid {match.group(1)}\) exited with code 1")
+        finally:
+            node.stop()
+    why = match.group(2)
+    assert why.startswith(f"cannot connect to Redis at {redis_url} within 5.0 s")
+    assert "Connection refused" in why  # the refused connection itself, not a group of them
+    assert "sub-exception" not in why
+    assert "trio-fanout: error:" not in node.log()
+
+
+@pytest.mark.parametrize("command", ["publish", "worker"])
+def test_the_backplane_help_offers_no_password_on_the_command_line(command: str):
+    help_text = " ".join(trio_fanout(command, "--help").stdout.split())
+    assert "backplane_password_file" in help_text
+    assert "PASSWORD" not in help_text  # ps shows every process's command line
+    assert "memory://" not in help_text  # refused by publish, useless to a worker alone

@@ -4,6 +4,7 @@ restart of Redis under a running backplane and under a running cluster."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -210,6 +211,54 @@ async def test_a_backplane_survives_a_redis_restart(tmp_path: Path):
             assert numbers == sorted(numbers)  # in publish order
     finally:
         server.stop()
+
+
+class _LinkLog(logging.Handler):
+    """The Redis backend's log records, with an event for each new one (to wait on them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[int, str]] = []
+        self.changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+        self.changed.set()
+
+    def lines(self, level: int, text: str) -> list[str]:
+        return [line for levelno, line in self.records if levelno == level and text in line]
+
+    async def wait_for(self, level: int, text: str, count: int) -> None:
+        with trio.fail_after(RECOVERY_TIMEOUT):
+            while len(self.lines(level, text)) < count:
+                self.changed = trio.Event()
+                await self.changed.wait()
+
+
+async def test_an_outage_is_one_warning_per_link_however_long(tmp_path: Path):
+    log = _LinkLog()
+    redis_logger = logging.getLogger("trio_fanout.backplane.redis")
+    redis_logger.addHandler(log)
+    level = redis_logger.level
+    redis_logger.setLevel(logging.DEBUG)
+    server = RedisServer(str(tmp_path))
+    try:
+        async with open_backplane(server.url) as backplane:
+            server.stop()
+            # Both links try again at 0.05 s doubling: at least three attempts each.
+            await log.wait_for(logging.DEBUG, "cannot connect to", 4)
+            server = RedisServer(str(tmp_path), port=server.port)
+            await publish_until_accepted(backplane, b"kept", b"after")
+            await log.wait_for(logging.WARNING, "link: connected again", 2)
+    finally:
+        server.stop()
+        redis_logger.removeHandler(log)
+        redis_logger.setLevel(level)
+    warnings = log.lines(logging.WARNING, "cannot connect to")
+    assert sorted(line.split(" link:")[0] for line in warnings) == [
+        "Redis publisher", "Redis subscriber"
+    ]  # fmt: skip
+    assert all("Connection refused" in line for line in warnings)  # why, not "all attempts"
 
 
 async def test_a_connection_redis_resets_is_made_again(tmp_path: Path):

@@ -66,6 +66,9 @@ MAX_CONNECTIONS = 64
 # After the backplane could not be opened for API publishes, the pause before trying again.
 BACKPLANE_RETRY_PAUSE = 1.0
 
+# The fields of a POST /api/publish body.
+PUBLISH_FIELDS = frozenset({"room", "data"})
+
 _JSON = "application/json"
 
 AskWorkers = Callable[[bytes], Awaitable[list[dict[str, Any]]]]
@@ -340,13 +343,21 @@ class AdminServer:
             return self._refuse_publish("invalid_json", "the body is not JSON")
         if not isinstance(request, dict):
             return self._refuse_publish("invalid_json", "the body is not a JSON object")
+        # A body without "room" goes to every connection: a misspelt "room" (or a room left
+        # null by the caller's program) must be refused, never turned into a broadcast.
+        if unknown := sorted(set(request) - PUBLISH_FIELDS):
+            return self._refuse_publish(
+                "unknown_field", f"unknown field {unknown[0]!r}: the body takes room and data"
+            )
         if "data" not in request:
             return self._refuse_publish("invalid_data", "data is missing")
         room, data = request.get("room"), request["data"]
         try:
-            if room is not None:
+            if "room" in request:
                 if not isinstance(room, str):
-                    return self._refuse_publish("invalid_room", "room must be a string")
+                    return self._refuse_publish(
+                        "invalid_room", "room must be a string (leave it out to broadcast)"
+                    )
                 protocol.check_room(room)
         except protocol.RequestError as refusal:
             return self._refuse_publish("invalid_room", refusal.message)

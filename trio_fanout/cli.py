@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,8 @@ from trio_fanout.config import KEYS, Config, ConfigError, InvalidSetting, load_c
 from trio_fanout.logs import setup_logging
 from trio_fanout.tls import TLSFileError
 
+logger = logging.getLogger(__name__)
+
 EXIT_USAGE = 2
 
 # `trio-fanout token` mints tokens for testing: a year is already far longer than one should live.
@@ -26,9 +29,11 @@ _CONFIG_HELP = (
     "settings file (TOML); by default trio-fanout.toml in the working directory, if present. "
     "TRIO_FANOUT_* environment variables override it, and flags override both"
 )
+# No password in the URL shown (a command line is visible to every user through ps) and no
+# memory://, which reaches no other process.
 _BACKPLANE_HELP = (
-    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] "
-    "or rediss://… (Redis), memory://NAME (in-process only); "
+    "backplane URL: zmq://HOST:PORT (a ZeroMQ proxy), redis://[USER@]HOST[:PORT][/DB] "
+    "or rediss://… (Redis, its password in backplane_password_file); "
     "default: the ZeroMQ proxy at proxy_host:proxy_port (127.0.0.1:5559)"
 )
 
@@ -345,19 +350,30 @@ def main(argv: list[str] | None = None) -> int:
     except* OSError as failures:
         # Startup failures (a port in use, a bad address): one line each, no traceback.
         for failure in failures.exceptions:
-            print(f"trio-fanout: error: {failure}", file=sys.stderr)
+            _report_startup_failure(args, config, failure)
         exit_code = EXIT_USAGE
     except* BackplaneError as failures:
         # The backplane is unreachable or refuses us: one line each, no traceback.
         for backplane_failure in failures.exceptions:
-            print(f"trio-fanout: error: {backplane_failure}", file=sys.stderr)
+            _report_startup_failure(args, config, backplane_failure)
         exit_code = 1
     except* TLSFileError as failures:
         # A certificate or key that cannot be used, at startup: the files and the problem.
         for tls_failure in failures.exceptions:
-            print(f"trio-fanout: error: {tls_failure}", file=sys.stderr)
+            _report_startup_failure(args, config, tls_failure)
         exit_code = EXIT_USAGE
     return exit_code
+
+
+def _report_startup_failure(args: argparse.Namespace, config: Config, failure: Exception) -> None:
+    """Say why the command stopped. On a terminal, as a command's error; as a log line where
+    the line lands among log lines: from a worker its master started (whose output is the
+    node's log, where the line must say which worker), or with ``log_format = "json"``, whose
+    readers expect nothing but JSON lines."""
+    if config.log_format == "json" or (args.command == "worker" and args.config_from_stdin):
+        logger.error("cannot start: %s", failure)
+    else:
+        print(f"trio-fanout: error: {failure}", file=sys.stderr)
 
 
 def _unreachable_backplane(command: str, config: Config) -> str | None:

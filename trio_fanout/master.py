@@ -214,6 +214,8 @@ class Supervisor:
 
     async def keep_running(self, index: int) -> None:
         failures = 0
+        # At 0 from the first start, so that the first restart shows as an increase.
+        self.node.restarts.setdefault(index, 0)
         while not self._stopping:
             # Both ends are non-inheritable: only this worker gets its end, through pass_fds.
             master_end, worker_end = socket.socketpair()
@@ -242,7 +244,7 @@ class Supervisor:
             del self.links[index]
             if self._stopping:
                 return
-            self.node.restarts[index] = self.node.restarts.get(index, 0) + 1
+            self.node.restarts[index] += 1
             how = describe_exit(returncode)
             failures = failures + 1 if trio.current_time() - started < STABLE_RUN_SECONDS else 0
             pause = 0.0

@@ -23,6 +23,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from trio_fanout import protocol
+
 if TYPE_CHECKING:
     from trio_fanout.backplane.proxy import ProxyStats
     from trio_fanout.worker import Worker
@@ -69,7 +71,9 @@ class WorkerStats:
     delivered: int = 0  # frames of those messages queued for this worker's clients
     frames_dropped: int = 0  # frames thrown away: their client was too slow, or gone
     slow_closes: int = 0  # clients closed 1013 for a full queue
-    errors: dict[str, int] = attrs.field(factory=dict)  # error frames, by code
+    # Error frames, by code; every code from 0, so that Prometheus's increase() counts a
+    # code's first error (a series that first appears at 1 increases by nothing).
+    errors: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(protocol.ERROR_CODES, 0))
     refused: dict[int, int] = attrs.field(factory=dict)  # HTTP refusals, by status
     latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
@@ -134,20 +138,28 @@ def worker_info(worker: Worker) -> dict[str, Any]:
     }
 
 
+# The results counted by ``trio_fanout_api_publishes_total``. Each is exposed from the start, at
+# 0, so that Prometheus sees a result's first occurrence as an increase rather than as a new
+# series already at 1 (which ``increase()`` and ``rate()`` would not count).
+API_PUBLISH_RESULTS = ("published", "refused", "unavailable")
+
+
 @attrs.define
 class NodeStats:
     """What the process with the admin port counts itself: the master's restarts, the
     heartbeats it published, the API's publishes; and, where it runs the ZeroMQ proxy, what
     the proxy counts (``proxy_stats``, asked at each scrape)."""
 
-    restarts: dict[int, int] = attrs.field(factory=dict)  # by worker index
+    restarts: dict[int, int] = attrs.field(factory=dict)  # by worker index, from its first start
     heartbeats_sent: int = 0
     heartbeats_failed: int = 0
-    api_publishes: dict[str, int] = attrs.field(factory=dict)  # by result
+    api_publishes: dict[str, int] = attrs.field(
+        factory=lambda: dict.fromkeys(API_PUBLISH_RESULTS, 0)
+    )  # by result
     proxy_stats: Callable[[], ProxyStats] | None = None
 
     def count_api_publish(self, result: str) -> None:
-        self.api_publishes[result] = self.api_publishes.get(result, 0) + 1
+        self.api_publishes[result] += 1
 
 
 def _by_worker(

@@ -40,6 +40,10 @@ TOO_MANY_ROOMS = "too_many_rooms"
 RATE_LIMITED = "rate_limited"
 FORBIDDEN = "forbidden"
 BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+ERROR_CODES = (
+    BAD_JSON, BAD_FRAME, UNKNOWN_TYPE, BAD_ROOM, NOT_MEMBER, TOO_LARGE, TOO_MANY_ROOMS,
+    RATE_LIMITED, FORBIDDEN, BACKPLANE_UNAVAILABLE,
+)  # fmt: skip
 
 # The close code for a connection without a valid token where the server requires one: no
 # ``auth`` first frame, a bad token, none in time, or a token that expired without a refresh.
