@@ -7,13 +7,16 @@
 //   node loadgen.mjs '{"system": "trio-fanout", "url": "ws://127.0.0.1:8765/ws",
 //                      "session": "rate", "clients": 1000, "rooms": 10, "shard": 0, "shards": 2}'
 //
-// The process connects its share (global client g belongs to shard g % shards; room r's
-// publisher to shard r % shards), prints {"event": "ready"} and then obeys one JSON command a
-// line on stdin, answering each with one JSON line on stdout:
+// The process connects its share (global client g belongs to shard g % shards; publisher p to
+// shard p % shards), prints {"event": "ready"} and then obeys one JSON command a line on stdin,
+// answering each with one JSON line on stdout:
 //   {"cmd": "rate", "deliveries": D, "duration": S}   publish for S seconds so that all members
 //        of all shards receive D messages a second in all; print {"event": "published", "sent":
 //        [per room]}; then wait for {"cmd": "expect", "sent": [per room, all shards]} and print
 //        the step's result once every member got what was sent (or after a bounded drain).
+//        Session "rate" has `publishers_per_room` publishers in each room (default 1), which
+//        share the room's message rate evenly: room r's k-th is publisher r * publishers_per_room
+//        + k.
 //   {"cmd": "broadcast", "messages": M, "interval_ms": I}   session "broadcast": every member is
 //        in one room; shard 0 publishes M messages I ms apart; each shard reports, for each
 //        message, how many of its members got it and when the last one did.
@@ -31,9 +34,11 @@
 // new connections.
 //
 // Receiving costs as little as we can make it: no JSON parsing of deliveries. Every published
-// datum is a JSON string of fixed layout, "~PPPSSSSSSSSSTTTTTTTTTTTTTTT" (publisher, sequence
-// number, send time in microseconds of CLOCK_MONOTONIC, which every process on the machine
-// shares), found by looking for the one "~" byte in the raw frame. Every step also reports this
+// datum is a JSON string of fixed layout, "~PPPSSSSSSSSSTTTTTTTTTTTTTTT" (publisher number,
+// unique across rooms; that publisher's own sequence number; send time in microseconds of
+// CLOCK_MONOTONIC, which every process on the machine shares), found by looking for the one "~"
+// byte in the raw frame. Each member checks each publisher's sequence on its own for order, loss
+// and duplicates: the publishers of one room may interleave. Every step also reports this
 // process's CPU (process.cpuUsage) and event-loop delay (perf_hooks.monitorEventLoopDelay), so
 // that the orchestrator can refuse a step in which the load generator itself was the limit.
 // A wss:// url is verified against the CA certificate in `ca_file` (PEM), if given.
@@ -65,6 +70,8 @@ const LAG_RESOLUTION_MS = 10;
 const BUCKET_US = 50;
 const BUCKETS = 200_000;
 const MARK = 0x7e; // "~"
+// Publisher numbers fit the datum's 3 digits (bench/loadgen.py refuses more publishers).
+const PUBLISHER_DIGITS = 3;
 // CLOCK_MONOTONIC in milliseconds, from performance.now() plus an offset taken once.
 const MONOTONIC_OFFSET_MS = Number(process.hrtime.bigint()) / 1e6 - performance.now();
 const monotonicMs = () => performance.now() + MONOTONIC_OFFSET_MS;
@@ -84,7 +91,8 @@ function sleep(ms) {
 // The datum of a publish: fixed layout, so that a receiver can slice it without parsing JSON.
 function datum(publisher, seq) {
   const us = Math.round(monotonicMs() * 1000);
-  return `~${String(publisher).padStart(3, "0")}${String(seq).padStart(9, "0")}${String(us).padStart(15, "0")}`;
+  const field = (value, width) => String(value).padStart(width, "0");
+  return `~${field(publisher, PUBLISHER_DIGITS)}${field(seq, 9)}${field(us, 15)}`;
 }
 
 // Read `width` decimal digits of `buffer` from `at` (no string is made).
@@ -312,24 +320,26 @@ const commands = (() => {
 })();
 
 async function rateSession() {
-  const { clients: total, rooms } = config;
+  const { clients: total, rooms, publishers_per_room: perRoom = 1 } = config;
   const myRooms = [];
   for (let g = shard; g < total; g += shards) myRooms.push(g % rooms);
   const roomOfMember = Int32Array.from(myRooms);
-  const myPublishers = [];
-  for (let r = shard; r < rooms; r += shards) myPublishers.push(r);
-  const membersPerRoom = total / rooms;
+  const myPublishers = []; // publisher numbers
+  for (let p = shard; p < rooms * perRoom; p += shards) myPublishers.push(p);
 
-  // Per member: the last sequence number seen (each room has one publisher).
-  const lastSeq = new Int32Array(myRooms.length);
+  // Per member and publisher of its room (the publisher's number modulo perRoom): the last
+  // sequence number seen.
+  const lastSeq = new Int32Array(myRooms.length * perRoom);
   const histogram = new Uint32Array(BUCKETS + 1);
   let received = 0, duplicated = 0, reordered = 0;
   const onFrame = (ws, buffer) => {
     const at = buffer.indexOf(MARK);
     if (at < 0) return; // a heartbeat
-    const seq = digits(buffer, at + 4, 9);
-    const sentUs = digits(buffer, at + 13, 15);
-    const last = lastSeq[ws.index];
+    const publisher = digits(buffer, at + 1, PUBLISHER_DIGITS);
+    const seq = digits(buffer, at + 1 + PUBLISHER_DIGITS, 9);
+    const sentUs = digits(buffer, at + 1 + PUBLISHER_DIGITS + 9, 15);
+    const slot = ws.index * perRoom + (publisher % perRoom);
+    const last = lastSeq[slot];
     if (seq === last + 1) {
       received++;
     } else if (seq <= last) {
@@ -339,13 +349,13 @@ async function rateSession() {
       reordered++;
       received++;
     }
-    lastSeq[ws.index] = seq;
+    lastSeq[slot] = seq;
     const bucket = Math.floor((monotonicMs() * 1000 - sentUs) / BUCKET_US);
     histogram[Math.max(0, Math.min(BUCKETS, bucket))]++;
   };
   const members = await openMany(myRooms.map((r) => `room-${r}`), onFrame);
   const publishers = await openMany(myPublishers.map(() => null), () => {});
-  const seq = new Int32Array(rooms);
+  const seq = new Int32Array(rooms * perRoom);
   reply({ event: "ready", members: members.length, publishers: publishers.length });
 
   const meter = resourceMeter();
@@ -356,18 +366,24 @@ async function rateSession() {
     // The counters were zeroed after the last report, not here: another process may have
     // started publishing before this one read its command.
     meter.start();
-    // Our share of the publishes: every room gets deliveries / total publishes a second.
-    const perRoomPerSecond = deliveries / total;
+    // Our share of the publishes: every room gets deliveries / total publishes a second, split
+    // evenly among its publishers. A room's k-th publisher is k / perRoom of a period ahead of
+    // its first, so that together they keep an even pace instead of sending in bursts.
+    const perPublisherPerSecond = deliveries / total / perRoom;
     const sent = new Array(rooms).fill(0);
+    const sentBy = new Array(publishers.length).fill(0);
     const start = performance.now();
     while (performance.now() - start < duration * 1000) {
-      const due = Math.floor(((performance.now() - start) / 1000) * perRoomPerSecond);
+      const elapsed = (performance.now() - start) / 1000;
       for (let i = 0; i < publishers.length; i++) {
-        const room = myPublishers[i];
-        while (sent[room] < due) {
-          seq[room]++;
+        const publisher = myPublishers[i];
+        const room = Math.floor(publisher / perRoom);
+        const due = Math.floor(elapsed * perPublisherPerSecond + (publisher % perRoom) / perRoom);
+        while (sentBy[i] < due) {
+          seq[publisher]++;
+          sentBy[i]++;
           sent[room]++;
-          publishers[i].send(speak.publish(`room-${room}`, datum(room, seq[room])));
+          publishers[i].send(speak.publish(`room-${room}`, datum(publisher, seq[publisher])));
         }
       }
       await sleep(2);
@@ -405,7 +421,7 @@ async function broadcastSession() {
       heartbeats.onFrame(buffer);
       return;
     }
-    const seq = digits(buffer, at + 4, 9);
+    const seq = digits(buffer, at + 1 + PUBLISHER_DIGITS, 9);
     const now = monotonicMs();
     const seen = arrivals.get(seq);
     if (seen) {

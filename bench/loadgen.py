@@ -46,6 +46,9 @@ _addresses_given = 0
 # Clients per load-generator process: a process may open 20,000 descriptors (ulimit -n), one
 # per client; this leaves a margin for the rest.
 CLIENTS_PER_PROCESS = 10_000
+# Publishers a rate session may have in all: a datum carries its publisher's number in 3 digits
+# (loadgen.mjs's PUBLISHER_DIGITS).
+MAX_PUBLISHERS = 1000
 
 CpuReader = Callable[[], tuple[float, float]]
 
@@ -57,8 +60,11 @@ class LoadGeneratorError(RuntimeError):
 class LoadGenerator:
     """``processes`` Node processes holding ``clients`` clients of one session between them.
 
-    ``session`` is ``rate`` (members in ``rooms`` rooms, one publisher per room), ``broadcast``
-    (every member in one room, one publisher) or ``idle`` (connections that join nothing).
+    ``session`` is ``rate`` (members in ``rooms`` rooms, ``publishers_per_room`` publishers in
+    each, which share the room's message rate), ``broadcast`` (every member in one room, one
+    publisher) or ``idle`` (connections that join nothing). Several publishers per room let a
+    room's rate exceed what one connection can publish: trio-fanout handles a connection's
+    publishes one at a time, each waiting for the backplane's answer.
     ``system`` is ``trio-fanout`` or ``socket.io`` (the protocol the clients speak).
     ``ca_file``: a PEM CA certificate against which a wss:// ``url`` is verified.
     """
@@ -70,10 +76,16 @@ class LoadGenerator:
         session: str,
         clients: int,
         rooms: int = 1,
+        publishers_per_room: int = 1,
         processes: int = DEFAULT_PROCESSES,
         ca_file: str | None = None,
         source_addresses: list[str] | None = None,
     ) -> None:
+        if not 1 <= rooms * publishers_per_room <= MAX_PUBLISHERS:
+            raise ValueError(
+                f"1 to {MAX_PUBLISHERS} publishers in all, not {rooms} rooms x "
+                f"{publishers_per_room} publishers"
+            )
         self.clients = clients
         self.processes: list[subprocess.Popen[str]] = []
         try:
@@ -84,6 +96,7 @@ class LoadGenerator:
                     "session": session,
                     "clients": clients,
                     "rooms": rooms,
+                    "publishers_per_room": publishers_per_room,
                     "shard": shard,
                     "shards": processes,
                 }

@@ -5,15 +5,16 @@ run it by hand:
     python bench/tail_probe.py                            # 20,000/s to 1,000 clients, 10 rooms
     python bench/tail_probe.py --write-delay 0 --workers 1
     python bench/tail_probe.py --system socket.io
-    python bench/tail_probe.py --clients 100 --rooms 1 --deliveries 100000   # the firehose
     python bench/tail_probe.py --tap                      # publish-to-backplane latency too
     python bench/tail_probe.py --hops                     # each publish followed in the log
+    python bench/tail_probe.py --clients 100 --rooms 1 --publishers-per-room 10 --deliveries 100000
 
-Each step prints one JSON line: the load generator's p50/p99 and counts (bench/loadgen.py), and,
-from /proc/PID/task/*/schedstat, the CPU time and the run-queue wait (time runnable but not
-running) of the server's and the load generator's threads, by thread name, in ms per second. On
-a machine shared with other work, the run-queue wait is what a latency tail is made of when
-the CPU is scarce; the CPU time says who made it scarce.
+The last is compare.py's firehose at 1,000 messages/s: 100 clients in one room, whose 10
+publishers share its rate. Each step prints one JSON line: the load generator's p50/p99 and
+counts (bench/loadgen.py), and, from /proc/PID/task/*/schedstat, the CPU time and the run-queue
+wait (time runnable but not running) of the server's and the load generator's threads, by thread
+name, in ms per second. On a machine shared with other work, the run-queue wait is what a latency
+tail is made of when the CPU is scarce; the CPU time says who made it scarce.
 
 Options that change the server: ``--workers``, ``--write-delay`` (trio-fanout's ``write_delay``),
 ``--redis`` (trio-fanout on a Redis backplane, a redis-server started here, instead of the
@@ -40,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from loadgen import DEFAULT_PROCESSES, LoadGenerator
+from loadgen import DEFAULT_PROCESSES, MAX_PUBLISHERS, LoadGenerator
 from systems import SocketIO, TrioFanout, free_port
 
 # (CPU ms, run-queue wait ms, timeslices) so far, by "role:thread name".
@@ -203,11 +204,14 @@ def main() -> None:
     parser.add_argument("--hops", action="store_true", help="follow publishes in the debug log")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rooms", type=int, default=10)
+    parser.add_argument("--publishers-per-room", type=int, default=1)
     parser.add_argument("--deliveries", type=int, default=20_000, help="per second, in all")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--loadgen-processes", type=int, default=DEFAULT_PROCESSES)
     args = parser.parse_args()
+    if not 1 <= args.rooms * args.publishers_per_room <= MAX_PUBLISHERS:
+        parser.error(f"--rooms x --publishers-per-room takes 1 to {MAX_PUBLISHERS}")
     if args.system == "socket.io" and (
         args.redis or args.tap or args.hops or args.write_delay is not None
     ):
@@ -278,6 +282,7 @@ def run(server: TrioFanout | SocketIO, tap: BackplaneTap | None, args: argparse.
         "rate",
         args.clients,
         rooms=args.rooms,
+        publishers_per_room=args.publishers_per_room,
         processes=args.loadgen_processes,
     ) as generator:
         if args.pin:
