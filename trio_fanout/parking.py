@@ -2,7 +2,7 @@
 
 Most connections of a fan-out server are idle: they receive now and then and send nothing for
 minutes. A Trio task waiting to read costs memory whatever it waits for: its coroutine frames,
-its cancel scope and nursery, Trio's registration of its socket, about 5 KiB in all, more than
+its cancel scope and nursery, Trio's record of its socket: about 4 KiB of RSS, more than
 everything else a connection holds. So a connection that has had nothing to read for
 ``PARK_AFTER`` seconds ends its task and is *parked* here: its socket goes into an epoll set of
 the worker's own, watched by one task for all of them, and the connection keeps only its state
