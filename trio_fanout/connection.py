@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_fanout import http, protocol, tls, tokens, websocket
+from trio_fanout import http, parking, protocol, tls, tokens, websocket
 from trio_fanout.backplane import BackplaneUnavailable
 from trio_fanout.hooks import Forbidden
 from trio_fanout.protocol import RequestError
@@ -144,6 +144,7 @@ class Connection:
         "_max_queued_bytes",
         "_max_queued_frames",
         "_nursery",
+        "_parser",
         "_pending",
         "_queued_bytes",
         "_sock",
@@ -205,8 +206,16 @@ class Connection:
             config.rate_limit_bytes_per_second,
             config.rate_limit_bytes_burst,
         )
+        # The scope and nursery of the connection's task, None while it has none: before it
+        # starts, and while the connection is parked (see trio_fanout/parking.py).
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        # The client's frames, parsed across reads and across the tasks of a parked connection.
+        self._parser: websocket.FrameParser | None = None
+
+    def fileno(self) -> int:
+        """The client socket's file descriptor (-1 once closed)."""
+        return self._sock.fileno()
 
     # ---- the send path --------------------------------------------------------------------
 
@@ -242,19 +251,21 @@ class Connection:
         self._write_later()
 
     def _write_later(self) -> None:
-        """Start the task that waits for a full socket to drain, if something waits for it."""
-        if (
-            (self._pending or self._unsent)
-            and not self._writer_running
-            and self._nursery is not None
-        ):
+        """Start the task that waits for a full socket to drain, if something waits for it (a
+        parked connection gets its task back first)."""
+        if not (self._pending or self._unsent) or self._writer_running:
+            return
+        if self._nursery is not None:
             self._writer_running = True
             try:
                 self._nursery.start_soon(self._write_when_writable)
             except RuntimeError:
-                # The nursery closed when its last task ended, and serve() has not yet resumed
-                # to forget it: the connection is ending, and _finish_close writes what is left.
+                # The nursery closed when its last task ended, and _run() has not yet resumed
+                # to forget it: _run() sees what is left, and writes it before parking or in
+                # the close.
                 self._writer_running = False
+        else:
+            self.worker.wake(self)  # if parked: its new task starts the writer
 
     def _send_now(self) -> None:
         """Write the unsent rest of a frame, then every pending frame, as far as the socket
@@ -307,8 +318,7 @@ class Connection:
             logger.warning("connection %d: send failed: %s", self.id, error)
         self._closing = True
         self._drop_queued()
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
+        self._stop_task()
 
     def close(self, code: int, reason: str = "", *, drop_pending: bool = False) -> None:
         """Start closing with ``code``: stop reading and queue the close frame after what is
@@ -329,8 +339,15 @@ class Connection:
             self._append(websocket.encode_close_frame(code, reason))
             self.flush()
         # else: no WebSocket yet, nothing to say: just hang up
+        self._stop_task()
+
+    def _stop_task(self) -> None:
+        """Make the connection's task go on to the close: interrupt it, or start one for a
+        parked connection."""
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+        else:
+            self.worker.wake(self)  # if parked
 
     def reply(self, frame: bytes) -> None:
         """Answer this client now with a JSON frame."""
@@ -404,33 +421,70 @@ class Connection:
     # ---- the connection's task ----------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Run the connection until it closes; bad input never escapes as an exception."""
+        """Run the connection from its HTTP request until it closes or is parked; bad input
+        never escapes as an exception."""
+        await self._run(handshake=True)
+
+    async def resume(self) -> None:
+        """Run a parked connection again, from where its last task stopped."""
+        await self._run(handshake=False)
+
+    async def _run(self, *, handshake: bool) -> None:
+        parked = False
         try:
-            with trio.CancelScope() as self._cancel_scope:
-                try:
-                    async with trio.open_nursery() as self._nursery:
-                        leftover = await self._handshake()
-                        if leftover is not None:
-                            await self._read_frames(leftover)
-                finally:
-                    self._nursery = None  # closed: flush() must not start a writer in it
+            while not self._closing:
+                with trio.CancelScope() as self._cancel_scope:
+                    try:
+                        async with trio.open_nursery() as self._nursery:
+                            self._write_later()  # what came for it while it was parked
+                            data: bytes | None = b""
+                            if handshake:
+                                data = await self._handshake()
+                            if data is not None:
+                                await self._read_frames(data)
+                    finally:
+                        self._nursery = None  # closed: flush() must not start a writer in it
+                if not self._cancel_scope.cancelled_caught or self._closing:
+                    break  # the client went away, or the connection closes
+                # Cancelled by the idle deadline of _receive: park, unless something is still
+                # to be written (then go round again, and wait for the socket to drain).
+                self._cancel_scope = None
+                handshake = False
+                if not (self._pending or self._unsent):
+                    self.worker.park(self, self.fileno())
+                    parked = True
+                    return
         except Exception:
             logger.exception("connection %d (%s): internal error", self.id, self.peer)
             self.close(websocket.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            try:
-                # Shielded, and bounded: by max_rooms_per_connection and by the close timeout.
-                with trio.CancelScope(shield=True):
-                    await self.worker.forget(self)
-                    if self._closing:
-                        await self._finish_close()
-                    else:
-                        # The peer went away, or we are cancelled from outside: nothing to say.
-                        trio.lowlevel.notify_closing(self._sock)
-                        self._sock.close()
-            finally:
-                self._drop_queued()  # what the close could not send is dropped with the socket
-                self.worker.release(self)
+            self._cancel_scope = None
+            if not parked:
+                await self._close_out()
+
+    async def _close_out(self) -> None:
+        """Leave every room, finish the close (or just hang up), and free the slot."""
+        try:
+            # Shielded, and bounded: by max_rooms_per_connection and by the close timeout.
+            with trio.CancelScope(shield=True):
+                await self.worker.forget(self)
+                if self._closing:
+                    await self._finish_close()
+                else:
+                    # The peer went away, or we are cancelled from outside: nothing to say.
+                    trio.lowlevel.notify_closing(self._sock)
+                    self._sock.close()
+        finally:
+            self._drop_queued()  # what the close could not send is dropped with the socket
+            self.worker.release(self)
+
+    def abandon(self) -> None:
+        """Close a parked connection's socket at once, without a word: its worker stops without
+        a graceful stop (cancelled), so no task can do more."""
+        self.worker.forget_now(self)
+        self._sock.close()
+        self._drop_queued()
+        self.worker.release(self)
 
     async def _handshake(self) -> bytes | None:
         """Answer the HTTP request; return bytes already read past a WebSocket handshake, or
@@ -541,9 +595,14 @@ class Connection:
         self._closing = True
         self._close_timeout = HTTP_ANSWER_LINGER
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, *, may_park: bool = False) -> bytes:
         """The next bytes from the client (decrypted, with TLS); b"" at end of stream, when it
-        reset, or when its TLS failed."""
+        reset, or when its TLS failed.
+
+        With ``may_park``, a wait longer than ``PARK_AFTER`` cancels the connection's task scope
+        (see :meth:`_run`): the connection is parked, and nothing it sent is lost, since the
+        deadline holds only while no byte has been read.
+        """
         while True:
             try:
                 data = self._sock.recv(RECEIVE_BYTES)
@@ -553,7 +612,18 @@ class Connection:
             except _PEER_GONE:
                 return b""
             if data is None:
+                if not may_park:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    continue
+                scope = self._cancel_scope
+                assert scope is not None  # set by _run, around everything that reads
+                scope.deadline = trio.current_time() + parking.PARK_AFTER
                 await trio.lowlevel.wait_readable(self._sock)
+                scope.deadline = math.inf
+                if scope.cancel_called:
+                    # The deadline passed after the socket became readable, before this task
+                    # ran: park all the same, and leave the bytes to the next task.
+                    await trio.lowlevel.checkpoint()  # raises Cancelled
                 continue
             await trio.lowlevel.checkpoint()
             session = self._tls
@@ -583,7 +653,9 @@ class Connection:
 
     async def _read_frames(self, data: bytes) -> None:
         """Parse the client's frames and act on each, charging every frame to its budget."""
-        parser = websocket.FrameParser(self.worker.config.max_frame_bytes)
+        if self._parser is None:
+            self._parser = websocket.FrameParser(self.worker.config.max_frame_bytes)
+        parser = self._parser
         limiter = self._limiter
         while True:
             try:
@@ -621,7 +693,7 @@ class Connection:
             if parser.failed:
                 data = b""  # the next feed raises what went wrong after these events
                 continue
-            data = await self._receive()
+            data = await self._receive(may_park=True)
             if not data:
                 return
 

@@ -30,6 +30,7 @@ from trio_fanout.connection import Connection
 from trio_fanout.gcstats import GcPauses
 from trio_fanout.hooks import Hooks
 from trio_fanout.metrics import WorkerStats, heartbeat_sent_at
+from trio_fanout.parking import ParkingLot
 from trio_fanout.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
@@ -309,8 +310,13 @@ class Worker:
         # The bytes queued for all this worker's clients, kept up to date by each connection
         # at every change (Connection._count_queued): /healthz reads it in O(1).
         self.queued_bytes = 0
-        # Every connection with a running task, WebSocket or not yet: shutdown closes them all.
+        # Every connection accepted and not yet closed, WebSocket or not yet, parked or not:
+        # shutdown closes them all.
         self._accepted: set[Connection] = set()
+        # Idle connections without a task (trio_fanout/parking.py), and the nursery in which a
+        # connection's task runs, for the task that a parked one gets back.
+        self.parked = ParkingLot()
+        self._connections: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         # Refusals at a limit, by limit, for the log.
         self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
@@ -640,6 +646,29 @@ class Worker:
             self.leave(conn, room_name)
             if count % ROOMS_LEFT_PER_TURN == 0:
                 await trio.lowlevel.checkpoint()
+
+    def forget_now(self, conn: Connection) -> None:
+        """:meth:`forget`, all at once: for the connections still parked when the worker is
+        cancelled, where nothing can wait."""
+        self.connections.pop(conn.id, None)
+        self.unauthenticated.discard(conn)
+        for room_name in list(conn.rooms):
+            self.leave(conn, room_name)
+
+    def park(self, conn: Connection, fd: int) -> None:
+        """Hold idle ``conn`` without a task until its socket ``fd`` is readable."""
+        self.parked.park(conn, fd)
+
+    def wake(self, conn: Connection) -> None:
+        """Give ``conn`` a task again if it is parked (it must close, or wait for its socket
+        to drain)."""
+        if self._connections is not None and self.parked.unpark(conn.fileno()) is not None:
+            self._connections.start_soon(conn.resume)
+
+    def _resume(self, conn: Connection) -> None:
+        """Give ``conn``, just unparked as its socket became readable, a task again."""
+        if self._connections is not None:
+            self._connections.start_soon(conn.resume)
 
     def release(self, conn: Connection) -> None:
         """Called once ``conn``'s socket is closed: its slot among the handshakes is free."""
@@ -982,8 +1011,19 @@ class Worker:
         stop closes ``listener`` before it closes the clients."""
         listener.setblocking(False)
         await self.backplane.subscribe(envelope.BROADCAST_TOPIC)
+        try:
+            await self._serve(listener, task_status)
+        finally:
+            self._connections = None
+            for conn in self.parked.close():
+                conn.abandon()
+        self.backplane.unsubscribe(envelope.BROADCAST_TOPIC)
+
+    async def _serve(self, listener: socket.socket, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
+            self._connections = connections
             async with trio.open_nursery() as serving:
+                serving.start_soon(self.parked.wake_readable_forever, self._resume)
                 serving.start_soon(self.fan_out_forever)
                 serving.start_soon(self._flush_deferred_forever)
                 if self.tokens is not None:
@@ -1005,7 +1045,6 @@ class Worker:
             for conn in list(self._accepted):
                 conn.close(websocket.CLOSE_GOING_AWAY, "server shutting down")
             connections.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
-        self.backplane.unsubscribe(envelope.BROADCAST_TOPIC)
 
     async def _accept_forever(self, listener: socket.socket, connections: trio.Nursery) -> None:
         while True:

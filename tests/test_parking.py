@@ -1,0 +1,169 @@
+"""Idle connections held without a task (trio_fanout/parking.py): one worker in this process on
+a memory backplane, real sockets, real clients. The idle time before a connection is parked is
+shortened here so that the tests do not wait for it; everything a client can do must work the
+same whether its connection is parked or not."""
+
+from __future__ import annotations
+
+import gc
+import struct
+
+import pytest
+import trio
+import trio_websocket
+
+from tests.helpers import RECEIVE_TIMEOUT, receive_data
+from tests.test_worker import RawClient, publish_from_outside, running_worker
+from trio_fanout import Config, Worker, connection, parking
+from trio_fanout.backplane import open_backplane
+from trio_fanout.client import open_client
+from trio_fanout.runner import open_listener
+
+
+@pytest.fixture(autouse=True)
+def park_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parking, "PARK_AFTER", 0.05)
+
+
+async def all_parked(worker: Worker, count: int) -> None:
+    """Wait until ``count`` connections are parked."""
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        while len(worker.parked) < count:  # noqa: ASYNC110 - parking sets no event
+            await trio.sleep(0.01)
+
+
+async def test_a_parked_connection_receives_publishes_and_parks_again():
+    async with (
+        running_worker() as (worker, url),
+        open_client(url) as member,
+        open_client(url) as other,
+    ):
+        await member.join("news")
+        await other.join("news")
+        await all_parked(worker, 2)
+        await publish_from_outside(worker, "news", "to the parked")
+        assert await receive_data(member, 1) == ["to the parked"]
+        assert await receive_data(other, 1) == ["to the parked"]
+        # Its frames wake it: a publish is acknowledged, a join answered.
+        await member.publish("news", "from the parked", echo=False, ack=True)
+        assert await receive_data(other, 1) == ["from the parked"]
+        await member.join("sport")
+        await all_parked(worker, 2)
+        await publish_from_outside(worker, "sport", "again")
+        assert await receive_data(member, 1) == ["again"]
+
+
+async def test_a_frame_split_across_a_park_is_read_whole():
+    async with running_worker() as (worker, url):
+        raw = await RawClient.connect(url)
+        frame = RawClient.masked_frame(0x1, b'{"type":"join","room":"split","id":7}')
+        await raw.stream.send_all(frame[:9])
+        await all_parked(worker, 1)
+        await raw.stream.send_all(frame[9:])
+        joined = await raw.receive_json()
+        assert (joined["type"], joined["room"], joined["id"]) == ("joined", "split", 7)
+        await raw.stream.aclose()
+
+
+async def test_a_parked_client_that_goes_away_leaves_its_rooms():
+    async with running_worker() as (worker, url):
+        async with open_client(url) as member:
+            await member.join("brief")
+            await all_parked(worker, 1)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while worker.rooms or worker.connections:  # noqa: ASYNC110 - no event for this
+                await trio.sleep(0.01)
+        assert len(worker.parked) == 0
+
+
+async def test_stopping_the_worker_closes_parked_clients_with_1001():
+    async with running_worker() as (worker, url), open_client(url) as member:
+        await member.join("lobby")
+        await all_parked(worker, 1)
+        worker.stop()
+        with (
+            trio.fail_after(RECEIVE_TIMEOUT),
+            pytest.raises(trio_websocket.ConnectionClosed) as closed,
+        ):
+            while True:
+                await member.receive()
+        assert closed.value.reason.code == 1001
+
+
+async def test_cancelling_the_worker_hangs_up_on_parked_clients():
+    listener = open_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    async with (
+        open_backplane("memory://parking-cancel") as backplane,
+        trio.open_nursery() as nursery,
+    ):
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        raw = await RawClient.connect(f"ws://127.0.0.1:{port}/ws")
+        await raw.send_frame(0x1, b'{"type":"join","room":"kept"}')
+        assert (await raw.receive_json())["type"] == "joined"
+        await all_parked(worker, 1)
+        assert list(worker.rooms) != []
+        nursery.cancel_scope.cancel()  # no graceful stop: the worker's task just ends
+    listener.close()
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        assert await raw.stream.receive_some() == b""
+    await raw.stream.aclose()
+    assert worker.connections == {}
+    assert worker.rooms == {}
+
+
+async def test_a_parked_client_that_stops_reading_is_closed_1013(monkeypatch):
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 60.0)
+    async with (
+        running_worker(max_queued_frames=50) as (worker, url),
+        open_client(url) as slow,
+        open_client(url) as fast,
+    ):
+        await slow.join("news")
+        await fast.join("news")
+        await all_parked(worker, 2)
+        # As in test_worker's slow-client test: far more than the kernel's buffers hold.
+        payload = "x" * 16384
+        for first in range(0, 1500, 50):
+            for number in range(first, first + 50):
+                await publish_from_outside(worker, "news", [number, payload])
+            received = await receive_data(fast, 50)
+            assert [number for number, _ in received] == list(range(first, first + 50))
+        with (
+            trio.fail_after(RECEIVE_TIMEOUT),
+            pytest.raises(trio_websocket.ConnectionClosed) as closed,
+        ):
+            while True:
+                await slow.receive()
+        assert closed.value.reason.code == 1013
+
+
+async def test_a_close_frame_to_a_parked_connection_is_answered():
+    async with running_worker() as (worker, url):
+        raw = await RawClient.connect(url)
+        await all_parked(worker, 1)
+        await raw.send_frame(0x8, struct.pack("!H", 1000))
+        opcode, payload = await raw.receive_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1000)
+        await raw.stream.aclose()
+
+
+async def test_parking_and_waking_leave_no_cycles_behind():
+    # Workers freeze what survives the young collections (trio_fanout/gcstats.py), so a task
+    # that ends by parking must leave nothing for the cycle collector, as a closing one does.
+    async with running_worker() as (worker, url), open_client(url) as member:
+        await member.join("cycle")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for number in range(20):
+                await all_parked(worker, 1)
+                await member.publish("cycle", number, ack=True)
+                assert await receive_data(member, 1) == [number]
+            await all_parked(worker, 1)
+            gc.collect()
+            assert [o for o in gc.garbage if isinstance(o, trio.CancelScope | trio.Nursery)] == []
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
