@@ -447,11 +447,11 @@ class Connection:
                 if not self._cancel_scope.cancelled_caught or self._closing:
                     break  # the client went away, or the connection closes
                 # Cancelled by the idle deadline of _receive: park, unless something is still
-                # to be written (then go round again, and wait for the socket to drain).
+                # to be written or the kernel will not watch the socket (then go round again:
+                # wait for the socket to drain, or try again after the next idle second).
                 self._cancel_scope = None
                 handshake = False
-                if not (self._pending or self._unsent):
-                    self.worker.park(self, self.fileno())
+                if not (self._pending or self._unsent) and self.worker.park(self, self.fileno()):
                     parked = True
                     return
         except Exception:

@@ -104,6 +104,7 @@ def worker_report(worker: Worker) -> dict[str, Any]:
         "worker": worker.index,
         "pid": os.getpid(),
         "connections": len(worker.connections),
+        "parked": len(worker.parked),
         "handshakes": worker.handshakes,
         "rooms": len(worker.rooms),
         "queued_bytes": worker.queued_bytes,
@@ -193,6 +194,7 @@ def metric_families(
     ]
     gauges = [
         ("connections", "trio_fanout_connections", "Open WebSockets"),
+        ("parked", "trio_fanout_connections_parked", "Open WebSockets idle, held without a task"),
         ("handshakes", "trio_fanout_handshakes", "Connections that are not open WebSockets"),
         ("rooms", "trio_fanout_rooms", "Rooms with a member on the worker"),
         ("queued_bytes", "trio_fanout_queued_bytes", "Bytes queued for clients"),

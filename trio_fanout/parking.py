@@ -30,34 +30,43 @@ PARK_AFTER = 1.0
 
 
 class ParkingLot:
-    """The parked connections of one worker, by socket, and their epoll set."""
+    """The parked connections of one worker, by socket, and their epoll set (open while the
+    worker serves)."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self._epoll: select.epoll | None = None
         self._parked: dict[int, Connection] = {}
 
     def __len__(self) -> int:
         return len(self._parked)
 
+    def open(self) -> None:
+        self._epoll = select.epoll()
+
     def park(self, conn: Connection, fd: int) -> None:
         """Hold ``conn`` until its socket ``fd`` is readable (level-triggered: input that came
-        before this call wakes it at once)."""
-        self._parked[fd] = conn
+        before this call wakes it at once). Raises ``OSError`` if the kernel refuses to watch
+        one more socket (``fs.epoll.max_user_watches``); ``conn`` is then not parked."""
+        if self._epoll is None:
+            raise OSError("the worker is not serving")
         self._epoll.register(fd, select.EPOLLIN)
+        self._parked[fd] = conn
 
     def unpark(self, fd: int) -> Connection | None:
         """Take back the connection parked on ``fd``, if one is."""
         conn = self._parked.pop(fd, None)
-        if conn is not None:
+        if conn is not None and self._epoll is not None:
             self._epoll.unregister(fd)
         return conn
 
     async def wake_readable_forever(self, wake: Callable[[Connection], None]) -> None:
         """Take back each parked connection whose socket becomes readable, and hand it to
         ``wake``."""
+        assert self._epoll is not None, "open() first"
+        epoll = self._epoll
         while True:
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for fd, _events in self._epoll.poll(0):
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, _events in epoll.poll(0):
                 conn = self.unpark(fd)
                 if conn is not None:
                     wake(conn)
@@ -66,5 +75,7 @@ class ParkingLot:
         """Stop watching; return the connections still parked, for their sockets to be closed."""
         parked = list(self._parked.values())
         self._parked.clear()
-        self._epoll.close()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
         return parked

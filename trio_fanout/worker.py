@@ -321,6 +321,7 @@ class Worker:
         # Refusals at a limit, by limit, for the log.
         self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
         self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
+        self._park_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
         # Clients closed for their own conduct (too slow, over the rate limit), by reason.
         self._closes: dict[str, LogThrottle] = {}
 
@@ -655,9 +656,21 @@ class Worker:
         for room_name in list(conn.rooms):
             self.leave(conn, room_name)
 
-    def park(self, conn: Connection, fd: int) -> None:
-        """Hold idle ``conn`` without a task until its socket ``fd`` is readable."""
-        self.parked.park(conn, fd)
+    def park(self, conn: Connection, fd: int) -> bool:
+        """Hold idle ``conn`` without a task until its socket ``fd`` is readable; False if the
+        kernel would not watch one more socket (the connection then keeps its task)."""
+        try:
+            self.parked.park(conn, fd)
+        except OSError as error:
+            if count := self._park_failures.note():
+                logger.warning(
+                    "worker %d could not park %d idle connections since the last such line "
+                    "(%s): they keep their tasks, and their memory; at most one such line "
+                    "per %.0f s",
+                    self.index, count, error, REFUSAL_LOG_INTERVAL,
+                )  # fmt: skip
+            return False
+        return True
 
     def wake(self, conn: Connection) -> None:
         """Give ``conn`` a task again if it is parked (it must close, or wait for its socket
@@ -693,6 +706,7 @@ class Worker:
             worker=self.index,
             pid=os.getpid(),
             connections=len(self.connections),
+            parked=len(self.parked),
             handshakes=self.handshakes,
             queued_bytes=self.queued_bytes,
             rooms=len(self.rooms),
@@ -1011,6 +1025,7 @@ class Worker:
         stop closes ``listener`` before it closes the clients."""
         listener.setblocking(False)
         await self.backplane.subscribe(envelope.BROADCAST_TOPIC)
+        self.parked.open()
         try:
             await self._serve(listener, task_status)
         finally:
