@@ -517,6 +517,15 @@ def connections_metrics() -> list[tuple[str, Any, bool]]:
     for step in CONNECTION_STEPS:
         table.append(
             (
+                f"server CPU us per frame delivered, {_step_label(step)} members, heartbeats"
+                " included",
+                lambda f, n=step: _figure(connection_step(f, n), "server_cpu_us_per_frame"),
+                False,
+            )
+        )
+    for step in CONNECTION_STEPS:
+        table.append(
+            (
                 f"new connections/s, {_step_label(step)} connections",
                 lambda f, n=step: _nested(
                     connection_step(f, n), "connect", "connections_per_second"

@@ -415,10 +415,14 @@ async function broadcastSession() {
   // command).
   let arrivals = new Map();
   const heartbeats = heartbeatRecorder();
+  // Frames other than the step's messages (the heartbeats) that arrived during a step: the
+  // server's CPU over the step sent them too.
+  let otherFrames = 0;
   const onFrame = (ws, buffer) => {
     const at = buffer.indexOf(MARK);
     if (at < 0) {
       heartbeats.onFrame(buffer);
+      otherFrames++;
       return;
     }
     const seq = digits(buffer, at + 1 + PUBLISHER_DIGITS, 9);
@@ -449,6 +453,7 @@ async function broadcastSession() {
       continue;
     }
     meter.start();
+    otherFrames = 0;
     const sentAt = [];
     for (let i = 0; i < command.messages && publishers.length; i++) {
       seq++;
@@ -460,7 +465,7 @@ async function broadcastSession() {
     // Let the last message arrive everywhere (bounded).
     await sleep(Math.min(DRAIN_MS, 1000));
     reply({ event: "step", sent_at_ms: sentAt, arrivals: [...arrivals], members: members.length,
-            ...meter.stop() });  // prettier-ignore
+            other_frames: otherFrames, ...meter.stop() });  // prettier-ignore
     arrivals = new Map();
   }
   for (const ws of [...members, ...publishers]) ws.terminate();

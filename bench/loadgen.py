@@ -220,6 +220,13 @@ class LoadGenerator:
             "median_to_last_ms": complete[len(complete) // 2] if complete else None,
         }
         result.update(_server_cpu(cpu_before, cpu_after, received))
+        # The heartbeats that reached the members meanwhile cost the server CPU too: per frame
+        # delivered, they count like the messages (each is one frame to every member).
+        other = sum(step["other_frames"] for step in steps)
+        result["other_frames"] = other
+        result["server_cpu_us_per_frame"] = (
+            result["server_cpu_seconds"] * 1e6 / max(received + other, 1)
+        )
         result.update(_loadgen_usage(steps))
         return result
 
