@@ -241,6 +241,7 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     ),
     "python compare.py --rounds 1 --scenarios firehose": (BENCHMARK, "bench/compare.py"),
     "python fanout_bench.py": (BENCHMARK, "bench/fanout_bench.py"),
+    "python floor_bench.py": (BENCHMARK, "bench/floor_bench.py"),
     "python fanout_bench.py --tls": (BENCHMARK, "bench/fanout_bench.py"),
     "python tls_cost.py": (BENCHMARK, "bench/tls_cost.py"),
     "python sequencer_cost.py": (BENCHMARK, "bench/sequencer_cost.py"),
