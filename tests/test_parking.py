@@ -11,11 +11,16 @@ import struct
 
 import pytest
 import trio
-import trio_websocket
 
 from tests.helpers import RECEIVE_TIMEOUT, receive_data
 from tests.test_tls import ServerFiles, tls_worker
-from tests.test_worker import RawClient, publish_from_outside, running_worker
+from tests.test_worker import (
+    RawClient,
+    close_code,
+    outrun_a_stopped_reader,
+    publish_from_outside,
+    running_worker,
+)
 from trio_fanout import Config, Worker, connection, parking
 from trio_fanout.backplane import open_backplane
 from trio_fanout.client import open_client
@@ -96,13 +101,7 @@ async def test_stopping_the_worker_closes_parked_clients_with_1001():
         await member.join("lobby")
         await all_parked(worker, 1)
         worker.stop()
-        with (
-            trio.fail_after(RECEIVE_TIMEOUT),
-            pytest.raises(trio_websocket.ConnectionClosed) as closed,
-        ):
-            while True:
-                await member.receive()
-        assert closed.value.reason.code == 1001
+        assert await close_code(member) == 1001
 
 
 async def test_cancelling_the_worker_hangs_up_on_parked_clients():
@@ -140,20 +139,8 @@ async def test_a_parked_client_that_stops_reading_is_closed_1013(monkeypatch):
         await slow.join("news")
         await fast.join("news")
         await all_parked(worker, 2)
-        # As in test_worker's slow-client test: far more than the kernel's buffers hold.
-        payload = "x" * 16384
-        for first in range(0, 1500, 50):
-            for number in range(first, first + 50):
-                await publish_from_outside(worker, "news", [number, payload])
-            received = await receive_data(fast, 50)
-            assert [number for number, _ in received] == list(range(first, first + 50))
-        with (
-            trio.fail_after(RECEIVE_TIMEOUT),
-            pytest.raises(trio_websocket.ConnectionClosed) as closed,
-        ):
-            while True:
-                await slow.receive()
-        assert closed.value.reason.code == 1013
+        await outrun_a_stopped_reader(worker, "news", fast)
+        assert await close_code(slow) == 1013
 
 
 async def test_a_close_frame_to_a_parked_connection_is_answered():

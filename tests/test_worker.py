@@ -20,7 +20,7 @@ import trio_websocket
 from tests.helpers import RECEIVE_TIMEOUT, receive_data
 from trio_fanout import Config, Worker, connection, envelope, protocol
 from trio_fanout.backplane import open_backplane
-from trio_fanout.client import ServerError, open_client
+from trio_fanout.client import Client, ServerError, open_client
 from trio_fanout.runner import open_listener
 from trio_fanout.worker import ROOMS_LEFT_PER_TURN
 
@@ -118,6 +118,33 @@ async def publish_from_outside(worker: Worker, room: str, data: object) -> None:
     await worker.backplane.publish(topic, envelope.Numberer().wrap(topic, frame))
 
 
+async def outrun_a_stopped_reader(worker: Worker, room: str, reader: Client) -> None:
+    """Publish 1,500 frames of 16 KiB to ``room``, 50 at a time, which ``reader`` takes as they
+    come: far more than the kernel buffers of a member that stopped reading can absorb, so its
+    queue passes 50 frames behind a full socket."""
+    payload = "x" * 16384
+    numberer = envelope.Numberer()
+    topic = envelope.room_topic(room)
+    for first in range(0, 1500, 50):
+        for number in range(first, first + 50):
+            frame = protocol.message_frame(room, [number, payload])
+            await worker.backplane.publish(topic, numberer.wrap(topic, frame))
+        received = await receive_data(reader, 50)
+        assert [number for number, _ in received] == list(range(first, first + 50))
+
+
+async def close_code(client: Client) -> int:
+    """Read what ``client`` still receives until the server closes it; the close code."""
+    with (
+        trio.fail_after(RECEIVE_TIMEOUT),
+        pytest.raises(trio_websocket.ConnectionClosed) as closed,
+    ):
+        while True:
+            await client.receive()
+    code: int = closed.value.reason.code
+    return code
+
+
 async def test_a_slow_client_is_closed_1013_and_nobody_else_waits(monkeypatch):
     # Keep the cut connection around long enough for this test to read up to its close frame.
     monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 60.0)
@@ -128,25 +155,8 @@ async def test_a_slow_client_is_closed_1013_and_nobody_else_waits(monkeypatch):
     ):
         await slow.join("news")
         await fast.join("news")
-        # 1,500 frames of 16 KiB, 50 at a time, which the fast client takes as they come: far
-        # more than the kernel buffers of a client that stopped reading can absorb, so the slow
-        # one's queue passes 50 frames behind a full socket.
-        payload = "x" * 16384
-        numberer = envelope.Numberer()
-        topic = envelope.room_topic("news")
-        for first in range(0, 1500, 50):
-            for number in range(first, first + 50):
-                frame = protocol.message_frame("news", [number, payload])
-                await worker.backplane.publish(topic, numberer.wrap(topic, frame))
-            received = await receive_data(fast, 50)
-            assert [number for number, _ in received] == list(range(first, first + 50))
-        with (
-            trio.fail_after(RECEIVE_TIMEOUT),
-            pytest.raises(trio_websocket.ConnectionClosed) as closed,
-        ):
-            while True:
-                await slow.receive()
-        assert closed.value.reason.code == 1013
+        await outrun_a_stopped_reader(worker, "news", fast)
+        assert await close_code(slow) == 1013
 
 
 async def test_a_client_receiving_a_stream_gets_it_complete_in_few_writes():
