@@ -57,6 +57,7 @@ from loadgen import (
     LoadGenerator,
     LoadGeneratorError,
     log,
+    measure_when_quiet,
     processes_for,
     source_addresses,
     wait_for_quiet,
@@ -204,15 +205,16 @@ def connections_step(
             f"{_ms(heartbeat['max_spread_ms'])}), incomplete "
             f"{heartbeat['heartbeats_incomplete']}{_saturation(heartbeat)}"
         )
-        for _attempt in range(args.retries + 1):
-            quiet = wait_for_quiet(server.pids + generator.pids, args.quiet_limit, args.quiet_wait)
-            result = generator.broadcast(
+        result, _ = measure_when_quiet(
+            lambda: generator.broadcast(
                 BROADCAST_MESSAGES, broadcast_interval_ms(count), server.cpu_seconds
-            )
-            result["others_cpu_percent_before"] = quiet
-            if not result["loadgen_saturated"]:
-                break
-            log(f"  {name}: {count} connections, broadcast refused{_saturation(result)}")
+            ),
+            server.pids + generator.pids,
+            retries=args.retries,
+            quiet_limit=args.quiet_limit,
+            quiet_wait=args.quiet_wait,
+            label=f"  {name}: {count} connections, broadcast",
+        )
     result["interval_ms"] = broadcast_interval_ms(count)
     result["rss_bytes"] = rss
     result["rss_over_idle_bytes"] = rss - base_rss
@@ -269,19 +271,16 @@ def rate_search(server: Any, clients: int, args: argparse.Namespace) -> dict[str
         for rate in RATE_STEPS:
             if not all_passed and rate not in ALWAYS_RUN:
                 break
-            refused: list[dict[str, Any]] = []
-            for _attempt in range(args.retries + 1):
-                quiet = wait_for_quiet(
-                    server.pids + generator.pids, args.quiet_limit, args.quiet_wait
-                )
-                step = generator.rate_step(rate, args.duration, server.cpu_seconds)
-                step["others_cpu_percent_before"] = quiet
-                step["verdict"] = verdict(step)
-                if step["verdict"] != "saturated":
-                    break
-                refused.append({key: step[key] for key in SUMMARY_OF_REFUSED if key in step})
-                log(f"  {server.name}: {clients} clients, {rate:,}/s refused{_saturation(step)}")
-            step["refused_attempts"] = refused[:-1] if step["verdict"] == "saturated" else refused
+            step, refused = measure_when_quiet(
+                lambda rate=rate: generator.rate_step(rate, args.duration, server.cpu_seconds),
+                server.pids + generator.pids,
+                retries=args.retries,
+                quiet_limit=args.quiet_limit,
+                quiet_wait=args.quiet_wait,
+                label=f"  {server.name}: {clients} clients, {rate:,}/s",
+            )
+            step["verdict"] = verdict(step)
+            step["refused_attempts"] = _summaries(refused)
             steps.append(step)
             log(
                 f"  {server.name}: {clients} clients, {rate:,}/s: {step['verdict']}, p50 "
@@ -315,25 +314,18 @@ def firehose(server: Any, args: argparse.Namespace) -> dict[str, Any]:
         processes=args.processes,
     ) as generator:
         for messages in FIREHOSE_MESSAGE_RATES:
-            refused: list[dict[str, Any]] = []
-            for _attempt in range(args.retries + 1):
-                quiet = wait_for_quiet(
-                    server.pids + generator.pids, args.quiet_limit, args.quiet_wait
-                )
-                sends_before = server.send_counters()
-                step = generator.rate_step(
-                    messages * FIREHOSE_CLIENTS, args.duration, server.cpu_seconds
-                )
-                step.update(_frames_per_send(sends_before, server.send_counters()))
-                step["messages_per_second"] = messages
-                step["others_cpu_percent_before"] = quiet
-                step["verdict"] = verdict(step)
-                step["targets_met"] = _firehose_targets_met(step)
-                if step["verdict"] != "saturated":
-                    break
-                refused.append({key: step[key] for key in SUMMARY_OF_REFUSED if key in step})
-                log(f"  {server.name}: firehose {messages:,} msg/s refused{_saturation(step)}")
-            step["refused_attempts"] = refused[:-1] if step["verdict"] == "saturated" else refused
+            step, refused = measure_when_quiet(
+                lambda messages=messages: _firehose_step(server, generator, messages, args),
+                server.pids + generator.pids,
+                retries=args.retries,
+                quiet_limit=args.quiet_limit,
+                quiet_wait=args.quiet_wait,
+                label=f"  {server.name}: firehose {messages:,} msg/s",
+            )
+            step["messages_per_second"] = messages
+            step["verdict"] = verdict(step)
+            step["targets_met"] = _firehose_targets_met(step)
+            step["refused_attempts"] = _summaries(refused)
             steps.append(step)
             per_send = step["frames_per_send"]
             log(
@@ -354,6 +346,21 @@ def firehose(server: Any, args: argparse.Namespace) -> dict[str, Any]:
         "targets": FIREHOSE_TARGETS,
         "steps": steps,
     }
+
+
+def _firehose_step(
+    server: Any, generator: LoadGenerator, messages: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One firehose step at ``messages`` a second, with the frames the workers wrote per send."""
+    sends_before = server.send_counters()
+    step = generator.rate_step(messages * FIREHOSE_CLIENTS, args.duration, server.cpu_seconds)
+    step.update(_frames_per_send(sends_before, server.send_counters()))
+    return step
+
+
+def _summaries(refused: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What is kept of the refused attempts before a step: SUMMARY_OF_REFUSED."""
+    return [{key: step[key] for key in SUMMARY_OF_REFUSED if key in step} for step in refused]
 
 
 def _frames_per_send(

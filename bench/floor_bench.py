@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadgen import DEFAULT_PROCESSES, LoadGenerator, log, wait_for_quiet
+from loadgen import DEFAULT_PROCESSES, LoadGenerator, log, measure_when_quiet
 from systems import SYSTEMS, SendFloor, Server
 
 HERE = Path(__file__).resolve().parent
@@ -60,13 +60,14 @@ def rate_step(server: Server, clients: int, args: argparse.Namespace) -> dict[st
         server.protocol, server.url, "rate", clients, rooms=ROOMS, processes=args.processes
     ) as generator:
         generator.rate_step(args.rate // 2, args.duration, server.cpu_seconds)
-        for _attempt in range(args.retries + 1):
-            quiet = wait_for_quiet(server.pids + generator.pids, args.quiet_limit, args.quiet_wait)
-            step = generator.rate_step(args.rate, args.duration, server.cpu_seconds)
-            step["others_cpu_percent_before"] = quiet
-            if not step["loadgen_saturated"]:
-                break
-            log(f"  {server.name}, {clients} clients: refused, {step['loadgen_saturated']}")
+        step, _ = measure_when_quiet(
+            lambda: generator.rate_step(args.rate, args.duration, server.cpu_seconds),
+            server.pids + generator.pids,
+            retries=args.retries,
+            quiet_limit=args.quiet_limit,
+            quiet_wait=args.quiet_wait,
+            label=f"  {server.name}, {clients} clients",
+        )
     if not step["loadgen_saturated"]:
         log(
             f"  {server.name}, {clients} clients: {step['server_cpu_us_per_delivery']:.2f} µs"
@@ -83,15 +84,16 @@ def broadcast(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     with LoadGenerator(
         server.protocol, server.url, "broadcast", args.broadcast_members, processes=args.processes
     ) as generator:
-        for _attempt in range(args.retries + 1):
-            quiet = wait_for_quiet(server.pids + generator.pids, args.quiet_limit, args.quiet_wait)
-            result = generator.broadcast(
+        result, _ = measure_when_quiet(
+            lambda: generator.broadcast(
                 BROADCAST_MESSAGES, BROADCAST_INTERVAL_MS, server.cpu_seconds
-            )
-            result["others_cpu_percent_before"] = quiet
-            if not result["loadgen_saturated"]:
-                break
-            log(f"  {server.name}, broadcast: refused, {result['loadgen_saturated']}")
+            ),
+            server.pids + generator.pids,
+            retries=args.retries,
+            quiet_limit=args.quiet_limit,
+            quiet_wait=args.quiet_wait,
+            label=f"  {server.name}, broadcast",
+        )
     if not result["loadgen_saturated"]:
         log(
             f"  {server.name}, one message to {args.broadcast_members}: to the last in"

@@ -351,6 +351,33 @@ def wait_for_quiet(own_pids: list[int], limit_percent: float, timeout: float) ->
             return max(others, 0.0)
 
 
+def measure_when_quiet(
+    measure: Callable[[], dict[str, Any]],
+    own_pids: list[int],
+    *,
+    retries: int,
+    quiet_limit: float,
+    quiet_wait: float,
+    label: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run ``measure`` (one step) once the machine is quiet (:func:`wait_for_quiet`), and again,
+    at most ``retries`` more times, while the step is refused as load generator saturated.
+
+    Returns the last step, with the share of the machine other programs used before it, and
+    the refused steps before it; each refusal is logged after ``label``.
+    """
+    refused: list[dict[str, Any]] = []
+    for attempt in range(retries + 1):
+        quiet = wait_for_quiet(own_pids, quiet_limit, quiet_wait)
+        step = measure()
+        step["others_cpu_percent_before"] = quiet
+        if not step["loadgen_saturated"] or attempt == retries:
+            return step, refused
+        refused.append(step)
+        log(f"{label}: refused, load generator saturated: {step['loadgen_saturated']}")
+    raise AssertionError("unreachable: the last attempt returns")
+
+
 def _process_ticks(pids: list[int]) -> int:
     """User + system clock ticks of ``pids`` (0 for one that is gone)."""
     ticks = 0
