@@ -59,15 +59,43 @@ def parse_backplane_url(url: str) -> BackplaneAddress:
     try:
         return _parse_backplane_url(url)
     except BadBackplaneURL as error:
-        if isinstance(url, str) and url != redact_url(url):
-            raise BadBackplaneURL(str(error).replace(repr(url), repr(redact_url(url)))) from None
+        if isinstance(url, str) and url != _redact_refused_url(url):
+            shown = repr(_redact_refused_url(url))
+            raise BadBackplaneURL(str(error).replace(repr(url), shown)) from None
         raise
+
+
+def _redact_refused_url(url: str) -> str:
+    """``url``, which did not parse, as an error message may show it. Where it went wrong is
+    not known, so more is hidden than :func:`redact_url` hides: user information up to the
+    last ``@`` even past a ``?`` (a password with a ``?`` in it), and the value of every query
+    parameter but the known options (``?password=...`` is no option, but it is a secret)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    user_info, at, rest = rest.rpartition("@")
+    if at and ":" in user_info:
+        rest = f"{user_info.partition(':')[0]}:***@{rest}"
+    elif at:
+        rest = f"{user_info}@{rest}"
+    before_query, question, query = rest.partition("?")
+    if question:
+        shown = []
+        for parameter in query.split("&"):
+            name, equals, _ = parameter.partition("=")
+            hidden = equals and name not in REDIS_OPTIONS
+            shown.append(f"{name}=***" if hidden else parameter)
+        query = "&".join(shown)
+    return f"{scheme}://{before_query}{question}{query}"
 
 
 def _parse_backplane_url(url: str) -> BackplaneAddress:
     if not isinstance(url, str) or "://" not in url:
         raise BadBackplaneURL(f"{url!r} is not a URL like zmq://127.0.0.1:5559 or memory://name")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:  # e.g. an unclosed [ around an IPv6 address
+        raise BadBackplaneURL(f"{url!r} is not a valid URL: {error}") from None
     if parts.scheme == "memory":
         return BackplaneAddress("memory", name=parts.netloc + parts.path)
     if parts.scheme == "zmq":

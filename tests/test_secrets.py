@@ -128,6 +128,29 @@ def test_refused_settings_never_show_the_password(tmp_path: Path, backplane: str
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A ? in the password (unescaped) ends the user information where urlsplit looks.
+        (f"redis://:p?{PASSWORD}@10.0.0.6", "'redis://:***@10.0.0.6' has a port that"),
+        # redis-py takes ?password=; this URL does not, and says so without the value.
+        (f"redis://10.0.0.6?password={PASSWORD}", "'redis://10.0.0.6?password=***': unknown"),
+        (
+            f"rediss://app:{PASSWORD}@h?ssl_ca_certs=/ca.pem&password={PASSWORD}",
+            "'rediss://app:***@h?ssl_ca_certs=/ca.pem&password=***': unknown option password",
+        ),
+        # urlsplit itself refuses it: a clear error, not a traceback.
+        (f"redis://:{PASSWORD}@[::1", "'redis://:***@[::1' is not a valid URL"),
+    ],
+)
+def test_a_malformed_url_is_refused_without_its_password(tmp_path: Path, url: str, shown: str):
+    result = trio_fanout("config", env={"TRIO_FANOUT_BACKPLANE": url}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert shown in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_missing_password_file_is_a_clear_error(tmp_path: Path):
     result = trio_fanout(
         "config",
