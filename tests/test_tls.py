@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient, close_code
 from tests.test_worker import publish_from_outside, running_worker
-from trio_fanout import Config, TLSFileError, connection, serve
+from trio_fanout import Config, TLSFileError, connection, serve, tls, websocket
 from trio_fanout.client import open_client
 from trio_fanout.config import ConfigError, load_config
 from trio_fanout.worker import Worker
@@ -311,6 +311,48 @@ async def test_a_wss_client_that_stops_reading_is_cut_by_the_bytes_bound(
         assert numbers == list(range(len(numbers)))  # in order, then cut
         assert worker.queued_bytes == 0
         await slow.stream.aclose()
+
+
+async def test_a_frame_for_many_wss_clients_is_built_once_and_only_encrypted_per_connection(
+    server_files: ServerFiles, monkeypatch: pytest.MonkeyPatch
+):
+    marker = f"built-once-{os.urandom(4).hex()}"
+    built: list[bytes] = []  # each message frame holding the marker, as it was encoded
+    sealed: list[tuple[bytes, bytes]] = []  # (plaintext, ciphertext) of each batch with it
+    encode, seal = websocket.encode_text_frame, tls.Session.seal
+
+    def counting_encode(payload: bytes) -> bytes:
+        frame = encode(payload)
+        if marker.encode() in frame:
+            built.append(frame)
+        return frame
+
+    def recording_seal(session: tls.Session, plaintext: bytes) -> bytes:
+        wire = seal(session, plaintext)
+        if marker.encode() in plaintext:
+            sealed.append((plaintext, wire))
+        return wire
+
+    monkeypatch.setattr(websocket, "encode_text_frame", counting_encode)
+    monkeypatch.setattr(tls.Session, "seal", recording_seal)
+    async with tls_worker(server_files) as (worker, url), AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                open_client(url, ssl_context=server_files.client_context())
+            )
+            for _ in range(5)
+        ]
+        for client in clients:
+            await client.join("once")
+        await publish_from_outside(worker, "once", marker)
+        for client in clients:
+            assert await receive_data(client, 1) == [marker]
+    (frame,) = built  # one frame for the five connections
+    assert len(sealed) == 5  # each connection's batch encrypted on its own
+    for plaintext, wire in sealed:
+        assert frame in plaintext  # those very bytes, only encrypted per connection
+        assert marker.encode() not in wire
+    assert len({wire for _, wire in sealed}) == 5  # five sessions, five ciphertexts
 
 
 # ---- reloading on SIGHUP --------------------------------------------------------------------
