@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from trio_fanout import cli
 from trio_fanout.config import DEFAULT_FILE, KEYS, Config, ConfigError, load_config
 
 
@@ -180,6 +181,49 @@ def test_the_liveness_flags_of_run_set_their_keys(tmp_path: Path):
         "trio-fanout: error: liveness_timeout: must be greater than liveness_interval (3.0), "
         "not 2.0 (from flag --liveness-timeout)\n"
     )
+
+
+SECURITY_FLAGS = {
+    "run": {
+        "token_leeway": ("--token-leeway", "2", 2.0),
+        "token_expiry_warning": ("--token-expiry-warning", "60", 60.0),
+        "max_connections": ("--max-connections", "7", 7),
+        "max_handshakes": ("--max-handshakes", "9", 9),
+        "backplane_password_file": ("--backplane-password-file", "/etc/pw", "/etc/pw"),
+        "curve_secret_key_file": ("--curve-secret-key-file", "/k/a.key_secret", "/k/a.key_secret"),
+        "curve_server_key_file": ("--curve-server-key-file", "/k/p.key", "/k/p.key"),
+        "curve_allowed_keys_dir": ("--curve-allowed-keys-dir", "/k/allowed", "/k/allowed"),
+    },
+    "worker": {
+        "token_leeway": ("--token-leeway", "0", 0.0),
+        "max_connections": ("--max-connections", "1", 1),
+        "curve_server_key_file": ("--curve-server-key-file", "/k/p.key", "/k/p.key"),
+    },
+    "proxy": {"curve_allowed_keys_dir": ("--curve-allowed-keys-dir", "/k", "/k")},
+    "publish": {"backplane_password_file": ("--backplane-password-file", "/pw", "/pw")},
+}
+
+
+@pytest.mark.parametrize("command", list(SECURITY_FLAGS))
+def test_the_security_settings_and_connection_limits_have_flags(command: str):
+    settings = SECURITY_FLAGS[command]
+    argv = [command, *(item for flag, text, _ in settings.values() for item in (flag, text))]
+    if command == "publish":
+        argv += ["room", "1"]
+    flags, _ = cli._flags(cli.build_parser().parse_args(argv))
+    assert flags == {key: value for key, (_, _, value) in settings.items()}
+
+
+def test_a_bad_security_flag_is_named_in_the_error(tmp_path: Path):
+    refused = run_cli("worker", "--port", "0", "--max-connections", "0", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "trio-fanout: error: max_connections: must be greater than 0, not 0 "
+        "(from flag --max-connections)\n"
+    )
+    refused = run_cli("proxy", "--curve-allowed-keys-dir", str(tmp_path), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "curve_allowed_keys_dir: needs curve_secret_key_file" in refused.stderr
 
 
 def test_the_history_settings_make_the_backplanes_policy(tmp_path: Path):

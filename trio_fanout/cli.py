@@ -124,10 +124,65 @@ def _tokens(parser: argparse.ArgumentParser) -> None:
 def _access(parser: argparse.ArgumentParser) -> None:
     _tokens(parser)
     parser.add_argument(
+        "--token-leeway",
+        type=float,
+        metavar="SECONDS",
+        help="tolerance on a token's exp and nbf, for clocks that differ (default: 5.0)",
+    )
+    parser.add_argument(
+        "--token-expiry-warning",
+        type=float,
+        metavar="SECONDS",
+        help="how long before a token's exp the client is sent token_expiring (default: 30.0)",
+    )
+    parser.add_argument(
         "--allowed-origins",
         metavar="ORIGINS",
         help="comma-separated origins (https://example.com) whose pages may connect; default: any",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="WebSockets per worker; past it, an upgrade is answered 503 (default: 10000)",
+    )
+    parser.add_argument(
+        "--max-handshakes",
+        type=int,
+        metavar="N",
+        help="connections per worker not yet WebSockets; past it, a new one is closed at once "
+        "(default: 1000)",
+    )
+
+
+def _backplane_secrets(
+    parser: argparse.ArgumentParser, *, client: bool = True, server: bool = False
+) -> None:
+    """The files of the backplane's secrets: a client's (a worker, an emitter) and, for a
+    process that runs the ZeroMQ proxy, the directory of the keys it lets in."""
+    if client:
+        parser.add_argument(
+            "--backplane-password-file",
+            metavar="FILE",
+            help="file whose first line is the Redis password (never put it in a flag)",
+        )
+    parser.add_argument(
+        "--curve-secret-key-file",
+        metavar="FILE",
+        help="this process's CURVE key pair (NAME.key_secret from trio-fanout keygen)",
+    )
+    if client:
+        parser.add_argument(
+            "--curve-server-key-file",
+            metavar="FILE",
+            help="the ZeroMQ proxy's public key (its NAME.key)",
+        )
+    if server:
+        parser.add_argument(
+            "--curve-allowed-keys-dir",
+            metavar="DIR",
+            help="directory of the public keys (*.key) the proxy lets in",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _history(run)
     _access(run)
+    _backplane_secrets(run, server=True)
     _admin(run)
     _tls(run)
     _common(run)
@@ -205,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _history(worker)
     _access(worker)
+    _backplane_secrets(worker)
     _admin(worker)
     _tls(worker)
     _common(worker)
@@ -232,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between the heartbeats it publishes to every client; 0: none (default: 1.0)",
     )
     _history(proxy)
+    _backplane_secrets(proxy, client=False, server=True)
     _admin(proxy)
     _common(proxy)
 
@@ -249,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.add_argument("room", metavar="ROOM", nargs="?", help="the room to publish to")
     publish.add_argument("data", metavar="DATA", help="a JSON value, e.g. '\"hi\"' or '{\"n\": 1}'")
+    _backplane_secrets(publish)
     _common(publish)
 
     token = commands.add_parser(
