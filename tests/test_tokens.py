@@ -218,6 +218,10 @@ async def test_two_tokens_in_the_query_are_refused_400_while_others_are_served(
         ("not yet valid", lambda keys: token(keys, nbf=int(time.time()) + 60)),
         ("without exp", lambda keys: jwt.encode({"sub": "ann"}, keys.secret, "HS256")),
         ("not a JWT", lambda keys: "not-a-token"),
+        ("alg none", lambda keys: unsigned_token(
+            {"alg": "none", "typ": "JWT"}, {"sub": "ann", "exp": int(time.time()) + 600}
+        )),
+        ("RS256, to a server of HS256", lambda keys: token(keys, algorithm="RS256")),
         ("exp past what a float holds", lambda keys: jwt.encode(
             {"sub": "ann", "exp": 10**400}, keys.secret, "HS256"
         )),
@@ -613,19 +617,29 @@ async def test_a_public_key_takes_its_own_algorithm_and_refuses_every_other(
         f"{other} with another key": token(keys, "ivy", algorithm=other),
         "HS256 with a secret": token(keys, "ivy"),
     }
-    for what, forged in forgeries.items():
-        async with open_client(cluster.url) as client:
-            await client.send({"type": "auth", "token": forged})
-            reason = await closed_with(client)
-        assert reason.code == 4001, what
-        assert reason.reason in (
-            "the token is signed with an algorithm this server does not take",
-            "the token's signature does not verify",
-        ), what
-        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-            async with open_client(f"{cluster.url}?token={forged}"):
-                pass
-        assert rejected.value.status_code == 401, what
+    # A client on the same (only) worker, served all along.
+    async with open_client(cluster.url, token=token(keys, "wit", algorithm=algorithm)) as witness:
+        await witness.join("witness")
+        for what, forged in forgeries.items():
+            await _refused_everywhere(cluster, what, forged)
+            await witness.publish("witness", f"after {what}")
+            assert await receive_data(witness, 1) == [f"after {what}"]
+
+
+async def _refused_everywhere(cluster: ClusterProcess, what: str, forged: str) -> None:
+    """``forged`` is refused as an ``auth`` frame (4001) and in the query string (401)."""
+    async with open_client(cluster.url) as client:
+        await client.send({"type": "auth", "token": forged})
+        reason = await closed_with(client)
+    assert reason.code == 4001, what
+    assert reason.reason in (
+        "the token is signed with an algorithm this server does not take",
+        "the token's signature does not verify",
+    ), what
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with open_client(f"{cluster.url}?token={forged}"):
+            pass
+    assert rejected.value.status_code == 401, what
 
 
 # ---- the pure parts ---------------------------------------------------------------------------
