@@ -565,6 +565,37 @@ async def test_an_embedded_workers_hooks_apply_on_top_of_the_token_and_see_its_s
         worker.stop()
 
 
+def documented_python_minting() -> Any:
+    """The Python function of docs/security.md that mints tokens, as the reader would copy it."""
+    text = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    after = text.split("From a Python web application", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/security.md", "exec"), namespace)  # it prints one token
+    return namespace["fanout_token"]
+
+
+async def test_the_documented_python_minting_makes_tokens_the_server_takes(
+    cluster: ClusterProcess, keys: Keys, capsys: pytest.CaptureFixture[str]
+):
+    fanout_token = documented_python_minting()
+    MINTED.append(capsys.readouterr().out.strip())
+    minted = fanout_token("ann", "blue", keys.secret)
+    MINTED.append(minted)
+    async with open_client(cluster.url, token=minted) as ann:
+        assert ann.authed is not None and ann.authed["sub"] == "ann"
+        await ann.join("team-blue-design")
+        await ann.join("lobby")
+        await ann.publish("team-blue-design", "from the documented token", ack=True)
+        assert await receive_data(ann, 1) == ["from the documented token"]
+        with pytest.raises(ServerError) as refused:
+            await ann.join("team-red-design")
+        assert refused.value.code == "forbidden"
+        with pytest.raises(ServerError) as refused:
+            await ann.publish("lobby", "not allowed", ack=True)
+        assert refused.value.code == "forbidden"
+
+
 def test_tokens_never_reach_the_log(cluster: ClusterProcess):
     """Runs last: every token of this module, valid or not, was sent to this cluster."""
     log = cluster.log()
