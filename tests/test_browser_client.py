@@ -401,3 +401,116 @@ async def test_the_client_rejoins_with_since_and_delivers_each_message_once_in_o
             ["unrecovered", {"room": "r", "epoch": "e2", "offset": 3}],
             ["unrecovered", {"room": "r", "epoch": "e3", "offset": 0}],
         ]
+
+
+async def test_a_publish_rejects_on_timeout_and_when_the_connection_ends(cluster: ClusterProcess):
+    published: list[Any] = []
+
+    async def unanswering(ws: trio_websocket.WebSocketConnection) -> None:
+        # The first publish is never answered; the second is answered by the end of the
+        # connection.
+        for _ in range(2):
+            published.append(json.loads(await ws.get_message()))
+        await ws.aclose()
+
+    async def answering(ws: trio_websocket.WebSocketConnection) -> None:
+        frame = json.loads(await ws.get_message())
+        published.append(frame)
+        await send(ws, type="ack", id=frame["id"], offset=7)
+        await trio.sleep_forever()
+
+    async with (
+        scripted_server([unanswering, answering]) as url,
+        open_client_page(cluster, url) as page,
+    ):
+        timed_out = await page.evaluate(
+            """(async () => {
+              const started = performance.now();
+              try { await client.publish("r", "first", { timeoutMs: 300 }); return "resolved"; }
+              catch (error) { return [error.name, error.code, performance.now() - started]; }
+            })()"""
+        )
+        assert timed_out[:2] == ["FanoutError", "timeout"], timed_out
+        assert 300 <= timed_out[2] < 5_000, timed_out
+        # The default timeout (10 s) is far off: the connection's end rejects it first.
+        ended = await page.evaluate(
+            'client.publish("r", "second").then(() => "resolved", (e) => e.code)'
+        )
+        assert ended == "disconnected"
+        await page.until('events.filter(([name]) => name === "connected").length === 2')
+        # On the next connection an acknowledged publish resolves with its offset.
+        assert await page.evaluate('client.publish("r", "third")') == {"offset": 7}
+        assert [(frame["type"], frame["data"]) for frame in published] == [
+            ("publish", "first"), ("publish", "second"), ("publish", "third")
+        ]  # fmt: skip
+        assert len({frame["id"] for frame in published}) == 3
+
+
+# Clients of the backoff test, and their options, in ms: the bound doubles from 100 to the
+# cap of 800 in four attempts, and stays there. Four clients in one page: more at once made some
+# of Chromium's handshakes to the test's server wait for seconds.
+BACKOFF_CLIENTS = 4
+BACKOFF_OPTIONS = {"backoffBaseMs": 100, "backoffCapMs": 800}
+BACKOFF_ATTEMPTS = 8
+
+
+def backoff_bound(attempt: int) -> int:
+    return min(
+        BACKOFF_OPTIONS["backoffCapMs"], BACKOFF_OPTIONS["backoffBaseMs"] * 2 ** (attempt - 1)
+    )
+
+
+async def test_reconnects_back_off_exponentially_up_to_the_cap_with_full_jitter(
+    cluster: ClusterProcess,
+):
+    async def hold(ws: trio_websocket.WebSocketConnection) -> None:
+        await trio.sleep_forever()
+
+    async def close(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.aclose()
+
+    # The page's own client stays connected; every later connection is closed right after its
+    # welcome, so that the clients under test keep failing and backing off.
+    steps: list[Step] = [hold] + [close] * (BACKOFF_CLIENTS * (BACKOFF_ATTEMPTS + 2))
+    async with scripted_server(steps) as url, open_client_page(cluster, url) as page:
+        await page.evaluate(
+            f"""(() => {{
+              window.backoff = {{ clients: [], log: [] }};
+              for (let index = 0; index < {BACKOFF_CLIENTS}; index++) {{
+                const client = new FanoutClient({json.dumps(url)}, {json.dumps(BACKOFF_OPTIONS)});
+                let waiting = null;
+                client.on("reconnecting", ({{ attempt, delayMs }}) => {{
+                  waiting = {{ attempt, delayMs, at: performance.now() }};
+                }});
+                // The next connection's welcome: how long the client did wait.
+                client.on("connected", () => {{
+                  if (waiting === null) return;
+                  const {{ attempt, delayMs, at }} = waiting;
+                  backoff.log.push([index, attempt, delayMs, performance.now() - at]);
+                  record(["backoff", index]);
+                }});
+                backoff.clients.push(client);
+              }}
+            }})()"""
+        )
+        await page.until(
+            "backoff.clients.every((_, index) => backoff.log.filter(([i]) => i === index)"
+            f".length >= {BACKOFF_ATTEMPTS})"
+        )
+        log = await page.evaluate("backoff.clients.forEach((c) => c.close()), backoff.log")
+    by_attempt: dict[int, list[float]] = {}
+    for index in range(BACKOFF_CLIENTS):
+        attempts = [entry for entry in log if entry[0] == index][:BACKOFF_ATTEMPTS]
+        # Each failed connection is one more attempt: nothing resets it before stableAfterMs.
+        assert [attempt for _, attempt, _, _ in attempts] == list(range(1, BACKOFF_ATTEMPTS + 1))
+        for _, attempt, delay, waited in attempts:
+            assert 0 <= delay <= backoff_bound(attempt), (index, attempt, delay)
+            assert waited >= delay - 2, (index, attempt, delay, waited)  # timer granularity
+            by_attempt.setdefault(attempt, []).append(delay)
+    for attempt in range(1, BACKOFF_ATTEMPTS + 1):
+        # Each attempt's delay is drawn afresh: the clients did not wait alike.
+        assert len(set(by_attempt[attempt])) > 1, (attempt, by_attempt[attempt])
+    # Full jitter: at the cap, the delays spread over the whole range, not bunched at its top
+    # (all 20 of these uniform draws in one half of it has a chance of two in a million).
+    capped = [delay for attempt in range(4, 9) for delay in by_attempt[attempt]]
+    assert min(capped) < backoff_bound(4) / 2 < max(capped), capped

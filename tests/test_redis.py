@@ -515,3 +515,85 @@ async def test_a_message_from_outside_the_backplane_is_dropped(
         with trio.fail_after(RECEIVE_TIMEOUT):
             assert await subscriber.receive_batch() == [Received(b"outside", b"sentinel", None)]
     assert sum("no trio-fanout backplane sent" in r.getMessage() for r in caplog.records) == 1
+
+
+async def redis_info(port: int, section: bytes) -> dict[str, str]:
+    """The fields of one section of Redis's INFO."""
+    info: bytes = await redis_call(port, b"INFO", section)
+    return dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+
+
+async def used_memory(port: int) -> int:
+    return int((await redis_info(port, b"memory"))["used_memory"])
+
+
+# A redis-server bounded to this much memory, and what the test appends to it: 200 rooms of
+# 50 messages of 1 KB, 10 MB of history, more than twice what Redis may hold.
+MAXMEMORY = 4 * 1024 * 1024
+FULL_ROOMS, FULL_MESSAGES, FULL_PAYLOAD = 200, 50, b"x" * 1000
+
+
+async def test_with_volatile_lru_the_history_stays_under_maxmemory_and_evicted_rooms_say_so(
+    tmp_path: Path,
+) -> None:
+    """On Redis the bound on all rooms' history is Redis's ``maxmemory``: every history key
+    has a ttl, so ``volatile-lru`` evicts the rooms least recently published to, and appends
+    keep succeeding. A room that lost either of its keys tells a reader with an old position
+    that it cannot recover; the room published to last keeps its whole history."""
+    server = RedisServer(
+        str(tmp_path), "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "volatile-lru"
+    )
+    try:
+        async with open_backplane(server.url, history=HistoryPolicy(size=FULL_MESSAGES)) as bp:
+            first: dict[bytes, Position] = {}
+            for room in range(FULL_ROOMS):
+                topic = b"full-%d" % room
+                for _ in range(FULL_MESSAGES):
+                    position = await bp.append(topic, FULL_PAYLOAD)
+                    first.setdefault(topic, position)
+                # Redis evicts before each command, so it may be over by one script's writes
+                # (measured: by under 1 %).
+                assert await used_memory(server.port) <= MAXMEMORY * 1.1
+            assert int((await redis_info(server.port, b"stats"))["evicted_keys"]) > 0
+            # The oldest room was evicted (wholly or in part): not recoverable from its start.
+            oldest = await bp.history(b"full-0", Position(first[b"full-0"].epoch, 0))
+            assert oldest.complete is False
+            # The newest one is intact.
+            newest_topic = b"full-%d" % (FULL_ROOMS - 1)
+            newest = await bp.history(newest_topic, Position(first[newest_topic].epoch, 0))
+            assert newest.complete is True
+            assert [offset for offset, _ in newest.messages] == list(range(1, FULL_MESSAGES + 1))
+    finally:
+        server.stop()
+
+
+async def test_with_noeviction_a_full_redis_refuses_appends_and_the_backplane_stays_up(
+    tmp_path: Path,
+) -> None:
+    """Redis's default policy evicts nothing: once ``maxmemory`` is reached an append is
+    refused with BackplaneUnavailable, and the backplane still works for what keeps no data."""
+    server = RedisServer(
+        str(tmp_path), "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction"
+    )
+    try:
+        async with (
+            open_backplane(server.url, history=HistoryPolicy(size=FULL_MESSAGES)) as bp,
+            open_backplane(server.url) as subscriber,
+        ):
+            refused = None
+            for room in range(FULL_ROOMS):
+                try:
+                    for _ in range(FULL_MESSAGES):
+                        await bp.append(b"full-%d" % room, FULL_PAYLOAD)
+                except BackplaneUnavailable as error:
+                    refused = error
+                    break
+            assert refused is not None and "OOM" in str(refused), refused
+            assert await used_memory(server.port) <= MAXMEMORY * 1.1
+            # Plain publishes keep no data: they still go through.
+            await subscriber.subscribe(b"still")
+            await bp.publish(b"still", b"up")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert await subscriber.receive_batch() == [Received(b"still", b"up", None)]
+    finally:
+        server.stop()
