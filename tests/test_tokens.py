@@ -350,6 +350,42 @@ async def test_without_a_refresh_the_connection_closes_4001_at_exp(
     assert time.time() >= eve.authed["exp"] - 0.1
 
 
+async def test_with_a_leeway_the_close_still_comes_at_exp_and_a_late_token_gets_the_leeway(
+    keys: Keys,
+):
+    """The leeway lets in a token whose exp has just passed by the worker's clock (the minter's
+    clock behind it), with that long to refresh; it does not push back the close of a token
+    given before its exp, which comes at exp."""
+    leeway = 3
+    config = Config(
+        port=0,
+        heartbeat_interval=0,
+        backplane="memory://leeway",
+        token_secret_file=str(keys.secret_file),
+        token_leeway=leeway,
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(functools.partial(serve, config))
+        url = f"ws://127.0.0.1:{worker.port}/ws"
+        async with open_client(url, token=token(keys, "ora", ttl=2)) as ora:
+            assert ora.authed is not None
+            reason = await closed_with(ora)
+            closed_at = time.time()
+        assert reason.code == 4001
+        assert ora.authed["exp"] - 0.1 <= closed_at < ora.authed["exp"] + leeway - 1
+
+        async with open_client(url, token=token(keys, "pam", ttl=-1)) as pam:
+            assert pam.authed is not None
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                assert (await pam.receive())["type"] == "token_expiring"
+            await pam.ping()  # within the leeway, still served
+            reason = await closed_with(pam)
+            closed_at = time.time()
+        assert reason.code == 4001
+        assert closed_at >= pam.authed["exp"] + leeway - 1.1
+        worker.stop()
+
+
 async def test_a_refresh_with_another_sub_or_a_bad_token_is_refused_and_the_token_stays(
     cluster: ClusterProcess, keys: Keys
 ):

@@ -174,7 +174,7 @@ class Connection:
         # What the client's token allows, where the worker requires tokens; None until then.
         self.grant: tokens.Grant | None = None
         # The token's timer (see _watch_token): which token it was set for, whether the
-        # expiry was announced, and when the token ends (this loop's clock, leeway included).
+        # expiry was announced, and when the token ends (this loop's clock).
         self.token_version = 0
         self._token_warned = False
         self._token_end = math.inf
@@ -851,7 +851,10 @@ class Connection:
             return
         # Unix time to this loop's clock, once: a token's life is minutes, not months.
         until_exp = self.grant.exp - time.time()
-        self._token_end = now + until_exp + config.token_leeway
+        # Closed at exp. A token taken within the leeway after its exp (the minter's clock behind
+        # ours) would be closed at once; it gets until exp + leeway to be refreshed instead.
+        grace = 0.0 if until_exp > 0 else config.token_leeway
+        self._token_end = now + until_exp + grace
         # Warned token_expiry_warning before exp, or halfway through a shorter life, so that a
         # client whose tokens live less than that does not refresh in a loop.
         warning = min(config.token_expiry_warning, max(until_exp, 0) / 2)
