@@ -63,6 +63,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,8 +120,10 @@ RUN_HERE: dict[str, str] = {
     "-d '{\"data\": \"maintenance in 5 minutes\"}'": "test_the_run_commands_serve",
     'curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:9100/api/info':
         "test_the_run_commands_serve",
-    "openssl rand -hex 32 > /etc/trio-fanout/token-secret": "test_the_run_commands_serve",
-    "chmod 600 /etc/trio-fanout/token-secret": "test_the_run_commands_serve",
+    "mkdir -p /etc/trio-fanout/": "test_the_run_commands_serve",
+    "(umask 077; openssl rand -hex 32 > /etc/trio-fanout/token-secret)":
+        "test_the_run_commands_serve",
+    "python mint_token.py": "test_the_run_commands_serve",
     "trio-fanout run --token-secret-file /etc/trio-fanout/token-secret "
     "--allowed-origins https://chat.example.com": "test_the_run_commands_serve",
     "openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt "
@@ -160,7 +163,7 @@ RUN_HERE: dict[str, str] = {
     "trio-fanout --version": "test_the_version_command_names_the_version",
     "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem":
         "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
-    "openssl pkey -in private.pem -pubout -out public.pem":
+    "openssl pkey -in private.pem -pubout -out /etc/trio-fanout/token-public.pem":
         "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
 }  # fmt: skip
 
@@ -312,6 +315,11 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     "npm install jsonwebtoken": (
         DOCUMENTED_ONLY,
         "installs a Node.js library from the network into the reader's application",
+    ),
+    "node mint_token.js": (
+        DOCUMENTED_ONLY,
+        "needs jsonwebtoken, which no test installs; test_the_run_commands_serve runs the "
+        "Python example beside it, which reads the secret the same way",
     ),
     "redis-cli pubsub channels": (
         DOCUMENTED_ONLY,
@@ -622,6 +630,17 @@ def health(shell: Shell, scheme: str, port: int, ca_file: Path) -> dict[str, obj
     return answer
 
 
+def python_example(path: Path, containing: str) -> str:
+    """The one Python block of ``path`` that holds ``containing``, as a reader saves it (a block
+    inside a list item without its indentation)."""
+    (example,) = [
+        textwrap.dedent("\n".join(line for _, line in lines)) + "\n"
+        for language, lines in blocks(path)
+        if language == "python" and containing in "\n".join(line for _, line in lines)
+    ]
+    return example
+
+
 def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     admin_port = str(free_port())
     shell = Shell(
@@ -648,8 +667,8 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         # The files the servers read, made as the documentation makes them.
         shell.run('echo "$(openssl rand -hex 32)" > /etc/trio-fanout/api.key')
         shell.run("chmod 600 /etc/trio-fanout/api.key")
-        shell.run("openssl rand -hex 32 > /etc/trio-fanout/token-secret")
-        shell.run("chmod 600 /etc/trio-fanout/token-secret")
+        shell.run("mkdir -p /etc/trio-fanout/")
+        shell.run("(umask 077; openssl rand -hex 32 > /etc/trio-fanout/token-secret)")
         for name in ("api.key", "token-secret"):
             secret = tmp_path / "etc/trio-fanout" / name
             assert re.fullmatch(r"[0-9a-f]{64}\n", secret.read_text())
@@ -680,6 +699,18 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             assert health(shell, scheme, port, ca_file)["status"] == "ready"
         assert serving_port(started[-2])[0] == serving_port(started[-1])[0] == "https"
         assert redis_server.url in started[1].wait_for_log("listening on").string
+
+        # A token from the documented Python example, with the secret the workers read.
+        minting = python_example(ROOT / "docs/security.md", "def fanout_token")
+        (tmp_path / "mint_token.py").write_text(
+            minting.replace("/etc/trio-fanout/", f"{tmp_path}/etc/trio-fanout/")
+        )
+        minted = shell.run("python mint_token.py").strip()
+        secret_file = str(tmp_path / "etc/trio-fanout/token-secret")
+        grant = tokens.Verifier(tokens.read_secret(secret_file), 0).verify(minted)
+        assert grant.sub == "ann" and 290 <= grant.exp - time.time() <= 300
+        assert grant.may_join("lobby") and grant.may_publish("team-blue-1")
+        assert not grant.may_publish("lobby")
 
         # From a shell, to the cluster on Redis.
         published = shell.run(
@@ -793,8 +824,9 @@ def test_the_version_command_names_the_version(shell: Shell):
 
 def test_an_rsa_key_made_as_documented_verifies_rs256_tokens(shell: Shell):
     shell.run("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem")
-    shell.run("openssl pkey -in private.pem -pubout -out public.pem")
-    verifier = tokens.Verifier(tokens.read_public_key(str(shell.directory / "public.pem")), 0)
+    shell.run("openssl pkey -in private.pem -pubout -out /etc/trio-fanout/token-public.pem")
+    public = shell.directory / "etc/trio-fanout/token-public.pem"
+    verifier = tokens.Verifier(tokens.read_public_key(str(public)), 0)
     claims = {"sub": "ann", "exp": int(time.time()) + 600, "join": ["lobby"]}
     token = jwt.encode(claims, (shell.directory / "private.pem").read_bytes(), algorithm="RS256")
     assert verifier.verify(token).sub == "ann"
