@@ -46,8 +46,9 @@ replacements, which keep them on loopback and off the machine's files:
 - ``redis://127.0.0.1:6379`` becomes the test session's own redis-server;
 - the admin port ``9100`` becomes a free port, ``--host 0.0.0.0`` becomes ``--host 127.0.0.1``
   and ``--port 443`` becomes ``--port 0``;
-- ``examples/publish_api`` runs the project's example, and ``cert.pem``/``key.pem`` are a
-  certificate for 127.0.0.1 (made by the test);
+- ``examples/publish_api`` runs the project's example;
+- the port ``8765`` of ``https://127.0.0.1:8765/`` becomes that of the ``trio-fanout run`` the
+  command is for;
 - ``trio-fanout publish`` gets ``TRIO_FANOUT_BACKPLANE``, the backplane of a ``trio-fanout run``
   of the test, as it would get it from a settings file;
 - every ``trio-fanout run`` gets ``TRIO_FANOUT_PORT=0``, ``TRIO_FANOUT_PROXY_PORT=0`` and
@@ -153,8 +154,12 @@ RUN_HERE: dict[str, str] = {
     "TRIO_FANOUT_CURVE_SERVER_KEY_FILE=keys/proxy.key": "test_the_two_hosts_example_on_curve",
     "trio-fanout worker --config examples/two_hosts/worker-a.toml --index 1":
         "test_the_two_hosts_example_on_curve",
+    'openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost -addext '
+    '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout key.pem -out cert.pem':
+        "test_the_run_commands_serve",
     "trio-fanout run --tls-cert-file cert.pem --tls-key-file key.pem":
         "test_the_run_commands_serve",
+    "curl --cacert cert.pem https://127.0.0.1:8765/healthz": "test_the_run_commands_serve",
     "python examples/publish_api.py --admin http://127.0.0.1:9100 "
     "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'": "test_the_run_commands_serve",
     "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
@@ -659,8 +664,6 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     certificate.private_key_pem.write_to_path(str(tmp_path / "etc/fanout/privkey.pem"))
     chain = b"".join(blob.bytes() for blob in certificate.cert_chain_pems)
     (tmp_path / "etc/fanout/fullchain.pem").write_bytes(chain)
-    certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    (tmp_path / "cert.pem").write_bytes(chain)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     try:
@@ -678,6 +681,12 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             "-out private.pem"
         )
         shell.run("openssl ec -in private.pem -pubout -out /etc/trio-fanout/token-public.pem")
+        # The self-signed certificate for a test, which is its own CA.
+        shell.run(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost -addext "
+            '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout key.pem -out cert.pem'
+        )
+        assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
 
         # Every documented `trio-fanout run` at once, each on its free ports.
         started = [
@@ -696,9 +705,25 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         ]
         for process in started:
             scheme, port = serving_port(process)
-            assert health(shell, scheme, port, ca_file)["status"] == "ready"
+            trusted = tmp_path / "cert.pem" if process is started[-1] else ca_file
+            assert health(shell, scheme, port, trusted)["status"] == "ready"
         assert serving_port(started[-2])[0] == serving_port(started[-1])[0] == "https"
         assert redis_server.url in started[1].wait_for_log("listening on").string
+
+        # Clients that trust the test certificate, as security.md tells them to.
+        self_signed_port = serving_port(started[-1])[1]
+        shell.replacements["127.0.0.1:8765"] = f"127.0.0.1:{self_signed_port}"
+        answer = json.loads(shell.run("curl --cacert cert.pem https://127.0.0.1:8765/healthz"))
+        assert answer["status"] == "ready"
+        trusting = python_example(ROOT / "docs/security.md", "ssl_context=context")
+        (tmp_path / "trusting.py").write_text(
+            trusting.replace("127.0.0.1:8765", f"127.0.0.1:{self_signed_port}")
+        )
+        result = subprocess.run(
+            [sys.executable, "trusting.py"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+        )  # fmt: skip
+        assert result.stdout == "joined lobby over wss://\n", result.stderr
 
         # A token from the documented Python example, with the secret the workers read.
         minting = python_example(ROOT / "docs/security.md", "def fanout_token")
