@@ -64,7 +64,6 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -636,13 +635,13 @@ def health(shell: Shell, scheme: str, port: int, ca_file: Path) -> dict[str, obj
 
 
 def python_example(path: Path, containing: str) -> str:
-    """The one Python block of ``path`` that holds ``containing``, as a reader saves it (a block
-    inside a list item without its indentation)."""
-    (example,) = [
-        textwrap.dedent("\n".join(line for _, line in lines)) + "\n"
+    """The one Python block of ``path`` that holds ``containing``, as a reader saves it."""
+    examples = [
+        "\n".join(line for _, line in lines) + "\n"
         for language, lines in blocks(path)
-        if language == "python" and containing in "\n".join(line for _, line in lines)
+        if language == "python"
     ]
+    (example,) = [example for example in examples if containing in example]
     return example
 
 
