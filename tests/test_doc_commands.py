@@ -46,8 +46,9 @@ replacements, which keep them on loopback and off the machine's files:
 - ``redis://127.0.0.1:6379`` becomes the test session's own redis-server;
 - the admin port ``9100`` becomes a free port, ``--host 0.0.0.0`` becomes ``--host 127.0.0.1``
   and ``--port 443`` becomes ``--port 0``;
-- ``examples/publish_api`` runs the project's example, and ``cert.pem``/``key.pem`` are a
-  certificate for 127.0.0.1 (made by the test);
+- ``examples/publish_api`` runs the project's example;
+- the port ``8765`` of ``https://127.0.0.1:8765/`` becomes that of the ``trio-fanout run`` the
+  command is for;
 - ``trio-fanout publish`` gets ``TRIO_FANOUT_BACKPLANE``, the backplane of a ``trio-fanout run``
   of the test, as it would get it from a settings file;
 - every ``trio-fanout run`` gets ``TRIO_FANOUT_PORT=0``, ``TRIO_FANOUT_PROXY_PORT=0`` and
@@ -119,8 +120,10 @@ RUN_HERE: dict[str, str] = {
     "-d '{\"data\": \"maintenance in 5 minutes\"}'": "test_the_run_commands_serve",
     'curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:9100/api/info':
         "test_the_run_commands_serve",
-    "openssl rand -hex 32 > /etc/trio-fanout/token-secret": "test_the_run_commands_serve",
-    "chmod 600 /etc/trio-fanout/token-secret": "test_the_run_commands_serve",
+    "mkdir -p /etc/trio-fanout/": "test_the_run_commands_serve",
+    "(umask 077; openssl rand -hex 32 > /etc/trio-fanout/token-secret)":
+        "test_the_run_commands_serve",
+    "python mint_token.py": "test_the_run_commands_serve",
     "trio-fanout run --token-secret-file /etc/trio-fanout/token-secret "
     "--allowed-origins https://chat.example.com": "test_the_run_commands_serve",
     "openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt "
@@ -150,8 +153,12 @@ RUN_HERE: dict[str, str] = {
     "TRIO_FANOUT_CURVE_SERVER_KEY_FILE=keys/proxy.key": "test_the_two_hosts_example_on_curve",
     "trio-fanout worker --config examples/two_hosts/worker-a.toml --index 1":
         "test_the_two_hosts_example_on_curve",
+    'openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost -addext '
+    '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout key.pem -out cert.pem':
+        "test_the_run_commands_serve",
     "trio-fanout run --tls-cert-file cert.pem --tls-key-file key.pem":
         "test_the_run_commands_serve",
+    "curl --cacert cert.pem https://127.0.0.1:8765/healthz": "test_the_run_commands_serve",
     "python examples/publish_api.py --admin http://127.0.0.1:9100 "
     "--key-file /etc/trio-fanout/api.key lobby '\"hi\"'": "test_the_run_commands_serve",
     "node examples/publish_api.mjs http://127.0.0.1:9100 /etc/trio-fanout/api.key lobby "
@@ -160,7 +167,7 @@ RUN_HERE: dict[str, str] = {
     "trio-fanout --version": "test_the_version_command_names_the_version",
     "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem":
         "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
-    "openssl pkey -in private.pem -pubout -out public.pem":
+    "openssl pkey -in private.pem -pubout -out /etc/trio-fanout/token-public.pem":
         "test_an_rsa_key_made_as_documented_verifies_rs256_tokens",
 }  # fmt: skip
 
@@ -312,6 +319,11 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     "npm install jsonwebtoken": (
         DOCUMENTED_ONLY,
         "installs a Node.js library from the network into the reader's application",
+    ),
+    "node mint_token.js": (
+        DOCUMENTED_ONLY,
+        "needs jsonwebtoken, which no test installs; test_the_run_commands_serve runs the "
+        "Python example beside it, which reads the secret the same way",
     ),
     "redis-cli pubsub channels": (
         DOCUMENTED_ONLY,
@@ -622,6 +634,17 @@ def health(shell: Shell, scheme: str, port: int, ca_file: Path) -> dict[str, obj
     return answer
 
 
+def python_example(path: Path, containing: str) -> str:
+    """The one Python block of ``path`` that holds ``containing``, as a reader saves it."""
+    examples = [
+        "\n".join(line for _, line in lines) + "\n"
+        for language, lines in blocks(path)
+        if language == "python"
+    ]
+    (example,) = [example for example in examples if containing in example]
+    return example
+
+
 def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     admin_port = str(free_port())
     shell = Shell(
@@ -640,16 +663,14 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     certificate.private_key_pem.write_to_path(str(tmp_path / "etc/fanout/privkey.pem"))
     chain = b"".join(blob.bytes() for blob in certificate.cert_chain_pems)
     (tmp_path / "etc/fanout/fullchain.pem").write_bytes(chain)
-    certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    (tmp_path / "cert.pem").write_bytes(chain)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     try:
         # The files the servers read, made as the documentation makes them.
         shell.run('echo "$(openssl rand -hex 32)" > /etc/trio-fanout/api.key')
         shell.run("chmod 600 /etc/trio-fanout/api.key")
-        shell.run("openssl rand -hex 32 > /etc/trio-fanout/token-secret")
-        shell.run("chmod 600 /etc/trio-fanout/token-secret")
+        shell.run("mkdir -p /etc/trio-fanout/")
+        shell.run("(umask 077; openssl rand -hex 32 > /etc/trio-fanout/token-secret)")
         for name in ("api.key", "token-secret"):
             secret = tmp_path / "etc/trio-fanout" / name
             assert re.fullmatch(r"[0-9a-f]{64}\n", secret.read_text())
@@ -659,6 +680,12 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
             "-out private.pem"
         )
         shell.run("openssl ec -in private.pem -pubout -out /etc/trio-fanout/token-public.pem")
+        # The self-signed certificate for a test, which is its own CA.
+        shell.run(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost -addext "
+            '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout key.pem -out cert.pem'
+        )
+        assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
 
         # Every documented `trio-fanout run` at once, each on its free ports.
         started = [
@@ -677,9 +704,37 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         ]
         for process in started:
             scheme, port = serving_port(process)
-            assert health(shell, scheme, port, ca_file)["status"] == "ready"
+            trusted = tmp_path / "cert.pem" if process is started[-1] else ca_file
+            assert health(shell, scheme, port, trusted)["status"] == "ready"
         assert serving_port(started[-2])[0] == serving_port(started[-1])[0] == "https"
         assert redis_server.url in started[1].wait_for_log("listening on").string
+
+        # Clients that trust the test certificate, as security.md tells them to.
+        self_signed_port = serving_port(started[-1])[1]
+        shell.replacements["127.0.0.1:8765"] = f"127.0.0.1:{self_signed_port}"
+        answer = json.loads(shell.run("curl --cacert cert.pem https://127.0.0.1:8765/healthz"))
+        assert answer["status"] == "ready"
+        trusting = python_example(ROOT / "docs/security.md", "ssl_context=context")
+        (tmp_path / "trusting.py").write_text(
+            trusting.replace("127.0.0.1:8765", f"127.0.0.1:{self_signed_port}")
+        )
+        result = subprocess.run(
+            [sys.executable, "trusting.py"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+        )  # fmt: skip
+        assert result.stdout == "joined lobby over wss://\n", result.stderr
+
+        # A token from the documented Python example, with the secret the workers read.
+        minting = python_example(ROOT / "docs/security.md", "def fanout_token")
+        (tmp_path / "mint_token.py").write_text(
+            minting.replace("/etc/trio-fanout/", f"{tmp_path}/etc/trio-fanout/")
+        )
+        minted = shell.run("python mint_token.py").strip()
+        secret_file = str(tmp_path / "etc/trio-fanout/token-secret")
+        grant = tokens.Verifier(tokens.read_secret(secret_file), 0).verify(minted)
+        assert grant.sub == "ann" and 290 <= grant.exp - time.time() <= 300
+        assert grant.may_join("lobby") and grant.may_publish("team-blue-1")
+        assert not grant.may_publish("lobby")
 
         # From a shell, to the cluster on Redis.
         published = shell.run(
@@ -793,8 +848,9 @@ def test_the_version_command_names_the_version(shell: Shell):
 
 def test_an_rsa_key_made_as_documented_verifies_rs256_tokens(shell: Shell):
     shell.run("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out private.pem")
-    shell.run("openssl pkey -in private.pem -pubout -out public.pem")
-    verifier = tokens.Verifier(tokens.read_public_key(str(shell.directory / "public.pem")), 0)
+    shell.run("openssl pkey -in private.pem -pubout -out /etc/trio-fanout/token-public.pem")
+    public = shell.directory / "etc/trio-fanout/token-public.pem"
+    verifier = tokens.Verifier(tokens.read_public_key(str(public)), 0)
     claims = {"sub": "ann", "exp": int(time.time()) + 600, "join": ["lobby"]}
     token = jwt.encode(claims, (shell.directory / "private.pem").read_bytes(), algorithm="RS256")
     assert verifier.verify(token).sub == "ann"

@@ -601,11 +601,13 @@ async def test_an_embedded_workers_hooks_apply_on_top_of_the_token_and_see_its_s
         worker.stop()
 
 
-def documented_python_minting() -> Any:
-    """The Python function of docs/security.md that mints tokens, as the reader would copy it."""
+def documented_python_minting(secret_file: Path) -> Any:
+    """The Python function of docs/security.md that mints tokens, as the reader would copy it,
+    reading the secret from ``secret_file`` where the example reads the workers' file."""
     text = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
     after = text.split("From a Python web application", 1)[1]
     code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("/etc/trio-fanout/token-secret", str(secret_file))
     namespace: dict[str, Any] = {}
     exec(compile(code, "docs/security.md", "exec"), namespace)  # it prints one token
     return namespace["fanout_token"]
@@ -614,8 +616,11 @@ def documented_python_minting() -> Any:
 async def test_the_documented_python_minting_makes_tokens_the_server_takes(
     cluster: ClusterProcess, keys: Keys, capsys: pytest.CaptureFixture[str]
 ):
-    fanout_token = documented_python_minting()
-    MINTED.append(capsys.readouterr().out.strip())
+    fanout_token = documented_python_minting(keys.secret_file)
+    printed = capsys.readouterr().out.strip()
+    MINTED.append(printed)
+    async with open_client(cluster.url, token=printed) as printed_for:
+        assert printed_for.authed is not None and printed_for.authed["sub"] == "ann"
     minted = fanout_token("ann", "blue", keys.secret)
     MINTED.append(minted)
     async with open_client(cluster.url, token=minted) as ann:
