@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ClusterProcess
+from tests.helpers import ClusterProcess, LoggedProcess
 from trio_fanout import __version__
 
 
@@ -189,3 +189,19 @@ def test_the_backplane_help_offers_no_password_on_the_command_line(command: str)
     assert "backplane_password_file" in help_text
     assert "PASSWORD" not in help_text  # ps shows every process's command line
     assert "memory://" not in help_text  # refused by publish, useless to a worker alone
+
+
+def test_workers_start_beside_a_file_named_like_a_standard_module(tmp_path):
+    """A user who saves the docs' minting example as token.py and starts the server in that
+    directory: the workers (Python processes the master starts) must not import it in place of
+    the standard library's token module, or every worker dies at start, again and again."""
+    (tmp_path / "token.py").write_text("raise SystemExit('the wrong token module')\n")
+    # The console script, as a user runs it: its directory, not the current one, leads sys.path.
+    command = [sys.executable, "-P", "-m", "trio_fanout", "run", "--workers", "1"]
+    command += ["--port", "0", "--proxy-port", "0", "--heartbeat-interval", "0"]
+    process = LoggedProcess(command, cwd=str(tmp_path))
+    try:
+        process.wait_for_log(r"worker 1 \(pid \d+\) serving")
+        assert "the wrong token module" not in "\n".join(process.lines)
+    finally:
+        assert process.stop() == 0

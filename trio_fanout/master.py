@@ -197,8 +197,10 @@ class Supervisor:
             )
 
     def _command(self, index: int, control_fd: int) -> list[str]:
+        # -P: the current directory does not lead sys.path, so a token.py or a logging.py
+        # beside the user's config cannot replace a standard module in the workers.
         return [
-            sys.executable, "-m", "trio_fanout", "worker",
+            sys.executable, "-P", "-m", "trio_fanout", "worker",
             "--index", str(index),
             "--listen-fd", str(self._listener(index).fileno()),
             "--control-fd", str(control_fd),
