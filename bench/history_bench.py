@@ -5,6 +5,7 @@ of the test suite; run it by hand:
     cd bench && npm ci
     python history_bench.py rate          # delivery rate, history_size 100 against 0
     python history_bench.py kill          # kill -9 a worker of 2,000 clients' cluster
+    python history_bench.py kill --all-on-killed   # 2,000 clients, all on the killed worker
     python history_bench.py rate --backplane redis --runs 1 --steps 40000
 
 ``rate``: two clusters at once, one keeping 100 messages per room and one keeping none
@@ -17,12 +18,17 @@ loadgen.py); the ratio of CPU per delivery (on / off) is taken within each run.
 
 ``kill``: 2,000 clients in 20 rooms, half on each worker, a publisher on one worker publishing
 steadily; the other worker is killed with SIGKILL, and its clients reconnect and rejoin with
-``since``. Reported: per client, the time from the kill to its ``joined`` with recovered true
-and the first message it had missed; how many recovered; where the time went (the close seen,
-the connection attempt, the handshake, the join answered, the missed messages), the server's
-CPU over the window (master, surviving worker, redis-server), and the load generator's CPU and
-lag. ``--backoff-ms`` is the clients' first reconnect delay (uniform random up to it; 0
-reconnects at once, the hardest case for the server; 500 is the project's clients' default).
+``since``. With ``--all-on-killed`` all 2,000 clients are on the worker killed (the publisher
+alone on the other), so that all of them recover while the load generator, one Node.js process,
+holds no more connections and receives no more deliveries a second than with the even split (4,000
+clients in it, half of them to recover, measured its own event loop more than the server).
+
+Reported: per client, the time from the kill to its ``joined`` with recovered true and the first
+message it had missed; how many recovered; where the time went (the close seen, the connection
+attempt, the handshake, the join answered, the missed messages), the server's CPU over the window
+(master, surviving worker, redis-server), and the load generator's CPU and lag.
+``--backoff-ms`` is the clients' first reconnect delay (uniform random up to it; 0 reconnects at
+once, the hardest case for the server; 500 is the project's clients' default).
 
 Every run's figures go to bench/results/history-*.json.
 """
@@ -169,15 +175,23 @@ def read_cpu(running: TrioFanout, pids: list[int]) -> float:
 
 
 def kill_run(
-    backplane: str, clients: int, rooms: int, rate: int, backoff_ms: int, profile: bool
+    backplane: str,
+    clients: int,
+    rooms: int,
+    rate: int,
+    backoff_ms: int,
+    profile: bool,
+    all_on_killed: bool = False,
 ) -> dict[str, Any]:
-    """One run: start a cluster, let the load generator balance its clients, kill one worker.
+    """One run: start a cluster, let the load generator place its clients (half on each worker,
+    or with ``all_on_killed`` all on the worker without the publisher), kill one worker.
     With ``profile``, py-spy samples the surviving worker and the master (with the embedded
     proxy) for PROFILE_SECONDS from just before the kill, into bench/results/."""
     with cluster(100, backplane) as running:
         config = {"url": running.url, "clients": clients, "rooms": rooms,
                   "publishes_per_second": rate, "timeout": KILL_TIMEOUT_SECONDS,
-                  "backoff_base_ms": backoff_ms, "backoff_cap_ms": 2000}  # fmt: skip
+                  "backoff_base_ms": backoff_ms, "backoff_cap_ms": 2000,
+                  "split": "killed" if all_on_killed else "even"}  # fmt: skip
         process = subprocess.Popen(
             ["node", str(HERE / "recover.mjs"), json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -239,7 +253,7 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return float(statistics.median(values))
 
     return {
-        "victims": median("victims"),
+        "clients / victims (medians)": [median("clients"), median("victims")],
         "recovered true / false / not rejoined (sums)": [
             sum(run["recovered_true"] for run in runs),
             sum(run["recovered_false"] for run in runs),
@@ -250,6 +264,17 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "recovery ms p50 / p99 / max": [median("recovery_ms", "p50"),
                                          median("recovery_ms", "p99"),
                                          median("recovery_ms", "max")],
+        "recovery ms p50 / p99 / max, per run": [
+            [run["recovery_ms"][key] for key in ("p50", "p99", "max")] for run in runs
+        ],
+        "landed on the survivor / the restarted worker, per run": [
+            [run["landed_on"][where]["clients"] for where in ("survivor", "restarted")]
+            for run in runs
+        ],
+        "recovery ms p50 on the survivor / the restarted worker, per run": [
+            [run["landed_on"][where]["recovery_ms"]["p50"] for where in ("survivor", "restarted")]
+            for run in runs
+        ],
         "close seen ms p50 / p99": [median("close_seen_ms", "p50"),
                                     median("close_seen_ms", "p99")],
         "closed to new attempt ms p50 / p99": [median("closed_to_attempt_ms", "p50"),
@@ -271,6 +296,11 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "loadgen CPU % / lag p99 ms / lag max ms": [median("loadgen_cpu_percent"),
                                                     median("loadgen_lag_p99_ms"),
                                                     median("loadgen_lag_max_ms")],
+        "loadgen CPU % / lag p99 ms / lag max ms, per run": [
+            [run[key] for key in ("loadgen_cpu_percent", "loadgen_lag_p99_ms",
+                                  "loadgen_lag_max_ms")]
+            for run in runs
+        ],
     }  # fmt: skip
 
 
@@ -289,7 +319,18 @@ def main() -> None:
         default=DEFAULT_PROCESSES,
         help=f"rate: Node processes sharing the clients (default {DEFAULT_PROCESSES})",
     )
-    parser.add_argument("--clients", type=int, default=2000, help="kill: members")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=2000,
+        help="kill: members (half on each worker, or all on the killed one: --all-on-killed)",
+    )
+    parser.add_argument(
+        "--all-on-killed",
+        action="store_true",
+        help="kill: every member on the worker killed, the publisher alone on the other, so "
+        "that all --clients recover",
+    )
     parser.add_argument("--rooms", type=int, default=20, help="kill: rooms")
     parser.add_argument("--publishes", type=int, default=200,
                         help="kill: publishes a second, over all rooms")  # fmt: skip
@@ -319,11 +360,18 @@ def main() -> None:
             for backoff in backoffs:  # interleaved
                 print(f"run {number + 1} of {args.runs}, backoff {backoff} ms", file=sys.stderr)
                 result = kill_run(
-                    args.backplane, args.clients, args.rooms, args.publishes, backoff, args.profile
+                    args.backplane,
+                    args.clients,
+                    args.rooms,
+                    args.publishes,
+                    backoff,
+                    args.profile,
+                    args.all_on_killed,
                 )
                 print("  " + json.dumps({key: result[key] for key in (
-                    "recovered_true", "recovered_false", "not_rejoined", "recovery_ms",
-                    "loadgen_cpu_percent", "loadgen_lag_p99_ms")}), file=sys.stderr)  # fmt: skip
+                    "victims", "recovered_true", "recovered_false", "not_rejoined", "gaps",
+                    "duplicates", "recovery_ms", "loadgen_cpu_percent", "loadgen_lag_p99_ms",
+                    "loadgen_lag_max_ms")}), file=sys.stderr)  # fmt: skip
                 by_backoff[backoff].append(result)
                 runs.append(result)
         summary = {backoff: kill_summary(results) for backoff, results in by_backoff.items()}

@@ -6,11 +6,14 @@
 //                      "publishes_per_second": 200, "timeout": 30, "backoff_base_ms": 500,
 //                      "backoff_cap_ms": 2000}'
 //
-// `clients` members of `rooms` rooms, half on each of two workers, and a publisher on one of
-// them; it prints {"event": "ready", "victim_pid": P}, reads the time the orchestrator killed
-// worker P (a JSON line on stdin), prints {"event": "recovered"} once each of that worker's
-// clients has reconnected, rejoined with `since` and received the first message it missed (or
-// the timeout passed), and then its result, one JSON line with our CPU and event-loop lag.
+// `clients` members of `rooms` rooms and a publisher on one of two workers; the members are half
+// on each worker (`"split": "even"`, the default) or all on the worker without the publisher
+// (`"split": "killed"`: every member is one of the killed worker's clients, and this process
+// holds no more connections than the clients that recover). It prints {"event": "ready",
+// "victim_pid": P}, reads the time the orchestrator killed worker P (a JSON line on stdin),
+// prints {"event": "recovered"} once each of that worker's clients has reconnected, rejoined
+// with `since` and received the first message it missed (or the timeout passed), and then its
+// result, one JSON line with our CPU and event-loop lag.
 //
 // Unlike loadgen.mjs, which measures steady fan-out and never parses a delivery, these clients
 // parse every frame: they must follow each room's epoch and offsets to ask for what they missed.
@@ -21,6 +24,8 @@ import { createInterface } from "node:readline";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 
 const config = JSON.parse(process.argv[2]);
+const SPLIT = config.split ?? "even";
+if (!["even", "killed"].includes(SPLIT)) throw new Error(`unknown split: ${SPLIT}`);
 // Handshakes in flight at once: enough to connect thousands of clients in seconds without a
 // burst that overflows the server's accept backlog.
 const CONNECT_CONCURRENCY = 200;
@@ -188,12 +193,21 @@ function openPublisher() {
   });
 }
 
-// Members, half on each worker, in `rooms` rooms with as many members of each room on each
-// worker. A connection landing on a worker that has its half is closed and another opened (the
-// kernel spreads new connections over the workers' listening sockets unevenly).
-async function openBalanced(count, rooms) {
+// Members in `rooms` rooms, as many of each room on each worker that has members: half on each
+// worker (SPLIT "even"), or all on the worker other than the publisher's (SPLIT "killed"). The
+// kernel gives each new connection to one worker's listening socket by a hash of its addresses,
+// so a connection landing on a worker that has its share, or on the publisher's with "killed",
+// is closed and another opened; with "killed", about one in two connections is kept.
+async function openMembers(count, rooms, publisherPid) {
   const members = [];
   const perPid = new Map();
+  const wanted = (pid) => {
+    const have = perPid.get(pid) ?? 0;
+    if (SPLIT === "killed") {
+      return pid !== publisherPid && (perPid.size === 0 || perPid.has(pid)) && have < count;
+    }
+    return have < count / 2 && (perPid.size < 2 || perPid.has(pid));
+  };
   let opened = 0;
   while (members.length < count) {
     if (opened > count * 20) throw new Error(`unbalanced: ${JSON.stringify([...perPid])}`);
@@ -203,12 +217,12 @@ async function openBalanced(count, rooms) {
     await Promise.all(batch.map((member) => member.open()));
     const joins = [];
     for (const member of batch) {
-      const have = perPid.get(member.pid) ?? 0;
-      if (have >= count / 2 || (perPid.size === 2 && !perPid.has(member.pid))) {
+      if (!wanted(member.pid)) {
         member.discarded = true;
         member.ws.terminate();
         continue;
       }
+      const have = perPid.get(member.pid) ?? 0;
       perPid.set(member.pid, have + 1);
       member.room = `room-${have % rooms}`;
       joins.push(new Promise((resolve) => { member.onJoined = resolve; }));
@@ -218,7 +232,7 @@ async function openBalanced(count, rooms) {
     await Promise.all(joins);
     for (const member of members) member.onJoined = () => {};
   }
-  return { members, perPid };
+  return { members, perPid, opened };
 }
 
 function spread(values) {
@@ -232,14 +246,16 @@ function spread(values) {
 async function recover() {
   const { clients: count, rooms, publishes_per_second: rate, timeout } = config;
   const publisher = await openPublisher();
-  const { members, perPid } = await openBalanced(count, rooms);
+  const { members, perPid, opened } = await openMembers(count, rooms, publisher.pid);
   const victimPid = [...perPid.keys()].find((pid) => pid !== publisher.pid);
-  if (perPid.size !== 2 || victimPid === undefined) {
-    throw new Error(`expected two workers, one with the publisher: ${JSON.stringify([...perPid])}`);
+  if (perPid.size !== (SPLIT === "even" ? 2 : 1) || victimPid === undefined) {
+    throw new Error(`expected members on ${SPLIT === "even" ? "two workers, one" : "a worker"}`
+      + ` other than the publisher's (${publisher.pid}): ${JSON.stringify([...perPid])}`);
   }
   const victims = members.filter((member) => member.pid === victimPid);
   for (const member of victims) member.victim = true;
-  log(`${count} members ready (${JSON.stringify([...perPid])}); publisher on ${publisher.pid}`);
+  log(`${count} members ready (${JSON.stringify([...perPid])}, ${opened} connections opened);`
+    + ` publisher on ${publisher.pid}`);
 
   // A steady publisher: `rate` publishes a second over all rooms, in room order.
   let sent = 0;
@@ -287,7 +303,9 @@ async function recover() {
   }
   return {
     mode: "recover",
+    split: SPLIT,
     clients: count,
+    setup_connections: opened,
     rooms,
     publishes_per_second: rate,
     backoff_base_ms: config.backoff_base_ms,

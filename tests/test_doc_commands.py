@@ -259,6 +259,11 @@ NOT_RUN_HERE: dict[str, tuple[str, str]] = {
     "python history_bench.py rate": (BENCHMARK, "bench/history_bench.py"),
     "python history_bench.py kill": (BENCHMARK, "bench/history_bench.py"),
     "python history_bench.py kill --backplane redis": (BENCHMARK, "bench/history_bench.py"),
+    "python history_bench.py kill --all-on-killed": (BENCHMARK, "bench/history_bench.py"),
+    "python history_bench.py kill --all-on-killed --backplane redis": (
+        BENCHMARK,
+        "bench/history_bench.py",
+    ),
     "python compare.py --report FILE": (BENCHMARK, "bench/compare.py"),
     "python bench/flood_bench.py": (BENCHMARK, "bench/flood_bench.py"),
     "python bench/slow_clients.py": (BENCHMARK, "bench/slow_clients.py"),
