@@ -302,6 +302,10 @@ async def test_history_with_and_without_since_and_limit(server: Server) -> None:
         assert [m["offset"] for m in rest["messages"]] == [3, 4, 5, 6]
         where = await alice.request({"type": "history", "room": room, "limit": 0})
         assert (where["messages"], where["offset"]) == ([], 6)
+        # null is the same as absent, for limit as for since and id.
+        nulls = {"since": None, "limit": None}
+        unlimited = await alice.request({"type": "history", "room": room, **nulls})
+        assert unlimited["messages"] == everything["messages"]
         # Reading the history is not joining: nothing arrives for this room.
         await alice.request({"type": "ping"})
         for bad in ({"limit": -1}, {"limit": 1001}, {"limit": "3"}, {"since": {"epoch": "x"}}):
