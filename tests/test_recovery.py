@@ -24,10 +24,11 @@ from tests.helpers import (
     RedisServer,
     Relay,
     free_port,
+    redis_call,
     trio_fanout_command,
 )
 from tests.test_proxy_restart import start_proxy
-from trio_fanout import Config, Emitter, Hooks, Worker, serve
+from trio_fanout import Config, Emitter, Hooks, SyncEmitter, Worker, envelope, serve
 from trio_fanout.backplane import (
     Backplane,
     BackplaneUnavailable,
@@ -326,6 +327,62 @@ async def test_emitter_publishes_get_offsets(server: Server) -> None:
         await emitter.broadcast("to all")
         frame = await alice.next_frame()
         assert frame == {"type": "message", "data": "to all"}  # no room, no offset
+
+
+# A cluster's retention larger than the defaults (100 messages, 300 s) that emitters have.
+CLUSTER_HISTORY_SIZE, CLUSTER_HISTORY_TTL = 300, 1000
+
+
+@pytest.mark.parametrize("backplane", ["zmq", "redis"])
+async def test_an_emitter_left_at_the_defaults_keeps_the_clusters_retention(
+    backplane: str, request: pytest.FixtureRequest
+) -> None:
+    """An emitter, ``trio-fanout publish`` and a ``SyncEmitter`` given no history settings
+    publish to a room of a cluster that keeps 300 messages for 1000 s: the room still keeps 300
+    (a client recovers 150 missed messages) and, on Redis, its keys still live 1000 s."""
+    redis: RedisServer | None = None
+    options = ["--history-size", str(CLUSTER_HISTORY_SIZE)]
+    options += ["--history-ttl", str(CLUSTER_HISTORY_TTL)]
+    if backplane == "redis":
+        redis = request.getfixturevalue("redis_server")
+        options += ["--backplane", redis.url]
+    cluster = ClusterProcess("--workers", "2", *options)
+    try:
+        cluster.wait_for_workers(2)
+        room = fresh_room("retention")
+        async with member(cluster.url) as alice:
+            epoch = (await alice.join(room))["epoch"]
+            for number in range(150):
+                await alice.publish(room, number)
+            async with open_emitter(cluster.backplane_url) as emitter:
+                assert await emitter.publish(room, "emitter") == 151
+            command = trio_fanout_command("publish", "--backplane", cluster.backplane_url)
+            with trio.fail_after(START_TIMEOUT):
+                done = await trio.run_process([*command, room, '"cli"'], capture_stdout=True)
+            assert b"at offset 152" in done.stdout
+
+            def publish_in_a_thread() -> int:
+                with SyncEmitter(cluster.backplane_url) as sync_emitter:
+                    return sync_emitter.publish(room, "sync")
+
+            with trio.fail_after(START_TIMEOUT):
+                assert await trio.to_thread.run_sync(publish_in_a_thread) == 153
+            kept = await alice.request({"type": "history", "room": room, "limit": 1000})
+            assert [m["offset"] for m in kept["messages"]] == list(range(1, 154))
+        async with member(cluster.url) as bob:
+            rejoined = await bob.join(room, {"epoch": epoch, "offset": 2})
+            assert rejoined["recovered"] is True, rejoined
+            expected = [(n + 1, n) for n in range(2, 150)]
+            expected += [(151, "emitter"), (152, "cli"), (153, "sync")]
+            assert await bob.messages(151) == expected
+        if redis is not None:
+            hex_topic = envelope.room_topic(room).hex().encode()
+            for kind in (b"meta", b"stream"):
+                key = b"trio-fanout:{%s}:%s" % (hex_topic, kind)
+                ttl_ms = await redis_call(redis.port, b"PTTL", key)
+                assert 900_000 < ttl_ms <= CLUSTER_HISTORY_TTL * 1000, (key, ttl_ms)
+    finally:
+        cluster.stop()
 
 
 @asynccontextmanager
