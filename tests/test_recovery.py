@@ -120,6 +120,11 @@ class Member:
         offset: int = ack["offset"]
         return offset
 
+    @property
+    def unread(self) -> int:
+        """How many frames without id came before the last reply and are still to be read."""
+        return len(self._unread)
+
     async def next_frame(self) -> Frame:
         if self._unread:
             return self._unread.popleft()
@@ -249,6 +254,57 @@ async def test_the_seam_between_history_and_live_loses_and_repeats_nothing(
             nursery.cancel_scope.cancel()
         assert checked >= rounds * 20
         assert watched[: latest[0]] == list(range(1, latest[0] + 1))
+
+
+async def test_a_member_that_rejoins_with_since_gets_it_again_and_its_live_stream_goes_on(
+    server: Server,
+) -> None:
+    """A member's join with ``since`` on a busy room: what came after ``since`` is sent again,
+    in order, right after ``joined`` (recovered), and the live messages follow it with no gap
+    and no repeat; a ``since`` that cannot be recovered sends nothing old, and the member's
+    live stream goes on where it stood, losing nothing."""
+    room, rounds = fresh_room("rejoin"), 20
+    latest = [0]
+    async with member(server.url) as publisher, member(server.url) as alice:
+        epoch = (await alice.join(room))["epoch"]
+
+        async def publish_steadily() -> None:
+            for _ in range(1_000_000):
+                # Each message's data is its own offset: the next one, as nobody else publishes.
+                offset = await publisher.publish(room, latest[0] + 1)
+                assert offset == latest[0] + 1
+                latest[0] = offset
+                await trio.sleep(0.001)
+
+        expected = 1  # the offset alice's stream must deliver next
+
+        async def read(count: int) -> None:
+            nonlocal expected
+            for offset, data in await alice.messages(count):
+                assert (offset, data) == (expected, expected), f"expected {expected}"
+                expected += 1
+
+        repeated = 0
+        async with trio.open_nursery() as publishing:
+            publishing.start_soon(publish_steadily)
+            for round_number in range(rounds):
+                await read(10)
+                since = max(0, expected - 1 - round_number % 7)
+                joined = await alice.join(room, {"epoch": epoch, "offset": since})
+                await read(alice.unread)  # live ones that came before the answer
+                assert joined["recovered"] is True, joined
+                assert (joined["epoch"], joined["offset"] >= expected - 1) == (epoch, True)
+                repeated += expected - 1 - since
+                expected = since + 1  # sent again from there, then live with no gap
+            await read(10)
+            # Unrecoverable (an epoch the room never had): nothing old, and nothing lost.
+            joined = await alice.join(room, {"epoch": "0123456789abcdef", "offset": 3})
+            await read(alice.unread)
+            assert joined["recovered"] is False, joined
+            assert (joined["epoch"], joined["offset"]) == (epoch, expected - 1)
+            await read(20)
+            publishing.cancel_scope.cancel()
+        assert repeated > rounds
 
 
 async def test_a_since_beyond_the_history_or_of_another_epoch_is_not_recovered(
@@ -526,6 +582,77 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
     listener.close()
 
 
+class RefusableHistory(HeldHistory):
+    """:class:`HeldHistory` whose held read can be refused, as by a backplane gone meanwhile."""
+
+    def __init__(self, inner: Backplane) -> None:
+        super().__init__(inner)
+        self.refuse = False
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        answer = await super().history(topic, since, limit)
+        if self.refuse:
+            raise BackplaneUnavailable("refused for the test")
+        return answer
+
+
+@pytest.mark.parametrize("outcome", ["unrecoverable", "refused"])
+async def test_a_member_whose_rejoin_recovers_nothing_loses_nothing_of_its_live_stream(
+    outcome: str,
+) -> None:
+    """A member rejoins with a ``since`` of another epoch, or its rejoin's history read is
+    refused, while messages arrive: they were held back during the read, and follow in order
+    (after ``joined`` with ``recovered: false`` where its stream stood; before the error)."""
+    room = fresh_room()
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(f"memory://refusable-{os.getpid()}-{next(_rooms)}") as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = RefusableHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as alice, member(url) as watcher:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            for number in range(1, 6):
+                await emitter.publish(room, number)
+            assert await alice.messages(5) == [(n, n) for n in range(1, 6)]
+            assert len(await watcher.messages(5)) == 5
+            backplane.gate = gate = trio.Event()
+            backplane.refuse = outcome == "refused"
+            since = {"epoch": "0123456789abcdef", "offset": 3}
+            await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            for number in range(6, 16):
+                await emitter.publish(room, number)
+            # Through the worker's fan-out: held back for alice by now.
+            assert len(await watcher.messages(10)) == 10
+            gate.set()
+            if outcome == "refused":
+                # Still a member, as if it had not asked: the live messages, then the refusal.
+                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+                error = await alice.next_frame()
+                assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
+            else:
+                joined = await alice.next_frame()
+                assert (joined["type"], joined["recovered"]) == ("joined", False), joined
+                assert (joined["epoch"], joined["offset"]) == (epoch, 5)  # where it stood
+                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+            backplane.gate = None
+            assert await emitter.publish(room, "next") == 16
+            assert await alice.messages(1) == [(16, "next")]
+            # Still a member, once: a plain join answers where it stands.
+            assert (await alice.join(room))["offset"] == 16
+        worker.stop()
+    listener.close()
+
+
 class LossySubscription(HeldHistory):
     """A memory backplane (with the history reads of :class:`HeldHistory`) whose subscriber
     loses the next ``lose(count)`` room messages, as a worker does while its link to Redis or
@@ -791,20 +918,31 @@ async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_
         sequencer.process.stop()
 
 
-async def test_a_join_of_a_room_already_joined_sends_nothing_old() -> None:
+async def test_a_join_of_a_room_already_joined_sends_what_since_asks_for_again() -> None:
     room = fresh_room()
-    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+    async with worker_in_process(HistoryPolicy(size=3)) as (url, _), member(url) as alice:
         first = await alice.join(room)
-        await alice.publish(room, "one")
-        await alice.publish(room, "two")
-        assert await alice.messages(2) == [(1, "one"), (2, "two")]
-        where = {"epoch": first["epoch"], "offset": 2}
-        again = await alice.join(room, where)
-        assert (again["offset"], again["recovered"]) == (2, True)
-        behind = await alice.join(room, {"epoch": first["epoch"], "offset": 0})
-        assert (behind["offset"], behind["recovered"]) == (2, False)
-        await alice.publish(room, "three")
-        assert await alice.messages(1) == [(3, "three")]  # still a member, once
+        epoch = first["epoch"]
+        for data in ("one", "two", "three", "four"):
+            await alice.publish(room, data)
+        assert await alice.messages(4) == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
+        # Without since: where the room stands, nothing else.
+        plain = await alice.join(room)
+        assert (plain["offset"], "recovered" in plain) == (4, False)
+        # Where it stands: recovered, and nothing to send again.
+        again = await alice.join(room, {"epoch": epoch, "offset": 4})
+        assert (again["offset"], again["recovered"]) == (4, True)
+        # Further back, within what is kept: sent again, in order.
+        behind = await alice.join(room, {"epoch": epoch, "offset": 1})
+        assert (behind["offset"], behind["recovered"]) == (4, True)
+        assert await alice.messages(3) == [(2, "two"), (3, "three"), (4, "four")]
+        # Older than what is kept, or of another epoch: nothing old, where it stands.
+        for since in ({"epoch": epoch, "offset": 0}, {"epoch": "0123456789abcdef", "offset": 4}):
+            lost = await alice.join(room, since)
+            assert (lost["epoch"], lost["offset"], lost["recovered"]) == (epoch, 4, False)
+        await alice.publish(room, "five")
+        assert await alice.messages(1) == [(5, "five")]  # still a member, once
+        assert alice.unread == 0
 
 
 async def test_history_is_subject_to_the_authorize_join_hook() -> None:
