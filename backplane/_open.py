@@ -161,10 +161,12 @@ async def open_backplane(
     """Open the backend that ``url`` names; it is closed when the ``async with`` block ends.
 
     ``history`` (default: ``HistoryPolicy()``) is what the topics' sequencer keeps for memory://
-    (the first backplane to open a name sets it) and redis:// (applied at each append). A zmq://
-    backplane ignores it: its sequencer is the proxy, which applies the policy it was started
-    with. ``credentials`` names the files of the secrets: the Redis password (which the URL
-    must not carry then), or CURVE keys for zmq://. Raises :class:`BadCredentials` when a file
+    (the first backplane to open a name sets it) and redis:// (applied at each append, and
+    recorded with the topic; without it, a redis:// backplane applies the policy recorded for
+    the topic, so that an emitter never changes what the workers keep). A zmq:// backplane
+    ignores it: its sequencer is the proxy, which applies the policy it was started with.
+    ``credentials`` names the files of the secrets: the Redis password (which the URL must not
+    carry then), or CURVE keys for zmq://. Raises :class:`BadCredentials` when a file
     cannot be read or does not hold what it should.
     """
     address = parse_backplane_url(url)

@@ -7,13 +7,21 @@ can never be given the same offset or deliver in another order than they were nu
 A topic's keys share one hash slot (the ``{…}`` hash tag of Redis Cluster), so that a script
 may touch both:
 
-- ``trio-fanout:{HEX}:meta``: a hash, ``e`` the epoch and ``o`` the latest offset;
+- ``trio-fanout:{HEX}:meta``: a hash, ``e`` the epoch and ``o`` the latest offset, and ``s``
+  and ``t`` the topic's retention (size, and ttl in ms) where a cluster's worker recorded it;
 - ``trio-fanout:{HEX}:stream``: a stream of the kept payloads (field ``p``), entry ids
-  ``OFFSET-0``, capped at the policy's size.
+  ``OFFSET-0``, capped at the retention's size.
 
 HEX is the topic in hexadecimal (topics are any bytes). Both keys expire ``ttl`` after the
 topic's last append; once the meta hash is gone, the next append starts a new epoch (the
 client passes a fresh random one in, for Redis has no good randomness to offer a script).
+
+The retention is the cluster's, not each caller's. A backplane opened with a history policy (a
+worker's) runs the scripts in mode ``set``: its policy applies and is recorded in the meta
+hash, at each append and each history read. One opened without (an emitter's, or
+``trio-fanout publish``) runs them in mode ``follow``: the retention recorded for the topic
+applies, and its own policy (the defaults) only where none is recorded. So an emitter that was
+not given the cluster's values cannot shorten a room's history or its ttl.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ KEY_PREFIX = b"trio-fanout:"
 PLAIN = b"\x00"
 NUMBERED = b"\x01"
 
-# KEYS: meta, stream. ARGV: payload, size, ttl in ms, channel, a fresh epoch.
-# Returns {epoch, offset}.
+# KEYS: meta, stream. ARGV: payload, size, ttl in ms, channel, a fresh epoch, mode ("set" or
+# "follow", see above). Returns {epoch, offset}.
 APPEND = b"""
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -37,20 +45,28 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch)
 end
+local size, ttl = ARGV[2], ARGV[3]
+if ARGV[6] == 'set' then
+  redis.call('HSET', KEYS[1], 's', size, 't', ttl)
+else
+  local recorded = redis.call('HMGET', KEYS[1], 's', 't')
+  if recorded[1] and recorded[2] then size, ttl = recorded[1], recorded[2] end
+end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-local size = tonumber(ARGV[2])
+size = tonumber(size)
 if size > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'p', ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ttl)
 else
   redis.call('DEL', KEYS[2])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PUBLISH', ARGV[4], '\\1' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
 return {epoch, offset}
 """
 
-# KEYS: meta, stream. ARGV: a fresh epoch, ttl in ms, mode, count, since offset, since epoch.
+# KEYS: meta, stream. ARGV: a fresh epoch, ttl in ms, mode, count, since offset, since epoch,
+# size, retention mode ("set" or "follow", see above).
 # mode "newest": the newest COUNT kept payloads (COUNT -1: all); "after": the first COUNT
 # (-1: all) after the since offset, if since is of this epoch and within what is kept.
 # Returns {epoch, latest offset, first kept offset, offset of the first payload, payload...}.
@@ -61,6 +77,9 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if ARGV[8] == 'set' then
+  redis.call('HSET', KEYS[1], 's', ARGV[7], 't', ARGV[2])
 end
 local latest = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)

@@ -348,6 +348,9 @@ async def _next_reply(stream: trio.abc.Stream, reader: hiredis.Reader) -> Any:
 class RedisBackplane(Backplane):
     def __init__(self, address: BackplaneAddress, history: HistoryPolicy | None = None) -> None:
         self._history = history or HistoryPolicy()
+        # Given a policy (a worker's), this backplane sets and records the topics' retention;
+        # without (an emitter's), it follows the one recorded (backplane._redis_scripts).
+        self._retention_mode = b"follow" if history is None else b"set"
         self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
         self._unknown_messages = 0
         self._replies: deque[_Reply] = deque()
@@ -400,7 +403,7 @@ class RedisBackplane(Backplane):
         meta, stream = topic_keys(topic)
         arguments = (
             meta, stream, payload, b"%d" % policy.size, _milliseconds(policy.ttl), topic,
-            new_epoch().encode(),
+            new_epoch().encode(), self._retention_mode,
         )  # fmt: skip
         reply = await self._run_script(APPEND_SHA, APPEND, arguments)
         try:
@@ -421,7 +424,7 @@ class RedisBackplane(Backplane):
         since_epoch = b"" if since is None else since.epoch.encode()
         arguments = (
             meta, stream, new_epoch().encode(), _milliseconds(self._history.ttl), mode, count,
-            since_offset, since_epoch,
+            since_offset, since_epoch, b"%d" % self._history.size, self._retention_mode,
         )  # fmt: skip
         reply = await self._run_script(HISTORY_SHA, HISTORY, arguments)
         try:
@@ -641,7 +644,8 @@ async def open_redis_backplane(
     address: BackplaneAddress, history: HistoryPolicy | None = None
 ) -> AsyncIterator[RedisBackplane]:
     """Connect to Redis; return once both links are ready (or raise within CONNECT_TIMEOUT).
-    ``history`` is the policy this backplane's appends apply."""
+    ``history`` is the policy this backplane's appends apply and record for each topic; without
+    it, they apply the policy recorded for the topic, or the default policy where none is."""
     backplane = RedisBackplane(address, history)
     with unwrap_single_errors():
         async with trio.open_nursery() as nursery:

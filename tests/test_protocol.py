@@ -78,6 +78,11 @@ def refused(payload: bytes, *, is_text: bool = True) -> RequestError:
             HistoryRequest("r", 2, Since("e", 3), 0),
         ),
         ({"type": "history", "room": "r", "limit": 1000}, HistoryRequest("r", limit=1000)),
+        # null is the same as absent, for limit as for id and since
+        (
+            {"type": "history", "room": "r", "id": None, "since": None, "limit": None},
+            HistoryRequest("r", limit=100),
+        ),
     ],
 )
 def test_accepted(obj: dict[str, Any], expected: protocol.Request) -> None:
@@ -452,7 +457,7 @@ def test_a_malformed_since_is_a_bad_frame(kind: str, extra: dict[str, Any]) -> N
     assert (error.code, error.request_id) == (protocol.BAD_FRAME, 4)
 
 
-@pytest.mark.parametrize("limit", [-1, 1001, 2.0, "3", True, None])
+@pytest.mark.parametrize("limit", [-1, 1001, 2.0, "3", True, False, [], {}])
 def test_a_limit_outside_0_to_1000_is_a_bad_frame(limit: object) -> None:
     error = refused(frame({"type": "history", "room": "r", "id": 5, "limit": limit}))
     assert (error.code, error.request_id) == (protocol.BAD_FRAME, 5)

@@ -24,10 +24,11 @@ from tests.helpers import (
     RedisServer,
     Relay,
     free_port,
+    redis_call,
     trio_fanout_command,
 )
 from tests.test_proxy_restart import start_proxy
-from trio_fanout import Config, Emitter, Hooks, Worker, serve
+from trio_fanout import Config, Emitter, Hooks, SyncEmitter, Worker, envelope, serve
 from trio_fanout.backplane import (
     Backplane,
     BackplaneUnavailable,
@@ -118,6 +119,11 @@ class Member:
         assert ack["type"] == "ack", ack
         offset: int = ack["offset"]
         return offset
+
+    @property
+    def unread(self) -> int:
+        """How many frames without id came before the last reply and are still to be read."""
+        return len(self._unread)
 
     async def next_frame(self) -> Frame:
         if self._unread:
@@ -250,6 +256,57 @@ async def test_the_seam_between_history_and_live_loses_and_repeats_nothing(
         assert watched[: latest[0]] == list(range(1, latest[0] + 1))
 
 
+async def test_a_member_that_rejoins_with_since_gets_it_again_and_its_live_stream_goes_on(
+    server: Server,
+) -> None:
+    """A member's join with ``since`` on a busy room: what came after ``since`` is sent again,
+    in order, right after ``joined`` (recovered), and the live messages follow it with no gap
+    and no repeat; a ``since`` that cannot be recovered sends nothing old, and the member's
+    live stream goes on where it stood, losing nothing."""
+    room, rounds = fresh_room("rejoin"), 20
+    latest = [0]
+    async with member(server.url) as publisher, member(server.url) as alice:
+        epoch = (await alice.join(room))["epoch"]
+
+        async def publish_steadily() -> None:
+            for _ in range(1_000_000):
+                # Each message's data is its own offset: the next one, as nobody else publishes.
+                offset = await publisher.publish(room, latest[0] + 1)
+                assert offset == latest[0] + 1
+                latest[0] = offset
+                await trio.sleep(0.001)
+
+        expected = 1  # the offset alice's stream must deliver next
+
+        async def read(count: int) -> None:
+            nonlocal expected
+            for offset, data in await alice.messages(count):
+                assert (offset, data) == (expected, expected), f"expected {expected}"
+                expected += 1
+
+        repeated = 0
+        async with trio.open_nursery() as publishing:
+            publishing.start_soon(publish_steadily)
+            for round_number in range(rounds):
+                await read(10)
+                since = max(0, expected - 1 - round_number % 7)
+                joined = await alice.join(room, {"epoch": epoch, "offset": since})
+                await read(alice.unread)  # live ones that came before the answer
+                assert joined["recovered"] is True, joined
+                assert (joined["epoch"], joined["offset"] >= expected - 1) == (epoch, True)
+                repeated += expected - 1 - since
+                expected = since + 1  # sent again from there, then live with no gap
+            await read(10)
+            # Unrecoverable (an epoch the room never had): nothing old, and nothing lost.
+            joined = await alice.join(room, {"epoch": "0123456789abcdef", "offset": 3})
+            await read(alice.unread)
+            assert joined["recovered"] is False, joined
+            assert (joined["epoch"], joined["offset"]) == (epoch, expected - 1)
+            await read(20)
+            publishing.cancel_scope.cancel()
+        assert repeated > rounds
+
+
 async def test_a_since_beyond_the_history_or_of_another_epoch_is_not_recovered(
     server: Server,
 ) -> None:
@@ -302,6 +359,10 @@ async def test_history_with_and_without_since_and_limit(server: Server) -> None:
         assert [m["offset"] for m in rest["messages"]] == [3, 4, 5, 6]
         where = await alice.request({"type": "history", "room": room, "limit": 0})
         assert (where["messages"], where["offset"]) == ([], 6)
+        # null is the same as absent, for limit as for since and id.
+        nulls = {"since": None, "limit": None}
+        unlimited = await alice.request({"type": "history", "room": room, **nulls})
+        assert unlimited["messages"] == everything["messages"]
         # Reading the history is not joining: nothing arrives for this room.
         await alice.request({"type": "ping"})
         for bad in ({"limit": -1}, {"limit": 1001}, {"limit": "3"}, {"since": {"epoch": "x"}}):
@@ -322,6 +383,62 @@ async def test_emitter_publishes_get_offsets(server: Server) -> None:
         await emitter.broadcast("to all")
         frame = await alice.next_frame()
         assert frame == {"type": "message", "data": "to all"}  # no room, no offset
+
+
+# A cluster's retention larger than the defaults (100 messages, 300 s) that emitters have.
+CLUSTER_HISTORY_SIZE, CLUSTER_HISTORY_TTL = 300, 1000
+
+
+@pytest.mark.parametrize("backplane", ["zmq", "redis"])
+async def test_an_emitter_left_at_the_defaults_keeps_the_clusters_retention(
+    backplane: str, request: pytest.FixtureRequest
+) -> None:
+    """An emitter, ``trio-fanout publish`` and a ``SyncEmitter`` given no history settings
+    publish to a room of a cluster that keeps 300 messages for 1000 s: the room still keeps 300
+    (a client recovers 150 missed messages) and, on Redis, its keys still live 1000 s."""
+    redis: RedisServer | None = None
+    options = ["--history-size", str(CLUSTER_HISTORY_SIZE)]
+    options += ["--history-ttl", str(CLUSTER_HISTORY_TTL)]
+    if backplane == "redis":
+        redis = request.getfixturevalue("redis_server")
+        options += ["--backplane", redis.url]
+    cluster = ClusterProcess("--workers", "2", *options)
+    try:
+        cluster.wait_for_workers(2)
+        room = fresh_room("retention")
+        async with member(cluster.url) as alice:
+            epoch = (await alice.join(room))["epoch"]
+            for number in range(150):
+                await alice.publish(room, number)
+            async with open_emitter(cluster.backplane_url) as emitter:
+                assert await emitter.publish(room, "emitter") == 151
+            command = trio_fanout_command("publish", "--backplane", cluster.backplane_url)
+            with trio.fail_after(START_TIMEOUT):
+                done = await trio.run_process([*command, room, '"cli"'], capture_stdout=True)
+            assert b"at offset 152" in done.stdout
+
+            def publish_in_a_thread() -> int:
+                with SyncEmitter(cluster.backplane_url) as sync_emitter:
+                    return sync_emitter.publish(room, "sync")
+
+            with trio.fail_after(START_TIMEOUT):
+                assert await trio.to_thread.run_sync(publish_in_a_thread) == 153
+            kept = await alice.request({"type": "history", "room": room, "limit": 1000})
+            assert [m["offset"] for m in kept["messages"]] == list(range(1, 154))
+        async with member(cluster.url) as bob:
+            rejoined = await bob.join(room, {"epoch": epoch, "offset": 2})
+            assert rejoined["recovered"] is True, rejoined
+            expected = [(n + 1, n) for n in range(2, 150)]
+            expected += [(151, "emitter"), (152, "cli"), (153, "sync")]
+            assert await bob.messages(151) == expected
+        if redis is not None:
+            hex_topic = envelope.room_topic(room).hex().encode()
+            for kind in (b"meta", b"stream"):
+                key = b"trio-fanout:{%s}:%s" % (hex_topic, kind)
+                ttl_ms = await redis_call(redis.port, b"PTTL", key)
+                assert 900_000 < ttl_ms <= CLUSTER_HISTORY_TTL * 1000, (key, ttl_ms)
+    finally:
+        cluster.stop()
 
 
 @asynccontextmanager
@@ -461,6 +578,77 @@ async def test_live_messages_during_a_slow_history_read_follow_it_up_to_a_bound(
                 assert joined["offset"] == latest
             assert await emitter.publish(room, "next") == latest + 1
             assert await joiner.messages(1) == [(latest + 1, "next")]
+        worker.stop()
+    listener.close()
+
+
+class RefusableHistory(HeldHistory):
+    """:class:`HeldHistory` whose held read can be refused, as by a backplane gone meanwhile."""
+
+    def __init__(self, inner: Backplane) -> None:
+        super().__init__(inner)
+        self.refuse = False
+
+    async def history(
+        self, topic: bytes, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        answer = await super().history(topic, since, limit)
+        if self.refuse:
+            raise BackplaneUnavailable("refused for the test")
+        return answer
+
+
+@pytest.mark.parametrize("outcome", ["unrecoverable", "refused"])
+async def test_a_member_whose_rejoin_recovers_nothing_loses_nothing_of_its_live_stream(
+    outcome: str,
+) -> None:
+    """A member rejoins with a ``since`` of another epoch, or its rejoin's history read is
+    refused, while messages arrive: they were held back during the read, and follow in order
+    (after ``joined`` with ``recovered: false`` where its stream stood; before the error)."""
+    room = fresh_room()
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(f"memory://refusable-{os.getpid()}-{next(_rooms)}") as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = RefusableHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as alice, member(url) as watcher:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            for number in range(1, 6):
+                await emitter.publish(room, number)
+            assert await alice.messages(5) == [(n, n) for n in range(1, 6)]
+            assert len(await watcher.messages(5)) == 5
+            backplane.gate = gate = trio.Event()
+            backplane.refuse = outcome == "refused"
+            since = {"epoch": "0123456789abcdef", "offset": 3}
+            await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            for number in range(6, 16):
+                await emitter.publish(room, number)
+            # Through the worker's fan-out: held back for alice by now.
+            assert len(await watcher.messages(10)) == 10
+            gate.set()
+            if outcome == "refused":
+                # Still a member, as if it had not asked: the live messages, then the refusal.
+                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+                error = await alice.next_frame()
+                assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
+            else:
+                joined = await alice.next_frame()
+                assert (joined["type"], joined["recovered"]) == ("joined", False), joined
+                assert (joined["epoch"], joined["offset"]) == (epoch, 5)  # where it stood
+                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+            backplane.gate = None
+            assert await emitter.publish(room, "next") == 16
+            assert await alice.messages(1) == [(16, "next")]
+            # Still a member, once: a plain join answers where it stands.
+            assert (await alice.join(room))["offset"] == 16
         worker.stop()
     listener.close()
 
@@ -730,20 +918,31 @@ async def test_a_restarted_sequencer_starts_new_epochs_that_members_and_rejoins_
         sequencer.process.stop()
 
 
-async def test_a_join_of_a_room_already_joined_sends_nothing_old() -> None:
+async def test_a_join_of_a_room_already_joined_sends_what_since_asks_for_again() -> None:
     room = fresh_room()
-    async with worker_in_process(HistoryPolicy()) as (url, _), member(url) as alice:
+    async with worker_in_process(HistoryPolicy(size=3)) as (url, _), member(url) as alice:
         first = await alice.join(room)
-        await alice.publish(room, "one")
-        await alice.publish(room, "two")
-        assert await alice.messages(2) == [(1, "one"), (2, "two")]
-        where = {"epoch": first["epoch"], "offset": 2}
-        again = await alice.join(room, where)
-        assert (again["offset"], again["recovered"]) == (2, True)
-        behind = await alice.join(room, {"epoch": first["epoch"], "offset": 0})
-        assert (behind["offset"], behind["recovered"]) == (2, False)
-        await alice.publish(room, "three")
-        assert await alice.messages(1) == [(3, "three")]  # still a member, once
+        epoch = first["epoch"]
+        for data in ("one", "two", "three", "four"):
+            await alice.publish(room, data)
+        assert await alice.messages(4) == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
+        # Without since: where the room stands, nothing else.
+        plain = await alice.join(room)
+        assert (plain["offset"], "recovered" in plain) == (4, False)
+        # Where it stands: recovered, and nothing to send again.
+        again = await alice.join(room, {"epoch": epoch, "offset": 4})
+        assert (again["offset"], again["recovered"]) == (4, True)
+        # Further back, within what is kept: sent again, in order.
+        behind = await alice.join(room, {"epoch": epoch, "offset": 1})
+        assert (behind["offset"], behind["recovered"]) == (4, True)
+        assert await alice.messages(3) == [(2, "two"), (3, "three"), (4, "four")]
+        # Older than what is kept, or of another epoch: nothing old, where it stands.
+        for since in ({"epoch": epoch, "offset": 0}, {"epoch": "0123456789abcdef", "offset": 4}):
+            lost = await alice.join(room, since)
+            assert (lost["epoch"], lost["offset"], lost["recovered"]) == (epoch, 4, False)
+        await alice.publish(room, "five")
+        assert await alice.messages(1) == [(5, "five")]  # still a member, once
+        assert alice.unread == 0
 
 
 async def test_history_is_subject_to_the_authorize_join_hook() -> None:

@@ -502,6 +502,42 @@ async def test_a_topics_keys_share_a_hash_slot_are_capped_and_expire(
         assert await redis_call(port, b"EXISTS", meta, stream) == 0
 
 
+async def test_a_backplane_without_a_policy_follows_the_retention_a_worker_recorded(
+    redis_server: RedisServer,
+) -> None:
+    """A backplane opened with a history policy (a worker's) sets the topic's retention; one
+    opened without (an emitter's) applies the retention recorded for the topic, not the
+    defaults, and the defaults only on a topic no worker touched."""
+    port = redis_server.port
+    topic = b"retention-%s" % os.urandom(4).hex().encode()
+    meta, stream = (
+        b"trio-fanout:{%s}:%s" % (topic.hex().encode(), kind) for kind in (b"meta", b"stream")
+    )
+    cluster = HistoryPolicy(size=300, ttl=1000.0)
+    async with (
+        open_backplane(redis_server.url, history=cluster) as worker,
+        open_backplane(redis_server.url) as emitter,
+    ):
+        # A worker's history read (a join) records the retention too, before any append.
+        await worker.history(topic, limit=0)
+        for i in range(250):
+            await emitter.append(topic, b"%d" % i)
+        assert await redis_call(port, b"XLEN", stream) == 250  # not the default 100
+        for key in (meta, stream):
+            assert await redis_call(port, b"PTTL", key) > 300_000  # not the default 300 s
+        # A worker with smaller values is obeyed: the cluster decides, emitters follow.
+        async with open_backplane(redis_server.url, history=HistoryPolicy(10, 60.0)) as smaller:
+            await smaller.append(topic, b"smaller")
+        await emitter.append(topic, b"follows")
+        assert await redis_call(port, b"XLEN", stream) == 10
+        assert 0 < await redis_call(port, b"PTTL", stream) <= 60_000
+        # A topic no worker recorded a retention for: the emitter's own (the defaults).
+        lone = b"lone-%s" % os.urandom(4).hex().encode()
+        for i in range(150):
+            await emitter.append(lone, b"%d" % i)
+        assert len((await emitter.history(lone)).messages) == 100
+
+
 async def test_a_message_from_outside_the_backplane_is_dropped(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

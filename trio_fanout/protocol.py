@@ -199,7 +199,11 @@ def _since(obj: dict[str, Any], request_id: int | None) -> Since | None:
 
 
 def _limit(obj: dict[str, Any], request_id: int | None) -> int:
-    limit = obj.get("limit", HISTORY_DEFAULT_LIMIT)
+    """The ``limit`` of a ``history`` request; ``null`` is the same as absent, as for ``id``
+    and ``since``."""
+    limit = obj.get("limit")
+    if limit is None:
+        return HISTORY_DEFAULT_LIMIT
     if type(limit) is not int or not 0 <= limit <= HISTORY_MAX_LIMIT:
         raise RequestError(
             BAD_FRAME, f"limit must be an integer from 0 to {HISTORY_MAX_LIMIT}", request_id

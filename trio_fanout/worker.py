@@ -345,7 +345,10 @@ class Worker:
         an ordinary member from the next message on.
         """
         if room_name in conn.rooms:
-            self._joined_again(conn, room_name, request_id, since)
+            if since is None:
+                self._joined_again(conn, room_name, request_id)
+            else:
+                await self._rejoin(conn, room_name, request_id, since)
             return
         topic = envelope.room_topic(room_name)
         room = await self._live_room(topic, room_name)
@@ -377,6 +380,77 @@ class Worker:
         del room.catching_up[conn]
         self._catch_up(conn, room, request_id, since, history, catch_up)
 
+    async def _rejoin(
+        self, conn: Connection, room_name: str, request_id: int | None, since: protocol.Since
+    ) -> None:
+        """A join with ``since`` of a room ``conn`` is already in: the seam of a new join (see
+        :meth:`join`), with the member's live messages held back from now on, so that what
+        ``since`` asks for is sent again, in order, and its live stream goes on after it with
+        nothing lost. When the history cannot give what ``since`` asks for, nothing old is sent
+        and the stream goes on from where it stood (see :meth:`_catch_up`)."""
+        topic = envelope.room_topic(room_name)
+        room = self.rooms[topic]
+        # Where its live stream stands: at its floor while it has one (its join sent it that
+        # far), else at the room's last message delivered here (set for any room with members).
+        stood = room.floors.pop(conn, None) or room.position
+        room.members.discard(conn)
+        config = self.config
+        catch_up = room.catching_up[conn] = CatchUp(
+            config.max_queued_frames, config.max_queued_bytes
+        )
+        try:
+            history = await self.backplane.history(topic, Position(since.epoch, since.offset))
+        except BaseException:
+            # Still a member, as if it had not asked: what was held back follows.
+            del room.catching_up[conn]
+            self._go_on(conn, room, stood, catch_up)
+            raise
+        del room.catching_up[conn]
+        self._catch_up(conn, room, request_id, since, history, catch_up, stood=stood, member=True)
+
+    @staticmethod
+    def _held_after(
+        stood: Position | None, catch_up: CatchUp
+    ) -> tuple[Position | None, list[bytes], int | None]:
+        """For a member whose live stream stood at ``stood`` when its messages began to be held
+        back in ``catch_up`` (not overflowed): the held frames it has not had, where its stream
+        stands just before the first of them (its epoch may be new), and the last offset among
+        them (None if none is numbered)."""
+        start, frames, last = stood, [], None
+        for position, frame in catch_up.frames:
+            if position is not None:
+                if start is not None and position.epoch == start.epoch:
+                    if position.offset <= start.offset:
+                        continue  # at or below its floor: it was sent already
+                elif last is None:  # the first of a new epoch: the stream starts again
+                    start = Position(position.epoch, position.offset - 1)
+                last = position.offset
+            frames.append(frame)
+        return start, frames, last
+
+    def _go_on(
+        self, conn: Connection, room: Room, stood: Position | None, catch_up: CatchUp
+    ) -> None:
+        """Make ``conn`` a member again after a rejoin that failed, with what was held back for
+        it; where that was more than could be held, or starts a new epoch, it is told so with a
+        ``joined`` without id (``recovered: false``), as members are."""
+        room.members.add(conn)
+        if catch_up.overflowed:
+            if catch_up.last is not None:
+                room.floors[conn] = catch_up.last
+                conn.reply(
+                    protocol.joined_frame(
+                        room.name, None, catch_up.last.epoch, catch_up.last.offset, False
+                    )
+                )
+            return
+        start, frames, last = self._held_after(stood, catch_up)
+        if start is not None and stood is not None and start.epoch != stood.epoch:
+            conn.reply(protocol.joined_frame(room.name, None, start.epoch, start.offset, False))
+        if start is not None:
+            room.floors[conn] = Position(start.epoch, start.offset if last is None else last)
+        conn.send_encoded_many(frames)
+
     def _catch_up(
         self,
         conn: Connection,
@@ -385,9 +459,17 @@ class Worker:
         since: protocol.Since | None,
         history: History,
         catch_up: CatchUp,
+        *,
+        stood: Position | None = None,
+        member: bool = False,
     ) -> None:
         """Send ``joined``, what ``since`` asks for, and what was held back; make ``conn`` a
-        member. Awaits nothing, so no live message can come in between."""
+        member. Awaits nothing, so no live message can come in between.
+
+        With ``member``, ``conn`` was a member already (:meth:`_rejoin`), whose live stream
+        stood at ``stood``: the same, except that where ``since`` cannot be recovered, the
+        answer is where its stream stood and every message held back follows, so that its live
+        stream loses nothing."""
         frames: list[bytes] = []
         last = 0
         foreign_epoch = any(
@@ -405,6 +487,12 @@ class Worker:
                 conn.id, room.name,
                 "too many messages" if catch_up.overflowed else "a new epoch",
             )  # fmt: skip
+        elif member and not (since is not None and history.complete):
+            # Nothing old, and its live stream goes on from where it stood.
+            recovered = False
+            held_start, frames, held_last = self._held_after(stood, catch_up)
+            start = held_start or Position(history.epoch, history.offset)
+            last = start.offset if held_last is None else held_last
         else:
             start = Position(history.epoch, history.offset)
             recovered = since is not None and history.complete
@@ -426,7 +514,8 @@ class Worker:
         room.members.add(conn)
         # What was sent or came before: copies of it still on their way are not sent again.
         room.floors[conn] = Position(start.epoch, last)
-        self.stats.joins += 1
+        if not member:
+            self.stats.joins += 1  # a member's rejoin is not a join (docs/operations.md)
         conn.reply(
             protocol.joined_frame(
                 room.name, request_id, start.epoch, start.offset,
@@ -462,23 +551,12 @@ class Worker:
                 return room
             await room.subscribing.wait()
 
-    def _joined_again(
-        self,
-        conn: Connection,
-        room_name: str,
-        request_id: int | None,
-        since: protocol.Since | None,
-    ) -> None:
-        """Answer a join of a room ``conn`` is already in: it gets the room's messages already,
-        so nothing old is sent; ``recovered`` is true only if ``since`` is where it stands."""
+    def _joined_again(self, conn: Connection, room_name: str, request_id: int | None) -> None:
+        """Answer a join without ``since`` of a room ``conn`` is already in: it gets the room's
+        messages already, so nothing changes and nothing old is sent."""
         room = self.rooms[envelope.room_topic(room_name)]
         position = room.position or Position("", 0)  # set for every room with a member
-        recovered = None
-        if since is not None:
-            recovered = (since.epoch, since.offset) == (position.epoch, position.offset)
-        conn.reply(
-            protocol.joined_frame(room_name, request_id, position.epoch, position.offset, recovered)
-        )
+        conn.reply(protocol.joined_frame(room_name, request_id, position.epoch, position.offset))
 
     def at_room_limit(self, room_name: str) -> bool:
         """Whether joining ``room_name`` would take this worker past ``max_rooms_per_worker``
