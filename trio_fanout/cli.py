@@ -313,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser(
         "token",
         help="print a signed token (JWT) for a client, for testing",
-        description="Print a token for SUB signed with token_secret_file (HS256), for testing; "
-        "your application mints the real ones (docs/security.md). The secret is never printed.",
+        description="Print a token for SUB, for testing: signed HS256 with token_secret_file, "
+        "or, for a server with token_public_key_file, RS256 or ES256 with --private-key-file. "
+        "Your application mints the real ones (docs/security.md). No key is ever printed.",
     )
-    token.add_argument("sub", metavar="SUB", help="the identity the token is for")
+    token.add_argument("sub", metavar="SUB", help="the identity the token is for (not empty)")
     token.add_argument(
         "--join", action="append", metavar="ROOM", help="a room it may join (trailing * for a "
         "prefix); repeat for more; without any, every room"
@@ -328,7 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default: 3600)"
     )
-    _tokens(token)
+    token.add_argument(
+        "--token-secret-file", metavar="FILE", help="sign HS256 with the secret in FILE"
+    )
+    token.add_argument(
+        "--private-key-file",
+        metavar="FILE",
+        help="sign with this PEM private key: RS256 for an RSA key, ES256 for a P-256 key, "
+        "for a server with token_public_key_file",
+    )
+    token.add_argument(
+        "--token-public-key-file",
+        metavar="FILE",
+        help="the server's public key: --private-key-file must be its pair (a public key "
+        "cannot sign)",
+    )
     _common(token)
 
     show = commands.add_parser(
@@ -487,10 +502,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
 
 
 def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
-    if config.token_secret_file is None:
+    if not args.sub:
         parser.exit(
             EXIT_USAGE,
-            "trio-fanout: error: token needs token_secret_file (a public key cannot sign)\n",
+            "trio-fanout: error: SUB: the identity must not be empty (the server refuses a "
+            "token without one)\n",
         )
     if not 1 <= args.ttl <= MAX_TOKEN_TTL:
         parser.exit(
@@ -502,9 +518,46 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             protocol.check_room(room.removesuffix("*") or "*")
         except protocol.RequestError as refusal:
             parser.exit(EXIT_USAGE, f"trio-fanout: error: {room!r}: {refusal.message}\n")
-    key = tokens.read_secret(config.token_secret_file)
+    try:
+        key = _signing_key(args.private_key_file, config)
+    except tokens.KeyFileError as problem:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: {problem}\n")
     print(tokens.mint(key, args.sub, ttl=args.ttl, join=args.join, publish=args.publish))
     return 0
+
+
+def _signing_key(private_key_file: str | None, config: Config) -> tokens.TokenKey:
+    """What `trio-fanout token` signs with: ``--private-key-file``, checked against the
+    server's public key where one is configured, or ``token_secret_file``. ``KeyFileError``
+    says why neither can sign a token the server would take."""
+    if private_key_file is not None:
+        if config.token_secret_file is not None:
+            raise tokens.KeyFileError(
+                "--private-key-file signs RS256 or ES256, but token_secret_file is set: a "
+                "server with it takes HS256 only (sign with the secret: leave out "
+                "--private-key-file)"
+            )
+        key = tokens.read_private_key(private_key_file)
+        public_file = config.token_public_key_file
+        if public_file is not None and not tokens.signs_for(
+            key, tokens.read_public_key(public_file)
+        ):
+            raise tokens.KeyFileError(
+                f"{private_key_file} is not the private key of token_public_key_file "
+                f"{public_file}: the server would refuse its tokens"
+            )
+        return key
+    if config.token_secret_file is not None:
+        return tokens.read_secret(config.token_secret_file)
+    if config.token_public_key_file is not None:
+        raise tokens.KeyFileError(
+            f"a public key cannot sign: give the private key of {config.token_public_key_file} "
+            "with --private-key-file FILE"
+        )
+    raise tokens.KeyFileError(
+        "token needs a key: --token-secret-file FILE (HS256) or --private-key-file FILE "
+        "(RS256, ES256)"
+    )
 
 
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
