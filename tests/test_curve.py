@@ -310,6 +310,7 @@ async def test_run_with_its_embedded_proxy_speaks_curve_to_its_workers_and_liste
     processes.append(cluster)
     cluster.wait_for_workers(2)
     cluster.wait_for_log("with CURVE, 2 keys allowed")
+    cluster.wait_for_log(r"access: no tokens; .*; CURVE on the ZeroMQ backplane$")
     room = f"embedded-curve-{os.getpid()}"
     async with AsyncExitStack() as stack:
         by_worker = await connect_on_each_worker(stack, cluster.url)

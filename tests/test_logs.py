@@ -15,6 +15,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.helpers import (
     RECEIVE_TIMEOUT,
@@ -27,8 +29,10 @@ from tests.helpers import (
 )
 from trio_fanout import tokens
 from trio_fanout.client import open_client
+from trio_fanout.config import Config
 from trio_fanout.emitter import open_emitter
 from trio_fanout.logs import JsonFormatter, TextFormatter
+from trio_fanout.master import describe_access
 from trio_fanout.worker import CountedLines
 
 JSON_KEYS = {"time", "level", "logger", "role", "pid", "message"}
@@ -290,6 +294,13 @@ async def test_refused_handshakes_are_warnings_that_count_every_refusal_and_neve
         await trio.to_thread.run_sync(cluster.stop)
     lines = cluster.lines[:-1]
 
+    (access,) = (json.loads(line) for line in lines if '"message": "access: ' in line)
+    assert access["role"] == "master"
+    assert access["message"] == (
+        f"access: tokens required (HS256, token_secret_file {secret}); allowed_origins "
+        "https://app.example; no TLS; max_connections 1 per worker; no CURVE on the ZeroMQ "
+        "backplane"
+    )
     origins = warnings_matching(lines, r"from origins not in allowed_origins")
     assert sum(entry["refused"] for entry in origins) == 2, origins
     assert origins[0]["message"] == (
@@ -335,3 +346,25 @@ async def test_counted_lines_write_what_they_held_back_when_the_interval_ends(au
         nursery.cancel_scope.cancel()
     lines.flush_all()
     assert [count for _, count, _ in written] == [1, 2, 1, 1]
+
+
+def test_the_access_line_names_each_control_and_no_secret(tmp_path):
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "public.pem"
+    public.write_bytes(
+        rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    config = Config(
+        token_public_key_file=str(public),
+        tls_cert_file="/etc/fanout/fullchain.pem",
+        tls_key_file="/etc/fanout/privkey.pem",
+        backplane="redis://:the-password@10.0.0.6:6379",
+        max_connections=500,
+    )
+    assert describe_access(config) == (
+        f"tokens required (RS256, token_public_key_file {public}); any origin; TLS "
+        "(tls_cert_file /etc/fanout/fullchain.pem); max_connections 500 per worker"
+    )
+    assert describe_access(Config(curve_secret_key_file=None)).startswith("no tokens; any origin")

@@ -185,6 +185,46 @@ def _backplane_secrets(
         )
 
 
+def _run_settings(parser: argparse.ArgumentParser) -> None:
+    """The setting flags of ``run``, which ``config`` takes too, to show what they make."""
+    _listening(parser, "the WebSocket server")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between heartbeats to every client; 0 turns them off (default: 1.0)",
+    )
+    parser.add_argument(
+        "--proxy-port",
+        type=int,
+        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
+    )
+    parser.add_argument(
+        "--backplane",
+        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
+        "redis://10.0.0.6:6379",
+    )
+    parser.add_argument(
+        "--liveness-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the master's pings to each worker (default: 1.0)",
+    )
+    parser.add_argument(
+        "--liveness-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
+    )
+    _history(parser)
+    _access(parser)
+    _backplane_secrets(parser, server=True)
+    _admin(parser)
+    _tls(parser)
+    _common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -205,42 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Stop it with Ctrl-C or SIGTERM: clients are closed with 1001."
         ),
     )
-    _listening(run, "the WebSocket server")
-    run.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
-    run.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between heartbeats to every client; 0 turns them off (default: 1.0)",
-    )
-    run.add_argument(
-        "--proxy-port",
-        type=int,
-        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
-    )
-    run.add_argument(
-        "--backplane",
-        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
-        "redis://10.0.0.6:6379",
-    )
-    run.add_argument(
-        "--liveness-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between the master's pings to each worker (default: 1.0)",
-    )
-    run.add_argument(
-        "--liveness-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
-    )
-    _history(run)
-    _access(run)
-    _backplane_secrets(run, server=True)
-    _admin(run)
-    _tls(run)
-    _common(run)
+    _run_settings(run)
 
     worker = commands.add_parser(
         "worker",
@@ -350,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="print the effective configuration and where each value came from",
         description="Print every setting, its value, and its source: default, file, "
-        "environment or flag.",
+        "environment or flag. It takes the setting flags of `run`, to show what they make; "
+        "files that hold secrets are shown by their path, never their content.",
     )
-    _common(show)
+    _run_settings(show)
 
     keygen = commands.add_parser(
         "keygen",

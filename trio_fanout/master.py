@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from trio_fanout import control, envelope, protocol, steering
+from trio_fanout import control, envelope, protocol, steering, tokens
 from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import (
     BackplaneError,
@@ -477,6 +477,7 @@ async def run_master(
                     config.workers,
                     redact_url(config.backplane_url),
                 )
+                logger.info("access: %s", describe_access(config))
                 task_status.started(port)
                 async for signum in signals:
                     if signum != signal.SIGHUP:
@@ -492,6 +493,34 @@ async def run_master(
         for listener in listeners:
             listener.close()
     logger.info("stopped")
+
+
+def describe_access(config: Config) -> str:
+    """Which access controls ``config`` puts in force, for the start of the log: tokens and
+    their algorithm, origins, TLS, the connection limit, CURVE on a ZeroMQ backplane. Files
+    are named by their path; no secret, no key is read into the text."""
+    if config.token_secret_file is not None:
+        access = [f"tokens required (HS256, token_secret_file {config.token_secret_file})"]
+    elif config.token_public_key_file is not None:
+        algorithm = tokens.read_public_key(config.token_public_key_file).algorithm
+        access = [
+            f"tokens required ({algorithm}, token_public_key_file {config.token_public_key_file})"
+        ]
+    else:
+        access = ["no tokens"]
+    if config.allowed_origins:
+        access.append("allowed_origins " + ", ".join(config.allowed_origins))
+    else:
+        access.append("any origin")
+    if config.tls_cert_file is not None:
+        access.append(f"TLS (tls_cert_file {config.tls_cert_file})")
+    else:
+        access.append("no TLS")
+    access.append(f"max_connections {config.max_connections} per worker")
+    if config.backplane_url.lower().startswith("zmq:"):
+        curve = "CURVE" if config.curve_secret_key_file is not None else "no CURVE"
+        access.append(f"{curve} on the ZeroMQ backplane")
+    return "; ".join(access)
 
 
 async def _no_workers(kind: bytes) -> list[dict[str, Any]]:
