@@ -450,10 +450,24 @@ def _report_startup_failure(args: argparse.Namespace, config: Config, failure: E
     the line lands among log lines: from a worker its master started (whose output is the
     node's log, where the line must say which worker), or with ``log_format = "json"``, whose
     readers expect nothing but JSON lines."""
+    why = _startup_problem(args, failure)
     if config.log_format == "json" or (args.command == "worker" and args.config_from_stdin):
-        logger.error("cannot start: %s", failure)
+        logger.error("cannot start: %s", why)
     else:
-        print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        print(f"trio-fanout: error: {why}", file=sys.stderr)
+
+
+def _startup_problem(args: argparse.Namespace, failure: Exception) -> str:
+    """What stopped the command, with the flag that changes it where there is one."""
+    from trio_fanout.backplane.proxy import ProxyPortInUse
+
+    if isinstance(failure, ProxyPortInUse):
+        flag = "--port" if args.command == "proxy" else "--proxy-port"
+        return (
+            f"{failure.strerror}: stop what listens there, or give the proxy another port with "
+            f"{flag} (the setting proxy_port; 0 picks a free one)"
+        )
+    return str(failure)
 
 
 def _unreachable_backplane(command: str, config: Config) -> str | None:
