@@ -441,53 +441,57 @@ async def run_master(
                     # Workers and the heartbeat meet at the port the proxy really bound, and
                     # with CURVE they are clients of the proxy's own key pair.
                     config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
-                supervisor = Supervisor(config, listeners)
-                if proxy is not None:
-                    supervisor.node.proxy_stats = proxy.stats
-                if config.admin_port is not None:
-                    admin = AdminServer(
-                        config,
-                        supervisor.node,
-                        supervisor.ask_workers,
-                        range(1, config.workers + 1),
+                # What uses the proxy (the workers, the heartbeat, the admin API) stops before
+                # it, so that none of them sees the proxy go and says so.
+                async with trio.open_nursery() as cluster:
+                    supervisor = Supervisor(config, listeners)
+                    if proxy is not None:
+                        supervisor.node.proxy_stats = proxy.stats
+                    if config.admin_port is not None:
+                        admin = AdminServer(
+                            config,
+                            supervisor.node,
+                            supervisor.ask_workers,
+                            range(1, config.workers + 1),
+                        )
+                        await cluster.start(admin.serve)
+                    # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
+                    # publishes its own, so a master on it does not.
+                    external_proxy = (
+                        config.backplane is not None and config.backplane.lower().startswith("zmq:")
                     )
-                    await nursery.start(admin.serve)
-                # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
-                # publishes its own, so a master on it does not.
-                external_proxy = (
-                    config.backplane is not None and config.backplane.lower().startswith("zmq:")
-                )
-                if config.heartbeat_interval > 0 and not external_proxy:
-                    nursery.start_soon(
-                        publish_heartbeats,
-                        config.backplane_url,
-                        config.heartbeat_interval,
-                        config.backplane_credentials,
-                        supervisor.node,
+                    if config.heartbeat_interval > 0 and not external_proxy:
+                        cluster.start_soon(
+                            publish_heartbeats,
+                            config.backplane_url,
+                            config.heartbeat_interval,
+                            config.backplane_credentials,
+                            supervisor.node,
+                        )
+                    for index in range(1, config.workers + 1):
+                        cluster.start_soon(supervisor.keep_running, index)
+                    cluster.start_soon(give_back_memory_forever)
+                    host, port = listeners[0].getsockname()[:2]
+                    logger.info(
+                        "listening on %s://%s:%d/ws with %d workers, backplane %s",
+                        "ws" if certificate is None else "wss",
+                        host,
+                        port,
+                        config.workers,
+                        redact_url(config.backplane_url),
                     )
-                for index in range(1, config.workers + 1):
-                    nursery.start_soon(supervisor.keep_running, index)
-                nursery.start_soon(give_back_memory_forever)
-                host, port = listeners[0].getsockname()[:2]
-                logger.info(
-                    "listening on %s://%s:%d/ws with %d workers, backplane %s",
-                    "ws" if certificate is None else "wss",
-                    host,
-                    port,
-                    config.workers,
-                    redact_url(config.backplane_url),
-                )
-                logger.info("access: %s", describe_access(config))
-                task_status.started(port)
-                async for signum in signals:
-                    if signum != signal.SIGHUP:
-                        logger.info("%s: stopping", signal.Signals(signum).name)
-                        break
-                    if certificate is None:
-                        logger.info("SIGHUP: TLS is not configured; nothing to reload")
-                    elif certificate.reload():
-                        await supervisor.reload_all()
-                await supervisor.stop_all()
+                    logger.info("access: %s", describe_access(config))
+                    task_status.started(port)
+                    async for signum in signals:
+                        if signum != signal.SIGHUP:
+                            logger.info("%s: stopping", signal.Signals(signum).name)
+                            break
+                        if certificate is None:
+                            logger.info("SIGHUP: TLS is not configured; nothing to reload")
+                        elif certificate.reload():
+                            await supervisor.reload_all()
+                    await supervisor.stop_all()
+                    cluster.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
