@@ -176,7 +176,7 @@ async def test_at_info_a_burst_of_traffic_adds_no_line(backplane_args):
     assert during == [], during
     # Only the start and the stop were logged.
     lifecycle = re.compile(
-        r"ZeroMQ proxy|listening on|serving ws://|SIGTERM|closing \d+ clients|stopped"
+        r"ZeroMQ proxy|listening on|access: |serving ws://|SIGTERM|closing \d+ clients|stopped"
     )
     assert [line for line in cluster.lines[:-1] if not lifecycle.search(line)] == []
 
