@@ -200,6 +200,11 @@ class ProxyStats:
     history_bytes: int  # what that history costs, as the history_max_bytes setting counts it
 
 
+class ProxyPortInUse(OSError):
+    """Something else listens on the address the proxy is to bind (``strerror`` says which);
+    the command line names the setting that picks another."""
+
+
 class ZmqProxy:
     """The routing table and the loop; :func:`serve_proxy` runs one."""
 
@@ -261,6 +266,7 @@ class ZmqProxy:
         self, context: zmq.Context[zmq.Socket[bytes]], task_status: trio.TaskStatus[int]
     ) -> None:
         sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+        serving = False  # a proxy that never bound says why in its error, not "stopped"
         try:
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
@@ -280,9 +286,15 @@ class ZmqProxy:
                 else:
                     bound = sock.bind_to_random_port(zmq_endpoint(self.host, 0).rsplit(":", 1)[0])
             except zmq.ZMQError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ProxyPortInUse(
+                        errno.EADDRINUSE,
+                        f"the ZeroMQ proxy's port {self.host}:{self.port} is in use",
+                    ) from None
                 raise OSError(
                     f"cannot bind the ZeroMQ proxy to {self.host} port {self.port}: {error}"
                 ) from None
+            serving = True
             logger.info(
                 "ZeroMQ proxy: clients connect to %s%s",
                 zmq_endpoint(self.host, bound),
@@ -297,7 +309,8 @@ class ZmqProxy:
             fd = file_descriptor(sock)
             trio.lowlevel.notify_closing(fd)
             sock.close()
-            logger.info("ZeroMQ proxy stopped")
+            if serving:
+                logger.info("ZeroMQ proxy stopped")
 
     async def _route_forever(self, sock: zmq.Socket[bytes]) -> None:
         fd = file_descriptor(sock)

@@ -186,6 +186,9 @@ class ZmqBackplane(Backplane):
         # one succeeded (or before the first).
         self._handshake_refusal: str | None = None
         self._refused_since: float | None = None
+        # Until connect() returns, a refusal is raised to whoever opens the backplane, who
+        # reports it (the command line prints it): logged as well, it would be said twice.
+        self._connecting = True
         self._monitor_fd = file_descriptor(self._monitor)
         self._ping_now = trio.Event()
         self._queue = MessageQueue(high_water=QUEUE_NEVER_FULL)
@@ -526,7 +529,7 @@ class ZmqBackplane(Backplane):
                     self._ping_now.set()
                 elif event & _HANDSHAKE_FAILED:
                     refusal = self._describe_refusal(event, message["value"])
-                    if refusal != self._handshake_refusal:
+                    if refusal != self._handshake_refusal and not self._connecting:
                         logger.error("%s", refusal)
                     self._handshake_refusal = refusal
                     if self._refused_since is None:
@@ -570,6 +573,7 @@ class ZmqBackplane(Backplane):
             while True:
                 try:
                     await self.ping(CONNECT_TIMEOUT)
+                    self._connecting = False
                     return
                 except BackplaneUnavailable:  # not connected yet: ZeroMQ keeps trying
                     if self._handshake_refusal is not None:

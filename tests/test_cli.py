@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ClusterProcess, LoggedProcess
+from tests.helpers import START_TIMEOUT, ClusterProcess, LoggedProcess
 from trio_fanout import __version__
 
 
@@ -50,8 +53,29 @@ def test_a_port_in_use_gets_one_line_and_exit_code_2(which: str):
         others = ["--proxy-port", "0"] if which == "--port" else ["--port", "0"]
         result = trio_fanout("run", "--workers", "1", which, port, *others)
     assert result.returncode == 2
-    assert "Address already in use" in result.stderr
-    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()  # nothing before it: the proxy never ran
+    if which == "--port":
+        assert "Address already in use" in line
+    else:
+        assert line == (
+            f"trio-fanout: error: the ZeroMQ proxy's port 127.0.0.1:{port} is in use: stop what "
+            "listens there, or give the proxy another port with --proxy-port (the setting "
+            "proxy_port; 0 picks a free one)"
+        )
+
+
+def test_the_proxy_on_a_port_in_use_names_its_own_flag():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = trio_fanout("proxy", "--port", port)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(
+        f"trio-fanout: error: the ZeroMQ proxy's port 127.0.0.1:{port} is in use"
+    )
+    assert "another port with --port (the setting proxy_port" in line
 
 
 def test_a_proxy_flag_is_named_as_it_was_given():
@@ -205,3 +229,24 @@ def test_workers_start_beside_a_file_named_like_a_standard_module(tmp_path):
         assert "the wrong token module" not in "\n".join(process.lines)
     finally:
         assert process.stop() == 0
+
+
+def test_ctrl_c_stops_each_worker_once_and_each_says_it_stopped():
+    """Ctrl-C in a terminal sends SIGINT to the whole process group: the master, which then
+    sends each worker SIGTERM, and the workers themselves. Each worker stops once, and each
+    writes its last line."""
+    cluster = ClusterProcess("--workers", "2", "--heartbeat-interval", "0")
+    try:
+        cluster.wait_for_workers(2)
+        os.killpg(cluster.process.pid, signal.SIGINT)
+        assert cluster.process.wait(START_TIMEOUT) == 0
+    finally:
+        cluster.stop()
+    log = cluster.log()
+    for index in (1, 2):
+        assert len(re.findall(rf"worker {index}: SIG\w+, closing clients", log)) == 1, log
+        assert len(re.findall(rf"worker {index} \(pid \d+\) stopped", log)) == 1, log
+    assert log.count("SIGINT: stopping") == 1
+    assert "Traceback" not in log
+    assert " WARNING " not in log  # the heartbeat stops before the proxy: it sees no loss
+    assert cluster.lines[-2].endswith("trio_fanout.master: stopped"), log

@@ -3,6 +3,7 @@ setting can be wrong names the key and where it came from."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -243,3 +244,44 @@ def test_the_history_settings_make_the_backplanes_policy(tmp_path: Path):
         "trio-fanout: error: history_ttl: must be greater than 0, not 0.0 "
         "(from flag --history-ttl)\n"
     )
+
+
+def _options(command: str) -> set[str]:
+    """The setting flags of ``command``: those that set a configuration key, and ``--config``
+    and the log flags."""
+    parser = cli.build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        option
+        for action in commands.choices[command]._actions
+        if action.dest in KEYS or action.dest == "config"
+        for option in action.option_strings
+    }
+
+
+def test_config_takes_every_setting_flag_of_run_and_shows_files_never_what_they_hold(
+    tmp_path: Path,
+):
+    assert _options("run") <= _options("config")
+    secret = "0123456789abcdef0123456789abcdef-the-token-secret"
+    write(tmp_path / "token-secret", secret + "\n")
+    write(tmp_path / "api.key", "the-api-key\n")
+    result = run_cli(
+        "config", "--token-secret-file", "token-secret", "--api-key-file", "api.key",
+        "--allowed-origins", "https://a.example,https://b.example", "--workers", "3",
+        "--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem",
+        "--backplane", "redis://:the-redis-password@10.0.0.6:6379",
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" = ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["token_secret_file"] == '"token-secret"  # flag --token-secret-file'
+    assert lines["api_key_file"] == '"api.key"  # flag --api-key-file'
+    assert lines["allowed_origins"] == (
+        '["https://a.example", "https://b.example"]  # flag --allowed-origins'
+    )
+    assert lines["workers"] == "3  # flag --workers"
+    assert lines["tls_key_file"] == '"key.pem"  # flag --tls-key-file'
+    assert lines["backplane"] == '"redis://:***@10.0.0.6:6379"  # flag --backplane'
+    for hidden in (secret, "the-api-key", "the-redis-password"):
+        assert hidden not in result.stdout + result.stderr

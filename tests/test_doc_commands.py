@@ -134,6 +134,8 @@ RUN_HERE: dict[str, str] = {
         "test_the_run_commands_serve",
     "trio-fanout token ann --join 'team-*' --publish team-a --ttl 600 "
     "--token-secret-file /etc/trio-fanout/token-secret": "test_the_run_commands_serve",
+    "trio-fanout token ann --private-key-file private.pem "
+    "--token-public-key-file /etc/trio-fanout/token-public.pem": "test_the_run_commands_serve",
     "trio-fanout run --host 0.0.0.0 --port 443 --tls-cert-file /etc/fanout/fullchain.pem "
     "--tls-key-file /etc/fanout/privkey.pem": "test_the_run_commands_serve",
     "TRIO_FANOUT_PORT=9002 trio-fanout config --config settings.toml":
@@ -791,6 +793,14 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
         )
         assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+\n", token)
         assert (tmp_path / "etc/trio-fanout/token-secret").read_text().strip() not in token
+        # And one signed with the private key, which the server's public key verifies.
+        signed = shell.run(
+            "trio-fanout token ann --private-key-file private.pem "
+            "--token-public-key-file /etc/trio-fanout/token-public.pem"
+        )
+        public_key = tokens.read_public_key(str(tmp_path / "etc/trio-fanout/token-public.pem"))
+        assert public_key.algorithm == "ES256"
+        assert tokens.Verifier(public_key, 0).verify(signed.strip()).sub == "ann"
         shell.assert_ran_what_is_listed_for("test_the_run_commands_serve")
     finally:
         shell.stop()

@@ -543,11 +543,13 @@ def test_a_worker_out_of_descriptors_logs_it_once_not_at_every_pause():
         # Fifteen pauses of ACCEPT_CAPACITY_PAUSE: without the rate limit, as many lines.
         time.sleep(15 * ACCEPT_CAPACITY_PAUSE)
         assert worker.process.poll() is None  # still serving what it has
+        assert worker.log().count("accept failed") == 1
     finally:
         for client in clients:
             client.close()
         worker.stop()
-    assert worker.log().count("accept failed") == 1
+    # At its stop, the worker writes the failures counted since that line: at most one more.
+    assert worker.log().count("accept failed") <= 2
 
 
 async def _handshakes_below(worker, count: int) -> None:

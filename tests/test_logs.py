@@ -15,6 +15,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.helpers import (
     RECEIVE_TIMEOUT,
@@ -25,9 +27,13 @@ from tests.helpers import (
     receive_message,
     trio_fanout_command,
 )
+from trio_fanout import tokens
 from trio_fanout.client import open_client
+from trio_fanout.config import Config
 from trio_fanout.emitter import open_emitter
 from trio_fanout.logs import JsonFormatter, TextFormatter
+from trio_fanout.master import describe_access
+from trio_fanout.worker import CountedLines
 
 JSON_KEYS = {"time", "level", "logger", "role", "pid", "message"}
 
@@ -170,7 +176,7 @@ async def test_at_info_a_burst_of_traffic_adds_no_line(backplane_args):
     assert during == [], during
     # Only the start and the stop were logged.
     lifecycle = re.compile(
-        r"ZeroMQ proxy|listening on|serving ws://|SIGTERM|closing \d+ clients|stopped"
+        r"ZeroMQ proxy|listening on|access: |serving ws://|SIGTERM|closing \d+ clients|stopped"
     )
     assert [line for line in cluster.lines[:-1] if not lifecycle.search(line)] == []
 
@@ -224,3 +230,141 @@ def test_log_format_is_a_setting_like_the_others(tmp_path):
         "trio-fanout: error: log_format: must be one of text, json, not 'xml' "
         "(from environment TRIO_FANOUT_LOG_FORMAT)\n"
     )
+
+
+UPGRADE_HEADERS = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+async def refused_status(port: int, target: str, headers: str = "") -> int:
+    """The HTTP status of a WebSocket upgrade of ``target`` that the worker refuses."""
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            request = f"GET {target} HTTP/1.1\r\nHost: test\r\n{UPGRADE_HEADERS}{headers}\r\n"
+            await stream.send_all(request.encode())
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+    return int(answer.split()[1])
+
+
+def warnings_matching(lines: list[str], pattern: str) -> list[dict]:
+    """The JSON log lines at warning whose message matches ``pattern``."""
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    return [e for e in entries if e["level"] == "warning" and re.search(pattern, e["message"])]
+
+
+async def test_refused_handshakes_are_warnings_that_count_every_refusal_and_never_a_token(
+    tmp_path,
+):
+    """A handshake refused for its page's origin, for its token or at max_connections is a
+    warning of the worker, at most one a kind per 10 s: the first at once, the rest counted
+    and written when the interval ends or, here, when the worker stops, so that the counts add
+    up to every refusal."""
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    settings = tmp_path / "trio-fanout.toml"
+    settings.write_text(
+        f'token_secret_file = "{secret}"\nallowed_origins = ["https://app.example"]\n'
+        "max_connections = 1\n"
+    )
+    forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4iLCJleHAiOjk5OTk5OTk5OTl9.Zm9yZ2Vk"
+    cluster = await trio.to_thread.run_sync(
+        lambda: ClusterProcess(
+            "--workers", "1", "--heartbeat-interval", "0", "--log-format", "json",
+            "--config", str(settings),
+        )
+    )  # fmt: skip
+    try:
+        await trio.to_thread.run_sync(cluster.wait_for_workers, 1)
+        evil = "Origin: https://evil.example\r\n"
+        assert [await refused_status(cluster.port, "/ws", evil) for _ in range(2)] == [403, 403]
+        assert await refused_status(cluster.port, f"/ws?token={forged}") == 401
+        # The first of each kind is written at once.
+        await trio.to_thread.run_sync(
+            cluster.wait_for_log, r"refused 1 WebSocket handshakes for their \?token="
+        )
+        valid = tokens.mint(tokens.read_secret(str(secret)), "holder", ttl=600)
+        async with open_client(cluster.url, token=valid) as holder:  # the one connection allowed
+            await holder.ping()
+            assert [await refused_status(cluster.port, "/ws") for _ in range(3)] == [503] * 3
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+    lines = cluster.lines[:-1]
+
+    (access,) = (json.loads(line) for line in lines if '"message": "access: ' in line)
+    assert access["role"] == "master"
+    assert access["message"] == (
+        f"access: tokens required (HS256, token_secret_file {secret}); allowed_origins "
+        "https://app.example; no TLS; max_connections 1 per worker; no CURVE on the ZeroMQ "
+        "backplane"
+    )
+    origins = warnings_matching(lines, r"from origins not in allowed_origins")
+    assert sum(entry["refused"] for entry in origins) == 2, origins
+    assert origins[0]["message"] == (
+        "worker 1 refused 1 WebSocket handshakes (HTTP 403) from origins not in allowed_origins "
+        "since the last such line, the last from origin 'https://evil.example'"
+    )
+    assert {(entry["status"], entry["origin"]) for entry in origins} == {
+        (403, "https://evil.example")
+    }
+    (refused_token,) = warnings_matching(lines, r"for their \?token=")
+    assert refused_token["status"] == 401
+    assert refused_token["reason"] == "the token's signature does not verify"
+    assert refused_token["message"].endswith("the last with HTTP 401: " + refused_token["reason"])
+    full = warnings_matching(lines, r"is at its max_connections \(1\)")
+    assert sum(entry["refused"] for entry in full) == 3, full
+    assert full[0]["message"].endswith(
+        ": 1 WebSocket upgrades answered 503 since the last such line"
+    )
+    log = "\n".join(lines)
+    assert forged not in log and forged.rsplit(".", 1)[1] not in log
+
+
+async def test_counted_lines_write_what_they_held_back_when_the_interval_ends(autojump_clock):
+    """Without more events to come, the count held back after the first line is still written,
+    one interval after that line; a worker's stop writes what is still held."""
+    written: list[tuple[float, int, str]] = []
+
+    def report(count: int, last: str) -> None:
+        written.append((trio.current_time(), count, last))
+
+    lines = CountedLines(10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lines.flush_forever)
+        start = trio.current_time()
+        for n in range(3):
+            lines.note("refusal", report, f"number {n}")
+        assert written == [(start, 1, "number 0")]
+        await trio.sleep(30)
+        assert written[1:] == [(start + 10, 2, "number 2")]
+        lines.note("refusal", report, "number 3")  # the last line is old: written at once
+        lines.note("refusal", report, "number 4")
+        assert written[2:] == [(start + 30, 1, "number 3")]
+        nursery.cancel_scope.cancel()
+    lines.flush_all()
+    assert [count for _, count, _ in written] == [1, 2, 1, 1]
+
+
+def test_the_access_line_names_each_control_and_no_secret(tmp_path):
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "public.pem"
+    public.write_bytes(
+        rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    config = Config(
+        token_public_key_file=str(public),
+        tls_cert_file="/etc/fanout/fullchain.pem",
+        tls_key_file="/etc/fanout/privkey.pem",
+        backplane="redis://:the-password@10.0.0.6:6379",
+        max_connections=500,
+    )
+    assert describe_access(config) == (
+        f"tokens required (RS256, token_public_key_file {public}); any origin; TLS "
+        "(tls_cert_file /etc/fanout/fullchain.pem); max_connections 500 per worker"
+    )
+    assert describe_access(Config(curve_secret_key_file=None)).startswith("no tokens; any origin")

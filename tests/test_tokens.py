@@ -66,6 +66,18 @@ class Keys:
         self.public_files["RS256"].write_bytes(self.rsa_public_pem)
         self.public_files["ES256"].write_bytes(_public_pem(self.ec))
         self.private = {"HS256": self.secret, "RS256": self.rsa, "ES256": self.ec}
+        self.private_files = {
+            "RS256": directory / "rsa-private.pem",
+            "ES256": directory / "ec-private.pem",
+        }
+        for algorithm, key in (("RS256", self.rsa), ("ES256", self.ec)):
+            self.private_files[algorithm].write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
 
 
 def _public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -714,6 +726,72 @@ async def _refused_everywhere(cluster: ClusterProcess, what: str, forged: str) -
     assert rejected.value.status_code == 401, what
 
 
+async def test_the_token_command_signs_with_a_private_key_for_a_server_with_its_public_key(
+    key_cluster: tuple[str, ClusterProcess], keys: Keys
+):
+    algorithm, cluster = key_cluster
+    private, public = keys.private_files[algorithm], keys.public_files[algorithm]
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "token", "uma", "--join", "lobby", "--private-key-file", str(private),
+            "--token-public-key-file", str(public),
+        )
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    minted = result.stdout.strip()
+    MINTED.append(minted)
+    assert jwt.get_unverified_header(minted)["alg"] == algorithm
+    assert "PRIVATE" not in result.stdout + result.stderr
+    async with open_client(cluster.url, token=minted) as uma:
+        assert uma.authed is not None and uma.authed["sub"] == "uma"
+        await uma.join("lobby")
+        with pytest.raises(ServerError) as refused:
+            await uma.join("elsewhere")
+        assert refused.value.code == "forbidden"
+
+    # Another pair's private key: refused before a token the server would refuse is printed.
+    other = keys.private_files["ES256" if algorithm == "RS256" else "RS256"]
+    mismatched = run_cli(
+        "token", "uma", "--private-key-file", str(other), "--token-public-key-file", str(public)
+    )
+    assert mismatched.returncode == 2
+    assert mismatched.stdout == ""
+    assert f"{other} is not the private key of token_public_key_file {public}" in (
+        mismatched.stderr
+    )
+
+
+def test_the_token_command_refuses_what_cannot_sign_a_token_the_server_takes(
+    keys: Keys, tmp_path: Path
+):
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        keys.ec.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    secret = ["--token-secret-file", str(keys.secret_file)]
+    cases = [
+        (["", *secret], "SUB: the identity must not be empty"),
+        (["ann", "--token-public-key-file", str(keys.public_files["RS256"])],
+         "a public key cannot sign: give the private key of"),
+        (["ann", "--private-key-file", str(keys.public_files["RS256"])],
+         "is not a PEM private key"),
+        (["ann", "--private-key-file", str(encrypted)], "is encrypted"),
+        (["ann", "--private-key-file", str(keys.private_files["RS256"]), *secret],
+         "token_secret_file is set"),
+        (["ann"], "token needs a key"),
+    ]  # fmt: skip
+    for args, problem in cases:
+        result = run_cli("token", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == ""
+        assert problem in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 # ---- the pure parts ---------------------------------------------------------------------------
 
 
@@ -817,7 +895,7 @@ def test_the_token_command_mints_a_token_the_server_takes_and_never_prints_the_s
 
     refused = run_cli("token", "kim", "--token-public-key-file", str(keys.public_files["RS256"]))
     assert refused.returncode == 2
-    assert "needs token_secret_file" in refused.stderr
+    assert "a public key cannot sign" in refused.stderr
 
 
 def test_timers_of_replaced_tokens_and_gone_connections_do_not_pile_up():

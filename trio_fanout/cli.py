@@ -185,6 +185,46 @@ def _backplane_secrets(
         )
 
 
+def _run_settings(parser: argparse.ArgumentParser) -> None:
+    """The setting flags of ``run``, which ``config`` takes too, to show what they make."""
+    _listening(parser, "the WebSocket server")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between heartbeats to every client; 0 turns them off (default: 1.0)",
+    )
+    parser.add_argument(
+        "--proxy-port",
+        type=int,
+        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
+    )
+    parser.add_argument(
+        "--backplane",
+        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
+        "redis://10.0.0.6:6379",
+    )
+    parser.add_argument(
+        "--liveness-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the master's pings to each worker (default: 1.0)",
+    )
+    parser.add_argument(
+        "--liveness-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
+    )
+    _history(parser)
+    _access(parser)
+    _backplane_secrets(parser, server=True)
+    _admin(parser)
+    _tls(parser)
+    _common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-fanout",
@@ -205,42 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Stop it with Ctrl-C or SIGTERM: clients are closed with 1001."
         ),
     )
-    _listening(run, "the WebSocket server")
-    run.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
-    run.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between heartbeats to every client; 0 turns them off (default: 1.0)",
-    )
-    run.add_argument(
-        "--proxy-port",
-        type=int,
-        help="port of the embedded ZeroMQ proxy; 0 picks a free one (default: 5559)",
-    )
-    run.add_argument(
-        "--backplane",
-        help="use this backplane instead of the embedded proxy, e.g. zmq://10.0.0.5:5559 or "
-        "redis://10.0.0.6:6379",
-    )
-    run.add_argument(
-        "--liveness-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between the master's pings to each worker (default: 1.0)",
-    )
-    run.add_argument(
-        "--liveness-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a worker that answers no ping for this long is killed and restarted (default: 5.0)",
-    )
-    _history(run)
-    _access(run)
-    _backplane_secrets(run, server=True)
-    _admin(run)
-    _tls(run)
-    _common(run)
+    _run_settings(run)
 
     worker = commands.add_parser(
         "worker",
@@ -313,10 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser(
         "token",
         help="print a signed token (JWT) for a client, for testing",
-        description="Print a token for SUB signed with token_secret_file (HS256), for testing; "
-        "your application mints the real ones (docs/security.md). The secret is never printed.",
+        description="Print a token for SUB, for testing: signed HS256 with token_secret_file, "
+        "or, for a server with token_public_key_file, RS256 or ES256 with --private-key-file. "
+        "Your application mints the real ones (docs/security.md). No key is ever printed.",
     )
-    token.add_argument("sub", metavar="SUB", help="the identity the token is for")
+    token.add_argument("sub", metavar="SUB", help="the identity the token is for (not empty)")
     token.add_argument(
         "--join", action="append", metavar="ROOM", help="a room it may join (trailing * for a "
         "prefix); repeat for more; without any, every room"
@@ -328,16 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default: 3600)"
     )
-    _tokens(token)
+    token.add_argument(
+        "--token-secret-file", metavar="FILE", help="sign HS256 with the secret in FILE"
+    )
+    token.add_argument(
+        "--private-key-file",
+        metavar="FILE",
+        help="sign with this PEM private key: RS256 for an RSA key, ES256 for a P-256 key, "
+        "for a server with token_public_key_file",
+    )
+    token.add_argument(
+        "--token-public-key-file",
+        metavar="FILE",
+        help="the server's public key: --private-key-file must be its pair (a public key "
+        "cannot sign)",
+    )
     _common(token)
 
     show = commands.add_parser(
         "config",
         help="print the effective configuration and where each value came from",
         description="Print every setting, its value, and its source: default, file, "
-        "environment or flag.",
+        "environment or flag. It takes the setting flags of `run`, to show what they make; "
+        "files that hold secrets are shown by their path, never their content.",
     )
-    _common(show)
+    _run_settings(show)
 
     keygen = commands.add_parser(
         "keygen",
@@ -429,10 +450,24 @@ def _report_startup_failure(args: argparse.Namespace, config: Config, failure: E
     the line lands among log lines: from a worker its master started (whose output is the
     node's log, where the line must say which worker), or with ``log_format = "json"``, whose
     readers expect nothing but JSON lines."""
+    why = _startup_problem(args, failure)
     if config.log_format == "json" or (args.command == "worker" and args.config_from_stdin):
-        logger.error("cannot start: %s", failure)
+        logger.error("cannot start: %s", why)
     else:
-        print(f"trio-fanout: error: {failure}", file=sys.stderr)
+        print(f"trio-fanout: error: {why}", file=sys.stderr)
+
+
+def _startup_problem(args: argparse.Namespace, failure: Exception) -> str:
+    """What stopped the command, with the flag that changes it where there is one."""
+    from trio_fanout.backplane.proxy import ProxyPortInUse
+
+    if isinstance(failure, ProxyPortInUse):
+        flag = "--port" if args.command == "proxy" else "--proxy-port"
+        return (
+            f"{failure.strerror}: stop what listens there, or give the proxy another port with "
+            f"{flag} (the setting proxy_port; 0 picks a free one)"
+        )
+    return str(failure)
 
 
 def _unreachable_backplane(command: str, config: Config) -> str | None:
@@ -487,10 +522,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, conf
 
 
 def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
-    if config.token_secret_file is None:
+    if not args.sub:
         parser.exit(
             EXIT_USAGE,
-            "trio-fanout: error: token needs token_secret_file (a public key cannot sign)\n",
+            "trio-fanout: error: SUB: the identity must not be empty (the server refuses a "
+            "token without one)\n",
         )
     if not 1 <= args.ttl <= MAX_TOKEN_TTL:
         parser.exit(
@@ -502,9 +538,46 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             protocol.check_room(room.removesuffix("*") or "*")
         except protocol.RequestError as refusal:
             parser.exit(EXIT_USAGE, f"trio-fanout: error: {room!r}: {refusal.message}\n")
-    key = tokens.read_secret(config.token_secret_file)
+    try:
+        key = _signing_key(args.private_key_file, config)
+    except tokens.KeyFileError as problem:
+        parser.exit(EXIT_USAGE, f"trio-fanout: error: {problem}\n")
     print(tokens.mint(key, args.sub, ttl=args.ttl, join=args.join, publish=args.publish))
     return 0
+
+
+def _signing_key(private_key_file: str | None, config: Config) -> tokens.TokenKey:
+    """What `trio-fanout token` signs with: ``--private-key-file``, checked against the
+    server's public key where one is configured, or ``token_secret_file``. ``KeyFileError``
+    says why neither can sign a token the server would take."""
+    if private_key_file is not None:
+        if config.token_secret_file is not None:
+            raise tokens.KeyFileError(
+                "--private-key-file signs RS256 or ES256, but token_secret_file is set: a "
+                "server with it takes HS256 only (sign with the secret: leave out "
+                "--private-key-file)"
+            )
+        key = tokens.read_private_key(private_key_file)
+        public_file = config.token_public_key_file
+        if public_file is not None and not tokens.signs_for(
+            key, tokens.read_public_key(public_file)
+        ):
+            raise tokens.KeyFileError(
+                f"{private_key_file} is not the private key of token_public_key_file "
+                f"{public_file}: the server would refuse its tokens"
+            )
+        return key
+    if config.token_secret_file is not None:
+        return tokens.read_secret(config.token_secret_file)
+    if config.token_public_key_file is not None:
+        raise tokens.KeyFileError(
+            f"a public key cannot sign: give the private key of {config.token_public_key_file} "
+            "with --private-key-file FILE"
+        )
+    raise tokens.KeyFileError(
+        "token needs a key: --token-secret-file FILE (HS256) or --private-key-file FILE "
+        "(RS256, ES256)"
+    )
 
 
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:

@@ -519,6 +519,7 @@ class Connection:
             except websocket.HandshakeError as refusal:
                 logger.debug("connection %d: HTTP %d: %s", self.id, refusal.status, refusal)
                 self.worker.stats.count_refusal(refusal.status)
+                self.worker.note_refused_handshake(refusal)
                 self._respond(http.refusal_response(refusal))
                 return None
             self._append(accept)
@@ -554,12 +555,12 @@ class Connection:
         if verifier is None or not given:
             return
         if len(given) > 1:
-            raise websocket.HandshakeError(400, "the query string gives more than one token")
+            raise http.TokenRefused(400, "the query string gives more than one token")
         (token,) = given
         try:
             self.grant = verifier.verify(token)
         except tokens.InvalidToken as invalid:
-            raise websocket.HandshakeError(401, str(invalid)) from None
+            raise http.TokenRefused(401, str(invalid)) from None
         self.identity = self.grant.sub
 
     async def _authenticate(self, request: websocket.Request) -> None:
@@ -569,7 +570,7 @@ class Connection:
         try:
             self.identity = await authenticate(request)
         except Forbidden as refusal:
-            raise websocket.HandshakeError(403, str(refusal) or "forbidden") from None
+            raise http.HookRefused(403, str(refusal) or "forbidden") from None
         except Exception:
             logger.exception("connection %d: the authenticate hook failed", self.id)
             raise websocket.HandshakeError(500, "authentication failed") from None

@@ -57,13 +57,30 @@ def plain_response(
     return None
 
 
+class OriginRefused(websocket.HandshakeError):
+    """403: the page's ``Origin`` is not in ``allowed_origins``."""
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(403, "this origin may not connect")
+        self.origin = origin
+
+
+class TokenRefused(websocket.HandshakeError):
+    """401 (or 400 for two): the ``?token=`` of the handshake is refused; the message says
+    why, never the token."""
+
+
+class HookRefused(websocket.HandshakeError):
+    """403: an embedded worker's ``authenticate`` hook refused the handshake."""
+
+
 def check_origin(request: websocket.Request, allowed_origins: tuple[str, ...]) -> None:
     """Refuse with 403 an upgrade from a page whose ``Origin`` is not in ``allowed_origins``
     (when that is set). A request without ``Origin`` comes from a program, not a browser page,
     and passes: the setting protects users' browsers from other sites' pages, nothing more."""
     origin = request.headers.get("origin")
     if allowed_origins and origin is not None and origin.lower() not in allowed_origins:
-        raise websocket.HandshakeError(403, "this origin may not connect")
+        raise OriginRefused(origin)
 
 
 def plain_http_to_tls_port_response() -> bytes:

@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from trio_fanout import control, envelope, protocol, steering
+from trio_fanout import control, envelope, protocol, steering, tokens
 from trio_fanout.admin import AdminServer
 from trio_fanout.backplane import (
     BackplaneError,
@@ -441,57 +441,90 @@ async def run_master(
                     # Workers and the heartbeat meet at the port the proxy really bound, and
                     # with CURVE they are clients of the proxy's own key pair.
                     config = attrs.evolve(config, proxy_port=proxy_port, curve_server_key_file=None)
-                supervisor = Supervisor(config, listeners)
-                if proxy is not None:
-                    supervisor.node.proxy_stats = proxy.stats
-                if config.admin_port is not None:
-                    admin = AdminServer(
-                        config,
-                        supervisor.node,
-                        supervisor.ask_workers,
-                        range(1, config.workers + 1),
+                # What uses the proxy (the workers, the heartbeat, the admin API) stops before
+                # it, so that none of them sees the proxy go and says so.
+                async with trio.open_nursery() as cluster:
+                    supervisor = Supervisor(config, listeners)
+                    if proxy is not None:
+                        supervisor.node.proxy_stats = proxy.stats
+                    if config.admin_port is not None:
+                        admin = AdminServer(
+                            config,
+                            supervisor.node,
+                            supervisor.ask_workers,
+                            range(1, config.workers + 1),
+                        )
+                        await cluster.start(admin.serve)
+                    # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
+                    # publishes its own, so a master on it does not.
+                    external_proxy = (
+                        config.backplane is not None and config.backplane.lower().startswith("zmq:")
                     )
-                    await nursery.start(admin.serve)
-                # One heartbeat per backplane: an external ZeroMQ proxy (`trio-fanout proxy`)
-                # publishes its own, so a master on it does not.
-                external_proxy = (
-                    config.backplane is not None and config.backplane.lower().startswith("zmq:")
-                )
-                if config.heartbeat_interval > 0 and not external_proxy:
-                    nursery.start_soon(
-                        publish_heartbeats,
-                        config.backplane_url,
-                        config.heartbeat_interval,
-                        config.backplane_credentials,
-                        supervisor.node,
+                    if config.heartbeat_interval > 0 and not external_proxy:
+                        cluster.start_soon(
+                            publish_heartbeats,
+                            config.backplane_url,
+                            config.heartbeat_interval,
+                            config.backplane_credentials,
+                            supervisor.node,
+                        )
+                    for index in range(1, config.workers + 1):
+                        cluster.start_soon(supervisor.keep_running, index)
+                    cluster.start_soon(give_back_memory_forever)
+                    host, port = listeners[0].getsockname()[:2]
+                    logger.info(
+                        "listening on %s://%s:%d/ws with %d workers, backplane %s",
+                        "ws" if certificate is None else "wss",
+                        host,
+                        port,
+                        config.workers,
+                        redact_url(config.backplane_url),
                     )
-                for index in range(1, config.workers + 1):
-                    nursery.start_soon(supervisor.keep_running, index)
-                nursery.start_soon(give_back_memory_forever)
-                host, port = listeners[0].getsockname()[:2]
-                logger.info(
-                    "listening on %s://%s:%d/ws with %d workers, backplane %s",
-                    "ws" if certificate is None else "wss",
-                    host,
-                    port,
-                    config.workers,
-                    redact_url(config.backplane_url),
-                )
-                task_status.started(port)
-                async for signum in signals:
-                    if signum != signal.SIGHUP:
-                        logger.info("%s: stopping", signal.Signals(signum).name)
-                        break
-                    if certificate is None:
-                        logger.info("SIGHUP: TLS is not configured; nothing to reload")
-                    elif certificate.reload():
-                        await supervisor.reload_all()
-                await supervisor.stop_all()
+                    logger.info("access: %s", describe_access(config))
+                    task_status.started(port)
+                    async for signum in signals:
+                        if signum != signal.SIGHUP:
+                            logger.info("%s: stopping", signal.Signals(signum).name)
+                            break
+                        if certificate is None:
+                            logger.info("SIGHUP: TLS is not configured; nothing to reload")
+                        elif certificate.reload():
+                            await supervisor.reload_all()
+                    await supervisor.stop_all()
+                    cluster.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
             listener.close()
     logger.info("stopped")
+
+
+def describe_access(config: Config) -> str:
+    """Which access controls ``config`` puts in force, for the start of the log: tokens and
+    their algorithm, origins, TLS, the connection limit, CURVE on a ZeroMQ backplane. Files
+    are named by their path; no secret, no key is read into the text."""
+    if config.token_secret_file is not None:
+        access = [f"tokens required (HS256, token_secret_file {config.token_secret_file})"]
+    elif config.token_public_key_file is not None:
+        algorithm = tokens.read_public_key(config.token_public_key_file).algorithm
+        access = [
+            f"tokens required ({algorithm}, token_public_key_file {config.token_public_key_file})"
+        ]
+    else:
+        access = ["no tokens"]
+    if config.allowed_origins:
+        access.append("allowed_origins " + ", ".join(config.allowed_origins))
+    else:
+        access.append("any origin")
+    if config.tls_cert_file is not None:
+        access.append(f"TLS (tls_cert_file {config.tls_cert_file})")
+    else:
+        access.append("no TLS")
+    access.append(f"max_connections {config.max_connections} per worker")
+    if config.backplane_url.lower().startswith("zmq:"):
+        curve = "CURVE" if config.curve_secret_key_file is not None else "no CURVE"
+        access.append(f"{curve} on the ZeroMQ backplane")
+    return "; ".join(access)
 
 
 async def _no_workers(kind: bytes) -> list[dict[str, Any]]:

@@ -217,11 +217,39 @@ async def answer_master(
     master_gone.set()
 
 
+# The signals that stop a worker gracefully.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 async def _stop_on_signal(worker: Worker) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info("worker %d: %s, closing clients", worker.index, signal.Signals(signum).name)
-            worker.stop()
+    """Stop ``worker`` gracefully at the first SIGINT or SIGTERM, and ignore both from then on.
+
+    Ctrl-C sends SIGINT to the whole process group, master and workers alike, and the master
+    then sends each worker SIGTERM as well: that second signal must neither start a second
+    stop nor, arriving once this task's receiver has put the default handlers back, kill the
+    worker before it has closed its clients and said it stopped. A worker that hangs in its
+    stop is still killed by its master (``WORKER_STOP_TIMEOUT``), and the drain is bounded.
+    """
+    stopping = False
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async for signum in signals:
+                if stopping:
+                    continue  # one that came before the others were ignored
+                stopping = True
+                _ignore_stop_signals()
+                logger.info(
+                    "worker %d: %s, closing clients", worker.index, signal.Signals(signum).name
+                )
+                worker.stop()
+    finally:
+        if stopping:
+            _ignore_stop_signals()  # leaving the receiver put the default handlers back
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _reload_on_signal(

@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -90,6 +91,47 @@ def read_public_key(path: str) -> TokenKey:
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
         return TokenKey("ES256", key)
     raise KeyFileError(f"{path} holds neither an RSA key (RS256) nor a P-256 key (ES256)")
+
+
+def read_private_key(path: str) -> TokenKey:
+    """The RSA (RS256) or P-256 (ES256) private key in the unencrypted PEM file ``path``, to
+    sign tokens with (``trio-fanout token``); the algorithm is the key's."""
+    data = _read(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # a passphrase protects it
+        raise KeyFileError(
+            f"{path} is encrypted: give the key without a passphrase "
+            f"(openssl pkey -in {path} -out PLAIN.pem)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(
+            f"{path} is not a PEM private key (-----BEGIN PRIVATE KEY-----)"
+        ) from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise KeyFileError(
+                f"{path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"
+            )
+        return TokenKey("RS256", key)
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return TokenKey("ES256", key)
+    raise KeyFileError(f"{path} holds neither an RSA key (RS256) nor a P-256 key (ES256)")
+
+
+def signs_for(private: TokenKey, public: TokenKey) -> bool:
+    """Whether tokens signed with ``private`` verify with ``public``: the same algorithm, and
+    ``public`` is the public half of ``private``."""
+    if private.algorithm != public.algorithm:
+        return False
+    encoding, public_format = (
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    return bool(
+        private.key.public_key().public_bytes(encoding, public_format)
+        == public.key.public_bytes(encoding, public_format)
+    )
 
 
 def _read(path: str) -> bytes:
@@ -211,7 +253,7 @@ def mint(
     now: float | None = None,
 ) -> str:
     """A token for ``sub`` valid for ``ttl`` seconds from ``now``; ``key`` must be able to sign
-    (a secret, or a private key for tests)."""
+    (a secret, or a private key: :func:`read_private_key`)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + round(ttl)}
     if join is not None:

@@ -17,12 +17,12 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Hashable
 
 import attrs
 import trio
 
-from trio_fanout import envelope, protocol, tokens, websocket
+from trio_fanout import envelope, http, protocol, tokens, websocket
 from trio_fanout.backplane import Backplane, BackplaneUnavailable, History, Position, Received
 from trio_fanout.backplane._shrink import ShrinkWatch, give_back_freed_memory, rebuild_dict
 from trio_fanout.config import Config
@@ -59,8 +59,9 @@ DRAIN_TIMEOUT = 3.0
 # most this often, with the count since: under a flood, one line per refusal would be a flood too.
 REFUSAL_LOG_INTERVAL = 10.0
 
-# The limits whose refusals are counted for the log.
-REFUSAL_LIMITS = ("max_connections", "max_handshakes", "max_rooms_per_worker")
+# A refused handshake's Origin header is shown in the log up to this length: enough for any real
+# origin, and a client cannot fill the log with a header of many kilobytes.
+ORIGIN_SHOWN_CHARACTERS = 200
 
 # The bytes of message data a ``history`` answer holds at most (one message always, however
 # large): the answer is one WebSocket message, and common clients refuse larger ones by default
@@ -112,6 +113,14 @@ def relay_problem(frame: bytes) -> str | None:
     return None
 
 
+def _report_accept_failures(count: int, error: OSError) -> None:
+    logger.error(
+        "accept failed %d times since the last such line (%s); pausing %.1f s "
+        "each time; at most one such line per %.0f s",
+        count, error, ACCEPT_CAPACITY_PAUSE, REFUSAL_LOG_INTERVAL,
+    )  # fmt: skip
+
+
 def _log_delivery(
     room: Room, position: Position | None, skipped: Collection[Connection | None]
 ) -> None:
@@ -148,6 +157,68 @@ class LogThrottle:
         self._logged = now
         count, self._count = self._count, 0
         return count
+
+
+class CountedLines:
+    """Warnings about events that may come in floods (refusals at a limit, clients closed for
+    their conduct): the first of each kind is logged at once, the next ones are counted and
+    logged together at most once per ``interval`` seconds (Trio's clock), with the count and
+    the details of the last one. Every event is counted in some line: what is still counted
+    when the interval ends is logged then by :meth:`flush_forever`, and at the end by
+    :meth:`flush_all`, not only when (if ever) one more event comes."""
+
+    __slots__ = ("_interval", "_kinds", "_waiting")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._kinds: dict[Hashable, _Counted] = {}
+        self._waiting = trio.Event()  # set while some count is waiting for its line
+
+    def note(self, kind: Hashable, report: Callable[..., None], *details: object) -> None:
+        """Count one event of ``kind``; ``report(count, *details)`` logs the line, now if the
+        last line of this kind is ``interval`` old, else when it is."""
+        counted = self._kinds.get(kind)
+        if counted is None:
+            counted = self._kinds[kind] = _Counted(report)
+        counted.count += 1
+        counted.report, counted.details = report, details
+        if trio.current_time() - counted.logged >= self._interval:
+            counted.write(trio.current_time())
+        else:
+            self._waiting.set()
+
+    async def flush_forever(self) -> None:
+        """Write each waiting count as soon as its interval has passed."""
+        while True:
+            await self._waiting.wait()
+            waiting = [counted for counted in self._kinds.values() if counted.count]
+            if not waiting:
+                self._waiting = trio.Event()
+                continue
+            await trio.sleep_until(min(counted.logged for counted in waiting) + self._interval)
+            now = trio.current_time()
+            for counted in waiting:
+                if counted.count and now - counted.logged >= self._interval:
+                    counted.write(now)
+
+    def flush_all(self) -> None:
+        """Write every waiting count now (the worker stops)."""
+        for counted in self._kinds.values():
+            if counted.count:
+                counted.write(trio.current_time())
+
+
+@attrs.define(eq=False)
+class _Counted:
+    report: Callable[..., None]
+    count: int = 0
+    details: tuple[object, ...] = ()
+    logged: float = -math.inf
+
+    def write(self, now: float) -> None:
+        count, self.count = self.count, 0
+        self.logged = now
+        self.report(count, *self.details)
 
 
 @attrs.define(eq=False)
@@ -319,11 +390,9 @@ class Worker:
         self._connections: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         # Refusals at a limit, by limit, for the log.
-        self._refusals = {limit: LogThrottle(REFUSAL_LOG_INTERVAL) for limit in REFUSAL_LIMITS}
-        self._accept_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
-        self._park_failures = LogThrottle(REFUSAL_LOG_INTERVAL)
-        # Clients closed for their own conduct (too slow, over the rate limit), by reason.
-        self._closes: dict[str, LogThrottle] = {}
+        # Refusals at a limit or at the handshake, failed accepts and parks, and clients closed
+        # for their own conduct (too slow, over the rate limit): counted for the log, by kind.
+        self.counted_lines = CountedLines(REFUSAL_LOG_INTERVAL)
 
     # ---- rooms ---------------------------------------------------------------------------
 
@@ -678,11 +747,52 @@ class Worker:
     def _note_refusal(self, limit: str, what: str) -> None:
         """Count a refusal at ``limit`` and log the count now and then (see
         ``REFUSAL_LOG_INTERVAL``)."""
-        if count := self._refusals[limit].note():
+
+        def report(count: int) -> None:
             logger.warning(
                 "worker %d is at its %s (%d): %d %s since the last such line",
                 self.index, limit, getattr(self.config, limit), count, what,
+                extra={"limit": limit, "refused": count},
             )  # fmt: skip
+
+        self.counted_lines.note(limit, report)
+
+    def note_refused_handshake(self, refusal: websocket.HandshakeError) -> None:
+        """Count a handshake refused for who or where the client is (its page's origin, its
+        token, the authenticate hook) and log the count now and then, with the last one's
+        reason: the client only sees an HTTP status, and a browser's retries say nothing."""
+        if isinstance(refusal, http.OriginRefused):
+            # Sent by the client: shown escaped (%r) and cut short, whatever it holds.
+            origin = refusal.origin[:ORIGIN_SHOWN_CHARACTERS]
+            self.counted_lines.note("origin", self._report_refused_origins, origin)
+        elif isinstance(refusal, http.TokenRefused):
+            self.counted_lines.note("token", self._report_refused_tokens, refusal)
+        elif isinstance(refusal, http.HookRefused):
+            self.counted_lines.note("hook", self._report_refused_by_hook, refusal)
+
+    def _report_refused_origins(self, count: int, origin: str) -> None:
+        logger.warning(
+            "worker %d refused %d WebSocket handshakes (HTTP 403) from origins not in "
+            "allowed_origins since the last such line, the last from origin %r",
+            self.index, count, origin,
+            extra={"refused": count, "status": 403, "origin": origin},
+        )  # fmt: skip
+
+    def _report_refused_tokens(self, count: int, refusal: http.TokenRefused) -> None:
+        logger.warning(
+            "worker %d refused %d WebSocket handshakes for their ?token= since the last such "
+            "line, the last with HTTP %d: %s",
+            self.index, count, refusal.status, refusal,
+            extra={"refused": count, "status": refusal.status, "reason": str(refusal)},
+        )  # fmt: skip
+
+    def _report_refused_by_hook(self, count: int, refusal: http.HookRefused) -> None:
+        logger.warning(
+            "worker %d refused %d WebSocket handshakes (HTTP 403) by its authenticate hook "
+            "since the last such line, the last: %s",
+            self.index, count, refusal,
+            extra={"refused": count, "status": 403, "reason": str(refusal)},
+        )  # fmt: skip
 
     def set_token_timer(self, conn: Connection, when: float) -> None:
         """Call ``conn.token_timer_fired()`` at ``when`` (Trio's clock), unless ``conn`` is
@@ -703,12 +813,14 @@ class Worker:
     def note_close(self, reason: str) -> None:
         """Count a client closed for ``reason`` and log the count now and then: a crowd of slow
         or flooding clients must not write a line each (each is logged at debug)."""
-        throttle = self._closes.setdefault(reason, LogThrottle(REFUSAL_LOG_INTERVAL))
-        if count := throttle.note():
+
+        def report(count: int) -> None:
             logger.warning(
                 "worker %d closed connections %s: %d since the last such line",
                 self.index, reason, count,
             )  # fmt: skip
+
+        self.counted_lines.note(("close", reason), report)
 
     def register(self, conn: Connection) -> None:
         """Called once the WebSocket is open: from now on broadcasts reach ``conn``."""
@@ -740,15 +852,17 @@ class Worker:
         try:
             self.parked.park(conn, fd)
         except OSError as error:
-            if count := self._park_failures.note():
-                logger.warning(
-                    "worker %d could not park %d idle connections since the last such line "
-                    "(%s): they keep their tasks, and their memory; at most one such line "
-                    "per %.0f s",
-                    self.index, count, error, REFUSAL_LOG_INTERVAL,
-                )  # fmt: skip
+            self.counted_lines.note("park", self._report_park_failures, error)
             return False
         return True
+
+    def _report_park_failures(self, count: int, error: OSError) -> None:
+        logger.warning(
+            "worker %d could not park %d idle connections since the last such line "
+            "(%s): they keep their tasks, and their memory; at most one such line "
+            "per %.0f s",
+            self.index, count, error, REFUSAL_LOG_INTERVAL,
+        )  # fmt: skip
 
     def wake(self, conn: Connection) -> None:
         """Give ``conn`` a task again if it is parked (it must close, or wait for its socket
@@ -1110,6 +1224,7 @@ class Worker:
             self._connections = None
             for conn in self.parked.close():
                 conn.abandon()
+            self.counted_lines.flush_all()  # what the last interval counted
         self.backplane.unsubscribe(envelope.BROADCAST_TOPIC)
 
     async def _serve(self, listener: socket.socket, task_status: trio.TaskStatus[None]) -> None:
@@ -1119,6 +1234,7 @@ class Worker:
                 serving.start_soon(self.parked.wake_readable_forever, self._resume)
                 serving.start_soon(self.fan_out_forever)
                 serving.start_soon(self._flush_deferred_forever)
+                serving.start_soon(self.counted_lines.flush_forever)
                 if self.tokens is not None:
                     serving.start_soon(self._token_timers_forever)
                 serving.start_soon(self._accept_forever, listener, connections)
@@ -1151,12 +1267,7 @@ class Worker:
                     continue
                 if error.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                if count := self._accept_failures.note():
-                    logger.error(
-                        "accept failed %d times since the last such line (%s); pausing %.1f s "
-                        "each time; at most one such line per %.0f s",
-                        count, error, ACCEPT_CAPACITY_PAUSE, REFUSAL_LOG_INTERVAL,
-                    )  # fmt: skip
+                self.counted_lines.note("accept", _report_accept_failures, error)
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
             if self.handshakes >= self.config.max_handshakes:
