@@ -148,11 +148,28 @@ def test_against_a_version_1_server_nothing_is_filtered_and_nothing_recovered():
 # ---- a worker embedded here, stopped and started again ---------------------------------------
 
 
+async def _serve_in(
+    scope: trio.CancelScope,
+    config: Config,
+    hooks: Hooks | None = None,
+    *,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``scope`` is cancelled: the sockets then close at once, like a crash.
+
+    A scope of the server's own: cancelling the nursery around a ``yield`` would cancel the
+    body of the caller's ``async with`` too, which would then end there, silently.
+    """
+    with scope:
+        await serve(config, hooks=hooks, task_status=task_status)
+
+
 @asynccontextmanager
 async def embedded_worker(
     port: int, hooks: Hooks | None = None, **settings: object
-) -> AsyncIterator[trio.Nursery]:
-    """A worker on ``port`` (no heartbeat) until the block ends or its nursery is cancelled."""
+) -> AsyncIterator[trio.CancelScope]:
+    """A worker on ``port`` (no heartbeat) until the block ends or the scope it yields is
+    cancelled."""
     config = Config(
         port=port,
         heartbeat_interval=0,
@@ -160,9 +177,10 @@ async def embedded_worker(
         **settings,  # type: ignore[arg-type]
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, config, hooks=hooks))
-        yield nursery
-        nursery.cancel_scope.cancel()
+        scope = trio.CancelScope()
+        await nursery.start(_serve_in, scope, config, hooks)
+        yield scope
+        scope.cancel()
 
 
 async def next_item(client: ReconnectingClient) -> Item:
@@ -182,7 +200,7 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
     ):
         assert isinstance(await next_item(client), Connected)
         await client.join(room)
-        first_server.cancel_scope.cancel()  # sockets closed at once, no close frame
+        first_server.cancel()  # sockets closed at once, no close frame
         disconnected = await next_item(client)
         assert isinstance(disconnected, Disconnected), disconnected
         assert not client.connected
@@ -224,7 +242,7 @@ async def test_a_rejoin_refused_for_now_is_retried_on_a_new_connection_keeping_t
         assert refused.value.code == "rate_limited"
         await trio.sleep(0.6)  # one frame's worth of rate comes back after 0.5 s
         await client.join("c")
-        first_server.cancel_scope.cancel()
+        first_server.cancel()
         assert isinstance(await next_item(client), Disconnected)
         async with embedded_worker(port, **limits):
             assert isinstance(await next_item(client), Connected)
@@ -452,9 +470,10 @@ async def worker_on(port: int, backplane_url: str) -> AsyncIterator[trio.CancelS
     """A worker on ``port`` and ``backplane_url`` until the block ends or the scope is cancelled."""
     config = Config(port=port, heartbeat_interval=0, backplane=backplane_url)
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve, config)
-        yield nursery.cancel_scope
-        nursery.cancel_scope.cancel()
+        scope = trio.CancelScope()
+        await nursery.start(_serve_in, scope, config)
+        yield scope
+        scope.cancel()
 
 
 async def test_version_2_messages_published_while_away_are_recovered_once_in_order():
