@@ -57,10 +57,11 @@ class ServerFiles:
         files.renew()
         return files
 
-    def renew(self, ca: trustme.CA | None = None) -> None:
-        """Write a new certificate and key over the files, from ``ca`` if given."""
+    def renew(self, ca: trustme.CA | None = None, name: str = "127.0.0.1") -> None:
+        """Write a new certificate for ``name`` and its key over the files, from ``ca`` if
+        given."""
         self.ca = ca or self.ca
-        cert = self.ca.issue_cert("127.0.0.1")
+        cert = self.ca.issue_cert(name)
         self.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(self.key_file))
 
@@ -239,6 +240,46 @@ async def test_a_client_that_does_not_trust_the_certificate_fails_and_others_are
             await publish_from_outside(worker, "r", "still here")
             assert await receive_data(client, 1) == ["still here"]
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+# Far longer than a refusal takes: a client that waited for it would fail the test.
+PATIENT_CONNECT_TIMEOUT = 60.0
+
+
+@pytest.mark.parametrize(
+    ("problem", "said"),
+    [
+        ("untrusted CA", "unable to get local issuer certificate"),
+        ("another name", "IP address mismatch"),
+    ],
+)
+async def test_a_certificate_the_client_refuses_raises_at_once_and_says_why(
+    server_files: ServerFiles, tmp_path: Path, problem: str, said: str
+):
+    if problem == "untrusted CA":
+        context = ServerFiles.issue(tmp_path / "other").client_context()
+    else:
+        server_files.renew(name="fanout.example")  # the client trusts its CA, not its name
+        context = server_files.client_context()
+    async with tls_worker(server_files) as (worker, url):
+        for opener in (open_client,):
+            started = trio.current_time()
+            with (
+                trio.fail_after(RECEIVE_TIMEOUT),
+                pytest.raises(ssl.SSLCertVerificationError) as refused,
+            ):
+                async with opener(
+                    url, ssl_context=context, connect_timeout=PATIENT_CONNECT_TIMEOUT
+                ):
+                    pass  # pragma: no cover
+            assert trio.current_time() - started < RECEIVE_TIMEOUT
+            assert said in str(refused.value), refused.value
+        # The worker serves on, a client that trusts it included.
+        if problem == "another name":
+            server_files.renew()
+            worker.tls.reload()
+        async with open_client(url, ssl_context=server_files.client_context()) as client:
+            await client.ping()
 
 
 async def test_a_stalled_tls_handshake_holds_a_handshake_slot_until_handshake_timeout(
