@@ -224,10 +224,40 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
             assert isinstance(item, dict) and item["data"] == "after", item
 
 
+async def test_disconnected_says_why_in_a_sentence_and_its_code_is_a_plain_int():
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws"
+    config = Config(
+        port=port, heartbeat_interval=0, backplane=f"memory://reconnecting-{next(_names)}"
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(serve, config)
+        async with open_reconnecting_client(url, backoff_base=0.05, backoff_cap=0.2) as client:
+            assert isinstance(await next_item(client), Connected)
+            worker.stop()  # a close frame: 1001 and "server shutting down"
+            stopped = await next_item(client)
+            assert stopped == Disconnected(
+                "the server closed the connection with code 1001 (going away): "
+                "server shutting down",
+                1001,
+            )
+            async with embedded_worker(port) as second:
+                assert isinstance(await next_item(client), Connected)
+                second.cancel()  # no close frame at all
+                lost = await next_item(client)
+            assert lost == Disconnected(
+                "the connection was lost without a close handshake (code 1006)", 1006
+            )
+            # Plain ints, which print as numbers, not members of trio-websocket's enum.
+            assert [type(stopped.code), type(lost.code)] == [int, int]  # type: ignore[union-attr]
+            assert repr(lost.code) == "1006"  # type: ignore[union-attr]
+
+
 async def test_a_rejoin_refused_for_now_is_retried_on_a_new_connection_keeping_the_room():
     port = free_port()
-    # Two frames at once, then two a second: three rejoins in a row are one too many.
-    limits = {"rate_limit_per_second": 2.0, "rate_limit_burst": 2}
+    # Three frames at once, then two a second: the client's first ping (it has no token) and
+    # two joins pass, and three rejoins in a row are one too many.
+    limits = {"rate_limit_per_second": 2.0, "rate_limit_burst": 3}
     async with (
         embedded_worker(port, **limits) as first_server,
         open_reconnecting_client(
