@@ -568,6 +568,57 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
         assert await page.evaluate("tokensTaken") == 2
 
 
+# The browser client in a page, with no token option, against a server that requires one.
+BROWSER_WITHOUT_TOKEN = """
+(async () => {
+  let imported;
+  for (let attempt = 1; ; attempt++) {
+    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
+    catch (error) {
+      if (attempt === 3) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  const { FanoutClient } = imported;
+  const events = [];
+  const client = new FanoutClient(WS_URL, { backoffBaseMs: 50 });
+  for (const name of ["connected", "disconnected", "reconnecting", "error"]) {
+    client.on(name, (detail) => events.push([name, detail]));
+  }
+  const stopped = new Promise((resolve) => client.on("error", resolve));
+  const joined = client.join("lobby", () => {}).then(
+    () => "joined",
+    (error) => [error.name, error.code, error.message]
+  );
+  await stopped;
+  return { events, joined: await joined, state: client.state };
+})().catch((error) => `the page could not run the client: ${error.stack}`)
+"""
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_the_browser_client_without_a_token_stops_and_says_one_is_required(
+    cluster: ClusterProcess,
+):
+    origin = f"http://127.0.0.1:{cluster.port}"
+    async with browser.open_page(f"{origin}/healthz") as page:
+        script = BROWSER_WITHOUT_TOKEN.replace("ORIGIN", json.dumps(origin)).replace(
+            "WS_URL", json.dumps(cluster.url)
+        )
+        with trio.fail_after(START_TIMEOUT):
+            outcome = await page.evaluate(script)
+    said = (
+        "the server requires a token (it closed the connection with 4001: the first frame "
+        "must be auth); give the client a token option"
+    )
+    # Told once, never connected, and stopped: no reconnection is planned.
+    assert outcome == {
+        "events": [["error", {"room": None, "code": "token_required", "message": said}]],
+        "joined": ["FanoutError", "token_required", said],
+        "state": "closed",
+    }, outcome
+
+
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
 async def test_a_page_of_another_origin_cannot_open_a_websocket(cluster: ClusterProcess):
     # localhost is the same server, but another origin than the allowed http://127.0.0.1:PORT.
