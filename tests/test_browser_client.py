@@ -321,13 +321,17 @@ Step = Callable[[trio_websocket.WebSocketConnection], Awaitable[None]]
 
 @asynccontextmanager
 async def scripted_server(steps: list[Step]) -> AsyncIterator[str]:
-    """A WebSocket server on loopback whose n-th connection is welcomed (no heartbeats) and then
-    played by ``steps[n]``; its URL."""
+    """A WebSocket server on loopback whose n-th connection is welcomed (no heartbeats), has its
+    first ping answered, and is then played by ``steps[n]``; its URL."""
     remaining = list(steps)
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         await send(ws, type="welcome", worker=1, pid=os.getpid(), heartbeat_interval=0)
+        # A client without a token pings before it counts itself connected.
+        ping = json.loads(await ws.get_message())
+        assert ping["type"] == "ping", ping
+        await send(ws, type="pong", id=ping["id"])
         if remaining:
             await remaining.pop(0)(ws)
         else:

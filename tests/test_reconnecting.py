@@ -148,11 +148,28 @@ def test_against_a_version_1_server_nothing_is_filtered_and_nothing_recovered():
 # ---- a worker embedded here, stopped and started again ---------------------------------------
 
 
+async def _serve_in(
+    scope: trio.CancelScope,
+    config: Config,
+    hooks: Hooks | None = None,
+    *,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``scope`` is cancelled: the sockets then close at once, like a crash.
+
+    A scope of the server's own: cancelling the nursery around a ``yield`` would cancel the
+    body of the caller's ``async with`` too, which would then end there, silently.
+    """
+    with scope:
+        await serve(config, hooks=hooks, task_status=task_status)
+
+
 @asynccontextmanager
 async def embedded_worker(
     port: int, hooks: Hooks | None = None, **settings: object
-) -> AsyncIterator[trio.Nursery]:
-    """A worker on ``port`` (no heartbeat) until the block ends or its nursery is cancelled."""
+) -> AsyncIterator[trio.CancelScope]:
+    """A worker on ``port`` (no heartbeat) until the block ends or the scope it yields is
+    cancelled."""
     config = Config(
         port=port,
         heartbeat_interval=0,
@@ -160,9 +177,10 @@ async def embedded_worker(
         **settings,  # type: ignore[arg-type]
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, config, hooks=hooks))
-        yield nursery
-        nursery.cancel_scope.cancel()
+        scope = trio.CancelScope()
+        await nursery.start(_serve_in, scope, config, hooks)
+        yield scope
+        scope.cancel()
 
 
 async def next_item(client: ReconnectingClient) -> Item:
@@ -182,7 +200,7 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
     ):
         assert isinstance(await next_item(client), Connected)
         await client.join(room)
-        first_server.cancel_scope.cancel()  # sockets closed at once, no close frame
+        first_server.cancel()  # sockets closed at once, no close frame
         disconnected = await next_item(client)
         assert isinstance(disconnected, Disconnected), disconnected
         assert not client.connected
@@ -206,10 +224,40 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
             assert isinstance(item, dict) and item["data"] == "after", item
 
 
+async def test_disconnected_says_why_in_a_sentence_and_its_code_is_a_plain_int():
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws"
+    config = Config(
+        port=port, heartbeat_interval=0, backplane=f"memory://reconnecting-{next(_names)}"
+    )
+    async with trio.open_nursery() as nursery:
+        worker = await nursery.start(serve, config)
+        async with open_reconnecting_client(url, backoff_base=0.05, backoff_cap=0.2) as client:
+            assert isinstance(await next_item(client), Connected)
+            worker.stop()  # a close frame: 1001 and "server shutting down"
+            stopped = await next_item(client)
+            assert stopped == Disconnected(
+                "the server closed the connection with code 1001 (going away): "
+                "server shutting down",
+                1001,
+            )
+            async with embedded_worker(port) as second:
+                assert isinstance(await next_item(client), Connected)
+                second.cancel()  # no close frame at all
+                lost = await next_item(client)
+            assert lost == Disconnected(
+                "the connection was lost without a close handshake (code 1006)", 1006
+            )
+            # Plain ints, which print as numbers, not members of trio-websocket's enum.
+            assert [type(stopped.code), type(lost.code)] == [int, int]  # type: ignore[union-attr]
+            assert repr(lost.code) == "1006"  # type: ignore[union-attr]
+
+
 async def test_a_rejoin_refused_for_now_is_retried_on_a_new_connection_keeping_the_room():
     port = free_port()
-    # Two frames at once, then two a second: three rejoins in a row are one too many.
-    limits = {"rate_limit_per_second": 2.0, "rate_limit_burst": 2}
+    # Three frames at once, then two a second: the client's first ping (it has no token) and
+    # two joins pass, and three rejoins in a row are one too many.
+    limits = {"rate_limit_per_second": 2.0, "rate_limit_burst": 3}
     async with (
         embedded_worker(port, **limits) as first_server,
         open_reconnecting_client(
@@ -224,7 +272,7 @@ async def test_a_rejoin_refused_for_now_is_retried_on_a_new_connection_keeping_t
         assert refused.value.code == "rate_limited"
         await trio.sleep(0.6)  # one frame's worth of rate comes back after 0.5 s
         await client.join("c")
-        first_server.cancel_scope.cancel()
+        first_server.cancel()
         assert isinstance(await next_item(client), Disconnected)
         async with embedded_worker(port, **limits):
             assert isinstance(await next_item(client), Connected)
@@ -452,9 +500,10 @@ async def worker_on(port: int, backplane_url: str) -> AsyncIterator[trio.CancelS
     """A worker on ``port`` and ``backplane_url`` until the block ends or the scope is cancelled."""
     config = Config(port=port, heartbeat_interval=0, backplane=backplane_url)
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve, config)
-        yield nursery.cancel_scope
-        nursery.cancel_scope.cancel()
+        scope = trio.CancelScope()
+        await nursery.start(_serve_in, scope, config)
+        yield scope
+        scope.cancel()
 
 
 async def test_version_2_messages_published_while_away_are_recovered_once_in_order():

@@ -5,6 +5,7 @@ a certificate reloaded on SIGHUP while clients stay connected, and bad files ref
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -29,14 +30,23 @@ from tests.helpers import (
     ClusterProcess,
     LoggedProcess,
     connect_on_each_worker,
+    free_port,
     receive_data,
     trio_fanout_command,
 )
 from tests.test_limits import SMALL_RECEIVE_BUFFER, RawClient, close_code
+from tests.test_reconnecting import embedded_worker, reconnecting_on_worker, until
 from tests.test_worker import publish_from_outside, running_worker
 from trio_fanout import Config, TLSFileError, connection, serve, tls, websocket
 from trio_fanout.client import open_client
 from trio_fanout.config import ConfigError, load_config
+from trio_fanout.reconnecting import (
+    Connected,
+    Disconnected,
+    Recovered,
+    Unrecovered,
+    open_reconnecting_client,
+)
 from trio_fanout.worker import Worker
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -57,10 +67,11 @@ class ServerFiles:
         files.renew()
         return files
 
-    def renew(self, ca: trustme.CA | None = None) -> None:
-        """Write a new certificate and key over the files, from ``ca`` if given."""
+    def renew(self, ca: trustme.CA | None = None, name: str = "127.0.0.1") -> None:
+        """Write a new certificate for ``name`` and its key over the files, from ``ca`` if
+        given."""
         self.ca = ca or self.ca
-        cert = self.ca.issue_cert("127.0.0.1")
+        cert = self.ca.issue_cert(name)
         self.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(self.key_file))
 
@@ -224,6 +235,74 @@ async def test_the_chat_page_chats_over_https_and_wss_in_a_real_browser(tls_clus
             assert "ann: hello over tls" in log
 
 
+async def test_the_reconnecting_client_reconnects_over_wss_after_its_worker_is_killed(
+    tls_cluster,
+):
+    cluster, files = tls_cluster
+    async with AsyncExitStack() as stack:
+        # Its ssl_context trusts only the test CA: every connection, the new one included,
+        # is checked against it.
+        client = await reconnecting_on_worker(
+            stack, cluster.url, 1, ssl_context=files.client_context(), backoff_cap=1.0
+        )
+        witness = await reconnecting_on_worker(
+            stack, cluster.url, 2, ssl_context=files.client_context()
+        )
+        for member in (client, witness):
+            await member.join("secure-reconnect")
+        assert client.welcome is not None
+        victim = client.welcome["pid"]
+        os.kill(victim, signal.SIGKILL)
+        lost, _ = await until(client, Disconnected)
+        assert lost == Disconnected(
+            "the connection was lost without a close handshake (code 1006)", 1006
+        )
+        connected, _ = await until(client, Connected)
+        assert isinstance(connected, Connected) and connected.pid != victim
+        rejoin, _ = await until(client, (Recovered, Unrecovered))  # type: ignore[arg-type]
+        assert rejoin.room == "secure-reconnect"  # type: ignore[union-attr]
+        await witness.publish("secure-reconnect", "after the kill", ack=True)
+        received, skipped = await until(client, dict)
+        assert received["data"] == "after the kill", (received, skipped)  # type: ignore[index]
+    # The master restarts the killed worker; later tests of this module use both.
+    await trio.to_thread.run_sync(
+        functools.partial(cluster.wait_for_log, rf"worker 1 \(pid (?!{victim}\))\d+\) serving")
+    )
+
+
+async def test_a_certificate_refused_at_a_reconnection_is_reported_and_retried(
+    server_files: ServerFiles,
+):
+    port = free_port()
+    trusted = server_files.ca
+    async with (
+        embedded_worker(port, **server_files.settings) as first,
+        open_reconnecting_client(
+            f"wss://127.0.0.1:{port}/ws",
+            ssl_context=server_files.client_context(),
+            backoff_base=0.05,
+            backoff_cap=0.2,
+        ) as client,
+    ):
+        assert isinstance((await until(client, Connected))[0], Connected)
+        first.cancel()
+        await until(client, Disconnected)
+        # The worker comes back with a certificate from a CA the client does not trust.
+        server_files.renew(trustme.CA())
+        async with embedded_worker(port, **server_files.settings) as second:
+            refused, _ = await until(client, Disconnected)
+            assert refused == Disconnected(
+                "the server's TLS certificate was refused: unable to get local issuer certificate"
+            )
+            assert not client.connected
+            second.cancel()
+        # Trusted again: the client, which kept trying, connects.
+        server_files.renew(trusted)
+        async with embedded_worker(port, **server_files.settings):
+            _, before = await until(client, Connected)
+            assert all(isinstance(item, Disconnected) for item in before), before
+
+
 # ---- handshakes that fail or stall (a worker in this process) -----------------------------
 
 
@@ -239,6 +318,46 @@ async def test_a_client_that_does_not_trust_the_certificate_fails_and_others_are
             await publish_from_outside(worker, "r", "still here")
             assert await receive_data(client, 1) == ["still here"]
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+# Far longer than a refusal takes: a client that waited for it would fail the test.
+PATIENT_CONNECT_TIMEOUT = 60.0
+
+
+@pytest.mark.parametrize(
+    ("problem", "said"),
+    [
+        ("untrusted CA", "unable to get local issuer certificate"),
+        ("another name", "IP address mismatch"),
+    ],
+)
+async def test_a_certificate_the_client_refuses_raises_at_once_and_says_why(
+    server_files: ServerFiles, tmp_path: Path, problem: str, said: str
+):
+    if problem == "untrusted CA":
+        context = ServerFiles.issue(tmp_path / "other").client_context()
+    else:
+        server_files.renew(name="fanout.example")  # the client trusts its CA, not its name
+        context = server_files.client_context()
+    async with tls_worker(server_files) as (worker, url):
+        for opener in (open_client, open_reconnecting_client):
+            started = trio.current_time()
+            with (
+                trio.fail_after(RECEIVE_TIMEOUT),
+                pytest.raises(ssl.SSLCertVerificationError) as refused,
+            ):
+                async with opener(
+                    url, ssl_context=context, connect_timeout=PATIENT_CONNECT_TIMEOUT
+                ):
+                    pass  # pragma: no cover
+            assert trio.current_time() - started < RECEIVE_TIMEOUT
+            assert said in str(refused.value), refused.value
+        # The worker serves on, a client that trusts it included.
+        if problem == "another name":
+            server_files.renew()
+            worker.tls.reload()
+        async with open_client(url, ssl_context=server_files.client_context()) as client:
+            await client.ping()
 
 
 async def test_a_stalled_tls_handshake_holds_a_handshake_slot_until_handshake_timeout(

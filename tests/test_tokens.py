@@ -33,13 +33,15 @@ from tests.helpers import (
     trio_fanout_command,
 )
 from tests.test_cluster import http_get
-from trio_fanout import Config, Hooks, serve, tokens
+from tests.test_reconnecting import embedded_worker
+from trio_fanout import Config, Hooks, Request, serve, tokens
 from trio_fanout.client import Client, ServerError, open_client
 from trio_fanout.emitter import open_emitter
 from trio_fanout.reconnecting import (
     Connected,
     Disconnected,
     Recovered,
+    TokenRequired,
     Unrecovered,
     open_reconnecting_client,
 )
@@ -501,6 +503,57 @@ async def test_the_reconnecting_client_takes_a_fresh_token_on_every_reconnection
         assert joe.connected
 
 
+async def test_the_reconnecting_client_without_a_token_is_told_at_once_that_one_is_required(
+    cluster: ClusterProcess,
+):
+    started = trio.current_time()
+    with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(TokenRequired) as refused:
+        async with open_reconnecting_client(cluster.url):
+            pass  # pragma: no cover
+    # At once: neither after the server's wait for an auth frame nor after a silence.
+    assert trio.current_time() - started < HANDSHAKE_TIMEOUT
+    assert refused.value.reason == "the first frame must be auth"
+    assert str(refused.value) == (
+        "the server requires a token (it closed the connection with 4001: the first frame "
+        "must be auth); give open_reconnecting_client a token"
+    )
+
+
+async def test_a_reconnecting_client_without_a_token_stops_when_its_server_starts_requiring_one(
+    keys: Keys,
+):
+    handshakes: list[str] = []
+
+    async def count(request: Request) -> None:
+        handshakes.append(request.path)
+
+    port = free_port()
+    async with (
+        embedded_worker(port) as without_tokens,
+        open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2
+        ) as client,
+    ):
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await client.receive(), Connected)
+            await client.join("lobby")
+            without_tokens.cancel()
+            assert isinstance(await client.receive(), Disconnected)
+        # The server comes back requiring tokens: the client, which has none, stops.
+        settings = {"token_secret_file": str(keys.secret_file)}
+        async with embedded_worker(port, Hooks(authenticate=count), **settings):
+            with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(TokenRequired) as refused:
+                await client.receive()
+            assert refused.value.reason == "the first frame must be auth"
+            assert not client.connected
+            for request in (client.join("lobby"), client.publish("lobby", "hi"), client.receive()):
+                with pytest.raises(TokenRequired):
+                    await request
+            # Ten times the longest backoff: a client still trying would have come back.
+            await trio.sleep(2.0)
+            assert handshakes == ["/ws"]
+
+
 # The browser client in a page, given its tokens one by one by the test (its token option is a
 # function, as an application's would be that fetches them from its own server).
 BROWSER_SETUP = """
@@ -565,6 +618,57 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
         assert await page.evaluate("received") == ["after the refresh"]
         assert await page.evaluate("events.map((event) => event[0])") == ["connected"]
         assert await page.evaluate("tokensTaken") == 2
+
+
+# The browser client in a page, with no token option, against a server that requires one.
+BROWSER_WITHOUT_TOKEN = """
+(async () => {
+  let imported;
+  for (let attempt = 1; ; attempt++) {
+    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
+    catch (error) {
+      if (attempt === 3) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  const { FanoutClient } = imported;
+  const events = [];
+  const client = new FanoutClient(WS_URL, { backoffBaseMs: 50 });
+  for (const name of ["connected", "disconnected", "reconnecting", "error"]) {
+    client.on(name, (detail) => events.push([name, detail]));
+  }
+  const stopped = new Promise((resolve) => client.on("error", resolve));
+  const joined = client.join("lobby", () => {}).then(
+    () => "joined",
+    (error) => [error.name, error.code, error.message]
+  );
+  await stopped;
+  return { events, joined: await joined, state: client.state };
+})().catch((error) => `the page could not run the client: ${error.stack}`)
+"""
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
+async def test_the_browser_client_without_a_token_stops_and_says_one_is_required(
+    cluster: ClusterProcess,
+):
+    origin = f"http://127.0.0.1:{cluster.port}"
+    async with browser.open_page(f"{origin}/healthz") as page:
+        script = BROWSER_WITHOUT_TOKEN.replace("ORIGIN", json.dumps(origin)).replace(
+            "WS_URL", json.dumps(cluster.url)
+        )
+        with trio.fail_after(START_TIMEOUT):
+            outcome = await page.evaluate(script)
+    said = (
+        "the server requires a token (it closed the connection with 4001: the first frame "
+        "must be auth); give the client a token option"
+    )
+    # Told once, never connected, and stopped: no reconnection is planned.
+    assert outcome == {
+        "events": [["error", {"room": None, "code": "token_required", "message": said}]],
+        "joined": ["FanoutError", "token_required", said],
+        "state": "closed",
+    }, outcome
 
 
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")

@@ -124,6 +124,33 @@ class Client:
                 yield frame
 
 
+async def _open_tls_stream(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS stream whose handshake is done: a certificate the client refuses raises here, at
+    once, as the ``ssl.SSLError`` that says why (``SSLCertVerificationError``, an ``OSError``).
+
+    Left to trio-websocket, the handshake would happen in its own task, which loses the error:
+    the caller would wait for the whole connect timeout and learn nothing.
+    """
+    stream = await trio.open_ssl_over_tcp_stream(
+        host, port, https_compatible=True, ssl_context=ssl_context
+    )
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as broken:
+        await trio.aclose_forcefully(stream)
+        cause = broken.__cause__
+        if isinstance(cause, ssl.SSLError):
+            cause.add_note(f"in the TLS handshake with {host}:{port}")
+            raise cause from None
+        raise OSError(f"the TLS handshake with {host}:{port} failed: {broken}") from broken
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
 @asynccontextmanager
 async def open_client(
     url: str,
@@ -155,8 +182,8 @@ async def open_client(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 if secure:
-                    stream: _ClientStream = await trio.open_ssl_over_tcp_stream(
-                        parts.hostname, port, https_compatible=True, ssl_context=ssl_context
+                    stream: _ClientStream = await _open_tls_stream(
+                        parts.hostname, port, ssl_context
                     )
                 else:
                     stream = await trio.open_tcp_stream(parts.hostname, port)

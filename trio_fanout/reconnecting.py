@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import trio_websocket
 
 from trio_fanout.backplane._interface import unwrap_single_errors
 from trio_fanout.client import Client, ServerError, open_client
+from trio_fanout.protocol import CLOSE_UNAUTHENTICATED
 from trio_fanout.resume import Backoff, Rejoin, RoomPositions
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "Recovered",
     "RejoinFailed",
     "ServerError",
+    "TokenRequired",
     "TokenSource",
     "TokenUnavailable",
     "Unrecovered",
@@ -92,6 +95,24 @@ TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 class TokenUnavailable(Exception):
     """The token function raised (its exception is the cause); a connection attempt that needs
     it fails, and is retried after a backoff like any other."""
+
+
+class TokenRequired(Exception):
+    """The server requires a token and the client has none: it closed the connection with 4001.
+
+    Final: the client does not reconnect, since every attempt would be refused the same way.
+    Raised by ``open_reconnecting_client`` when the first connection is refused so, and
+    otherwise by iteration (``receive``) once the items before it have been taken, and by every
+    request from then on.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"the server requires a token (it closed the connection with 4001: {reason}); "
+            "give open_reconnecting_client a token"
+        )
+        self.reason = reason
+        """The server's close reason, e.g. ``the first frame must be auth``."""
 
 
 # How a connection attempt, or a connection, fails without being the application's fault.
@@ -135,11 +156,14 @@ class Connected:
 
 @dataclass(frozen=True)
 class Disconnected:
-    """The connection was lost; the client is reconnecting. Requests raise NotConnected."""
+    """The connection was lost, or an attempt to connect was refused for the server's TLS
+    certificate; the client is reconnecting. Requests raise NotConnected."""
 
     reason: str
+    """Why, as a sentence for people, e.g. ``the server closed the connection with code 1001
+    (going away): server shutting down``."""
     code: int | None = None
-    """The close code, where the connection ended with one."""
+    """The close code (a plain ``int``), where the connection ended with one."""
 
 
 @dataclass(frozen=True)
@@ -202,9 +226,11 @@ class ReconnectingClient:
         backoff_cap: float,
         rng: random.Random,
         token: TokenSource | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self._token = token
+        self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._backoff_base = backoff_base
@@ -217,6 +243,8 @@ class ReconnectingClient:
         # can never match a request made on a new one.
         self._ids = itertools.count(1)
         self._items_in, self._items_out = trio.open_memory_channel[Item](BUFFER_SIZE)
+        # Set when the client has stopped for good: the close reason of the 4001 that stopped it.
+        self._refused_for_token: str | None = None
 
     # ---- what the application sees -------------------------------------------------------
 
@@ -235,8 +263,15 @@ class ReconnectingClient:
         return self._positions.rooms
 
     async def receive(self) -> Item:
-        """The next ``message`` frame or event, in arrival order."""
-        return await self._items_out.receive()
+        """The next ``message`` frame or event, in arrival order.
+
+        Raises TokenRequired, after the items before it, once the client has stopped for good.
+        """
+        try:
+            return await self._items_out.receive()
+        except trio.EndOfChannel:
+            assert self._refused_for_token is not None
+            raise TokenRequired(self._refused_for_token) from None
 
     # An iterator rather than an async generator: leaving an ``async for`` early then leaves
     # nothing to finalise (Trio warns about async generators left unfinished).
@@ -294,6 +329,8 @@ class ReconnectingClient:
     # ---- requests ------------------------------------------------------------------------
 
     def _current_connection(self) -> Client:
+        if self._refused_for_token is not None:
+            raise TokenRequired(self._refused_for_token)
         if self._connection is None:
             raise NotConnected("not connected; the client is reconnecting")
         return self._connection
@@ -328,7 +365,8 @@ class ReconnectingClient:
         """Keep a connection up until cancelled: connect, serve, and after a loss, back off.
 
         The first connection's failure is the caller's, as with ``open_client``: a wrong URL or
-        a refused handshake raises from ``open_reconnecting_client``. Later failures are retried.
+        a refused handshake raises from ``open_reconnecting_client``. Later failures are retried,
+        except a refusal for want of a token, which stops the client (TokenRequired).
         """
         started = False
         backoff = Backoff(
@@ -339,6 +377,7 @@ class ReconnectingClient:
         )
         while True:
             up_since: float | None = None
+            failure: Exception | None = None
             code: int | None = None
             try:
                 token = await self._fresh_token()
@@ -347,30 +386,62 @@ class ReconnectingClient:
                     connect_timeout=self._connect_timeout,
                     close_timeout=CLOSE_TIMEOUT,
                     token=token,
+                    ssl_context=self._ssl_context,
                 ) as connection:
-                    if not started:
-                        task_status.started()
-                        started = True
-                    up_since = trio.current_time()
-                    reason, code = await self._serve(connection)
+                    try:
+                        if token is None:
+                            # A server that requires tokens answers nothing before the token,
+                            # not even heartbeats, and closes 4001 at the first other frame: a
+                            # ping tells at once, where silence would look like a dead server.
+                            with trio.fail_after(self._connect_timeout):
+                                await connection.ping()
+                        if not started:
+                            task_status.started()
+                            started = True
+                        up_since = trio.current_time()
+                        reason = await self._serve(connection)
+                    except trio_websocket.ConnectionClosed as closed:
+                        # Caught in here: leaving open_client's nursery while this task is
+                        # cancelled, it would come out grouped with the Cancelled.
+                        failure = closed
+                        reason, code = _describe_failure(closed, self._connect_timeout)
             except _CONNECTION_ERRORS as error:
+                failure = error
+                reason, code = _describe_failure(error, self._connect_timeout)
+            if code == CLOSE_UNAUTHENTICATED and self._token is None:
+                # Every attempt would be refused the same way: stop for good, and say why.
+                assert isinstance(failure, trio_websocket.ConnectionClosed)
+                refused = TokenRequired((failure.reason and failure.reason.reason) or reason)
                 if not started:
-                    raise
-                reason = f"{type(error).__name__}: {error}"
-            if up_since is None:
-                logger.info("could not connect to %s: %s", self.url, reason)
-            else:
+                    raise refused from failure
+                logger.warning("stopped reconnecting to %s: %s", self.url, refused)
+                if up_since is not None:
+                    await self._items_in.send(Disconnected(reason, code))
+                self._refused_for_token = refused.reason
+                self._items_in.close()
+                return
+            if failure is not None and not started:
+                raise failure
+            if up_since is not None:
                 backoff.connection_ended(trio.current_time() - up_since)
                 logger.info("disconnected from %s: %s", self.url, reason)
                 await self._items_in.send(Disconnected(reason, code))
+            elif isinstance(failure, ssl.SSLError):
+                # Not a server that is away but one the client will not talk to: the
+                # application hears of it on every attempt, and the client keeps trying (the
+                # certificate, or the context that checks it, may yet be replaced).
+                logger.warning("could not connect to %s: %s", self.url, reason)
+                await self._items_in.send(Disconnected(reason, None))
+            else:
+                logger.info("could not connect to %s: %s", self.url, reason)
             delay = backoff.next_delay()
             logger.debug("reconnecting to %s in %.3f s", self.url, delay)
             await trio.sleep(delay)
 
-    async def _serve(self, connection: Client) -> tuple[str, int | None]:
+    async def _serve(self, connection: Client) -> str:
         """Announce the connection, rejoin every room, and read until the connection ends.
 
-        Returns why it ended, and the close code where there was one.
+        Returns why it ended where the client gave it up; a close raises ``ConnectionClosed``.
         """
         self._connection = connection
         try:
@@ -384,13 +455,10 @@ class ReconnectingClient:
                 with trio.move_on_after(silence_limit) as silence:
                     frame = await connection.receive(heartbeats=True)
                 if silence.cancelled_caught:
-                    return f"no frame from the server for {silence_limit:g} s", None
+                    return f"no frame from the server for {silence_limit:g} s"
                 await self._dispatch(frame)
-        except trio_websocket.ConnectionClosed as closed:
-            code = None if closed.reason is None else closed.reason.code
-            return f"connection closed: {closed.reason}", code
         except _RejoinLater as later:
-            return str(later), None
+            return str(later)
         finally:
             self._connection = None
             for pending in self._pending.values():
@@ -494,6 +562,43 @@ class ReconnectingClient:
             await self._items_in.send(Unrecovered(room, reply))
 
 
+def _describe_close(close: trio_websocket.CloseReason | None) -> tuple[str, int | None]:
+    """A close as a sentence for people, and its code as a plain ``int`` (trio-websocket gives
+    an enum member for the codes RFC 6455 names, an ``int`` for the others)."""
+    if close is None:
+        return "the connection ended without a close code", None
+    code = int(close.code)
+    if code == 1006:
+        return "the connection was lost without a close handshake (code 1006)", code
+    # The names RFC 6455 gives its codes; a private code (4000-4999) has none, its reason says.
+    known = not close.name.endswith("_RESERVED") and close.name != "INVALID_CODE"
+    name = f" ({close.name.lower().replace('_', ' ')})" if known else ""
+    sentence = f"the server closed the connection with code {code}{name}"
+    return (f"{sentence}: {close.reason}" if close.reason else sentence), code
+
+
+def _describe_failure(error: Exception, connect_timeout: float) -> tuple[str, int | None]:
+    """Why a connection attempt or a connection failed, as a sentence, and the close code where
+    there was one."""
+    if isinstance(error, trio_websocket.ConnectionClosed):
+        return _describe_close(error.reason)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"the server's TLS certificate was refused: {error.verify_message}", None
+    if isinstance(error, ssl.SSLError):
+        return f"the TLS handshake failed: {error.reason or error}", None
+    if isinstance(error, trio_websocket.ConnectionRejected):
+        body = error.body.decode(errors="replace").strip() if error.body else ""
+        refused = f"the server refused the handshake with HTTP {error.status_code}"
+        return (f"{refused}: {body}" if body else refused), None
+    if isinstance(error, trio.TooSlowError):
+        return f"no answer from the server within {connect_timeout:g} s", None
+    if isinstance(error, TokenUnavailable | ServerError):
+        return str(error), None
+    if isinstance(error, OSError):
+        return f"could not connect: {error.strerror or error}", None
+    return f"{type(error).__name__}: {error}", None
+
+
 def _silence_limit(welcome: Frame) -> float:
     """How long without any frame means the connection is dead; forever without heartbeats."""
     interval = welcome.get("heartbeat_interval")
@@ -512,6 +617,7 @@ async def open_reconnecting_client(
     backoff_cap: float = BACKOFF_CAP,
     rng: random.Random | None = None,
     token: TokenSource | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ReconnectingClient]:
     """Connect to ``url`` and keep connected until the block ends; see the module docstring.
 
@@ -523,7 +629,13 @@ async def open_reconnecting_client(
     ``token``, for a server that requires tokens: a token, or a function (plain or async) that
     returns a fresh one, called before every connection attempt and whenever the server sends
     ``token_expiring``. It is sent as the first frame (``auth``) and as ``refresh``, never in
-    the URL, where proxies and servers would log it.
+    the URL, where proxies and servers would log it. Without ``token``, the client pings on
+    every connection before it counts as up, so that a server that requires a token says so at
+    once (a close with 4001): that raises, or stops the client, with TokenRequired.
+
+    ``ssl_context`` checks a ``wss://`` server's certificate on every connection (by default,
+    against the system's CAs); a certificate it refuses raises ``ssl.SSLCertVerificationError``
+    at the first connection, and is reported as ``Disconnected`` at later ones.
     """
     for name, value in (
         ("connect_timeout", connect_timeout),
@@ -542,6 +654,7 @@ async def open_reconnecting_client(
         backoff_cap=backoff_cap,
         rng=rng or random.Random(),
         token=token,
+        ssl_context=ssl_context,
     )
     with unwrap_single_errors():
         async with trio.open_nursery() as nursery:

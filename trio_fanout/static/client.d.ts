@@ -22,8 +22,9 @@ export interface FanoutClientOptions {
   token: string | (() => string | Promise<string>) | null;
 }
 
-/** The connection's state: trying to connect, connected (welcome received), waiting before the
- * next attempt, or closed by the application. */
+/** The connection's state: trying to connect, connected (welcome received, and the token's
+ * `authed` or the first ping's `pong`), waiting before the next attempt, or closed for good (by
+ * the application, or after `token_required`). */
 export type FanoutState = "connecting" | "connected" | "waiting" | "closed";
 
 /** The error codes of a rejected promise: the server's (see docs/protocol.md) and the client's. */
@@ -53,7 +54,10 @@ export type FanoutErrorCode =
   /** the token option threw, or gave no token */
   | "token"
   /** the server refused the token, or it expired without a refresh (close code 4001) */
-  | "unauthenticated";
+  | "unauthenticated"
+  /** the server requires a token and the client has none (close code 4001 with `token: null`):
+   * the client has stopped */
+  | "token_required";
 
 export class FanoutError extends Error {
   readonly name: "FanoutError";
@@ -83,11 +87,13 @@ export interface MessageMeta {
 }
 
 export interface FanoutEvents {
-  /** A connection is up (its welcome arrived); the rooms are being rejoined. */
+  /** A connection is up (its welcome arrived, then the answer to the token, or without a token
+   * the pong to a first ping); the rooms are being rejoined. */
   connected: Welcome;
   /** A connection that was up ended; `code` is the close code, null when the client gave up on
-   * it (missed heartbeats, a rejoin refused for a passing reason). */
-  disconnected: { code: number | null; reason: string; delayMs: number };
+   * it (missed heartbeats, a rejoin refused for a passing reason). `delayMs` is the wait before
+   * the next attempt, null when there is none (`token_required`: the client has stopped). */
+  disconnected: { code: number | null; reason: string; delayMs: number | null };
   /** The next attempt to connect starts in `delayMs`; `attempt` counts since the last stable
    * connection. */
   reconnecting: { attempt: number; delayMs: number };
@@ -106,7 +112,9 @@ export interface FanoutEvents {
   /** An error frame that answers no pending request, or a rejoin refused for good (`room` is
    * then the room, which the client has left); `unauthenticated` when the server closed the
    * connection for its token (the client reconnects, asking the token option again), `token`
-   * when the token option failed. */
+   * when the token option failed, `token_required` when the server requires a token and the
+   * client has none (close code 4001 with `token: null`): the client has stopped for good (state
+   * `closed`), and its pending joins and publishes reject with the same code. */
   error: { room: string | null; code: FanoutErrorCode | string; message: string };
 }
 

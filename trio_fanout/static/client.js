@@ -7,6 +7,8 @@
 // (`join` with `since`) and delivers each message of a room at most once, in offset order.
 // Where the server requires tokens, it sends one as its first frame (`auth`) on every
 // connection, and a fresh one (`refresh`) whenever the server says the current one expires.
+// Without a token it sends a `ping` first, and stops for good if the server closes with 4001:
+// that server requires a token, and every attempt would be refused the same way.
 
 /** Defaults of {@link FanoutClientOptions}, each with its reason. */
 const DEFAULTS = Object.freeze({
@@ -34,7 +36,7 @@ const DEFAULTS = Object.freeze({
 });
 
 /** A refused or failed request: `code` is a protocol error code (`bad_room`, `forbidden`, …)
- * or one of the client's own: `disconnected`, `timeout`, `closed`, `left`. */
+ * or one of the client's own: `disconnected`, `timeout`, `closed`, `left`, `token_required`. */
 export class FanoutError extends Error {
   /**
    * @param {string} code
@@ -178,12 +180,17 @@ export class FanoutClient {
 
   /** Close for good: no more reconnects; pending requests reject with `closed`. */
   close() {
+    this._stop(closedError());
+  }
+
+  /** Stop for good (state `closed`): pending requests and joins reject with `error`. */
+  _stop(error) {
     if (this.state === "closed") return;
     this.state = "closed";
     clearTimeout(this._timer);
     this._abandonSocket(1000);
-    this._failPending(closedError());
-    for (const state of this._rooms.values()) state.waiter?.reject(closedError());
+    this._failPending(error);
+    for (const state of this._rooms.values()) state.waiter?.reject(error);
     this._rooms.clear();
   }
 
@@ -239,6 +246,19 @@ export class FanoutClient {
     const wasConnected = this.state === "connected";
     this.welcome = null;
     this.auth = null;
+    if (code === 4001 && this.options.token === null) {
+      // The server requires a token and the client has none to give: every attempt would be
+      // refused the same way. Stop, and say why.
+      const error = new FanoutError(
+        "token_required",
+        `the server requires a token (it closed the connection with 4001: ${reason}); ` +
+          "give the client a token option"
+      );
+      this._stop(error);
+      if (wasConnected) this._emit("disconnected", { code, reason, delayMs: null });
+      this._emit("error", { room: null, code: error.code, message: error.message });
+      return;
+    }
     if (code === 4001) {
       // The server refused the token, or it expired without a refresh: the next connection
       // asks the token option again; the application may want to sign the user in again.
@@ -294,32 +314,36 @@ export class FanoutClient {
   }
 
   _onWelcome(frame) {
-    if (this.options.token === null) {
-      this._onConnected(frame);
-      return;
-    }
-    // The server sends nothing more (heartbeats included) until it has the token: the
-    // connect timeout's watchdog stays armed until then.
+    // A server that requires a token sends nothing more (heartbeats included) until it has it:
+    // the connect timeout's watchdog stays armed until the first answer.
     const socket = this._socket;
-    this._freshToken()
-      .then((token) => {
-        if (socket !== this._socket) return Promise.resolve(null); // given up meanwhile
-        return this._request({ type: "auth", token }, 0);
-      })
-      .then(
-        (authed) => {
-          if (authed === null || socket !== this._socket) return;
-          this.auth = { sub: authed.sub, exp: authed.exp };
-          this._onConnected(frame);
-        },
-        (error) => {
-          // A refused token closes the connection (4001), which does the rest.
-          if (error.code !== "disconnected" && socket === this._socket) {
-            this._emit("error", { room: null, code: error.code ?? "token", message: String(error.message) });
-            this._onDisconnect(null, "no token to authenticate with");
-          }
+    const token = this.options.token;
+    const answered =
+      token === null
+        ? // No token: a ping first. A server that requires one closes 4001 at once, where
+          // waiting would only look like a dead connection.
+          this._request({ type: "ping" }, 0).then(() => null)
+        : this._freshToken().then((fresh) => {
+            if (socket !== this._socket) return undefined; // given up meanwhile
+            return this._request({ type: "auth", token: fresh }, 0);
+          });
+    answered.then(
+      (authed) => {
+        if (authed === undefined || socket !== this._socket) return;
+        if (authed !== null) this.auth = { sub: authed.sub, exp: authed.exp };
+        this._onConnected(frame);
+      },
+      (error) => {
+        // A refused token closes the connection (4001), which does the rest.
+        if (error.code !== "disconnected" && socket === this._socket) {
+          this._emit("error", { room: null, code: error.code ?? "token", message: String(error.message) });
+          this._onDisconnect(
+            null,
+            token === null ? "the server refused the first ping" : "no token to authenticate with"
+          );
         }
-      );
+      }
+    );
   }
 
   /** The token for the next `auth` or `refresh`, from the `token` option. */
