@@ -27,6 +27,7 @@ from trio_fanout.reconnecting import (
     Connected,
     Disconnected,
     NotConnected,
+    Reconnecting,
     ReconnectingClient,
     Recovered,
     ServerError,
@@ -180,6 +181,8 @@ class Audience:
                     return
             elif isinstance(item, Unrecovered):
                 seen.append(("unrecovered", item.joined["epoch"], item.joined["offset"]))
+            elif isinstance(item, Reconnecting):
+                continue  # as the pages, which do not listen to "reconnecting"
             else:
                 seen.append((type(item).__name__.lower(),))
             self._event(client, seen[-1][0]).set()  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from trio_fanout.reconnecting import (
     Disconnected,
     Item,
     NotConnected,
+    Reconnecting,
     ReconnectingClient,
     Recovered,
     ServerError,
@@ -184,8 +185,36 @@ async def embedded_worker(
 
 
 async def next_item(client: ReconnectingClient) -> Item:
+    """The next item but a ``Reconnecting`` (which says when the next attempt comes: the tests
+    of what comes through skip them, and one test checks them)."""
     with trio.fail_after(RECEIVE_TIMEOUT):
-        return await client.receive()
+        while isinstance(item := await client.receive(), Reconnecting):
+            pass
+        return item
+
+
+async def test_each_attempt_after_a_loss_is_announced_with_its_number_and_wait():
+    port = free_port()
+    base, cap = 0.05, 0.2
+    async with (
+        embedded_worker(port) as first_server,
+        open_reconnecting_client(
+            f"ws://127.0.0.1:{port}/ws", backoff_base=base, backoff_cap=cap
+        ) as client,
+    ):
+        assert isinstance(await next_item(client), Connected)
+        first_server.cancel()
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            assert isinstance(await client.receive(), Disconnected)
+            # Nobody listens on the port: every attempt fails, and each is announced.
+            waits = [await client.receive() for _ in range(4)]
+        assert [item.attempt for item in waits] == [1, 2, 3, 4]  # type: ignore[union-attr]
+        for number, item in enumerate(waits):
+            assert isinstance(item, Reconnecting)
+            assert 0 <= item.delay <= min(cap, base * 2**number)
+        async with embedded_worker(port):
+            _, before = await until(client, Connected)
+            assert all(isinstance(item, Reconnecting) for item in before), before
 
 
 async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms():
@@ -222,6 +251,24 @@ async def test_the_client_reconnects_to_a_restarted_server_and_rejoins_its_rooms
             await client.publish(room, "after", ack=True)
             item = await next_item(client)
             assert isinstance(item, dict) and item["data"] == "after", item
+
+
+async def test_a_token_in_the_url_never_reaches_the_clients_log(caplog: pytest.LogCaptureFixture):
+    caplog.set_level("DEBUG", logger="trio_fanout.reconnecting")
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws?room=a&token=eyJ.secret.sig"
+    async with (
+        embedded_worker(port) as server,
+        open_reconnecting_client(url, backoff_base=0.05, backoff_cap=0.2) as client,
+    ):
+        assert isinstance(await next_item(client), Connected)
+        server.cancel()
+        assert isinstance(await next_item(client), Disconnected)
+        async with embedded_worker(port):
+            assert isinstance(await next_item(client), Connected)
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("?room=a&token=[redacted]" in line for line in lines), lines
+    assert not any("secret" in line for line in lines), lines
 
 
 async def test_disconnected_says_why_in_a_sentence_and_its_code_is_a_plain_int():
@@ -627,7 +674,7 @@ async def test_version_2_an_application_too_slow_to_read_is_closed_and_recovers_
             with trio.fail_after(RECEIVE_TIMEOUT):
                 while len(messages := [i for i in items if isinstance(i, dict)]) < count:
                     items.append(await client.receive())
-            events = [item for item in items if not isinstance(item, dict)]
+            events = [i for i in items if not isinstance(i, dict | Reconnecting)]
             # Each rejoin recovers what the worker's small queue lets through before it is
             # full again; whatever the number of rounds, each ends recovered.
             kinds = [type(event) for event in events]

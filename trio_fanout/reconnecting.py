@@ -32,6 +32,7 @@ import logging
 import math
 import random
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ __all__ = [
     "Event",
     "Item",
     "NotConnected",
+    "Reconnecting",
     "ReconnectingClient",
     "Recovered",
     "RejoinFailed",
@@ -145,6 +147,20 @@ class NotConnected(Exception):
     """
 
 
+def _without_token(url: str) -> str:
+    """``url`` as the client's log lines show it: a ``?token=`` in it (which a server takes
+    too, though ``token=`` is the way meant for this client) is never written to a log."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.query:
+        return url
+    fields = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = "&".join(
+        f"{name}=[redacted]" if name == "token" else urllib.parse.urlencode({name: value})
+        for name, value in fields
+    )
+    return parts._replace(query=query).geturl()
+
+
 @dataclass(frozen=True)
 class Connected:
     """A connection is up (the first one, or a new one after a loss); rejoins follow."""
@@ -164,6 +180,17 @@ class Disconnected:
     (going away): server shutting down``."""
     code: int | None = None
     """The close code (a plain ``int``), where the connection ended with one."""
+
+
+@dataclass(frozen=True)
+class Reconnecting:
+    """The client waits ``delay`` seconds, then makes connection attempt ``attempt``: 1 for the
+    first after a loss, counted on while attempts fail or connections end soon after they open
+    (see "Reconnecting" in docs/library.md). Like the browser client's ``reconnecting``, so that
+    an application can say "reconnecting in 3 s"."""
+
+    attempt: int
+    delay: float
 
 
 @dataclass(frozen=True)
@@ -193,7 +220,7 @@ class RejoinFailed:
     error: ServerError
 
 
-Event = Connected | Disconnected | Recovered | Unrecovered | RejoinFailed
+Event = Connected | Disconnected | Reconnecting | Recovered | Unrecovered | RejoinFailed
 # What iteration yields: a ``message`` frame (a dict, as the server sent it) or an event.
 Item = Frame | Event
 
@@ -229,6 +256,7 @@ class ReconnectingClient:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self._url_in_logs = _without_token(url)
         self._token = token
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
@@ -414,7 +442,7 @@ class ReconnectingClient:
                 refused = TokenRequired((failure.reason and failure.reason.reason) or reason)
                 if not started:
                     raise refused from failure
-                logger.warning("stopped reconnecting to %s: %s", self.url, refused)
+                logger.warning("stopped reconnecting to %s: %s", self._url_in_logs, refused)
                 if up_since is not None:
                     await self._items_in.send(Disconnected(reason, code))
                 self._refused_for_token = refused.reason
@@ -424,18 +452,19 @@ class ReconnectingClient:
                 raise failure
             if up_since is not None:
                 backoff.connection_ended(trio.current_time() - up_since)
-                logger.info("disconnected from %s: %s", self.url, reason)
+                logger.info("disconnected from %s: %s", self._url_in_logs, reason)
                 await self._items_in.send(Disconnected(reason, code))
             elif isinstance(failure, ssl.SSLError):
                 # Not a server that is away but one the client will not talk to: the
                 # application hears of it on every attempt, and the client keeps trying (the
                 # certificate, or the context that checks it, may yet be replaced).
-                logger.warning("could not connect to %s: %s", self.url, reason)
+                logger.warning("could not connect to %s: %s", self._url_in_logs, reason)
                 await self._items_in.send(Disconnected(reason, None))
             else:
-                logger.info("could not connect to %s: %s", self.url, reason)
+                logger.info("could not connect to %s: %s", self._url_in_logs, reason)
             delay = backoff.next_delay()
-            logger.debug("reconnecting to %s in %.3f s", self.url, delay)
+            logger.debug("reconnecting to %s in %.3f s", self._url_in_logs, delay)
+            await self._items_in.send(Reconnecting(backoff.attempt, delay))
             await trio.sleep(delay)
 
     async def _serve(self, connection: Client) -> str:

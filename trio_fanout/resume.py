@@ -52,6 +52,12 @@ class Backoff:
         self._attempt += 1
         return delay
 
+    @property
+    def attempt(self) -> int:
+        """The attempt the last :meth:`next_delay` waits for: 1 for the first since the last
+        stable connection."""
+        return self._attempt
+
     def connection_ended(self, lasted: float) -> None:
         if lasted >= self.stable_after:
             self._attempt = 0
