@@ -106,8 +106,7 @@ RUN_ENVIRONMENT = {
 RUN_HERE: dict[str, str] = {
     "trio-fanout run": "test_the_run_commands_serve",
     "trio-fanout run --backplane redis://127.0.0.1:6379": "test_the_run_commands_serve",
-    'echo "$(openssl rand -hex 32)" > /etc/trio-fanout/api.key': "test_the_run_commands_serve",
-    "chmod 600 /etc/trio-fanout/api.key": "test_the_run_commands_serve",
+    "(umask 077; openssl rand -hex 32 > /etc/trio-fanout/api.key)": "test_the_run_commands_serve",
     "trio-fanout run --admin-port 9100 --api-key-file /etc/trio-fanout/api.key":
         "test_the_run_commands_serve",
     "curl -s http://127.0.0.1:9100/metrics | grep trio_fanout_connections":
@@ -674,9 +673,8 @@ def test_the_run_commands_serve(tmp_path: Path, redis_server: RedisServer):
     ca.cert_pem.write_to_path(str(ca_file))
     try:
         # The files the servers read, made as the documentation makes them.
-        shell.run('echo "$(openssl rand -hex 32)" > /etc/trio-fanout/api.key')
-        shell.run("chmod 600 /etc/trio-fanout/api.key")
         shell.run("mkdir -p /etc/trio-fanout/")
+        shell.run("(umask 077; openssl rand -hex 32 > /etc/trio-fanout/api.key)")
         shell.run("(umask 077; openssl rand -hex 32 > /etc/trio-fanout/token-secret)")
         for name in ("api.key", "token-secret"):
             secret = tmp_path / "etc/trio-fanout" / name
