@@ -28,7 +28,7 @@ from tests.helpers import RECEIVE_TIMEOUT, LoggedProcess, trio_fanout_command
 
 # From docs/protocol.md.
 # 200 or 503: /healthz; 200: the chat page at /.
-HTTP_STATUSES = {200, 400, 404, 405, 426, 431, 503}
+HTTP_STATUSES = {200, 400, 404, 426, 431, 503}
 CLOSE_CODES = {1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013}
 ERROR_CODES = {
     "bad_json", "bad_frame", "unknown_type", "bad_room", "not_member", "too_large",

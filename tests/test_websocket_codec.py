@@ -192,8 +192,8 @@ def test_find_request_head_end_waits_for_blank_line_and_ignores_what_follows() -
     assert websocket.find_request_head_end(bytearray(head)) == len(head)
 
 
-def test_non_get_is_405() -> None:
-    assert handshake_status(upgrade_head(method="POST")) == 405
+def test_non_get_is_400() -> None:
+    assert handshake_status(upgrade_head(method="POST")) == 400
 
 
 @pytest.mark.parametrize(

@@ -248,7 +248,8 @@ def accept_key(client_key: str) -> str:
 def websocket_accept_response(request: Request) -> bytes:
     """The 101 reply to a valid upgrade request, or :class:`HandshakeError` saying why not."""
     if request.method != "GET":
-        raise HandshakeError(405, "a WebSocket handshake is a GET")
+        # 400, not 405: the protocol promises 426 or 400 to any plain HTTP request on /ws.
+        raise HandshakeError(400, "a WebSocket handshake is a GET")
     if not request.wants_websocket():
         raise HandshakeError(426, "this endpoint speaks WebSocket only")
     if request.headers.get("sec-websocket-version") != "13":
