@@ -479,23 +479,32 @@ class Worker:
 
     @staticmethod
     def _held_after(
-        stood: Position | None, catch_up: CatchUp
-    ) -> tuple[Position | None, list[bytes], int | None]:
+        room_name: str, stood: Position | None, catch_up: CatchUp
+    ) -> tuple[Position | None, list[bytes], Position | None]:
         """For a member whose live stream stood at ``stood`` when its messages began to be held
-        back in ``catch_up`` (not overflowed): the held frames it has not had, where its stream
-        stands just before the first of them (its epoch may be new), and the last offset among
-        them (None if none is numbered)."""
-        start, frames, last = stood, [], None
+        back in ``catch_up`` (not overflowed): where its stream stands just before the first
+        held frame it has not had (its epoch may be new), those frames, and where its stream
+        stands after them. Where the room's numbering starts again after the first of them, a
+        ``joined`` without id (``recovered: false``) comes before the first frame of the new
+        epoch, as the room's members were told (this one was not a member meanwhile)."""
+        start = end = stood
+        numbered = False  # whether a numbered frame is among those to send
+        frames: list[bytes] = []
         for position, frame in catch_up.frames:
             if position is not None:
-                if start is not None and position.epoch == start.epoch:
-                    if position.offset <= start.offset:
+                if end is not None and position.epoch == end.epoch:
+                    if position.offset <= end.offset:
                         continue  # at or below its floor: it was sent already
-                elif last is None:  # the first of a new epoch: the stream starts again
+                elif not numbered:  # the first of a new epoch: the stream starts again
                     start = Position(position.epoch, position.offset - 1)
-                last = position.offset
+                else:
+                    notice = protocol.joined_frame(
+                        room_name, None, position.epoch, position.offset - 1, False
+                    )
+                    frames.append(websocket.encode_text_frame(notice))
+                numbered, end = True, position
             frames.append(frame)
-        return start, frames, last
+        return start, frames, end if numbered else start
 
     def _go_on(
         self, conn: Connection, room: Room, stood: Position | None, catch_up: CatchUp
@@ -513,11 +522,11 @@ class Worker:
                     )
                 )
             return
-        start, frames, last = self._held_after(stood, catch_up)
+        start, frames, end = self._held_after(room.name, stood, catch_up)
         if start is not None and stood is not None and start.epoch != stood.epoch:
             conn.reply(protocol.joined_frame(room.name, None, start.epoch, start.offset, False))
-        if start is not None:
-            room.floors[conn] = Position(start.epoch, start.offset if last is None else last)
+        if end is not None:
+            room.floors[conn] = end
         conn.send_encoded_many(frames)
 
     def _catch_up(
@@ -559,9 +568,9 @@ class Worker:
         elif member and not (since is not None and history.complete):
             # Nothing old, and its live stream goes on from where it stood.
             recovered = False
-            held_start, frames, held_last = self._held_after(stood, catch_up)
+            held_start, frames, held_end = self._held_after(room.name, stood, catch_up)
             start = held_start or Position(history.epoch, history.offset)
-            last = start.offset if held_last is None else held_last
+            last = (held_end or start).offset  # one epoch: a foreign one is handled above
         else:
             start = Position(history.epoch, history.offset)
             recovered = since is not None and history.complete
