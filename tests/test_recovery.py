@@ -759,6 +759,65 @@ async def lossy_worker(
     listener.close()
 
 
+@pytest.mark.parametrize("joiner", ["member", "newcomer"])
+async def test_a_join_whose_history_read_is_under_way_when_missed_offsets_are_lost_is_told(
+    joiner: str,
+) -> None:
+    """While a join's history read is on its way (its answer already made), the worker's
+    subscription misses two messages that the history no longer keeps (it keeps one): the
+    room's members are told that they are lost. So is the joiner, in its turn: a member that
+    rejoins with a ``since`` that cannot be recovered gets the lost offsets in its answer; a
+    newcomer whose ``since`` was recovered (up to 3) gets a ``joined`` without id and with
+    ``recovered: false`` before the next message, where it would have had a silent gap."""
+    room = fresh_room()
+    async with lossy_worker(HistoryPolicy(size=1)) as (url, backplane, emitter):
+        read_then_wait = backplane.inner.history
+        answered, gate = trio.Event(), trio.Event()
+
+        async def history(
+            topic: bytes, since: Position | None = None, limit: int | None = None
+        ) -> History:
+            answer = await read_then_wait(topic, since, limit)
+            if since is not None and since.offset == 3:  # the join's read, not the repair's
+                answered.set()
+                await gate.wait()
+            return answer
+
+        backplane.history = history  # type: ignore[method-assign]
+        async with member(url) as alice, member(url) as watcher, member(url) as bob:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            for number in range(1, 4):
+                await emitter.publish(room, number)
+            assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+            assert len(await watcher.messages(3)) == 3
+            joining = alice if joiner == "member" else bob
+            since_epoch = "0123456789abcdef" if joiner == "member" else epoch
+            since = {"epoch": since_epoch, "offset": 3}
+            await joining.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await answered.wait()
+            backplane.lose(2)  # 4 and 5 never reach the worker, and the history keeps only 6
+            for number in range(4, 7):
+                await emitter.publish(room, number)
+            told = await watcher.next_frame()
+            assert (told["type"], told["offset"], told["recovered"]) == ("joined", 5, False)
+            assert await watcher.messages(1) == [(6, 6)]
+            gate.set()
+            joined = await joining.next_frame()
+            assert (joined["type"], joined["id"]) == ("joined", 1), joined
+            if joiner == "member":
+                # Its stream goes on after the lost offsets, and its answer says so.
+                assert (joined["offset"], joined["recovered"]) == (5, False), joined
+            else:
+                assert (joined["offset"], joined["recovered"]) == (3, True), joined
+                told = await joining.next_frame()
+                told_as_members_are = (told["type"], told.get("id"), told.get("recovered"))
+                assert told_as_members_are == ("joined", None, False), told
+                assert (told["epoch"], told["offset"]) == (epoch, 5)
+            assert await joining.messages(1) == [(6, 6)]
+
+
 async def test_offsets_a_worker_missed_are_read_from_the_history_and_delivered_in_order() -> None:
     room = fresh_room()
     async with (
