@@ -132,12 +132,17 @@ def _parse_redis_url(url: str, parts: urllib.parse.SplitResult) -> BackplaneAddr
     db_text = parts.path.lstrip("/")
     if db_text and not db_text.isdigit():
         raise BadBackplaneURL(f"{url!r}: the database after the host must be a number")
+    if parts.fragment:
+        # Not shown: an unescaped # in a password starts the fragment, which then holds the
+        # rest of the password.
+        raise BadBackplaneURL(
+            f"{url!r}: a URL fragment (#...) is no option; a # in a password is written %23"
+        )
     options = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(options) - set(REDIS_OPTIONS))
-    if unknown or parts.fragment:
+    if unknown:
         raise BadBackplaneURL(
-            f"{url!r}: unknown option {', '.join(unknown) or '#' + parts.fragment}; "
-            f"known: {', '.join(REDIS_OPTIONS)}"
+            f"{url!r}: unknown option {', '.join(unknown)}; known: {', '.join(REDIS_OPTIONS)}"
         )
     ca_certs = options.get("ssl_ca_certs", [None])[-1]
     if ca_certs is not None and parts.scheme != "rediss":

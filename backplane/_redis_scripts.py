@@ -20,8 +20,10 @@ The retention is the cluster's, not each caller's. A backplane opened with a his
 worker's) runs the scripts in mode ``set``: its policy applies and is recorded in the meta
 hash, at each append and each history read. One opened without (an emitter's, or
 ``trio-fanout publish``) runs them in mode ``follow``: the retention recorded for the topic
-applies, and its own policy (the defaults) only where none is recorded. So an emitter that was
-not given the cluster's values cannot shorten a room's history or its ttl.
+applies, and where none is recorded, the retention the workers record for the whole cluster
+(``CLUSTER_RETENTION_KEY``, read when its connection to Redis is made), or its own policy (the
+defaults) if no worker has recorded one. So an emitter that was not given the cluster's values
+cannot shorten a room's history or its ttl, even once the room's own record has expired.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ KEY_PREFIX = b"trio-fanout:"
 # What a subscriber receives on a topic's channel: a kind byte, then for an appended message
 # its position, then the payload. A plain publish costs one byte; an appended one
 # "\x01OFFSET:EPOCH:" before its payload.
+# The retention the cluster's workers record for every topic (``s`` and ``t``, as in a topic's
+# meta hash): what an emitter applies to a topic that has none recorded, such as a room whose
+# keys expired while it was quiet, its members still joined. Not a topic's key: read and written
+# by commands of their own, never by the scripts, which touch one hash slot only.
+CLUSTER_RETENTION_KEY = KEY_PREFIX + b"retention"
+
 PLAIN = b"\x00"
 NUMBERED = b"\x01"
 

@@ -54,6 +54,7 @@ from trio_fanout.backplane._open import BackplaneAddress
 from trio_fanout.backplane._redis_scripts import (
     APPEND,
     APPEND_SHA,
+    CLUSTER_RETENTION_KEY,
     HISTORY,
     HISTORY_SHA,
     NUMBERED,
@@ -351,6 +352,10 @@ class RedisBackplane(Backplane):
         # Given a policy (a worker's), this backplane sets and records the topics' retention;
         # without (an emitter's), it follows the one recorded (backplane._redis_scripts).
         self._retention_mode = b"follow" if history is None else b"set"
+        # Where no retention is recorded for a topic: a worker's own; an emitter's, the one the
+        # workers recorded for the cluster, read once per connection (None: not read yet).
+        own = (b"%d" % self._history.size, _milliseconds(self._history.ttl))
+        self._fallback: tuple[bytes, bytes] | None = own if history is not None else None
         self._queue = MessageQueue(RECEIVE_QUEUE_HIGH_WATER)
         self._unknown_messages = 0
         self._replies: deque[_Reply] = deque()
@@ -399,11 +404,10 @@ class RedisBackplane(Backplane):
 
     async def append(self, topic: bytes, payload: bytes) -> Position:
         check_topic(topic)
-        policy = self._history
+        size, ttl = await self._retention()
         meta, stream = topic_keys(topic)
         arguments = (
-            meta, stream, payload, b"%d" % policy.size, _milliseconds(policy.ttl), topic,
-            new_epoch().encode(), self._retention_mode,
+            meta, stream, payload, size, ttl, topic, new_epoch().encode(), self._retention_mode,
         )  # fmt: skip
         reply = await self._run_script(APPEND_SHA, APPEND, arguments)
         try:
@@ -422,9 +426,10 @@ class RedisBackplane(Backplane):
         mode = b"newest" if since is None else b"after"
         since_offset = b"0" if since is None else b"%d" % min(since.offset, QUERY_NUMBER_CAP)
         since_epoch = b"" if since is None else since.epoch.encode()
+        size, ttl = await self._retention()
         arguments = (
-            meta, stream, new_epoch().encode(), _milliseconds(self._history.ttl), mode, count,
-            since_offset, since_epoch, b"%d" % self._history.size, self._retention_mode,
+            meta, stream, new_epoch().encode(), ttl, mode, count, since_offset, since_epoch,
+            size, self._retention_mode,
         )  # fmt: skip
         reply = await self._run_script(HISTORY_SHA, HISTORY, arguments)
         try:
@@ -485,6 +490,30 @@ class RedisBackplane(Backplane):
 
     def _publisher_connected(self) -> None:
         self._load_scripts()
+        if self._retention_mode == b"set":
+            # Recorded for the cluster, for emitters to apply where a topic has none recorded.
+            size, ttl = (b"%d" % self._history.size, _milliseconds(self._history.ttl))
+            command = encode_command(b"HSET", CLUSTER_RETENTION_KEY, b"s", size, b"t", ttl)
+            self._publisher.send_nowait(command, bounded=False)
+            self._replies.append(_Reply())
+        else:
+            self._fallback = None  # read again on this connection: the workers may have changed
+
+    async def _retention(self) -> tuple[bytes, bytes]:
+        """The size and ttl (ms) this backplane's scripts apply where a topic has none recorded
+        (see backplane._redis_scripts)."""
+        if self._fallback is not None:
+            return self._fallback
+        reply = await self._call(encode_command(b"HMGET", CLUSTER_RETENTION_KEY, b"s", b"t"))
+        if isinstance(reply, list) and all(
+            isinstance(value, bytes) and value.isdigit() for value in reply
+        ):
+            size, ttl = reply
+            self._fallback = (size, ttl)
+            return size, ttl
+        # None recorded (no worker has used this Redis yet): the defaults, and asked again next
+        # time.
+        return b"%d" % self._history.size, _milliseconds(self._history.ttl)
 
     def _fail_replies(self) -> None:
         """The publisher link is lost: publishes still waiting for their reply are refused."""
@@ -644,8 +673,9 @@ async def open_redis_backplane(
     address: BackplaneAddress, history: HistoryPolicy | None = None
 ) -> AsyncIterator[RedisBackplane]:
     """Connect to Redis; return once both links are ready (or raise within CONNECT_TIMEOUT).
-    ``history`` is the policy this backplane's appends apply and record for each topic; without
-    it, they apply the policy recorded for the topic, or the default policy where none is."""
+    ``history`` is the policy this backplane's appends apply and record for each topic and for
+    the cluster; without it, they apply the policy recorded for the topic, or where none is, the
+    one recorded for the cluster, or the default policy if none is either."""
     backplane = RedisBackplane(address, history)
     with unwrap_single_errors():
         async with trio.open_nursery() as nursery:

@@ -653,6 +653,65 @@ async def test_a_member_whose_rejoin_recovers_nothing_loses_nothing_of_its_live_
     listener.close()
 
 
+async def test_a_member_whose_rejoin_is_refused_is_told_of_a_new_epoch_among_the_held_messages():
+    """While a member's rejoin reads the history, the room gets a message, then starts a new
+    epoch (its history expired); the read is refused. The held messages follow, and between
+    them the member is told, as the other members are, that the numbering started again: a
+    ``joined`` without id, ``recovered: false``, before the new epoch's offset 1. Without it, a
+    client that drops offsets it has had would take offset 1 for a repeat of the old one."""
+    room = fresh_room()
+    ttl = 0.3
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(
+            f"memory://new-epoch-{os.getpid()}-{next(_rooms)}", history=HistoryPolicy(ttl=ttl)
+        ) as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = RefusableHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        emitter = Emitter(memory)
+        async with member(url) as alice, member(url) as watcher:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            for number in range(1, 4):
+                await emitter.publish(room, number)
+            assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+            assert len(await watcher.messages(3)) == 3
+            backplane.gate = gate = trio.Event()
+            backplane.refuse = True
+            since = {"epoch": epoch, "offset": 1}
+            await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await backplane.reading.wait()
+            assert await emitter.publish(room, 4) == 4
+            await trio.sleep(ttl * 2)  # the room's history expires: its numbering starts again
+            assert await emitter.publish(room, "new") == 1
+            assert await watcher.messages(1) == [(4, 4)]
+            told = await watcher.next_frame()
+            new_epoch = told["epoch"]
+            assert (told["type"], new_epoch != epoch, told["offset"]) == ("joined", True, 0)
+            assert await watcher.messages(1) == [(1, "new")]
+            gate.set()
+            assert await alice.messages(1) == [(4, 4)]
+            told = await alice.next_frame()
+            told_as_members_are = (told["type"], told.get("id"), told.get("recovered"))
+            assert told_as_members_are == ("joined", None, False), told
+            assert (told["epoch"], told["offset"]) == (new_epoch, 0)
+            assert await alice.messages(1) == [(1, "new")]
+            error = await alice.next_frame()
+            assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
+            backplane.gate = None
+            # Its stream goes on in the new epoch, once.
+            assert await emitter.publish(room, "next") == 2
+            assert await alice.messages(1) == [(2, "next")]
+            assert (await alice.join(room))["offset"] == 2
+        worker.stop()
+    listener.close()
+
+
 class LossySubscription(HeldHistory):
     """A memory backplane (with the history reads of :class:`HeldHistory`) whose subscriber
     loses the next ``lose(count)`` room messages, as a worker does while its link to Redis or
@@ -698,6 +757,65 @@ async def lossy_worker(
         yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws", backplane, Emitter(memory)
         worker.stop()
     listener.close()
+
+
+@pytest.mark.parametrize("joiner", ["member", "newcomer"])
+async def test_a_join_whose_history_read_is_under_way_when_missed_offsets_are_lost_is_told(
+    joiner: str,
+) -> None:
+    """While a join's history read is on its way (its answer already made), the worker's
+    subscription misses two messages that the history no longer keeps (it keeps one): the
+    room's members are told that they are lost. So is the joiner, in its turn: a member that
+    rejoins with a ``since`` that cannot be recovered gets the lost offsets in its answer; a
+    newcomer whose ``since`` was recovered (up to 3) gets a ``joined`` without id and with
+    ``recovered: false`` before the next message, where it would have had a silent gap."""
+    room = fresh_room()
+    async with lossy_worker(HistoryPolicy(size=1)) as (url, backplane, emitter):
+        read_then_wait = backplane.inner.history
+        answered, gate = trio.Event(), trio.Event()
+
+        async def history(
+            topic: bytes, since: Position | None = None, limit: int | None = None
+        ) -> History:
+            answer = await read_then_wait(topic, since, limit)
+            if since is not None and since.offset == 3:  # the join's read, not the repair's
+                answered.set()
+                await gate.wait()
+            return answer
+
+        backplane.history = history  # type: ignore[method-assign]
+        async with member(url) as alice, member(url) as watcher, member(url) as bob:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            for number in range(1, 4):
+                await emitter.publish(room, number)
+            assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+            assert len(await watcher.messages(3)) == 3
+            joining = alice if joiner == "member" else bob
+            since_epoch = "0123456789abcdef" if joiner == "member" else epoch
+            since = {"epoch": since_epoch, "offset": 3}
+            await joining.client.send({"type": "join", "room": room, "id": 1, "since": since})
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                await answered.wait()
+            backplane.lose(2)  # 4 and 5 never reach the worker, and the history keeps only 6
+            for number in range(4, 7):
+                await emitter.publish(room, number)
+            told = await watcher.next_frame()
+            assert (told["type"], told["offset"], told["recovered"]) == ("joined", 5, False)
+            assert await watcher.messages(1) == [(6, 6)]
+            gate.set()
+            joined = await joining.next_frame()
+            assert (joined["type"], joined["id"]) == ("joined", 1), joined
+            if joiner == "member":
+                # Its stream goes on after the lost offsets, and its answer says so.
+                assert (joined["offset"], joined["recovered"]) == (5, False), joined
+            else:
+                assert (joined["offset"], joined["recovered"]) == (3, True), joined
+                told = await joining.next_frame()
+                told_as_members_are = (told["type"], told.get("id"), told.get("recovered"))
+                assert told_as_members_are == ("joined", None, False), told
+                assert (told["epoch"], told["offset"]) == (epoch, 5)
+            assert await joining.messages(1) == [(6, 6)]
 
 
 async def test_offsets_a_worker_missed_are_read_from_the_history_and_delivered_in_order() -> None:

@@ -507,7 +507,8 @@ async def test_a_backplane_without_a_policy_follows_the_retention_a_worker_recor
 ) -> None:
     """A backplane opened with a history policy (a worker's) sets the topic's retention; one
     opened without (an emitter's) applies the retention recorded for the topic, not the
-    defaults, and the defaults only on a topic no worker touched."""
+    defaults; on a topic with none recorded, the one the workers recorded for the cluster (as
+    it stood when the emitter's connection began), not the defaults either."""
     port = redis_server.port
     topic = b"retention-%s" % os.urandom(4).hex().encode()
     meta, stream = (
@@ -531,11 +532,37 @@ async def test_a_backplane_without_a_policy_follows_the_retention_a_worker_recor
         await emitter.append(topic, b"follows")
         assert await redis_call(port, b"XLEN", stream) == 10
         assert 0 < await redis_call(port, b"PTTL", stream) <= 60_000
-        # A topic no worker recorded a retention for: the emitter's own (the defaults).
+        # A topic no worker recorded a retention for: the cluster's, not the defaults (100).
         lone = b"lone-%s" % os.urandom(4).hex().encode()
         for i in range(150):
             await emitter.append(lone, b"%d" % i)
-        assert len((await emitter.history(lone)).messages) == 100
+        assert len((await emitter.history(lone)).messages) == 150
+
+
+async def test_an_emitter_keeps_the_clusters_retention_on_a_room_quiet_past_its_ttl(
+    redis_server: RedisServer,
+) -> None:
+    """A room whose members stay but which is quiet for longer than history_ttl loses its keys,
+    and the retention recorded with them: the next message starts a new epoch. An emitter that
+    publishes then (the room's members do not join again) still applies the cluster's
+    retention, not its own defaults: no more than history_size messages, for history_ttl."""
+    port = redis_server.port
+    topic = b"quiet-%s" % os.urandom(4).hex().encode()
+    meta, stream = (
+        b"trio-fanout:{%s}:%s" % (topic.hex().encode(), kind) for kind in (b"meta", b"stream")
+    )
+    ttl = 0.5
+    async with open_backplane(redis_server.url, history=HistoryPolicy(size=5, ttl=ttl)) as worker:
+        await worker.history(topic, limit=0)  # a member joins: the retention is recorded
+        assert await redis_call(port, b"HGET", meta, b"s") == b"5"
+        await trio.sleep(ttl * 2)  # quiet past the ttl: the room's keys are gone
+        assert await redis_call(port, b"EXISTS", meta) == 0
+        async with open_backplane(redis_server.url) as emitter:
+            for i in range(20):
+                await emitter.append(topic, b"%d" % i)
+        assert await redis_call(port, b"XLEN", stream) == 5  # not the default 100
+        for key in (meta, stream):
+            assert 0 < await redis_call(port, b"PTTL", key) <= ttl * 1000  # not 300 s
 
 
 async def test_a_message_from_outside_the_backplane_is_dropped(

@@ -139,6 +139,10 @@ def test_refused_settings_never_show_the_password(tmp_path: Path, backplane: str
             f"rediss://app:{PASSWORD}@h?ssl_ca_certs=/ca.pem&password={PASSWORD}",
             "'rediss://app:***@h?ssl_ca_certs=/ca.pem&password=***': unknown option password",
         ),
+        # A # in the password (unescaped) starts a fragment where urlsplit looks: what follows
+        # it is a secret too, not an option to name.
+        (f"redis://app:#{PASSWORD}@10.0.0.6", "'redis://app:***@10.0.0.6': a URL fragment"),
+        (f"redis://app:1234#{PASSWORD}@10.0.0.6", "'redis://app:***@10.0.0.6': a URL fragment"),
         # urlsplit itself refuses it: a clear error, not a traceback.
         (f"redis://:{PASSWORD}@[::1", "'redis://:***@[::1' is not a valid URL"),
     ],

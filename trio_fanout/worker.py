@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterator
 
 import attrs
 import trio
@@ -119,6 +119,14 @@ def _report_accept_failures(count: int, error: OSError) -> None:
         "each time; at most one such line per %.0f s",
         count, error, ACCEPT_CAPACITY_PAUSE, REFUSAL_LOG_INTERVAL,
     )  # fmt: skip
+
+
+def _lost_notice(room_name: str, up_to: Position) -> bytes:
+    """The ``joined`` without id that tells a member that what it missed up to ``up_to`` will
+    not come (``recovered: false``), encoded."""
+    return websocket.encode_text_frame(
+        protocol.joined_frame(room_name, None, up_to.epoch, up_to.offset, False)
+    )
 
 
 def _log_delivery(
@@ -229,6 +237,10 @@ class CatchUp:
     Bounded by the connection's own queue limits (``max_queued_frames``, ``max_queued_bytes``):
     more could not be queued for it anyway. Past them the frames are dropped and only the
     position of the last one is kept; the join then answers ``recovered: false`` from there.
+
+    ``losses`` are the room's offsets told lost to its members meanwhile (see
+    :meth:`Worker._repair`), each with where it came among the held frames: the joiner is told
+    too, in its turn, unless it has had them.
     """
 
     max_frames: int
@@ -237,6 +249,7 @@ class CatchUp:
     held_bytes: int = 0
     overflowed: bool = False
     last: Position | None = None  # the last numbered message held back, kept past overflow
+    losses: list[tuple[int, Position]] = attrs.field(factory=list)  # (index in frames, up to)
 
     def hold(self, position: Position | None, frame: bytes) -> None:
         if position is not None:
@@ -246,9 +259,27 @@ class CatchUp:
         if len(self.frames) >= self.max_frames or self.held_bytes + len(frame) > self.max_bytes:
             self.overflowed = True
             self.frames = []
+            self.losses = []  # the join answers from the last one, with recovered false
             return
         self.frames.append((position, frame))
         self.held_bytes += len(frame)
+
+    def note_loss(self, up_to: Position) -> None:
+        if not self.overflowed:
+            self.losses.append((len(self.frames), up_to))
+
+    def in_order(self) -> Iterator[tuple[Position | None, bytes | None]]:
+        """The held frames, with each loss where it came: ``(up_to, None)``."""
+        losses = iter(self.losses)
+        loss = next(losses, None)
+        for index, held in enumerate(self.frames):
+            while loss is not None and loss[0] == index:
+                yield loss[1], None
+                loss = next(losses, None)
+            yield held
+        while loss is not None:
+            yield loss[1], None
+            loss = next(losses, None)
 
 
 @attrs.define(eq=False)
@@ -479,23 +510,40 @@ class Worker:
 
     @staticmethod
     def _held_after(
-        stood: Position | None, catch_up: CatchUp
-    ) -> tuple[Position | None, list[bytes], int | None]:
+        room_name: str, stood: Position | None, catch_up: CatchUp
+    ) -> tuple[Position | None, list[bytes], Position | None]:
         """For a member whose live stream stood at ``stood`` when its messages began to be held
-        back in ``catch_up`` (not overflowed): the held frames it has not had, where its stream
-        stands just before the first of them (its epoch may be new), and the last offset among
-        them (None if none is numbered)."""
-        start, frames, last = stood, [], None
-        for position, frame in catch_up.frames:
-            if position is not None:
-                if start is not None and position.epoch == start.epoch:
-                    if position.offset <= start.offset:
-                        continue  # at or below its floor: it was sent already
-                elif last is None:  # the first of a new epoch: the stream starts again
-                    start = Position(position.epoch, position.offset - 1)
-                last = position.offset
-            frames.append(frame)
-        return start, frames, last
+        back in ``catch_up`` (not overflowed): where its stream stands just before the first
+        held frame it has not had (its epoch may be new, or past offsets told lost), those
+        frames, and where its stream stands after them. Where the room's numbering starts again,
+        or offsets are told lost, after the first of them, a ``joined`` without id
+        (``recovered: false``) comes in its turn, as the room's members were told (this one was
+        not a member meanwhile)."""
+        start = end = stood
+        numbered = False  # whether a numbered frame or a notice is among those to send
+        frames: list[bytes] = []
+        for position, frame in catch_up.in_order():
+            if position is None:
+                if frame is not None:
+                    frames.append(frame)
+                continue
+            if end is not None and position.epoch == end.epoch:
+                if position.offset <= end.offset:
+                    continue  # at or below its floor: it was sent already (or told lost)
+                if frame is None and not numbered:
+                    start = position  # offsets lost: where its stream goes on
+                elif frame is None:
+                    frames.append(_lost_notice(room_name, position))
+            elif not numbered:  # the stream starts again, or goes on past a loss
+                start = position if frame is None else Position(position.epoch, position.offset - 1)
+            else:
+                up_to = position if frame is None else Position(position.epoch, position.offset - 1)
+                frames.append(_lost_notice(room_name, up_to))
+            end = position
+            if frame is not None:
+                numbered = True
+                frames.append(frame)
+        return start, frames, end if numbered else start
 
     def _go_on(
         self, conn: Connection, room: Room, stood: Position | None, catch_up: CatchUp
@@ -513,11 +561,11 @@ class Worker:
                     )
                 )
             return
-        start, frames, last = self._held_after(stood, catch_up)
-        if start is not None and stood is not None and start.epoch != stood.epoch:
+        start, frames, end = self._held_after(room.name, stood, catch_up)
+        if start is not None and stood is not None and start != stood:
             conn.reply(protocol.joined_frame(room.name, None, start.epoch, start.offset, False))
-        if start is not None:
-            room.floors[conn] = Position(start.epoch, start.offset if last is None else last)
+        if end is not None:
+            room.floors[conn] = end
         conn.send_encoded_many(frames)
 
     def _catch_up(
@@ -559,9 +607,9 @@ class Worker:
         elif member and not (since is not None and history.complete):
             # Nothing old, and its live stream goes on from where it stood.
             recovered = False
-            held_start, frames, held_last = self._held_after(stood, catch_up)
+            held_start, frames, held_end = self._held_after(room.name, stood, catch_up)
             start = held_start or Position(history.epoch, history.offset)
-            last = start.offset if held_last is None else held_last
+            last = (held_end or start).offset  # one epoch: a foreign one is handled above
         else:
             start = Position(history.epoch, history.offset)
             recovered = since is not None and history.complete
@@ -572,11 +620,13 @@ class Worker:
                     if frame is not None:
                         frames.append(frame)
                     last = max(last, offset)
-            for position, frame in catch_up.frames:
+            for position, frame in catch_up.in_order():
                 if position is None:
-                    frames.append(frame)  # not numbered (published, not appended): not in history
-                elif position.offset > last:
-                    frames.append(frame)
+                    if frame is not None:  # not numbered (published, not appended): not in history
+                        frames.append(frame)
+                elif position.epoch == start.epoch and position.offset > last:
+                    # A None frame: offsets told lost to the members, past what this one had.
+                    frames.append(frame if frame is not None else _lost_notice(room.name, position))
                     last = position.offset
         if room.position is None:
             room.position = start
@@ -1178,6 +1228,8 @@ class Worker:
                 else "not in the history",
             )  # fmt: skip
             self._tell_unrecovered(room, resume)
+            for catch_up in room.catching_up.values():
+                catch_up.note_loss(resume)  # told in their turn (see _catch_up)
             room.position = resume
         for position, frame, excluded in repair.held:
             self._room_message(topic, room, position, frame, excluded)
