@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -368,3 +369,24 @@ def test_the_access_line_names_each_control_and_no_secret(tmp_path):
         "(tls_cert_file /etc/fanout/fullchain.pem); max_connections 500 per worker"
     )
     assert describe_access(Config(curve_secret_key_file=None)).startswith("no tokens; any origin")
+
+
+def test_a_message_holding_line_breaks_stays_one_line_in_the_text_format():
+    """Text from outside the server (an embedding application's hook reason, say) cannot pass
+    for a log line of its own; a traceback keeps its lines. A formatter alone: no process of
+    the server lets a line break into a message, which is why this guard is the last one."""
+    formatter = TextFormatter("worker 1")
+    reason = "no\n2026-11-30 00:00:00,000 ERROR master (pid 1) trio_fanout: forged\r\x1b[2K"
+    record = logging.LogRecord(
+        "trio_fanout.worker", logging.WARNING, "", 0, "refused: %s", (reason,), None
+    )
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.endswith(
+        r"refused: no\n2026-11-30 00:00:00,000 ERROR master (pid 1) trio_fanout: forged\r\x1b[2K"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, "", 0, "failed", (), sys.exc_info())
+    assert formatter.format(failed).splitlines()[1] == "Traceback (most recent call last):"

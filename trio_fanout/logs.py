@@ -24,6 +24,10 @@ _SECRETS = re.compile(
 )
 REDACTED = "[redacted]"
 
+# Line breaks and other control characters in a message, which could make text from outside
+# (a hook's reason, a client's header) pass for log lines of its own.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def redact(text: str) -> str:
     """``text`` with URL passwords and JWT-shaped strings replaced by ``[redacted]``."""
@@ -55,8 +59,19 @@ class TextFormatter(logging.Formatter):
             defaults={"role": role},
         )
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line, with the message on it: control characters in the message are written as
+        escapes (``\\n``), so that a message is one line whatever text it holds. A traceback,
+        which follows the line, keeps its lines."""
+        record.message = _CONTROL_CHARACTERS.sub(_escaped, record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
 
 
 class JsonFormatter(logging.Formatter):
