@@ -82,15 +82,7 @@ def read_public_key(path: str) -> TokenKey:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
         raise KeyFileError(f"{path} is not a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise KeyFileError(
-                f"{path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"
-            )
-        return TokenKey("RS256", key)
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return TokenKey("ES256", key)
-    raise KeyFileError(f"{path} holds neither an RSA key (RS256) nor a P-256 key (ES256)")
+    return _asymmetric(path, key)
 
 
 def read_private_key(path: str) -> TokenKey:
@@ -108,13 +100,21 @@ def read_private_key(path: str) -> TokenKey:
         raise KeyFileError(
             f"{path} is not a PEM private key (-----BEGIN PRIVATE KEY-----)"
         ) from None
-    if isinstance(key, rsa.RSAPrivateKey):
+    return _asymmetric(path, key)
+
+
+def _asymmetric(path: str, key: object) -> TokenKey:
+    """``key``, public or private, read from ``path``, with the algorithm it signs or verifies:
+    an RSA key of at least ``MIN_RSA_BITS`` bits (RS256) or a P-256 key (ES256)."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise KeyFileError(
                 f"{path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"
             )
         return TokenKey("RS256", key)
-    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and isinstance(
+        key.curve, ec.SECP256R1
+    ):
         return TokenKey("ES256", key)
     raise KeyFileError(f"{path} holds neither an RSA key (RS256) nor a P-256 key (ES256)")
 
