@@ -340,9 +340,9 @@ async function recover() {
 }
 
 try {
-  emit(await recover());
+  // The result is hundreds of kB: exit once the pipe has taken all of it.
+  process.stdout.write(JSON.stringify(await recover()) + "\n", () => process.exit(0));
 } catch (error) {
   log(error.stack || error);
   process.exit(1);
 }
-process.exit(0);
