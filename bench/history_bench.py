@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fanout_bench import HERE, RESULTS, passes
-from loadgen import DEFAULT_PROCESSES, LoadGenerator
+from loadgen import DEFAULT_PROCESSES, LoadGenerator, _machine_cpu, _machine_cpu_percent
 from systems import TrioFanout
 
 RATE_STEPS = [40_000, 80_000, 120_000, 160_000]
@@ -348,11 +348,15 @@ def kill_run(
                 start_profiler(running.process.pid, "master"),
             ]
         cpu_before = read_cpu(running, server_pids)
+        survivor_before = read_cpu(running, [survivor])
+        machine_before = _machine_cpu()
         killed_at = time.time() * 1000
         os.kill(victim, signal.SIGKILL)
         loadgen.send({"killed_at_ms": killed_at})
         loadgen.read_all("recovered")
         cpu_after = read_cpu(running, server_pids)
+        survivor_cpu = read_cpu(running, [survivor]) - survivor_before
+        machine_percent = _machine_cpu_percent(machine_before)
         restarted_cpu = read_cpu(running, running.started_pids)
         loadgen.send({"finish": True})
         parts = loadgen.read_all(None)
@@ -367,6 +371,12 @@ def kill_run(
         cpu = cpu_after - cpu_before
         result["server_cpu_seconds"] = cpu
         result["server_cpu_percent"] = cpu / result["window_ms"] * 1e5
+        # The survivor alone: one thread, so near 100 % it is the limit.
+        result["survivor_cpu_percent"] = survivor_cpu / result["window_ms"] * 1e5
+        # The whole machine, in % of all its cores: near 100 %, every process waited for a core
+        # (the load generator's lag then is the machine's), and what the server and the load
+        # generator do not account for ran for other programs.
+        result["machine_cpu_percent"] = machine_percent
         # Roughly what one reconnection costs the server (handshake, join, history read,
         # missed messages), with the survivor's usual fan-out and the master's history reads
         # for the restarted worker's clients counted in.
@@ -426,6 +436,8 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "missed messages per client p50": median("missed_per_client", "p50"),
         "connection attempts per victim": median("connection_attempts") / median("victims"),
         "server CPU % of a core (master, survivor, Redis)": median("server_cpu_percent"),
+        "survivor CPU % of a core": median("survivor_cpu_percent"),
+        "machine CPU % of all cores": median("machine_cpu_percent"),
         "server CPU ms per client that landed on the survivor": median(
             "survivor_cpu_ms_per_client"
         ),
