@@ -54,7 +54,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from fanout_bench import HERE, RESULTS, passes
-from loadgen import DEFAULT_PROCESSES, LoadGenerator, _machine_cpu, _machine_cpu_percent
+from loadgen import (
+    DEFAULT_PROCESSES,
+    LoadGenerator,
+    _machine_cpu,
+    _process_ticks,
+    wait_for_quiet,
+)
 from systems import TrioFanout
 
 RATE_STEPS = [40_000, 80_000, 120_000, 160_000]
@@ -318,10 +324,13 @@ def kill_run(
     profile: bool,
     all_on_killed: bool = False,
     processes: int = DEFAULT_PROCESSES,
+    quiet_limit: float = 100.0,
+    quiet_wait: float = 0.0,
 ) -> dict[str, Any]:
     """One run: start a cluster, let ``processes`` recover.mjs processes place their shares of
     the clients (half on each worker, or with ``all_on_killed`` all on the worker without the
-    publisher), wait until all of them are ready, kill one worker.
+    publisher), wait until all of them are ready and (at most ``quiet_wait`` s) until other
+    programs use less than ``quiet_limit`` % of the machine, kill one worker.
     With ``profile``, py-spy samples the surviving worker and the master (with the embedded
     proxy) for PROFILE_SECONDS from just before the kill, into bench/results/."""
     with cluster(100, backplane) as running, contextlib.ExitStack() as stack:
@@ -340,6 +349,10 @@ def kill_run(
         survivor = next(pid for pid in running.worker_pids if pid != victim)
         # The master (with the proxy), the surviving worker, and redis-server if any.
         server_pids = [pid for pid in running.pids if pid != victim]
+        # Ours: the server's, the load generator's, this process's (the restarted worker is
+        # added once it exists).
+        own_pids = [*running.pids, *(process.pid for process in loadgen.processes), os.getpid()]
+        others_before_kill = wait_for_quiet(own_pids, quiet_limit, quiet_wait)
         loadgen.send({"publish": True})
         loadgen.read_all("ready")
         if profile:
@@ -349,14 +362,21 @@ def kill_run(
             ]
         cpu_before = read_cpu(running, server_pids)
         survivor_before = read_cpu(running, [survivor])
+        own_pids.remove(victim)  # from here on: gone, its CPU counted before
         machine_before = _machine_cpu()
+        own_before = _process_ticks(own_pids)
         killed_at = time.time() * 1000
         os.kill(victim, signal.SIGKILL)
         loadgen.send({"killed_at_ms": killed_at})
         loadgen.read_all("recovered")
         cpu_after = read_cpu(running, server_pids)
         survivor_cpu = read_cpu(running, [survivor]) - survivor_before
-        machine_percent = _machine_cpu_percent(machine_before)
+        machine_after = _machine_cpu()
+        own = _process_ticks(own_pids + list(running.started_pids)) - own_before
+        busy = machine_after[0] - machine_before[0]
+        total = machine_after[1] - machine_before[1]
+        machine_percent = 100 * busy / max(total, 1)
+        others_percent = 100 * (busy - own) / max(total, 1)
         restarted_cpu = read_cpu(running, running.started_pids)
         loadgen.send({"finish": True})
         parts = loadgen.read_all(None)
@@ -377,6 +397,8 @@ def kill_run(
         # (the load generator's lag then is the machine's), and what the server and the load
         # generator do not account for ran for other programs.
         result["machine_cpu_percent"] = machine_percent
+        result["others_cpu_percent"] = max(others_percent, 0.0)
+        result["others_cpu_percent_before_kill"] = others_before_kill
         # Roughly what one reconnection costs the server (handshake, join, history read,
         # missed messages), with the survivor's usual fan-out and the master's history reads
         # for the restarted worker's clients counted in.
@@ -438,6 +460,9 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "server CPU % of a core (master, survivor, Redis)": median("server_cpu_percent"),
         "survivor CPU % of a core": median("survivor_cpu_percent"),
         "machine CPU % of all cores": median("machine_cpu_percent"),
+        "other programs' CPU % of all cores, before the kill / over the window, per run": [
+            [run["others_cpu_percent_before_kill"], run["others_cpu_percent"]] for run in runs
+        ],
         "server CPU ms per client that landed on the survivor": median(
             "survivor_cpu_ms_per_client"
         ),
@@ -498,6 +523,19 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="kill: py-spy the survivor and the master"
     )
+    parser.add_argument(
+        "--quiet-limit",
+        type=float,
+        default=25.0,
+        help="kill: before each kill, wait until other programs use less than this %% of the "
+        "machine (default 25)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="kill: ... but at most this many seconds (default 20; 0: do not wait)",
+    )
     args = parser.parse_args()
     if not 1 <= args.processes <= args.clients:
         parser.error(f"--loadgen-processes must be 1 to --clients ({args.clients})")
@@ -526,6 +564,8 @@ def main() -> None:
                     args.profile,
                     args.all_on_killed,
                     args.processes,
+                    args.quiet_limit,
+                    args.quiet_wait,
                 )
                 print("  " + json.dumps({key: result[key] for key in (
                     "victims", "recovered_true", "recovered_false", "not_rejoined", "gaps",
