@@ -215,8 +215,11 @@ class Loadgen:
     is read from all before the next."""
 
     def __init__(self, config: dict[str, Any], processes: int) -> None:
-        clients = config["clients"]
-        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        # In pairs with the even split, so that each process's members halve exactly.
+        unit = 2 if config["split"] == "even" else 1
+        units, odd = divmod(config["clients"], unit)
+        shares = [unit * (units // processes + (i < units % processes)) for i in range(processes)]
+        shares[0] += odd
         concurrency = max(1, CONNECT_CONCURRENCY // processes)
         self.processes: list[subprocess.Popen[str]] = []
         for number, share in enumerate(shares):
@@ -537,8 +540,10 @@ def main() -> None:
         help="kill: ... but at most this many seconds (default 20; 0: do not wait)",
     )
     args = parser.parse_args()
-    if not 1 <= args.processes <= args.clients:
-        parser.error(f"--loadgen-processes must be 1 to --clients ({args.clients})")
+    # Each process needs members: with the even split, one on each worker.
+    most = args.clients if args.all_on_killed or args.what == "rate" else args.clients // 2
+    if not 1 <= args.processes <= most:
+        parser.error(f"--loadgen-processes must be 1 to {most} with --clients {args.clients}")
     runs: list[dict[str, Any]] = []
     summary: dict[int, Any]
     if args.what == "rate":
