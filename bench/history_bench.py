@@ -19,14 +19,18 @@ loadgen.py); the ratio of CPU per delivery (on / off) is taken within each run.
 ``kill``: 2,000 clients in 20 rooms, half on each worker, a publisher on one worker publishing
 steadily; the other worker is killed with SIGKILL, and its clients reconnect and rejoin with
 ``since``. With ``--all-on-killed`` all 2,000 clients are on the worker killed (the publisher
-alone on the other), so that all of them recover while the load generator, one Node.js process,
-holds no more connections and receives no more deliveries a second than with the even split (4,000
-clients in it, half of them to recover, measured its own event loop more than the server).
+alone on the other), so that all of them recover. The clients are shared by
+``--loadgen-processes`` Node.js processes (recover.mjs; the first also holds the publisher):
+2,000 clients recovering at once in one process lagged its event loop by most of a second, and
+then the time a client took to see its connection close and to open a new one was the load
+generator's. Every process is ready before the kill; their clients' timings (wall-clock ms, the
+clock of the kill time too) are merged.
 
 Reported: per client, the time from the kill to its ``joined`` with recovered true and the first
 message it had missed; how many recovered; where the time went (the close seen, the connection
 attempt, the handshake, the join answered, the missed messages), the server's CPU over the window
-(master, surviving worker, redis-server), and the load generator's CPU and lag.
+(master, surviving worker, redis-server), and the load generator's CPU and lag: its busiest
+process's, and each process's.
 ``--backoff-ms`` is the clients' first reconnect delay (uniform random up to it; 0 reconnects at
 once, the hardest case for the server; 500 is the project's clients' default).
 
@@ -50,7 +54,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from fanout_bench import HERE, RESULTS, passes
-from loadgen import DEFAULT_PROCESSES, LoadGenerator
+from loadgen import (
+    DEFAULT_PROCESSES,
+    LoadGenerator,
+    _machine_cpu,
+    _process_ticks,
+    wait_for_quiet,
+)
 from systems import TrioFanout
 
 RATE_STEPS = [40_000, 80_000, 120_000, 160_000]
@@ -174,6 +184,140 @@ def read_cpu(running: TrioFanout, pids: list[int]) -> float:
     return float("nan")
 
 
+# Handshakes in flight at once over all recover.mjs processes: enough to connect thousands of
+# clients in seconds without a burst that overflows the server's accept backlog.
+CONNECT_CONCURRENCY = 200
+# The steps of a victim's recovery, in the order they happen (recover.mjs's names): each phase
+# reported is the time from one to the next.
+PHASES = [
+    ("closed_to_attempt_ms", "closed", "attempted"),
+    ("attempt_to_open_ms", "attempted", "opened"),
+    ("open_to_welcome_ms", "opened", "welcomed"),
+    ("welcome_to_joined_ms", "welcomed", "joined"),
+    ("joined_to_first_missed_ms", "joined", "firstMissed"),
+]
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """n, p50, p90, p99 and max of the values present (the nearest-rank percentiles)."""
+    present = sorted(value for value in values if value is not None)
+
+    def percentile(p: float) -> float | None:
+        return present[min(len(present) - 1, int(p / 100 * len(present)))] if present else None
+
+    return {"n": len(present), "p50": percentile(50), "p90": percentile(90),
+            "p99": percentile(99), "max": present[-1] if present else None}  # fmt: skip
+
+
+class Loadgen:
+    """``processes`` recover.mjs processes sharing the members, the first one also holding the
+    publisher, held at the same step: each command goes to all of them, and each step's answer
+    is read from all before the next."""
+
+    def __init__(self, config: dict[str, Any], processes: int) -> None:
+        # In pairs with the even split, so that each process's members halve exactly.
+        unit = 2 if config["split"] == "even" else 1
+        units, odd = divmod(config["clients"], unit)
+        shares = [unit * (units // processes + (i < units % processes)) for i in range(processes)]
+        shares[0] += odd
+        concurrency = max(1, CONNECT_CONCURRENCY // processes)
+        self.processes: list[subprocess.Popen[str]] = []
+        for number, share in enumerate(shares):
+            own = config | {"clients": share, "publisher": number == 0,
+                            "connect_concurrency": concurrency}  # fmt: skip
+            self.processes.append(subprocess.Popen(
+                ["node", str(HERE / "recover.mjs"), json.dumps(own)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+    def send(self, command: dict[str, Any]) -> None:
+        line = json.dumps(command) + "\n"
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(line)
+            process.stdin.flush()
+
+    def read(self, process: subprocess.Popen[str], event: str | None) -> dict[str, Any]:
+        """The next line of ``process``: the ``event`` named, or (None) its result."""
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a load generator process ended (waiting for {event or 'result'})")
+        message: dict[str, Any] = json.loads(line)
+        if message.get("event") != event:
+            raise RuntimeError(f"expected {event or 'a result'}, got {line[:200]}")
+        return message
+
+    def read_all(self, event: str | None) -> list[dict[str, Any]]:
+        return [self.read(process, event) for process in self.processes]
+
+
+def merge_kill_results(
+    parts: list[dict[str, Any]], killed_at: float, publisher_pid: int, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures of one kill from every process's victims, their timings taken together."""
+    victims = [victim for part in parts for victim in part["victims"]]
+
+    def since_kill(step: str) -> dict[str, Any]:
+        return spread([v[step] - killed_at if step in v else None for v in victims])
+
+    def between(start: str, end: str) -> dict[str, Any]:
+        return spread([v[end] - v[start] if start in v and end in v else None for v in victims])
+
+    # Where the victims landed: on the surviving worker, or on the one started in the dead one's
+    # place (which first has to start, subscribe and read each room's history).
+    landed_on = {}
+    for where in ("survivor", "restarted"):
+        here = [v for v in victims if (v["pid"] == publisher_pid) == (where == "survivor")]
+        recovery = [v["firstMissed"] - killed_at if "firstMissed" in v else None for v in here]
+        landed_on[where] = {"clients": len(here), "recovery_ms": spread(recovery)}
+    recovered_at = max(part["recovered_at_ms"] for part in parts)
+    per_process = [
+        {"clients": part["clients"], "victims": len(part["victims"])}
+        | {key: part[key] for key in ("loadgen_cpu_percent", "loadgen_lag_p99_ms",
+                                      "loadgen_lag_max_ms")}
+        for part in parts
+    ]  # fmt: skip
+    result: dict[str, Any] = {
+        "mode": "recover",
+        "split": config["split"],
+        "clients": sum(part["clients"] for part in parts),
+        "setup_connections": sum(part["setup_connections"] for part in parts),
+        "rooms": config["rooms"],
+        "publishes_per_second": config["publishes_per_second"],
+        "backoff_base_ms": config["backoff_base_ms"],
+        "victim_pid": parts[0]["victim_pid"],
+        "victims": len(victims),
+        "recovered_true": sum(v.get("recovered") is True for v in victims),
+        "recovered_false": sum(v.get("recovered") is False for v in victims),
+        "not_rejoined": sum("joined" not in v for v in victims),
+        "others_disconnected": sum(part["others_disconnected"] for part in parts),
+        "landed_on": landed_on,
+        "connection_attempts": sum(v["attempts"] for v in victims),
+        "missed_per_client": spread([v.get("missed") for v in victims]),
+        "recovery_ms": since_kill("firstMissed"),
+        "close_seen_ms": since_kill("closed"),
+        **{name: between(start, end) for name, start, end in PHASES},
+        "gaps": sum(part["gaps"] for part in parts),
+        "duplicates": sum(part["duplicates"] for part in parts),
+        "publishes": sum(part["publishes"] for part in parts),
+        "window_ms": recovered_at - killed_at,
+        # The busiest process's: one saturated process delays its own clients.
+        "loadgen_processes": len(parts),
+        "loadgen_cpu_percent": max(p["loadgen_cpu_percent"] for p in per_process),
+        "loadgen_lag_p99_ms": max(p["loadgen_lag_p99_ms"] for p in per_process),
+        "loadgen_lag_max_ms": max(p["loadgen_lag_max_ms"] for p in per_process),
+        "loadgen_per_process": per_process,
+    }
+    return result
+
+
 def kill_run(
     backplane: str,
     clients: int,
@@ -182,55 +326,82 @@ def kill_run(
     backoff_ms: int,
     profile: bool,
     all_on_killed: bool = False,
+    processes: int = DEFAULT_PROCESSES,
+    quiet_limit: float = 100.0,
+    quiet_wait: float = 0.0,
 ) -> dict[str, Any]:
-    """One run: start a cluster, let the load generator place its clients (half on each worker,
-    or with ``all_on_killed`` all on the worker without the publisher), kill one worker.
+    """One run: start a cluster, let ``processes`` recover.mjs processes place their shares of
+    the clients (half on each worker, or with ``all_on_killed`` all on the worker without the
+    publisher), wait until all of them are ready and (at most ``quiet_wait`` s) until other
+    programs use less than ``quiet_limit`` % of the machine, kill one worker.
     With ``profile``, py-spy samples the surviving worker and the master (with the embedded
     proxy) for PROFILE_SECONDS from just before the kill, into bench/results/."""
-    with cluster(100, backplane) as running:
+    with cluster(100, backplane) as running, contextlib.ExitStack() as stack:
         config = {"url": running.url, "clients": clients, "rooms": rooms,
                   "publishes_per_second": rate, "timeout": KILL_TIMEOUT_SECONDS,
                   "backoff_base_ms": backoff_ms, "backoff_cap_ms": 2000,
                   "split": "killed" if all_on_killed else "even"}  # fmt: skip
-        process = subprocess.Popen(
-            ["node", str(HERE / "recover.mjs"), json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert process.stdout is not None and process.stdin is not None
-        result: dict[str, Any] = {}
-        for line in process.stdout:
-            message = json.loads(line)
-            if message.get("event") == "ready":
-                victim = message["victim_pid"]
-                if victim not in running.worker_pids:
-                    raise RuntimeError(f"pid {victim} is not one of {running.worker_pids}")
-                survivor = next(pid for pid in running.worker_pids if pid != victim)
-                # The master (with the proxy), the surviving worker, and redis-server if any.
-                server_pids = [pid for pid in running.pids if pid != victim]
-                if profile:
-                    profilers = [
-                        start_profiler(survivor, "survivor"),
-                        start_profiler(running.process.pid, "master"),
-                    ]
-                cpu_before = read_cpu(running, server_pids)
-                killed_at = time.time() * 1000
-                os.kill(victim, signal.SIGKILL)
-                process.stdin.write(json.dumps({"killed_at_ms": killed_at}) + "\n")
-                process.stdin.flush()
-            elif message.get("event") == "recovered":
-                cpu_after = read_cpu(running, server_pids)
-                restarted_cpu = read_cpu(running, running.started_pids)
-            elif "event" not in message:
-                result = message
-        if process.wait(KILL_TIMEOUT_SECONDS + 60) != 0:
-            raise RuntimeError("the load generator failed")
+        loadgen = Loadgen(config, processes)
+        stack.callback(loadgen.close)
+        publisher_pid = loadgen.read(loadgen.processes[0], "publisher")["pid"]
+        loadgen.send({"publisher_pid": publisher_pid})
+        victims = {answer["victim_pid"] for answer in loadgen.read_all("members")}
+        if len(victims) != 1 or not victims <= set(running.worker_pids):
+            raise RuntimeError(f"victims {victims}, not one of {running.worker_pids}")
+        (victim,) = victims
+        survivor = next(pid for pid in running.worker_pids if pid != victim)
+        # The master (with the proxy), the surviving worker, and redis-server if any.
+        server_pids = [pid for pid in running.pids if pid != victim]
+        # Ours: the server's, the load generator's, this process's (the restarted worker is
+        # added once it exists).
+        own_pids = [*running.pids, *(process.pid for process in loadgen.processes), os.getpid()]
+        others_before_kill = wait_for_quiet(own_pids, quiet_limit, quiet_wait)
+        loadgen.send({"publish": True})
+        loadgen.read_all("ready")
+        if profile:
+            profilers = [
+                start_profiler(survivor, "survivor"),
+                start_profiler(running.process.pid, "master"),
+            ]
+        cpu_before = read_cpu(running, server_pids)
+        survivor_before = read_cpu(running, [survivor])
+        own_pids.remove(victim)  # from here on: gone, its CPU counted before
+        machine_before = _machine_cpu()
+        own_before = _process_ticks(own_pids)
+        killed_at = time.time() * 1000
+        os.kill(victim, signal.SIGKILL)
+        loadgen.send({"killed_at_ms": killed_at})
+        loadgen.read_all("recovered")
+        cpu_after = read_cpu(running, server_pids)
+        survivor_cpu = read_cpu(running, [survivor]) - survivor_before
+        machine_after = _machine_cpu()
+        own = _process_ticks(own_pids + list(running.started_pids)) - own_before
+        busy = machine_after[0] - machine_before[0]
+        total = machine_after[1] - machine_before[1]
+        machine_percent = 100 * busy / max(total, 1)
+        others_percent = 100 * (busy - own) / max(total, 1)
+        restarted_cpu = read_cpu(running, running.started_pids)
+        loadgen.send({"finish": True})
+        parts = loadgen.read_all(None)
+        for process in loadgen.processes:
+            if process.wait(60) != 0:
+                raise RuntimeError("a load generator process failed")
         if profile:
             for profiler in profilers:
                 profiler.wait(PROFILE_SECONDS + 30)
+        result = merge_kill_results(parts, killed_at, publisher_pid, config)
         # Their CPU from the kill to the last recovery.
         cpu = cpu_after - cpu_before
         result["server_cpu_seconds"] = cpu
         result["server_cpu_percent"] = cpu / result["window_ms"] * 1e5
+        # The survivor alone: one thread, so near 100 % it is the limit.
+        result["survivor_cpu_percent"] = survivor_cpu / result["window_ms"] * 1e5
+        # The whole machine, in % of all its cores: near 100 %, every process waited for a core
+        # (the load generator's lag then is the machine's), and what the server and the load
+        # generator do not account for ran for other programs.
+        result["machine_cpu_percent"] = machine_percent
+        result["others_cpu_percent"] = max(others_percent, 0.0)
+        result["others_cpu_percent_before_kill"] = others_before_kill
         # Roughly what one reconnection costs the server (handshake, join, history read,
         # missed messages), with the survivor's usual fan-out and the master's history reads
         # for the restarted worker's clients counted in.
@@ -290,15 +461,27 @@ def kill_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "missed messages per client p50": median("missed_per_client", "p50"),
         "connection attempts per victim": median("connection_attempts") / median("victims"),
         "server CPU % of a core (master, survivor, Redis)": median("server_cpu_percent"),
+        "survivor CPU % of a core": median("survivor_cpu_percent"),
+        "machine CPU % of all cores": median("machine_cpu_percent"),
+        "other programs' CPU % of all cores, before the kill / over the window, per run": [
+            [run["others_cpu_percent_before_kill"], run["others_cpu_percent"]] for run in runs
+        ],
         "server CPU ms per client that landed on the survivor": median(
             "survivor_cpu_ms_per_client"
         ),
-        "loadgen CPU % / lag p99 ms / lag max ms": [median("loadgen_cpu_percent"),
-                                                    median("loadgen_lag_p99_ms"),
-                                                    median("loadgen_lag_max_ms")],
-        "loadgen CPU % / lag p99 ms / lag max ms, per run": [
+        "loadgen processes": median("loadgen_processes"),
+        "loadgen CPU % / lag p99 ms / lag max ms, the busiest process": [
+            median("loadgen_cpu_percent"), median("loadgen_lag_p99_ms"),
+            median("loadgen_lag_max_ms")],
+        "loadgen CPU % / lag p99 ms / lag max ms, per run, the busiest process": [
             [run[key] for key in ("loadgen_cpu_percent", "loadgen_lag_p99_ms",
                                   "loadgen_lag_max_ms")]
+            for run in runs
+        ],
+        "loadgen CPU % / lag p99 ms / lag max ms, per run, per process": [
+            [[process[key] for key in ("loadgen_cpu_percent", "loadgen_lag_p99_ms",
+                                       "loadgen_lag_max_ms")]
+             for process in run["loadgen_per_process"]]
             for run in runs
         ],
     }  # fmt: skip
@@ -317,7 +500,8 @@ def main() -> None:
         dest="processes",
         type=int,
         default=DEFAULT_PROCESSES,
-        help=f"rate: Node processes sharing the clients (default {DEFAULT_PROCESSES})",
+        help=f"Node processes sharing the clients (default {DEFAULT_PROCESSES}); kill: the "
+        "first of them also holds the publisher",
     )
     parser.add_argument(
         "--clients",
@@ -342,7 +526,24 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="kill: py-spy the survivor and the master"
     )
+    parser.add_argument(
+        "--quiet-limit",
+        type=float,
+        default=25.0,
+        help="kill: before each kill, wait until other programs use less than this %% of the "
+        "machine (default 25)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="kill: ... but at most this many seconds (default 20; 0: do not wait)",
+    )
     args = parser.parse_args()
+    # Each process needs members: with the even split, one on each worker.
+    most = args.clients if args.all_on_killed or args.what == "rate" else args.clients // 2
+    if not 1 <= args.processes <= most:
+        parser.error(f"--loadgen-processes must be 1 to {most} with --clients {args.clients}")
     runs: list[dict[str, Any]] = []
     summary: dict[int, Any]
     if args.what == "rate":
@@ -367,11 +568,14 @@ def main() -> None:
                     backoff,
                     args.profile,
                     args.all_on_killed,
+                    args.processes,
+                    args.quiet_limit,
+                    args.quiet_wait,
                 )
                 print("  " + json.dumps({key: result[key] for key in (
                     "victims", "recovered_true", "recovered_false", "not_rejoined", "gaps",
-                    "duplicates", "recovery_ms", "loadgen_cpu_percent", "loadgen_lag_p99_ms",
-                    "loadgen_lag_max_ms")}), file=sys.stderr)  # fmt: skip
+                    "duplicates", "recovery_ms", "loadgen_per_process")}),
+                      file=sys.stderr)  # fmt: skip
                 by_backoff[backoff].append(result)
                 runs.append(result)
         summary = {backoff: kill_summary(results) for backoff, results in by_backoff.items()}

@@ -1,19 +1,28 @@
 // The clients of `history_bench.py kill`: members of trio-fanout's rooms that behave as the
 // project's clients do when their worker dies (reconnect after a delay, rejoin with `since`),
-// in one Node.js process (the `ws` package). Not part of the test suite.
+// with the `ws` package. Several of these processes share the members; one of them also holds
+// the publisher. Not part of the test suite.
 //
-//   node recover.mjs '{"url": "ws://127.0.0.1:8765/ws", "clients": 2000, "rooms": 20,
+//   node recover.mjs '{"url": "ws://127.0.0.1:8765/ws", "clients": 1000, "rooms": 20,
 //                      "publishes_per_second": 200, "timeout": 30, "backoff_base_ms": 500,
-//                      "backoff_cap_ms": 2000}'
+//                      "backoff_cap_ms": 2000, "publisher": true, "connect_concurrency": 100}'
 //
-// `clients` members of `rooms` rooms and a publisher on one of two workers; the members are half
-// on each worker (`"split": "even"`, the default) or all on the worker without the publisher
-// (`"split": "killed"`: every member is one of the killed worker's clients, and this process
-// holds no more connections than the clients that recover). It prints {"event": "ready",
-// "victim_pid": P}, reads the time the orchestrator killed worker P (a JSON line on stdin),
-// prints {"event": "recovered"} once each of that worker's clients has reconnected, rejoined
-// with `since` and received the first message it missed (or the timeout passed), and then its
-// result, one JSON line with our CPU and event-loop lag.
+// `clients` is this process's share of the members, in `rooms` rooms; the members are half on
+// each of two workers (`"split": "even"`, the default) or all on the worker without the
+// publisher (`"split": "killed"`: every member is one of the killed worker's clients, and the
+// load generator holds no more connections than the clients that recover).
+//
+// Driven by JSON lines on stdin, each step answered by a JSON line on stdout, so that the
+// orchestrator can hold every process at the same step:
+//   (with "publisher": true) prints {"event": "publisher", "pid": P}, the publisher's worker;
+//   reads {"publisher_pid": P}, opens its members, prints {"event": "members", "victim_pid": V};
+//   reads {"publish": true}, (publisher) publishes steadily, 1 s later prints {"event": "ready"};
+//   reads {"killed_at_ms": T}, the time worker V was killed, and prints {"event": "recovered"}
+//   once each of its members of that worker has reconnected, rejoined with `since` and received
+//   the first message it missed (or the timeout passed);
+//   reads {"finish": true}, watches 1 s more for gaps, closes, and prints its result: for each
+//   of its victims the times of each step of its recovery, in ms since the Unix epoch (the
+//   clock every process and the orchestrator share), and its own CPU and event-loop lag.
 //
 // Unlike loadgen.mjs, which measures steady fan-out and never parses a delivery, these clients
 // parse every frame: they must follow each room's epoch and offsets to ask for what they missed.
@@ -26,9 +35,10 @@ import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 const config = JSON.parse(process.argv[2]);
 const SPLIT = config.split ?? "even";
 if (!["even", "killed"].includes(SPLIT)) throw new Error(`unknown split: ${SPLIT}`);
-// Handshakes in flight at once: enough to connect thousands of clients in seconds without a
-// burst that overflows the server's accept backlog.
-const CONNECT_CONCURRENCY = 200;
+// Handshakes in flight at once (in this process; the orchestrator divides its total among the
+// processes): enough to connect thousands of clients in seconds without a burst that overflows
+// the server's accept backlog.
+const CONNECT_CONCURRENCY = config.connect_concurrency ?? 200;
 const CLIENT_OPTIONS = { perMessageDeflate: false };
 if (config.ca_file) CLIENT_OPTIONS.ca = readFileSync(config.ca_file);
 
@@ -51,24 +61,39 @@ function lagFigures() {
   };
 }
 
-function percentile(sorted, p) {
-  if (sorted.length === 0) return null;
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-}
-
 // The time since the Unix epoch in ms, on the clock the orchestrator reads its kill time from.
 function wallMs() {
   return performance.timeOrigin + performance.now();
 }
 
-function readLine() {
-  return new Promise((resolve) => {
-    const lines = createInterface({ input: process.stdin });
-    lines.once("line", (line) => {
-      lines.close();
-      resolve(line);
-    });
-  });
+// The orchestrator's commands, one JSON object a line. Its end (the orchestrator gone) ends us.
+const commands = [];
+const waiting = [];
+let finished = false;
+const input = createInterface({ input: process.stdin });
+input.on("line", (line) => {
+  const command = JSON.parse(line);
+  const resolve = waiting.shift();
+  if (resolve) resolve(command);
+  else commands.push(command);
+});
+input.on("close", () => {
+  if (!finished) {
+    log("stdin closed before the end");
+    process.exit(1);
+  }
+});
+
+// The next command, which must carry `key`.
+async function expect(key) {
+  const command = commands.length
+    ? commands.shift() : await new Promise((resolve) => waiting.push(resolve));
+  if (!(key in command)) throw new Error(`expected ${key}, got ${JSON.stringify(command)}`);
+  return command;
+}
+
+function emit(event) {
+  process.stdout.write(JSON.stringify(event) + "\n");
 }
 
 let stopping = false;
@@ -235,32 +260,41 @@ async function openMembers(count, rooms, publisherPid) {
   return { members, perPid, opened };
 }
 
-function spread(values) {
-  const sorted = values.filter((v) => v !== undefined).sort((a, b) => a - b);
-  return {
-    n: sorted.length, p50: percentile(sorted, 50), p90: percentile(sorted, 90),
-    p99: percentile(sorted, 99), max: sorted.length ? sorted[sorted.length - 1] : null,
-  };
+// What the orchestrator needs to merge our victims' timings with the other processes': each
+// step of each one's recovery, in wallMs() (absent where it never happened).
+function victimRecord(member) {
+  const { lost } = member;
+  const record = { pid: member.pid, attempts: member.attempts };
+  if (lost === null) return record;
+  for (const key of ["closed", "attempted", "opened", "welcomed", "joined", "firstMissed",
+    "recovered", "missed"]) {
+    if (lost[key] !== undefined) record[key] = lost[key];
+  }
+  return record;
 }
 
 async function recover() {
   const { clients: count, rooms, publishes_per_second: rate, timeout } = config;
-  const publisher = await openPublisher();
-  const { members, perPid, opened } = await openMembers(count, rooms, publisher.pid);
-  const victimPid = [...perPid.keys()].find((pid) => pid !== publisher.pid);
+  const publisher = config.publisher ? await openPublisher() : null;
+  if (publisher) emit({ event: "publisher", pid: publisher.pid });
+  const { publisher_pid: publisherPid } = await expect("publisher_pid");
+  const { members, perPid, opened } = await openMembers(count, rooms, publisherPid);
+  const victimPid = [...perPid.keys()].find((pid) => pid !== publisherPid);
   if (perPid.size !== (SPLIT === "even" ? 2 : 1) || victimPid === undefined) {
     throw new Error(`expected members on ${SPLIT === "even" ? "two workers, one" : "a worker"}`
-      + ` other than the publisher's (${publisher.pid}): ${JSON.stringify([...perPid])}`);
+      + ` other than the publisher's (${publisherPid}): ${JSON.stringify([...perPid])}`);
   }
   const victims = members.filter((member) => member.pid === victimPid);
   for (const member of victims) member.victim = true;
-  log(`${count} members ready (${JSON.stringify([...perPid])}, ${opened} connections opened);`
-    + ` publisher on ${publisher.pid}`);
+  log(`${count} members ready (${JSON.stringify([...perPid])}, ${opened} connections opened)`
+    + (publisher ? `; publisher on ${publisher.pid}` : ""));
+  emit({ event: "members", victim_pid: victimPid, opened });
 
   // A steady publisher: `rate` publishes a second over all rooms, in room order.
+  await expect("publish");
   let sent = 0;
   const publishStart = performance.now();
-  const publishing = (async () => {
+  const publishing = publisher && (async () => {
     while (!stopping) {
       const due = Math.floor(((performance.now() - publishStart) / 1000) * rate);
       for (; sent < due; sent++) {
@@ -271,73 +305,44 @@ async function recover() {
   })();
   await sleep(1000); // every room has numbered messages, every member a position
 
-  process.stdout.write(JSON.stringify({ event: "ready", victim_pid: victimPid }) + "\n");
+  emit({ event: "ready" });
   const cpuStart = process.cpuUsage();
   const readyAt = wallMs();
   lag.reset();
-  const { killed_at_ms: killedAt } = JSON.parse(await readLine());
+  const { killed_at_ms: killedAt } = await expect("killed_at_ms");
   const done = () => victims.every((m) => m.lost && m.lost.firstMissed !== undefined);
   while (!done() && wallMs() - killedAt < timeout * 1000) await sleep(5);
   const recoveredAt = wallMs();
-  process.stdout.write(JSON.stringify({ event: "recovered" }) + "\n");
+  emit({ event: "recovered" });
   const cpu = process.cpuUsage(cpuStart);
   const lagDuring = lagFigures();
+  await expect("finish");
   await sleep(1000); // and then: does every member keep receiving in order?
   stopping = true;
   await publishing;
   await sleep(500);
   for (const member of members) member.ws.terminate();
-  publisher.ws.terminate();
-
-  const since = (field) => victims.map((m) => m.lost?.[field] === undefined
-    ? undefined : m.lost[field] - killedAt);
-  const between = (from, to) => victims.map((m) => m.lost?.[from] === undefined
-    || m.lost?.[to] === undefined ? undefined : m.lost[to] - m.lost[from]);
-  // Where the victims landed: on the surviving worker, or on the one started in the dead one's
-  // place (which first has to start, subscribe and read each room's history).
-  const landedOn = {};
-  for (const where of ["survivor", "restarted"]) {
-    const here = victims.filter((m) => (m.pid === publisher.pid) === (where === "survivor"));
-    landedOn[where] = { clients: here.length, recovery_ms: spread(here.map(
-      (m) => m.lost?.firstMissed === undefined ? undefined : m.lost.firstMissed - killedAt)) };
-  }
+  if (publisher) publisher.ws.terminate();
+  finished = true;
   return {
-    mode: "recover",
-    split: SPLIT,
     clients: count,
     setup_connections: opened,
-    rooms,
-    publishes_per_second: rate,
-    backoff_base_ms: config.backoff_base_ms,
     victim_pid: victimPid,
-    victims: victims.length,
-    recovered_true: victims.filter((m) => m.lost?.recovered === true).length,
-    recovered_false: victims.filter((m) => m.lost?.recovered === false).length,
-    not_rejoined: victims.filter((m) => m.lost?.joined === undefined).length,
+    victims: victims.map(victimRecord),
     others_disconnected: members.filter((m) => !m.victim && m.lost).length,
-    landed_on: landedOn,
-    connection_attempts: victims.reduce((sum, m) => sum + m.attempts, 0),
-    missed_per_client: spread(victims.map((m) => m.lost?.missed)),
-    recovery_ms: spread(since("firstMissed")),
-    close_seen_ms: spread(since("closed")),
-    closed_to_attempt_ms: spread(between("closed", "attempted")),
-    attempt_to_open_ms: spread(between("attempted", "opened")),
-    open_to_welcome_ms: spread(between("opened", "welcomed")),
-    welcome_to_joined_ms: spread(between("welcomed", "joined")),
-    joined_to_first_missed_ms: spread(between("joined", "firstMissed")),
     gaps: members.reduce((sum, m) => sum + m.gaps, 0),
     duplicates: members.reduce((sum, m) => sum + m.duplicates, 0),
     publishes: sent,
-    window_ms: recoveredAt - killedAt,
+    recovered_at_ms: recoveredAt,
     loadgen_cpu_percent: ((cpu.user + cpu.system) / 1e3 / (recoveredAt - readyAt)) * 100,
     ...lagDuring,
   };
 }
 
 try {
-  process.stdout.write(JSON.stringify(await recover()) + "\n");
+  // The result is hundreds of kB: exit once the pipe has taken all of it.
+  process.stdout.write(JSON.stringify(await recover()) + "\n", () => process.exit(0));
 } catch (error) {
   log(error.stack || error);
   process.exit(1);
 }
-process.exit(0);
