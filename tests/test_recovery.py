@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -598,6 +599,41 @@ class RefusableHistory(HeldHistory):
         return answer
 
 
+@attrs.define
+class RefusableSetup:
+    """A worker on a :class:`RefusableHistory`, an emitter, and two members of ``room``:
+    ``alice``, whose rejoin the tests hold or refuse, and ``watcher``, a plain member."""
+
+    room: str
+    backplane: RefusableHistory
+    emitter: Emitter
+    alice: Member
+    watcher: Member
+    epoch: str
+
+
+@asynccontextmanager
+async def refusable_setup(name: str, **backplane_options: Any) -> AsyncIterator[RefusableSetup]:
+    room = fresh_room()
+    listener = open_listener("127.0.0.1", 0)
+    async with (
+        open_backplane(
+            f"memory://{name}-{os.getpid()}-{next(_rooms)}", **backplane_options
+        ) as memory,
+        trio.open_nursery() as nursery,
+    ):
+        backplane = RefusableHistory(memory)
+        worker = Worker(Config(heartbeat_interval=0), backplane)
+        await nursery.start(worker.serve, listener)
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+        async with member(url) as alice, member(url) as watcher:
+            epoch = (await alice.join(room))["epoch"]
+            await watcher.join(room)
+            yield RefusableSetup(room, backplane, Emitter(memory), alice, watcher, epoch)
+        worker.stop()
+    listener.close()
+
+
 @pytest.mark.parametrize("outcome", ["unrecoverable", "refused"])
 async def test_a_member_whose_rejoin_recovers_nothing_loses_nothing_of_its_live_stream(
     outcome: str,
@@ -605,52 +641,39 @@ async def test_a_member_whose_rejoin_recovers_nothing_loses_nothing_of_its_live_
     """A member rejoins with a ``since`` of another epoch, or its rejoin's history read is
     refused, while messages arrive: they were held back during the read, and follow in order
     (after ``joined`` with ``recovered: false`` where its stream stood; before the error)."""
-    room = fresh_room()
-    listener = open_listener("127.0.0.1", 0)
-    async with (
-        open_backplane(f"memory://refusable-{os.getpid()}-{next(_rooms)}") as memory,
-        trio.open_nursery() as nursery,
-    ):
-        backplane = RefusableHistory(memory)
-        worker = Worker(Config(heartbeat_interval=0), backplane)
-        await nursery.start(worker.serve, listener)
-        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
-        emitter = Emitter(memory)
-        async with member(url) as alice, member(url) as watcher:
-            epoch = (await alice.join(room))["epoch"]
-            await watcher.join(room)
-            for number in range(1, 6):
-                await emitter.publish(room, number)
-            assert await alice.messages(5) == [(n, n) for n in range(1, 6)]
-            assert len(await watcher.messages(5)) == 5
-            backplane.gate = gate = trio.Event()
-            backplane.refuse = outcome == "refused"
-            since = {"epoch": "0123456789abcdef", "offset": 3}
-            await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
-            with trio.fail_after(RECEIVE_TIMEOUT):
-                await backplane.reading.wait()
-            for number in range(6, 16):
-                await emitter.publish(room, number)
-            # Through the worker's fan-out: held back for alice by now.
-            assert len(await watcher.messages(10)) == 10
-            gate.set()
-            if outcome == "refused":
-                # Still a member, as if it had not asked: the live messages, then the refusal.
-                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
-                error = await alice.next_frame()
-                assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
-            else:
-                joined = await alice.next_frame()
-                assert (joined["type"], joined["recovered"]) == ("joined", False), joined
-                assert (joined["epoch"], joined["offset"]) == (epoch, 5)  # where it stood
-                assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
-            backplane.gate = None
-            assert await emitter.publish(room, "next") == 16
-            assert await alice.messages(1) == [(16, "next")]
-            # Still a member, once: a plain join answers where it stands.
-            assert (await alice.join(room))["offset"] == 16
-        worker.stop()
-    listener.close()
+    async with refusable_setup("refusable") as setup:
+        room, backplane, emitter, epoch = setup.room, setup.backplane, setup.emitter, setup.epoch
+        alice, watcher = setup.alice, setup.watcher
+        for number in range(1, 6):
+            await emitter.publish(room, number)
+        assert await alice.messages(5) == [(n, n) for n in range(1, 6)]
+        assert len(await watcher.messages(5)) == 5
+        backplane.gate = gate = trio.Event()
+        backplane.refuse = outcome == "refused"
+        since = {"epoch": "0123456789abcdef", "offset": 3}
+        await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await backplane.reading.wait()
+        for number in range(6, 16):
+            await emitter.publish(room, number)
+        # Through the worker's fan-out: held back for alice by now.
+        assert len(await watcher.messages(10)) == 10
+        gate.set()
+        if outcome == "refused":
+            # Still a member, as if it had not asked: the live messages, then the refusal.
+            assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+            error = await alice.next_frame()
+            assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
+        else:
+            joined = await alice.next_frame()
+            assert (joined["type"], joined["recovered"]) == ("joined", False), joined
+            assert (joined["epoch"], joined["offset"]) == (epoch, 5)  # where it stood
+            assert await alice.messages(10) == [(n, n) for n in range(6, 16)]
+        backplane.gate = None
+        assert await emitter.publish(room, "next") == 16
+        assert await alice.messages(1) == [(16, "next")]
+        # Still a member, once: a plain join answers where it stands.
+        assert (await alice.join(room))["offset"] == 16
 
 
 async def test_a_member_whose_rejoin_is_refused_is_told_of_a_new_epoch_among_the_held_messages():
@@ -659,57 +682,42 @@ async def test_a_member_whose_rejoin_is_refused_is_told_of_a_new_epoch_among_the
     them the member is told, as the other members are, that the numbering started again: a
     ``joined`` without id, ``recovered: false``, before the new epoch's offset 1. Without it, a
     client that drops offsets it has had would take offset 1 for a repeat of the old one."""
-    room = fresh_room()
     ttl = 0.3
-    listener = open_listener("127.0.0.1", 0)
-    async with (
-        open_backplane(
-            f"memory://new-epoch-{os.getpid()}-{next(_rooms)}", history=HistoryPolicy(ttl=ttl)
-        ) as memory,
-        trio.open_nursery() as nursery,
-    ):
-        backplane = RefusableHistory(memory)
-        worker = Worker(Config(heartbeat_interval=0), backplane)
-        await nursery.start(worker.serve, listener)
-        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
-        emitter = Emitter(memory)
-        async with member(url) as alice, member(url) as watcher:
-            epoch = (await alice.join(room))["epoch"]
-            await watcher.join(room)
-            for number in range(1, 4):
-                await emitter.publish(room, number)
-            assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
-            assert len(await watcher.messages(3)) == 3
-            backplane.gate = gate = trio.Event()
-            backplane.refuse = True
-            since = {"epoch": epoch, "offset": 1}
-            await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
-            with trio.fail_after(RECEIVE_TIMEOUT):
-                await backplane.reading.wait()
-            assert await emitter.publish(room, 4) == 4
-            await trio.sleep(ttl * 2)  # the room's history expires: its numbering starts again
-            assert await emitter.publish(room, "new") == 1
-            assert await watcher.messages(1) == [(4, 4)]
-            told = await watcher.next_frame()
-            new_epoch = told["epoch"]
-            assert (told["type"], new_epoch != epoch, told["offset"]) == ("joined", True, 0)
-            assert await watcher.messages(1) == [(1, "new")]
-            gate.set()
-            assert await alice.messages(1) == [(4, 4)]
-            told = await alice.next_frame()
-            told_as_members_are = (told["type"], told.get("id"), told.get("recovered"))
-            assert told_as_members_are == ("joined", None, False), told
-            assert (told["epoch"], told["offset"]) == (new_epoch, 0)
-            assert await alice.messages(1) == [(1, "new")]
-            error = await alice.next_frame()
-            assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
-            backplane.gate = None
-            # Its stream goes on in the new epoch, once.
-            assert await emitter.publish(room, "next") == 2
-            assert await alice.messages(1) == [(2, "next")]
-            assert (await alice.join(room))["offset"] == 2
-        worker.stop()
-    listener.close()
+    async with refusable_setup("new-epoch", history=HistoryPolicy(ttl=ttl)) as setup:
+        room, backplane, emitter, epoch = setup.room, setup.backplane, setup.emitter, setup.epoch
+        alice, watcher = setup.alice, setup.watcher
+        for number in range(1, 4):
+            await emitter.publish(room, number)
+        assert await alice.messages(3) == [(1, 1), (2, 2), (3, 3)]
+        assert len(await watcher.messages(3)) == 3
+        backplane.gate = gate = trio.Event()
+        backplane.refuse = True
+        since = {"epoch": epoch, "offset": 1}
+        await alice.client.send({"type": "join", "room": room, "id": 1, "since": since})
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await backplane.reading.wait()
+        assert await emitter.publish(room, 4) == 4
+        await trio.sleep(ttl * 2)  # the room's history expires: its numbering starts again
+        assert await emitter.publish(room, "new") == 1
+        assert await watcher.messages(1) == [(4, 4)]
+        told = await watcher.next_frame()
+        new_epoch = told["epoch"]
+        assert (told["type"], new_epoch != epoch, told["offset"]) == ("joined", True, 0)
+        assert await watcher.messages(1) == [(1, "new")]
+        gate.set()
+        assert await alice.messages(1) == [(4, 4)]
+        told = await alice.next_frame()
+        told_as_members_are = (told["type"], told.get("id"), told.get("recovered"))
+        assert told_as_members_are == ("joined", None, False), told
+        assert (told["epoch"], told["offset"]) == (new_epoch, 0)
+        assert await alice.messages(1) == [(1, "new")]
+        error = await alice.next_frame()
+        assert (error["type"], error["code"]) == ("error", "backplane_unavailable")
+        backplane.gate = None
+        # Its stream goes on in the new epoch, once.
+        assert await emitter.publish(room, "next") == 2
+        assert await alice.messages(1) == [(2, "next")]
+        assert (await alice.join(room))["offset"] == 2
 
 
 class LossySubscription(HeldHistory):
