@@ -67,6 +67,24 @@ class Page:
         )
 
 
+# JavaScript, inside an async function of a page: imports the browser client from the origin
+# the page script names ORIGIN (replaced by the test) into `FanoutClient`. A fresh Chromium on a
+# loaded machine, right after a test stopped and continued a worker, sometimes fails its first
+# fetch of the module ("Failed to fetch dynamically imported module"); curl fetched it 1,500
+# times in a row without a failure. What is under test is the client, so the import is tried
+# three times.
+IMPORT_CLIENT = """
+  let imported;
+  for (let attempt = 1; ; attempt++) {
+    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
+    catch (error) {
+      if (attempt === 3) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  const { FanoutClient } = imported;
+"""
+
 # Resolves once the current document has loaded (at once if it has).
 _LOADED = """new Promise((resolve) => document.readyState === "complete"
     ? resolve() : addEventListener("load", () => resolve()))"""

@@ -47,21 +47,11 @@ PAGE_TIMEOUT_MS = 15_000
 # Installed in the page: the client under test, a record of everything it reports, and
 # `until(condition)`, a bounded wait for a condition on that record (checked whenever something
 # is recorded), which answers true, or a description of the record if the time ran out.
-PAGE_SETUP = """
-(async () => {
-  // A fresh Chromium on a loaded machine, right after a test stopped and continued a worker,
-  // sometimes fails its first fetch of the module ("Failed to fetch dynamically imported
-  // module"); curl fetched it 1,500 times in a row without a failure. What is under test here is
-  // the client, so the import is tried three times.
-  let imported;
-  for (let attempt = 1; ; attempt++) {
-    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
-    catch (error) {
-      if (attempt === 3) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 500));
-    }
-  }
-  const { FanoutClient } = imported;
+PAGE_SETUP = (
+    """
+(async () => {"""
+    + browser.IMPORT_CLIENT
+    + """
   window.events = [];
   window.received = {};
   let wake = () => {};
@@ -92,6 +82,7 @@ PAGE_SETUP = """
   return client.welcome;
 })().catch((error) => `the page could not set up the client: ${error.stack}`)
 """
+)
 
 
 @pytest.fixture(scope="module")

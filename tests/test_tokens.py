@@ -559,19 +559,11 @@ async def test_a_reconnecting_client_without_a_token_stops_when_its_server_start
 
 # The browser client in a page, given its tokens one by one by the test (its token option is a
 # function, as an application's would be that fetches them from its own server).
-BROWSER_SETUP = """
-(async () => {
-  // Tried three times, as in test_browser_client.py: a fresh Chromium on a loaded machine
-  // sometimes fails its first fetch of the module.
-  let imported;
-  for (let attempt = 1; ; attempt++) {
-    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
-    catch (error) {
-      if (attempt === 3) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 500));
-    }
-  }
-  const { FanoutClient } = imported;
+BROWSER_SETUP = (
+    """
+(async () => {"""
+    + browser.IMPORT_CLIENT
+    + """
   window.tokens = TOKENS;
   window.tokensTaken = 0;
   window.events = [];
@@ -588,6 +580,7 @@ BROWSER_SETUP = """
   return client.auth;
 })().catch((error) => `the page could not set up the client: ${error.stack}`)
 """
+)
 
 
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
@@ -624,17 +617,11 @@ async def test_the_browser_client_authenticates_refreshes_and_stays_connected(
 
 
 # The browser client in a page, with no token option, against a server that requires one.
-BROWSER_WITHOUT_TOKEN = """
-(async () => {
-  let imported;
-  for (let attempt = 1; ; attempt++) {
-    try { imported = await import(ORIGIN + "/client.js?attempt=" + attempt); break; }
-    catch (error) {
-      if (attempt === 3) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 500));
-    }
-  }
-  const { FanoutClient } = imported;
+BROWSER_WITHOUT_TOKEN = (
+    """
+(async () => {"""
+    + browser.IMPORT_CLIENT
+    + """
   const events = [];
   const client = new FanoutClient(WS_URL, { backoffBaseMs: 50 });
   for (const name of ["connected", "disconnected", "reconnecting", "error"]) {
@@ -649,6 +636,7 @@ BROWSER_WITHOUT_TOKEN = """
   return { events, joined: await joined, state: client.state };
 })().catch((error) => `the page could not run the client: ${error.stack}`)
 """
+)
 
 
 @pytest.mark.skipif(browser.CHROMIUM is None, reason="Chromium is not installed")
