@@ -511,3 +511,32 @@ async def test_reconnects_back_off_exponentially_up_to_the_cap_with_full_jitter(
     # (all 20 of these uniform draws in one half of it has a chance of two in a million).
     capped = [delay for attempt in range(4, 9) for delay in by_attempt[attempt]]
     assert min(capped) < backoff_bound(4) / 2 < max(capped), capped
+
+
+async def test_a_token_for_a_server_without_tokens_is_said_once_and_the_client_serves_without(
+    cluster: ClusterProcess,
+):
+    async with open_client_page(cluster) as page:
+        script = f"""(async () => {{
+          const events = [];
+          const other = new FanoutClient({json.dumps(cluster.url)}, {{
+            token: "a-token-this-server-does-not-take",
+            backoffBaseMs: 50,
+          }});
+          for (const name of ["connected", "disconnected", "reconnecting", "error"]) {{
+            other.on(name, (detail) => events.push([name, detail.code ?? null]));
+          }}
+          await new Promise((resolve) => other.on("connected", resolve));
+          const joined = await other.join("tokenless", () => {{}});
+          const state = other.state;
+          other.close();
+          return {{ events, auth: other.auth, room: joined.room, state }};
+        }})()"""
+        with trio.fail_after(PAGE_TIMEOUT_MS / 1000):
+            result = await page.evaluate(script)
+    assert result == {
+        "events": [["error", "unknown_type"], ["connected", None]],
+        "auth": None,
+        "room": "tokenless",
+        "state": "connected",
+    }, result

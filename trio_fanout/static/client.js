@@ -334,6 +334,17 @@ export class FanoutClient {
         this._onConnected(frame);
       },
       (error) => {
+        if (token !== null && error.code === "unknown_type" && socket === this._socket) {
+          // A server that does not use tokens (or speaks version 1): the connection serves
+          // without one. Said once a connection, since the application meant to give one.
+          this._emit("error", {
+            room: null,
+            code: "unknown_type",
+            message: "the server takes no tokens: connected without one",
+          });
+          this._onConnected(frame);
+          return;
+        }
         // A refused token closes the connection (4001), which does the rest.
         if (error.code !== "disconnected" && socket === this._socket) {
           this._emit("error", { room: null, code: error.code ?? "token", message: String(error.message) });
