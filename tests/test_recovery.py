@@ -142,6 +142,16 @@ class Member:
         return found
 
 
+async def publish_steadily(publisher: Member, room: str, latest: list[int]) -> None:
+    """Publish to ``room`` every millisecond until cancelled, each message's data its own
+    offset (the next one, as nobody else publishes); ``latest[0]`` is the last offset given."""
+    for _ in range(1_000_000):
+        offset = await publisher.publish(room, latest[0] + 1)
+        assert offset == latest[0] + 1
+        latest[0] = offset
+        await trio.sleep(0.001)
+
+
 @asynccontextmanager
 async def member(url: str) -> AsyncIterator[Member]:
     async with open_client(url, connect_timeout=START_TIMEOUT) as client:
@@ -223,19 +233,11 @@ async def test_the_seam_between_history_and_live_loses_and_repeats_nothing(
                 if published and len(watched) >= published[0]:
                     watched_all.set()
 
-        async def publish_steadily() -> None:
-            for _ in range(1_000_000):
-                # Each message's data is its own offset: the next one, as nobody else publishes.
-                offset = await publisher.publish(room, latest[0] + 1)
-                assert offset == latest[0] + 1
-                latest[0] = offset
-                await trio.sleep(0.001)
-
         checked = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             async with trio.open_nursery() as publishing:
-                publishing.start_soon(publish_steadily)
+                publishing.start_soon(publish_steadily, publisher, room, latest)
                 for _ in range(rounds):
                     checked += await seam_round(server, room, latest, epoch)
                 # And plain joins on a busy room: the first message follows the joined offset.
@@ -269,14 +271,6 @@ async def test_a_member_that_rejoins_with_since_gets_it_again_and_its_live_strea
     async with member(server.url) as publisher, member(server.url) as alice:
         epoch = (await alice.join(room))["epoch"]
 
-        async def publish_steadily() -> None:
-            for _ in range(1_000_000):
-                # Each message's data is its own offset: the next one, as nobody else publishes.
-                offset = await publisher.publish(room, latest[0] + 1)
-                assert offset == latest[0] + 1
-                latest[0] = offset
-                await trio.sleep(0.001)
-
         expected = 1  # the offset alice's stream must deliver next
 
         async def read(count: int) -> None:
@@ -287,7 +281,7 @@ async def test_a_member_that_rejoins_with_since_gets_it_again_and_its_live_strea
 
         repeated = 0
         async with trio.open_nursery() as publishing:
-            publishing.start_soon(publish_steadily)
+            publishing.start_soon(publish_steadily, publisher, room, latest)
             for round_number in range(rounds):
                 await read(10)
                 since = max(0, expected - 1 - round_number % 7)
